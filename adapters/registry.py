@@ -1,0 +1,306 @@
+"""The adapter registry: names, states, slots, LRU eviction, pinning, one load lock per name.
+
+Two tiers, as in vLLM: a *registered* adapter is known by name and source; a
+*ready* one sits in a runner slot and can serve. Requests name adapters, never
+slots. Loading reads and validates files in a worker thread, then installs the
+weights between two engine steps, so other streams never pause for longer than a
+step. A failed load leaves the registry as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from openllm_clone.errors import (
+    AdapterIncompatibleError,
+    AdapterNotFoundError,
+    CapacityError,
+    OpenLLMCloneError,
+)
+from openllm_clone.protocol import AdapterInfo
+
+from .source import resolve_adapter_source
+from .weights import AdapterWeights, read_adapter
+
+__all__ = ["AdapterHost", "AdapterRecord", "AdapterRegistry"]
+
+logger = logging.getLogger(__name__)
+
+
+class AdapterHost(Protocol):
+    """What the registry needs from the runner side."""
+
+    def validate(self, weights: AdapterWeights) -> None:
+        """Raise AdapterIncompatibleError unless the weights fit the base model."""
+
+    async def install(self, slot: int, weights: AdapterWeights) -> None:
+        """Put weights in a slot between steps."""
+
+    async def remove(self, slot: int) -> None:
+        """Empty a slot between steps."""
+
+
+@dataclass
+class AdapterRecord:
+    """One adapter known to the server."""
+
+    name: str
+    source: str
+    pinned: bool = False
+    state: str = "registered"  # registered | loading | ready | error
+    slot: int = 0
+    in_use: int = 0
+    requests_served: int = 0
+    last_used: float = 0.0
+    rank: int | None = None
+    alpha: float | None = None
+    target_modules: tuple[str, ...] = ()
+    size_bytes: int | None = None
+    base_model: str | None = None
+    error: str | None = None
+    unloading: bool = False
+
+    def info(self) -> AdapterInfo:
+        """Public view for ``GET /v1/adapters``."""
+        return AdapterInfo(
+            name=self.name, source=self.source, state=self.state,  # type: ignore[arg-type]
+            rank=self.rank, alpha=self.alpha, target_modules=list(self.target_modules),
+            size_bytes=self.size_bytes, pinned=self.pinned,
+            requests_served=self.requests_served, base_model=self.base_model,
+            error=self.error,
+        )
+
+
+def _same_model(a: str, b: str) -> bool:
+    norm = [x.rstrip("/").lower() for x in (a, b)]
+    return norm[0] == norm[1] or norm[0].split("/")[-1] == norm[1].split("/")[-1]
+
+
+class AdapterRegistry:
+    """Tracks adapters and the runner slots they occupy."""
+
+    def __init__(
+        self,
+        host: AdapterHost,
+        *,
+        max_loaded: int,
+        base_model_aliases: list[str],
+        roots: list[str] | None = None,
+        allow_pickle: bool = False,
+        load_timeout: float = 60.0,
+        reader: Callable[..., AdapterWeights] = read_adapter,
+    ) -> None:
+        self.host = host
+        self.max_loaded = max_loaded
+        self.base_model_aliases = [a for a in base_model_aliases if a]
+        self.roots = roots or []
+        self.allow_pickle = allow_pickle
+        self.load_timeout = load_timeout
+        self._reader = reader
+        self._records: dict[str, AdapterRecord] = {}
+        self._free_slots = list(range(max_loaded, 0, -1))
+        self._name_locks: dict[str, asyncio.Lock] = {}
+        self._slots_changed = asyncio.Condition()
+
+    # --- queries -------------------------------------------------------------------------
+
+    def list(self) -> list[AdapterInfo]:
+        """Every known adapter."""
+        return [r.info() for r in sorted(self._records.values(), key=lambda r: r.name)]
+
+    def get(self, name: str) -> AdapterRecord | None:
+        """The record of ``name``, if known."""
+        return self._records.get(name)
+
+    def names(self) -> list[str]:
+        """Names of all known adapters."""
+        return sorted(self._records)
+
+    # --- loading -------------------------------------------------------------------------
+
+    def register(self, name: str, source: str, *, pinned: bool = False) -> AdapterRecord:
+        """Know an adapter by name without loading it (loaded on first use)."""
+        record = self._records.get(name)
+        if record is not None and record.source != source:
+            raise AdapterIncompatibleError(
+                f"adapter {name!r} is already registered with source {record.source!r}"
+            )
+        if record is None:
+            record = AdapterRecord(name=name, source=source, pinned=pinned)
+            self._records[name] = record
+        return record
+
+    async def load(
+        self, name: str, source: str | None = None, *, pinned: bool = False, force: bool = False
+    ) -> AdapterRecord:
+        """Load (or re-load after eviction) an adapter into a slot; idempotent when ready."""
+        lock = self._name_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            existing = self._records.get(name)
+            if existing is not None and source is not None and existing.source != source:
+                raise AdapterIncompatibleError(
+                    f"adapter {name!r} is already loaded from {existing.source!r}; "
+                    "unload it first to load another source under that name"
+                )
+            if existing is not None and existing.state == "ready":
+                existing.pinned = existing.pinned or pinned
+                return existing
+            src = source or (existing.source if existing else None)
+            if src is None:
+                raise AdapterNotFoundError(f"adapter {name!r} is not loaded and has no known source")
+            started = time.perf_counter()
+            path = await asyncio.to_thread(resolve_adapter_source, src, roots=self.roots)
+            weights = await asyncio.to_thread(self._reader, path, allow_pickle=self.allow_pickle)
+            self._check_base(weights, force=force)
+            self.host.validate(weights)
+            slot = await self._take_slot()
+            try:
+                await self.host.install(slot, weights)
+            except Exception:
+                self._free_slots.append(slot)
+                raise
+            record = existing or AdapterRecord(name=name, source=src)
+            record.source = src
+            record.pinned = record.pinned or pinned
+            record.slot = slot
+            record.state = "ready"
+            record.error = None
+            record.rank = weights.rank
+            record.alpha = weights.alpha
+            record.target_modules = tuple(weights.target_modules)
+            record.size_bytes = weights.size_bytes
+            record.base_model = weights.base_model
+            record.last_used = time.monotonic()
+            self._records[name] = record
+            logger.info(
+                "adapter %s ready in slot %d (rank %d, %.0f ms)",
+                name, slot, weights.rank, 1000 * (time.perf_counter() - started),
+            )
+            return record
+
+    def _check_base(self, weights: AdapterWeights, *, force: bool) -> None:
+        base = weights.base_model
+        if force or base is None or not self.base_model_aliases:
+            return
+        if not any(_same_model(base, alias) for alias in self.base_model_aliases):
+            raise AdapterIncompatibleError(
+                f"adapter was trained on {base!r}, not on this server's base model "
+                f"({self.base_model_aliases[0]!r}); pass force=true to load it anyway"
+            )
+
+    async def _take_slot(self) -> int:
+        deadline = time.monotonic() + self.load_timeout
+        async with self._slots_changed:
+            while True:
+                if self._free_slots:
+                    return self._free_slots.pop()
+                victim = self._lru_victim()
+                if victim is not None:
+                    await self._evict(victim)
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise CapacityError(
+                        f"all {self.max_loaded} adapter slots are busy or pinned "
+                        "(raise --max-adapters)",
+                        retry_after=2.0,
+                    )
+                try:
+                    await asyncio.wait_for(self._slots_changed.wait(), timeout=remaining)
+                except TimeoutError:
+                    continue
+
+    def _lru_victim(self) -> AdapterRecord | None:
+        candidates = [
+            r for r in self._records.values()
+            if r.state == "ready" and not r.pinned and r.in_use == 0
+        ]
+        return min(candidates, key=lambda r: r.last_used, default=None)
+
+    async def _evict(self, record: AdapterRecord) -> None:
+        slot = record.slot
+        record.state = "registered"
+        record.slot = 0
+        await self.host.remove(slot)
+        self._free_slots.append(slot)
+        logger.info("adapter %s evicted from slot %d (LRU)", record.name, slot)
+
+    # --- serving -------------------------------------------------------------------------
+
+    async def acquire(self, name: str) -> int:
+        """Slot for a request naming ``name``, loading it on demand; pair with release."""
+        record = self._records.get(name)
+        if record is None or record.unloading:
+            raise AdapterNotFoundError(f"adapter {name!r} is not loaded", param="adapter_name")
+        # Count the request before any await so that eviction cannot take the slot.
+        record.in_use += 1
+        try:
+            if record.state != "ready":
+                await self.load(name)
+        except BaseException:
+            await self._release(record)
+            raise
+        record.requests_served += 1
+        record.last_used = time.monotonic()
+        return record.slot
+
+    async def release(self, name: str) -> None:
+        """The request naming ``name`` is over."""
+        record = self._records.get(name)
+        if record is not None:
+            await self._release(record)
+
+    async def _release(self, record: AdapterRecord) -> None:
+        record.in_use = max(0, record.in_use - 1)
+        async with self._slots_changed:
+            self._slots_changed.notify_all()
+
+    async def unload(self, name: str, *, timeout: float = 600.0) -> None:
+        """Forget an adapter after its in-flight requests finish."""
+        record = self._records.get(name)
+        if record is None:
+            raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
+        record.unloading = True
+        deadline = time.monotonic() + timeout
+        async with self._slots_changed:
+            while record.in_use > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    record.unloading = False
+                    raise OpenLLMCloneError(f"adapter {name!r} is still in use; unload timed out")
+                try:
+                    await asyncio.wait_for(self._slots_changed.wait(), timeout=remaining)
+                except TimeoutError:
+                    continue
+            if record.state == "ready":
+                await self.host.remove(record.slot)
+                self._free_slots.append(record.slot)
+            self._records.pop(name, None)
+            self._slots_changed.notify_all()
+
+
+class EngineAdapterHost:
+    """Connects the registry to a runner's LoRA bank through the engine's step gap."""
+
+    def __init__(self, runner: Any, call: Callable[[Callable[[], Any]], Awaitable[Any]],
+                 max_rank: int) -> None:
+        self.runner = runner
+        self.call = call
+        self.max_rank = max_rank
+
+    def validate(self, weights: AdapterWeights) -> None:
+        """Check rank, modules and shapes against the runner."""
+        self.runner.lora.validate(weights, max_rank=self.max_rank)
+
+    async def install(self, slot: int, weights: AdapterWeights) -> None:
+        """Copy weights into the bank between two steps."""
+        await self.call(lambda: self.runner.lora.install(slot, weights))
+
+    async def remove(self, slot: int) -> None:
+        """Zero a slot between two steps."""
+        await self.call(lambda: self.runner.lora.clear(slot))

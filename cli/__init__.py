@@ -1,0 +1,25 @@
+"""The ``openllm-clone`` command line: one Typer app per command group."""
+
+from __future__ import annotations
+
+import typer
+
+from . import adapters_cmd, models, query, serve
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="openllm-clone",
+    help="Serve one base model with many LoRA adapters (BentoML, OpenAI-compatible API).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(serve.app)
+app.add_typer(query.app)
+app.add_typer(models.app)
+app.add_typer(adapters_cmd.app, name="adapters")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

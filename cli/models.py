@@ -1,0 +1,51 @@
+"""``openllm-clone import`` and ``openllm-clone models``: the model store."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from openllm_clone.errors import OpenLLMCloneError
+
+from ._common import console, fail, human_bytes, out
+
+app = typer.Typer()
+
+
+@app.command("import")
+def import_(
+    source: str = typer.Argument("smollm2", help="smollm2, a local folder, or a hub id."),
+    name: str | None = typer.Option(None, help="Name in the store."),
+    adapter: bool = typer.Option(False, "--adapter", help="SOURCE is a peft LoRA adapter folder."),
+) -> None:
+    """Put a model (or, with --adapter, a LoRA adapter) into the BentoML model store."""
+    from openllm_clone.store import import_adapter, import_model
+
+    try:
+        with console.status(f"importing {source}"):
+            if adapter:
+                tag = import_adapter(source, name=name or _default_name(source))
+            else:
+                tag = import_model(source, name=name)
+    except OpenLLMCloneError as exc:
+        fail(exc.message)
+    out.print(tag)
+
+
+def _default_name(source: str) -> str:
+    from pathlib import Path
+
+    return Path(source).resolve().name.lower().replace("_", "-") or "adapter"
+
+
+@app.command("models")
+def models() -> None:
+    """List models and adapters in the store (tag, architecture, parameters, size, dtype)."""
+    from openllm_clone.store import list_models
+
+    table = Table("tag", "kind", "architecture", "parameters", "size", "dtype", "source")
+    for m in list_models():
+        params = f"{m.parameters / 1e6:.1f} M" if m.parameters else "-"
+        table.add_row(m.tag, m.kind, m.architecture, params, human_bytes(m.size_bytes), m.dtype,
+                      m.source)
+    out.print(table)

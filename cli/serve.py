@@ -1,0 +1,102 @@
+"""``openllm-clone start``: serve a model through the BentoML service."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import typer
+
+from openllm_clone.errors import OpenLLMCloneError
+from openllm_clone.settings import Settings, parse_adapter_spec
+
+from ._common import console, fail
+
+app = typer.Typer()
+
+
+@app.command("start")
+def start(
+    model: str = typer.Argument(
+        "smollm2", envvar="OPENLLM_CLONE_MODEL",
+        help="Model store tag, local Hugging Face folder, or hub id.",
+    ),
+    host: str = typer.Option("127.0.0.1", envvar="OPENLLM_CLONE_HOST", help="Address to listen on."),
+    port: int = typer.Option(3000, envvar="OPENLLM_CLONE_PORT", help="Port to listen on."),
+    dtype: str = typer.Option("auto", envvar="OPENLLM_CLONE_DTYPE",
+                              help="auto, float32, bfloat16 or float16."),
+    device: str = typer.Option("auto", envvar="OPENLLM_CLONE_DEVICE", help="cpu, cuda or auto."),
+    max_batch_size: int = typer.Option(16, envvar="OPENLLM_CLONE_MAX_BATCH_SIZE",
+                                       help="Most sequences in the running batch."),
+    max_queue: int = typer.Option(256, envvar="OPENLLM_CLONE_MAX_QUEUE",
+                                  help="Most waiting requests before 503."),
+    timeout: float = typer.Option(600.0, envvar="OPENLLM_CLONE_TIMEOUT",
+                                  help="Per-request timeout in seconds."),
+    workers: int = typer.Option(1, envvar="OPENLLM_CLONE_WORKERS", help="Worker processes."),
+    api_key: list[str] = typer.Option(
+        [], "--api-key", envvar="OPENLLM_CLONE_API_KEY",
+        help="Accepted bearer key (repeatable; the env var takes a comma-separated list).",
+    ),
+    adapter_id: list[str] = typer.Option(
+        [], "--adapter-id", help="NAME=PATH or PATH of a peft LoRA adapter (repeatable)."
+    ),
+    max_adapters: int = typer.Option(8, envvar="OPENLLM_CLONE_MAX_ADAPTERS",
+                                     help="Adapters held in memory at once (LRU)."),
+    max_adapter_rank: int = typer.Option(64, envvar="OPENLLM_CLONE_MAX_ADAPTER_RANK",
+                                         help="Highest LoRA rank accepted."),
+    adapter_root: list[str] = typer.Option(
+        [], "--adapter-root", help="Run-time adapter paths must lie under one of these."
+    ),
+    allow_pickle_adapters: bool = typer.Option(False, help="Accept pickled adapter_model.bin."),
+    max_model_len: int | None = typer.Option(None, envvar="OPENLLM_CLONE_MAX_MODEL_LEN",
+                                             help="Context limit (default: the model's)."),
+    kv_cache_mb: int = typer.Option(1024, envvar="OPENLLM_CLONE_KV_CACHE_MB",
+                                    help="KV-cache pool in MiB."),
+    model_name: str | None = typer.Option(None, help="Name to serve the base model under."),
+) -> None:
+    """Serve MODEL (default: the embedded SmolLM2) with its adapters on HOST:PORT."""
+    keys = [k for raw in api_key for k in raw.split(",")]
+    try:
+        settings = Settings(
+            model=model, host=host, port=port, dtype=dtype,  # type: ignore[arg-type]
+            device=device, max_batch_size=max_batch_size, max_queue=max_queue,
+            timeout=timeout, workers=workers, api_keys=keys,
+            adapters=[parse_adapter_spec(a) for a in adapter_id],
+            max_adapters=max_adapters, max_adapter_rank=max_adapter_rank,
+            adapter_roots=adapter_root, allow_pickle_adapters=allow_pickle_adapters,
+            max_model_len=max_model_len, kv_cache_mb=kv_cache_mb, model_name=model_name,
+        )
+    except ValueError as exc:
+        fail(str(exc), 2)
+    serve(settings)
+
+
+def serve(settings: Settings) -> None:
+    """Resolve the model once, then run the BentoML server in the foreground."""
+    from openllm_clone.store import resolve_model
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        with console.status(f"resolving model {settings.model!r}"):
+            resolved = resolve_model(settings.model)
+    except OpenLLMCloneError as exc:
+        fail(exc.message)
+    if resolved.tag:
+        settings = settings.model_copy(update={"model": resolved.tag})
+    os.environ.update(settings.to_env())
+
+    from openllm_clone.service import LLMService
+
+    LLMService.config["workers"] = settings.workers
+    url = f"http://{settings.host}:{settings.port}"
+    console.print(f"[bold green]openllm-clone[/] serving [bold]{resolved.name}[/] on {url}")
+    console.print(
+        f"  try: openllm-clone query --endpoint {url} 'What is the capital of France?'\n"
+        f"  or:  curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+        f"-d '{{\"model\": \"{resolved.name}\", \"messages\": [{{\"role\": \"user\", "
+        f"\"content\": \"Hello\"}}]}}'"
+    )
+    try:
+        LLMService.serve_http(host=settings.host, port=settings.port)
+    except KeyboardInterrupt:
+        console.print("stopped")

@@ -1,0 +1,358 @@
+"""HTTP routes (FastAPI): OpenLLM-style, OpenAI-compatible and adapter management.
+
+Mounted under ``/v1`` by the BentoML service; knows the :class:`~openllm_clone.llm.LLM`
+and nothing of tensors. Every error is a JSON body with the status its exception
+carries; bad input is a 4xx and never reaches the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from openllm_clone.errors import (
+    AuthenticationError,
+    CapacityError,
+    InvalidRequestError,
+    OpenLLMCloneError,
+)
+from openllm_clone.protocol import (
+    ChatCompletionRequest,
+    CompletionOutput,
+    CompletionRequest,
+    GenerateRequest,
+    GenerateResponse,
+    LoadAdapterRequest,
+    SamplingParams,
+    new_request_id,
+    unix_time,
+)
+
+from .engine.sequence import RequestOutput
+from .llm import LLM
+
+__all__ = ["build_app", "sse"]
+
+logger = logging.getLogger("openllm_clone.access")
+
+PUBLIC_PATHS = frozenset()
+
+
+def sse(payload: Any) -> str:
+    """One Server-Sent Event carrying JSON (or the literal ``[DONE]``)."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+def _error_response(exc: OpenLLMCloneError) -> JSONResponse:
+    headers = {}
+    if isinstance(exc, CapacityError):
+        headers["Retry-After"] = str(max(1, int(round(exc.retry_after))))
+    if isinstance(exc, AuthenticationError):
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
+
+
+def _validation_error(exc: ValidationError | RequestValidationError) -> InvalidRequestError:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    field = ".".join(loc) or None
+    msg = first.get("msg", "invalid value")
+    return InvalidRequestError(f"{field}: {msg}" if field else str(msg), param=field)
+
+
+def _parse(model: type[Any], body: Any) -> Any:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise _validation_error(exc) from exc
+
+
+def _sampling(fn: Callable[[], SamplingParams]) -> SamplingParams:
+    try:
+        return fn()
+    except ValidationError as exc:
+        raise _validation_error(exc) from exc
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from exc
+
+
+async def _json_body(request: Request) -> Any:
+    try:
+        return await request.json()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError("the request body is not valid JSON") from exc
+
+
+async def _with_timeout(
+    stream: AsyncIterator[RequestOutput], timeout: float
+) -> AsyncIterator[RequestOutput]:
+    """End a stream that outlives ``timeout`` seconds; closing it cancels the request."""
+    deadline = time.monotonic() + timeout
+    iterator = stream.__aiter__()
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise OpenLLMCloneError(f"request timed out after {timeout:.0f} s")
+            try:
+                item = await asyncio.wait_for(iterator.__anext__(), timeout=remaining)
+            except StopAsyncIteration:
+                return
+            except TimeoutError as exc:
+                raise OpenLLMCloneError(f"request timed out after {timeout:.0f} s") from exc
+            yield item
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+def build_app(get_llm: Callable[[], LLM], api_keys: Callable[[], list[str]]) -> FastAPI:
+    """The FastAPI app for ``/v1``; ``get_llm`` returns the process's LLM."""
+    app = FastAPI(title="openllm-clone", version="0.1.0")
+    router = APIRouter()
+
+    @app.exception_handler(OpenLLMCloneError)
+    async def _on_error(_: Request, exc: OpenLLMCloneError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(_validation_error(exc))
+
+    @app.exception_handler(Exception)
+    async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return _error_response(OpenLLMCloneError(f"internal error: {type(exc).__name__}"))
+
+    @app.middleware("http")
+    async def _auth_and_log(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
+        keys = api_keys()
+        if keys:
+            header = request.headers.get("authorization", "")
+            scheme, _, token = header.partition(" ")
+            ok = scheme.lower() == "bearer" and any(
+                hmac.compare_digest(token.encode(), key.encode()) for key in keys
+            )
+            if not ok:
+                return _error_response(AuthenticationError("missing or invalid API key"))
+        started = time.perf_counter()
+        response = await call_next(request)
+        logger.info(
+            "%s %s %d %.1fms", request.method, request.url.path, response.status_code,
+            1000 * (time.perf_counter() - started),
+        )
+        return response
+
+    # --- OpenLLM routes ----------------------------------------------------------
+
+    @router.post("/generate")
+    async def generate(request: Request) -> JSONResponse:
+        llm = get_llm()
+        body = _parse(GenerateRequest, await _json_body(request))
+        params = _sampling(body.sampling_params)
+        ids = llm.tokenize(body.prompt)
+        result = await asyncio.wait_for(
+            llm.complete(ids, params, adapter=body.adapter_name), timeout=llm.settings.timeout
+        )
+        response = GenerateResponse(
+            request_id=result.request_id,
+            prompt=body.prompt,
+            adapter_name=body.adapter_name,
+            finished=True,
+            outputs=[
+                CompletionOutput(index=i, text=t, token_ids=result.token_ids[i],
+                                 finish_reason=result.finish_reasons[i])  # type: ignore[arg-type]
+                for i, t in enumerate(result.texts)
+            ],
+            prompt_token_ids=ids,
+            usage={"prompt_tokens": result.prompt_tokens,
+                   "completion_tokens": result.completion_tokens,
+                   "total_tokens": result.prompt_tokens + result.completion_tokens},
+        )
+        return JSONResponse(response.model_dump())
+
+    @router.post("/generate_stream")
+    async def generate_stream(request: Request) -> StreamingResponse:
+        llm = get_llm()
+        body = _parse(GenerateRequest, await _json_body(request))
+        params = _sampling(body.sampling_params)
+        ids = llm.tokenize(body.prompt)
+        stream = await _open_stream(llm, ids, params, body.adapter_name)
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for out in stream:
+                    yield sse(GenerateResponse(
+                        request_id=out.request_id,
+                        adapter_name=body.adapter_name,
+                        finished=out.finished,
+                        outputs=[CompletionOutput(index=d.index, text=d.text, token_ids=d.token_ids,
+                                                  finish_reason=d.finish_reason)  # type: ignore[arg-type]
+                                 for d in out.deltas],
+                        usage={"prompt_tokens": out.prompt_tokens,
+                               "completion_tokens": out.completion_tokens,
+                               "total_tokens": out.prompt_tokens + out.completion_tokens},
+                    ).model_dump(exclude_none=True))
+            except OpenLLMCloneError as exc:
+                yield sse(exc.to_dict())
+            yield sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @router.api_route("/metadata", methods=["GET", "POST"])
+    async def metadata() -> dict[str, Any]:
+        return get_llm().metadata()
+
+    # --- OpenAI routes -------------------------------------------------------------
+
+    @router.get("/models")
+    async def models() -> dict[str, Any]:
+        llm = get_llm()
+        created = unix_time()
+        data = [{"id": llm.name, "object": "model", "created": created, "owned_by": "openllm-clone",
+                 "root": llm.runner.info.model_id, "parent": None}]
+        for info in llm.adapters.list():
+            data.append({"id": info.name, "object": "model", "created": created,
+                         "owned_by": "openllm-clone", "root": info.source, "parent": llm.name})
+        return {"object": "list", "data": data}
+
+    @router.post("/completions")
+    async def completions(request: Request) -> Any:
+        llm = get_llm()
+        body = _parse(CompletionRequest, await _json_body(request))
+        adapter = llm.resolve_model_name(body.model)
+        params = _sampling(body.sampling_params)
+        try:
+            prompt = body.prompt_text()
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), param="prompt") from exc
+        ids = llm.tokenize(prompt)
+        rid = new_request_id("cmpl")
+        base = {"id": rid, "object": "text_completion", "created": unix_time(), "model": body.model}
+        if body.stream:
+            stream = await _open_stream(llm, ids, params, adapter, rid)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _openai_stream(stream, base, include_usage, lambda d: {
+                "index": d.index, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason})
+        result = await asyncio.wait_for(llm.complete(ids, params, adapter=adapter, request_id=rid),
+                                        timeout=llm.settings.timeout)
+        return {**base, "choices": [
+            {"index": i, "text": (prompt + t) if body.echo else t, "logprobs": None,
+             "finish_reason": result.finish_reasons[i]} for i, t in enumerate(result.texts)],
+            "usage": _usage(result.prompt_tokens, result.completion_tokens)}
+
+    @router.post("/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        llm = get_llm()
+        body = _parse(ChatCompletionRequest, await _json_body(request))
+        adapter = llm.resolve_model_name(body.model)
+        prompt = llm.chat_prompt(body.messages)
+        ids = llm.tokenize(prompt)
+        default_max = max(1, llm.runner.info.max_model_len - len(ids))
+        params = _sampling(lambda: body.sampling_params(min(default_max, 4096)))
+        rid = new_request_id("chatcmpl")
+        base = {"id": rid, "object": "chat.completion", "created": unix_time(), "model": body.model}
+        if body.stream:
+            stream = await _open_stream(llm, ids, params, adapter, rid)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            chunk_base = {**base, "object": "chat.completion.chunk"}
+            first: set[int] = set()
+
+            def choice(d: Any) -> dict[str, Any]:
+                delta: dict[str, Any] = {"content": d.text} if d.text or d.finish_reason is None else {}
+                if d.index not in first:
+                    first.add(d.index)
+                    delta = {"role": "assistant", "content": d.text}
+                return {"index": d.index, "delta": delta, "logprobs": None,
+                        "finish_reason": d.finish_reason}
+
+            return _openai_stream(stream, chunk_base, include_usage, choice)
+        result = await asyncio.wait_for(llm.complete(ids, params, adapter=adapter, request_id=rid),
+                                        timeout=llm.settings.timeout)
+        return {**base, "choices": [
+            {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+             "finish_reason": result.finish_reasons[i]} for i, t in enumerate(result.texts)],
+            "usage": _usage(result.prompt_tokens, result.completion_tokens)}
+
+    # --- adapters ----------------------------------------------------------------------
+
+    @router.get("/adapters")
+    async def list_adapters() -> dict[str, Any]:
+        return {"object": "list", "data": [a.model_dump() for a in get_llm().adapters.list()]}
+
+    @router.post("/adapters")
+    async def load_adapter(request: Request) -> JSONResponse:
+        llm = get_llm()
+        body = _parse(LoadAdapterRequest, await _json_body(request))
+        record = await llm.adapters.load(body.name, body.source, pinned=body.pinned, force=body.force)
+        return JSONResponse(record.info().model_dump(), status_code=200)
+
+    @router.delete("/adapters/{name}")
+    async def unload_adapter(name: str) -> dict[str, Any]:
+        await get_llm().adapters.unload(name)
+        return {"name": name, "deleted": True}
+
+    app.include_router(router)
+
+    async def _open_stream(llm: LLM, ids: list[int], params: SamplingParams,
+                           adapter: str | None, rid: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Start a stream and wait for its first event, so early errors become HTTP errors."""
+        stream = _with_timeout(llm.stream(ids, params, adapter=adapter, request_id=rid),
+                               llm.settings.timeout)
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            first = None
+
+        async def rest() -> AsyncIterator[RequestOutput]:
+            try:
+                if first is not None:
+                    yield first
+                async for item in stream:
+                    yield item
+            finally:
+                await stream.aclose()
+
+        return rest()
+
+    return app
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def _openai_stream(
+    stream: AsyncIterator[RequestOutput],
+    base: dict[str, Any],
+    include_usage: bool,
+    choice: Callable[[Any], dict[str, Any]],
+) -> StreamingResponse:
+    async def events() -> AsyncIterator[str]:
+        last: RequestOutput | None = None
+        try:
+            async for out in stream:
+                last = out
+                if out.deltas:
+                    yield sse({**base, "choices": [choice(d) for d in out.deltas],
+                               **({"usage": None} if include_usage else {})})
+        except OpenLLMCloneError as exc:
+            yield sse(exc.to_dict())
+        if include_usage and last is not None:
+            yield sse({**base, "choices": [],
+                       "usage": _usage(last.prompt_tokens, last.completion_tokens)})
+        yield sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream")

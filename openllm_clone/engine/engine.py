@@ -1,0 +1,472 @@
+"""The engine: continuous batching over a runner, with streaming results.
+
+One engine per process. ``generate`` is called from asyncio; the batch runs in a
+dedicated thread (torch releases the GIL in its kernels), and every step:
+
+1. takes in new requests, cancellations and commands (adapter installs);
+2. admits waiting sequences into the running batch, bounded by ``max_batch_size``,
+   the per-step prefill token budget (long prompts are prefilled in chunks, so
+   running streams keep getting a token every step) and free KV blocks;
+3. runs one ``runner.step`` for all rows, each with its own adapter;
+4. samples, detokenizes, checks stops, streams each token, and retires finished
+   sequences at once, freeing their blocks. When the KV pool runs dry the newest
+   sequence is preempted and recomputed later, instead of failing.
+
+A request with ``n > 1`` prefills its prompt once; its samples then share the
+prompt's full KV blocks and copy only the last partial one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from openllm_clone.errors import CapacityError, InvalidRequestError, OpenLLMCloneError
+from openllm_clone.protocol import SamplingParams, new_request_id
+from openllm_clone.runners.base import StepRow
+
+from .kv_cache import BlockAllocator, blocks_for
+from .sampling import sample_rows
+from .sequence import RequestGroup, RequestOutput, SeqDelta, SeqStatus, Sequence
+
+__all__ = ["Engine", "EngineConfig", "EngineObserver"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    """Scheduling limits."""
+
+    max_batch_size: int = 16
+    max_queue: int = 256
+    max_prefill_tokens: int = 512
+    seed: int = 0
+
+
+class EngineObserver:
+    """Hooks for metrics; the default does nothing. Called from the engine thread."""
+
+    def on_step(self, running: int, waiting: int, kv_used: int, kv_total: int) -> None:
+        """After every step."""
+
+    def on_first_token(self, group: RequestGroup, ttft: float) -> None:
+        """When a request's first token is out."""
+
+    def on_finished(self, group: RequestGroup, status: str, latency: float) -> None:
+        """When a request ends (``status`` is ok, cancelled or error)."""
+
+
+class Engine:
+    """Continuous-batching engine over a :class:`~openllm_clone.runners.base.ModelRunner`."""
+
+    def __init__(
+        self,
+        runner: Any,
+        tokenizer: Any,
+        config: EngineConfig | None = None,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        self.observer = observer or EngineObserver()
+        self.blocks = BlockAllocator(runner.num_blocks, runner.block_size)
+        self.max_model_len = runner.info.max_model_len
+        self.eos_ids = self._eos_ids(runner, tokenizer)
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._groups: dict[str, RequestGroup] = {}
+        self._pending = 0  # requests accepted but not yet finished
+        self._lock = threading.Lock()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="openllm-clone-engine", daemon=True)
+        self._thread.start()
+        self.steps = 0
+
+    @staticmethod
+    def _eos_ids(runner: Any, tokenizer: Any) -> set[int]:
+        ids: set[int] = set()
+        for source in (
+            getattr(tokenizer, "eos_token_id", None),
+            getattr(getattr(runner.model, "generation_config", None), "eos_token_id", None),
+            getattr(runner.config, "eos_token_id", None),
+        ):
+            if isinstance(source, int):
+                ids.add(source)
+            elif isinstance(source, list | tuple):
+                ids.update(int(i) for i in source)
+        return ids
+
+    # --- public API (asyncio side) -----------------------------------------------------
+
+    @property
+    def num_pending(self) -> int:
+        """Requests accepted and not finished."""
+        return self._pending
+
+    def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequestError if the prompt and output cannot fit the context."""
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty after tokenization", param="prompt")
+        total = len(prompt_ids) + params.max_new_tokens
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens "
+                f"({params.max_new_tokens}) = {total} exceeds the model's context of "
+                f"{self.max_model_len} tokens",
+                param="max_new_tokens",
+            )
+        needed = blocks_for(total, self.blocks.block_size)
+        if needed > self.blocks.num_blocks - 1:
+            raise InvalidRequestError(
+                f"the request needs {needed} KV blocks; the cache has "
+                f"{self.blocks.num_blocks - 1} (raise --kv-cache-mb)",
+                param="max_new_tokens",
+            )
+
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        adapter: str | None = None,
+        adapter_slot: int = 0,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; closing the iterator cancels the request."""
+        self.check_prompt(prompt_ids, params)
+        with self._lock:
+            if self._pending >= self.config.max_queue + self.config.max_batch_size:
+                raise CapacityError(
+                    f"the server is busy: {self._pending} requests in flight", retry_after=1.0
+                )
+            self._pending += 1
+        loop = asyncio.get_running_loop()
+        group = RequestGroup(
+            request_id=request_id or new_request_id(),
+            prompt_ids=list(prompt_ids),
+            params=params,
+            adapter=adapter,
+            adapter_slot=adapter_slot,
+            queue=asyncio.Queue(),
+            loop=loop,
+        )
+        self._send("add", group)
+        finished = False
+        try:
+            while True:
+                out = await group.queue.get()
+                if out.error is not None:
+                    finished = True
+                    raise OpenLLMCloneError(out.error)
+                yield out
+                if out.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._send("cancel", group.request_id)
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` in the engine thread between two steps (no step sees it half-done)."""
+        future: Future[Any] = Future()
+        self._send("call", (fn, future))
+        return await asyncio.wrap_future(future)
+
+    def stats(self) -> dict[str, int]:
+        """Queue, batch and KV usage now."""
+        return {
+            "waiting": len(self._waiting),
+            "running": len(self._running),
+            "pending": self._pending,
+            "kv_blocks_used": self.blocks.num_used,
+            "kv_blocks_total": self.blocks.num_blocks - 1,
+            "kv_blocks_peak": self.blocks.peak_used,
+            "block_size": self.blocks.block_size,
+        }
+
+    def shutdown(self) -> None:
+        """Stop the engine thread; pending requests end with an error."""
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _send(self, kind: str, payload: Any) -> None:
+        self._inbox.put((kind, payload))
+        self._wake.set()
+
+    # --- engine thread --------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop:
+            self._drain_inbox()
+            if not self._waiting and not self._running:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                self._step()
+            except Exception as exc:  # a bug or a kernel failure: fail the batch, keep serving
+                logger.exception("engine step failed")
+                for seq in list(self._running) + list(self._waiting):
+                    self._fail(seq.group, f"internal error during generation: {exc}")
+        for group in list(self._groups.values()):
+            self._fail(group, "the engine is shutting down")
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._add(payload)
+            elif kind == "cancel":
+                group = self._groups.get(payload)
+                if group is not None:
+                    group.cancelled = True
+                    self._finish_group(group, "cancelled")
+            elif kind == "call":
+                fn, future = payload
+                try:
+                    future.set_result(fn())
+                except Exception as exc:
+                    future.set_exception(exc)
+
+    def _add(self, group: RequestGroup) -> None:
+        self._groups[group.request_id] = group
+        seed = group.params.seed
+        if seed is None and not group.params.greedy:
+            seed = random.getrandbits(63)
+        # All n samples are created now; only the first prefills, the rest fork from it.
+        for i in range(group.params.n):
+            gen = None
+            if not group.params.greedy:
+                gen = torch.Generator().manual_seed((int(seed or 0) + i) % 2**63)
+            group.seqs.append(Sequence(group, i, self.tokenizer, gen))
+        self._waiting.append(group.seqs[0])
+
+    def _schedule(self) -> list[tuple[Sequence, list[int], bool]]:
+        """Pick rows for this step: (sequence, tokens to compute, needs logits)."""
+        bs = self.blocks.block_size
+        budget = self.config.max_prefill_tokens
+        rows: list[tuple[Sequence, list[int], bool]] = []
+        scheduled: set[int] = set()
+        # Running sequences first: decode rows, then unfinished prompt chunks.
+        for seq in list(self._running):
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            todo = seq.tokens[seq.num_cached :]
+            if len(todo) > 1:
+                todo = todo[: max(budget, 0)]
+                if not todo:
+                    continue
+                budget -= len(todo)
+            if not self._reserve(seq, seq.num_cached + len(todo), scheduled):
+                continue
+            scheduled.add(id(seq))
+            rows.append((seq, todo, seq.num_cached + len(todo) == seq.num_tokens))
+        # Then admit waiting sequences while there is room.
+        while self._waiting and len(self._running) < self.config.max_batch_size and budget > 0:
+            seq = self._waiting[0]
+            todo = seq.tokens[seq.num_cached :][:budget]
+            # Keep a block per running sequence free for their next tokens.
+            spare = self.blocks.num_free - len(self._running)
+            if blocks_for(seq.num_cached + len(todo), bs) - len(seq.block_table) > spare:
+                break
+            self._waiting.popleft()
+            if not self._reserve(seq, seq.num_cached + len(todo), scheduled):
+                self._waiting.appendleft(seq)
+                break
+            scheduled.add(id(seq))
+            seq.status = SeqStatus.RUNNING
+            self._running.append(seq)
+            budget -= len(todo)
+            rows.append((seq, todo, seq.num_cached + len(todo) == seq.num_tokens))
+        return rows
+
+    def _reserve(self, seq: Sequence, num_tokens: int, scheduled: set[int]) -> bool:
+        """Give ``seq`` blocks for ``num_tokens``; preempt newer sequences if needed."""
+        need = blocks_for(num_tokens, self.blocks.block_size) - len(seq.block_table)
+        while need > self.blocks.num_free:
+            victim = self._pick_victim(seq, scheduled)
+            if victim is None:
+                return False
+            self._preempt(victim)
+        for _ in range(need):
+            seq.block_table.append(self.blocks.allocate())
+        return True
+
+    def _pick_victim(self, seq: Sequence, scheduled: set[int]) -> Sequence | None:
+        """The newest running sequence not already in this step's rows."""
+        for other in reversed(self._running):
+            if other is not seq and id(other) not in scheduled and other.block_table:
+                return other
+        return None
+
+    def _preempt(self, seq: Sequence) -> None:
+        logger.info("KV cache full: preempting %s for recompute", seq.group.request_id)
+        self.blocks.free(seq.block_table)
+        seq.reset_for_recompute()
+        self._running.remove(seq)
+        self._waiting.appendleft(seq)
+
+    def _step(self) -> None:
+        rows = self._schedule()
+        if not rows:
+            if self._running or self._waiting:
+                time.sleep(0.001)
+            return
+        step_rows = [
+            StepRow(
+                token_ids=todo,
+                start_pos=seq.num_cached,
+                block_table=seq.block_table,
+                adapter_slot=seq.group.adapter_slot,
+                need_logits=need,
+            )
+            for seq, todo, need in rows
+        ]
+        logits = self.runner.step(step_rows)
+        self.steps += 1
+        sampled = [(seq, todo) for seq, todo, need in rows if need]
+        for seq, todo, _ in rows:
+            seq.num_cached += len(todo)
+        if sampled:
+            self._sample_and_emit(logits, [s for s, _ in sampled])
+        self.observer.on_step(
+            len(self._running), len(self._waiting), self.blocks.num_used, self.blocks.num_blocks - 1
+        )
+
+    def _sample_and_emit(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        # A group whose prompt just finished forks its other samples from these logits.
+        expanded: list[Sequence] = []
+        rows: list[int] = []
+        for i, seq in enumerate(seqs):
+            expanded.append(seq)
+            rows.append(i)
+            group = seq.group
+            if not group.forked and seq.index == 0 and not seq.output_ids:
+                group.forked = True
+                for child in group.seqs[1:]:
+                    self._fork(seq, child)
+                    expanded.append(child)
+                    rows.append(i)
+        batch_logits = logits[torch.tensor(rows)] if len(rows) != len(seqs) else logits
+        tokens = sample_rows(
+            batch_logits,
+            [s.params for s in expanded],
+            [s.generator for s in expanded],
+            [s.tokens if s.params.repetition_penalty != 1.0 else [] for s in expanded],
+        )
+        now = time.perf_counter()
+        per_group: dict[str, list[SeqDelta]] = {}
+        for seq, token in zip(expanded, tokens):
+            group = seq.group
+            if group.first_token_at is None:
+                group.first_token_at = now
+                self.observer.on_first_token(group, now - group.arrival)
+            per_group.setdefault(group.request_id, []).append(self._append(seq, token))
+        for request_id, deltas in per_group.items():
+            group = self._groups.get(request_id)
+            if group is None:
+                continue
+            done = group.finished
+            if done:
+                self._finish_group(group, "ok")
+            self._push(group, deltas, finished=done)
+
+    def _fork(self, parent: Sequence, child: Sequence) -> None:
+        """Share the parent's full prompt blocks; copy the last partial one."""
+        bs = self.blocks.block_size
+        full = parent.num_cached // bs
+        child.block_table = [self.blocks.share(b) for b in parent.block_table[:full]]
+        if parent.num_cached % bs:
+            try:
+                block = self.blocks.allocate()
+            except MemoryError:
+                # No room to fork now: the child recomputes its prompt when admitted.
+                self.blocks.free(child.block_table)
+                child.reset_for_recompute()
+                self._waiting.append(child)
+                return
+            self.runner.copy_block(parent.block_table[full], block)
+            child.block_table.append(block)
+        child.num_cached = parent.num_cached
+        child.status = SeqStatus.RUNNING
+        self._running.append(child)
+
+    def _append(self, seq: Sequence, token: int) -> SeqDelta:
+        seq.output_ids.append(token)
+        params = seq.params
+        finish: str | None = None
+        text = ""
+        if token in self.eos_ids:
+            finish = "stop"
+        else:
+            text = seq.stops.feed(seq.detok.add(token))
+            if seq.stops.stopped:
+                finish = "stop"
+        if finish is None and (
+            len(seq.output_ids) >= params.max_new_tokens or seq.num_tokens >= self.max_model_len
+        ):
+            finish = "length"
+        if finish is not None:
+            if not seq.stops.stopped:
+                text += seq.stops.feed(seq.detok.flush()) + seq.stops.flush()
+            self._retire(seq, finish)
+        return SeqDelta(index=seq.index, text=text, token_ids=[token], finish_reason=finish)
+
+    def _retire(self, seq: Sequence, reason: str) -> None:
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        if seq.block_table:
+            self.blocks.free(seq.block_table)
+            seq.block_table = []
+        if seq in self._running:
+            self._running.remove(seq)
+
+    def _push(self, group: RequestGroup, deltas: list[SeqDelta], *, finished: bool,
+              error: str | None = None) -> None:
+        out = RequestOutput(
+            request_id=group.request_id,
+            deltas=deltas,
+            prompt_tokens=len(group.prompt_ids),
+            completion_tokens=group.completion_tokens(),
+            finished=finished,
+            error=error,
+        )
+        group.loop.call_soon_threadsafe(group.queue.put_nowait, out)
+
+    def _finish_group(self, group: RequestGroup, status: str) -> None:
+        """Free everything the group holds; idempotent."""
+        if self._groups.pop(group.request_id, None) is None:
+            return
+        for seq in group.seqs:
+            if seq.status is not SeqStatus.FINISHED:
+                self._retire(seq, "abort")
+            if seq in self._waiting:
+                self._waiting.remove(seq)
+        with self._lock:
+            self._pending -= 1
+        self.observer.on_finished(group, status, time.perf_counter() - group.arrival)
+
+    def _fail(self, group: RequestGroup, message: str) -> None:
+        if group.request_id in self._groups:
+            self._finish_group(group, "error")
+            self._push(group, [], finished=True, error=message)

@@ -1,0 +1,57 @@
+"""Token selection for a batch of rows, each with its own sampling parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from openllm_clone.protocol import SamplingParams
+
+__all__ = ["apply_repetition_penalty", "sample_rows"]
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: float) -> None:
+    """CTRL's penalty, in place: divide positive logits of seen tokens, multiply negative."""
+    if penalty == 1.0 or not seen:
+        return
+    idx = torch.tensor(sorted(set(seen)), dtype=torch.long)
+    score = logits.index_select(0, idx)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    logits.index_copy_(0, idx, score)
+
+
+def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        cum = probs.cumsum(-1)
+        # Keep the smallest prefix whose mass reaches top_p (always the first token).
+        drop = (cum - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(0, order, sorted_logits)
+    return logits
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    seen_tokens: Sequence[list[int]],
+) -> list[int]:
+    """Pick one token per row of ``logits`` (fp32, ``[rows, vocab]``)."""
+    for i, p in enumerate(params):
+        apply_repetition_penalty(logits[i], seen_tokens[i], p.repetition_penalty)
+    greedy = logits.argmax(dim=-1).tolist()
+    out: list[int] = []
+    for i, p in enumerate(params):
+        if p.greedy:
+            out.append(int(greedy[i]))
+            continue
+        row = _filter(logits[i] / p.temperature, p.top_k, p.top_p)
+        probs = torch.softmax(row, dim=-1)
+        out.append(int(torch.multinomial(probs, 1, generator=generators[i]).item()))
+    return out

@@ -1,0 +1,122 @@
+"""Sequences (one per sample) and the request groups they belong to."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from openllm_clone.protocol import SamplingParams
+
+from .detokenizer import IncrementalDetokenizer, StopStringMatcher
+
+__all__ = ["RequestGroup", "RequestOutput", "SeqDelta", "SeqStatus", "Sequence"]
+
+
+class SeqStatus(enum.Enum):
+    """Where a sequence is in its life."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class SeqDelta:
+    """What one sequence produced in one step."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+
+@dataclass
+class RequestOutput:
+    """One streamed event of a request: deltas of its sequences, and usage so far."""
+
+    request_id: str
+    deltas: list[SeqDelta]
+    prompt_tokens: int
+    completion_tokens: int
+    finished: bool
+    error: str | None = None
+
+
+@dataclass
+class RequestGroup:
+    """A request: one prompt, ``n`` sequences, one output queue."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None
+    adapter_slot: int
+    queue: asyncio.Queue[RequestOutput]
+    loop: asyncio.AbstractEventLoop
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    seqs: list[Sequence] = field(default_factory=list)
+    cancelled: bool = False
+    forked: bool = False
+
+    @property
+    def finished(self) -> bool:
+        """True when every sequence has finished."""
+        return bool(self.seqs) and all(s.status is SeqStatus.FINISHED for s in self.seqs)
+
+    def completion_tokens(self) -> int:
+        """Generated tokens over all sequences."""
+        return sum(len(s.output_ids) for s in self.seqs)
+
+
+class Sequence:
+    """One sample being generated: its tokens, KV blocks, detokenizer and stop state."""
+
+    def __init__(
+        self,
+        group: RequestGroup,
+        index: int,
+        tokenizer: Any,
+        generator: torch.Generator | None,
+    ) -> None:
+        self.group = group
+        self.index = index
+        self.output_ids: list[int] = []
+        self.block_table: list[int] = []
+        self.num_cached = 0  # tokens whose KV is in the cache
+        self.status = SeqStatus.WAITING
+        self.finish_reason: str | None = None
+        self.generator = generator
+        self.detok = IncrementalDetokenizer(tokenizer, group.prompt_ids)
+        self.stops = StopStringMatcher(group.params.stop)
+
+    @property
+    def params(self) -> SamplingParams:
+        """The request's sampling parameters."""
+        return self.group.params
+
+    @property
+    def tokens(self) -> list[int]:
+        """Prompt and output so far."""
+        return self.group.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        """Length of prompt and output."""
+        return len(self.group.prompt_ids) + len(self.output_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        """True while some known tokens have no KV yet (prompt, or after preemption)."""
+        return self.num_cached < self.num_tokens - 1 or not self.output_ids
+
+    def reset_for_recompute(self) -> None:
+        """After preemption: the KV is gone, recompute it from the tokens."""
+        self.block_table = []
+        self.num_cached = 0
+        self.status = SeqStatus.WAITING

@@ -1,0 +1,131 @@
+"""The error tree of openllm-clone.
+
+Every error the server can answer with carries the HTTP status it maps to, and the
+typed ones also inherit the builtin that callers already catch::
+
+    OpenLLMCloneError                      500
+      InvalidRequestError (ValueError)     400
+      AuthenticationError                  401
+      AdapterError                         500
+        AdapterNotFoundError (LookupError) 404
+        AdapterIncompatibleError (ValueError) 422
+        AdapterLoadError                   500
+      CapacityError                        503  (queue full, no adapter slot free)
+      ModelLoadError                       500
+      MissingDependencyError (ImportError) 500
+
+The HTTP client mirrors the server side with ``APIStatusError``, ``APIConnectionError``
+and ``APITimeoutError`` (see :mod:`openllm_clone.client`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AdapterError",
+    "AdapterIncompatibleError",
+    "AdapterLoadError",
+    "AdapterNotFoundError",
+    "AuthenticationError",
+    "CapacityError",
+    "InvalidRequestError",
+    "MissingDependencyError",
+    "ModelLoadError",
+    "OpenLLMCloneError",
+]
+
+
+class OpenLLMCloneError(Exception):
+    """Base class of every error raised by openllm-clone."""
+
+    status_code: int = 500
+    error_type: str = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON error body (OpenAI's shape, which OpenLLM clients also read)."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.status_code,
+            }
+        }
+
+
+class InvalidRequestError(OpenLLMCloneError, ValueError):
+    """The request is malformed or out of bounds; ``param`` names the field."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class AuthenticationError(OpenLLMCloneError):
+    """Missing or wrong API key."""
+
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class AdapterError(OpenLLMCloneError):
+    """Base class of adapter errors."""
+
+    error_type = "adapter_error"
+
+
+class AdapterNotFoundError(AdapterError, LookupError):
+    """The named adapter is not loaded and no source is known for it."""
+
+    status_code = 404
+    error_type = "adapter_not_found"
+
+
+class AdapterIncompatibleError(AdapterError, ValueError):
+    """The adapter does not fit the base model (modules, shapes, rank, format)."""
+
+    status_code = 422
+    error_type = "adapter_incompatible"
+
+
+class AdapterLoadError(AdapterError):
+    """The adapter's files could not be read."""
+
+    status_code = 500
+    error_type = "adapter_load_error"
+
+
+class CapacityError(OpenLLMCloneError):
+    """The server is full (waiting queue, adapter slots); retry later."""
+
+    status_code = 503
+    error_type = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ModelLoadError(OpenLLMCloneError):
+    """The base model could not be found or loaded."""
+
+    error_type = "model_load_error"
+
+
+class MissingDependencyError(OpenLLMCloneError, ImportError):
+    """An optional dependency is missing; the message names the extra to install."""
+
+    error_type = "missing_dependency"
+
+    @classmethod
+    def for_extra(cls, package: str, extra: str) -> MissingDependencyError:
+        """Build the error for ``package``, shipped by the ``extra`` extra."""
+        return cls(
+            f"{package} is not installed; install it with "
+            f"`pip install 'openllm-clone[{extra}]'`"
+        )

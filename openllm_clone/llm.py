@@ -1,0 +1,205 @@
+"""The in-process LLM: model, tokenizer, engine and adapter registry behind one object.
+
+The BentoML service, the embedded LangChain mode and the tests all talk to this; it
+knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from openllm_clone.errors import AdapterNotFoundError, InvalidRequestError
+from openllm_clone.protocol import ChatMessage, SamplingParams, new_request_id
+
+from .engine.engine import Engine, EngineConfig, EngineObserver
+from .engine.sequence import RequestOutput
+from .settings import Settings
+
+__all__ = ["LLM", "Completion"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Completion:
+    """A finished request, all outputs gathered."""
+
+    request_id: str
+    texts: list[str]
+    token_ids: list[list[int]]
+    finish_reasons: list[str | None]
+    prompt_tokens: int
+    completion_tokens: int
+    adapter: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class LLM:
+    """One base model with its adapters, ready to generate."""
+
+    def __init__(
+        self,
+        runner: Any,
+        tokenizer: Any,
+        settings: Settings,
+        *,
+        name: str,
+        aliases: list[str],
+        observer: EngineObserver | None = None,
+    ) -> None:
+        from openllm_clone.adapters.registry import AdapterRegistry, EngineAdapterHost
+
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.name = settings.model_name or name
+        self.engine = Engine(
+            runner,
+            tokenizer,
+            EngineConfig(
+                max_batch_size=settings.max_batch_size,
+                max_queue=settings.max_queue,
+                max_prefill_tokens=settings.max_prefill_tokens,
+                seed=settings.seed,
+            ),
+            observer,
+        )
+        self.adapters = AdapterRegistry(
+            EngineAdapterHost(runner, self.engine.call, settings.max_adapter_rank),
+            max_loaded=settings.max_adapters,
+            base_model_aliases=[runner.info.model_id, *aliases],
+            roots=settings.adapter_roots,
+            allow_pickle=settings.allow_pickle_adapters,
+        )
+        for spec in settings.adapters:
+            self.adapters.register(spec.name, spec.source, pinned=spec.pinned)
+        self._started = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings, observer: EngineObserver | None = None) -> LLM:
+        """Resolve the model (importing the default if needed), load it, build the engine."""
+        from openllm_clone.runners.loader import load_runner
+        from openllm_clone.store import resolve_model
+
+        resolved = resolve_model(settings.model)
+        runner, tokenizer = load_runner(resolved.path, settings, model_id=resolved.tag or settings.model)
+        return cls(runner, tokenizer, settings, name=resolved.name, aliases=resolved.aliases,
+                   observer=observer)
+
+    async def start(self) -> None:
+        """Load the start-up adapters (once); errors name the adapter."""
+        if self._started:
+            return
+        for spec in self.settings.adapters:
+            await self.adapters.load(spec.name, spec.source, pinned=spec.pinned, force=True)
+        self._started = True
+
+    def shutdown(self) -> None:
+        """Stop the engine thread."""
+        self.engine.shutdown()
+
+    # --- prompts ---------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of a raw prompt (special tokens such as BOS added as the model wants)."""
+        return list(self.tokenizer(text)["input_ids"])
+
+    def chat_prompt(self, messages: list[ChatMessage]) -> str:
+        """Render messages with the tokenizer's chat template."""
+        plain = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
+                 for m in messages]
+        if getattr(self.tokenizer, "chat_template", None):
+            try:
+                return str(self.tokenizer.apply_chat_template(
+                    plain, tokenize=False, add_generation_prompt=True))
+            except Exception as exc:  # jinja errors on unexpected roles
+                raise InvalidRequestError(f"chat template failed: {exc}", param="messages") from exc
+        lines = [f"{m['role']}: {m['content']}" for m in plain]
+        return "\n".join([*lines, "assistant:"])
+
+    def resolve_model_name(self, model: str | None) -> str | None:
+        """OpenAI ``model``: the base model's name (or empty) means no adapter."""
+        if model is None or model == "" or model == self.name or model == self.runner.info.model_id:
+            return None
+        if self.adapters.get(model) is None:
+            raise AdapterNotFoundError(
+                f"model {model!r} is neither the base model {self.name!r} nor a loaded adapter",
+                param="model",
+            )
+        return model
+
+    # --- generation ------------------------------------------------------------------
+
+    async def stream(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        adapter: str | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream outputs for one request, holding its adapter for the request's life."""
+        self.engine.check_prompt(prompt_ids, params)
+        slot = await self.adapters.acquire(adapter) if adapter else 0
+        try:
+            async for out in self.engine.generate(
+                prompt_ids, params, adapter=adapter, adapter_slot=slot,
+                request_id=request_id or new_request_id(),
+            ):
+                yield out
+        finally:
+            if adapter:
+                await self.adapters.release(adapter)
+
+    async def complete(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        adapter: str | None = None,
+        request_id: str | None = None,
+    ) -> Completion:
+        """Run a request to the end and gather its outputs."""
+        rid = request_id or new_request_id()
+        texts = [""] * params.n
+        tokens: list[list[int]] = [[] for _ in range(params.n)]
+        reasons: list[str | None] = [None] * params.n
+        prompt_tokens = completion_tokens = 0
+        async for out in self.stream(prompt_ids, params, adapter=adapter, request_id=rid):
+            for delta in out.deltas:
+                texts[delta.index] += delta.text
+                tokens[delta.index].extend(delta.token_ids)
+                if delta.finish_reason:
+                    reasons[delta.index] = delta.finish_reason
+            prompt_tokens, completion_tokens = out.prompt_tokens, out.completion_tokens
+        return Completion(rid, texts, tokens, reasons, prompt_tokens, completion_tokens, adapter)
+
+    def metadata(self) -> dict[str, Any]:
+        """Model and server facts for ``/v1/metadata``."""
+        info = self.runner.info
+        return {
+            "model_id": info.model_id,
+            "model_name": self.name,
+            "architecture": info.architecture,
+            "dtype": info.dtype,
+            "device": info.device,
+            "quantization": info.quantization,
+            "max_model_len": info.max_model_len,
+            "num_parameters": info.num_parameters,
+            "weight_bytes": info.weight_bytes,
+            "adapters": self.adapters.names(),
+            "engine": self.engine.stats(),
+            "config": {
+                "max_batch_size": self.settings.max_batch_size,
+                "max_queue": self.settings.max_queue,
+                "max_adapters": self.settings.max_adapters,
+                "max_adapter_rank": self.settings.max_adapter_rank,
+                "kv_cache_mb": self.settings.kv_cache_mb,
+                "block_size": self.settings.block_size,
+                "timeout": self.settings.timeout,
+                "auth": bool(self.settings.api_keys),
+            },
+        }

@@ -1,0 +1,280 @@
+"""Request and response schemas shared by the server and the client (no torch here).
+
+The OpenLLM routes follow OpenLLM 0.4's shapes (``prompt``, ``llm_config``,
+``adapter_name``, ``outputs[]``); the OpenAI routes follow the OpenAI API.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "AdapterInfo",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionOutput",
+    "CompletionRequest",
+    "GenerateRequest",
+    "GenerateResponse",
+    "LoadAdapterRequest",
+    "MAX_N",
+    "MAX_STOP",
+    "SamplingParams",
+    "new_request_id",
+]
+
+MAX_N = 16
+MAX_STOP = 16
+MAX_STOP_LEN = 256
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+def new_request_id(prefix: str = "req") -> str:
+    """A short unique request id."""
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+class SamplingParams(BaseModel):
+    """How to sample one request; validated bounds give a 400 naming the field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(default=128, ge=1, description="Most tokens to generate.")
+    temperature: float = Field(
+        default=0.0, ge=0.0, le=5.0, description="0 means greedy decoding."
+    )
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(default=0, ge=0, le=100_000, description="0 means no top-k cut.")
+    repetition_penalty: float = Field(
+        default=1.0, gt=0.0, le=10.0, description="CTRL-style penalty; 1 is none."
+    )
+    stop: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_STOP,
+        description="Strings that end generation; they are not returned.",
+    )
+    seed: int | None = Field(
+        default=None, ge=0, le=2**63 - 1, description="Same seed, same output."
+    )
+    n: int = Field(default=1, ge=1, le=MAX_N, description="Completions per prompt.")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [value]
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: list[str]) -> list[str]:
+        for s in value:
+            if not s or len(s) > MAX_STOP_LEN:
+                raise ValueError(f"stop strings must have 1 to {MAX_STOP_LEN} characters")
+        return value
+
+    @property
+    def greedy(self) -> bool:
+        """True when the request decodes greedily."""
+        return self.temperature == 0.0
+
+
+class GenerateRequest(BaseModel):
+    """Body of ``POST /v1/generate`` and ``/v1/generate_stream`` (OpenLLM 0.4 shape).
+
+    Sampling fields may be given inside ``llm_config`` (as OpenLLM did) or at the top
+    level; top-level values win.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="The prompt text.")
+    llm_config: dict[str, Any] = Field(
+        default_factory=dict, description="Sampling parameters, OpenLLM style."
+    )
+    adapter_name: str | None = Field(default=None, description="Adapter to apply.")
+    stop: list[str] | str | None = Field(default=None, description="Stop strings.")
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    n: int | None = None
+
+    def sampling_params(self) -> SamplingParams:
+        """Merge ``llm_config`` and top-level fields into validated sampling params."""
+        merged: dict[str, Any] = dict(self.llm_config)
+        for key in SamplingParams.model_fields:
+            value = getattr(self, key, None)
+            if value is not None:
+                merged[key] = value
+        return SamplingParams.model_validate(merged)
+
+
+class CompletionOutput(BaseModel):
+    """One completion of a request (``n`` of them per request)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+
+
+class GenerateResponse(BaseModel):
+    """Answer of ``POST /v1/generate`` and each ``/v1/generate_stream`` event."""
+
+    request_id: str
+    prompt: str | None = None
+    adapter_name: str | None = None
+    finished: bool
+    outputs: list[CompletionOutput]
+    prompt_token_ids: list[int] | None = None
+    usage: dict[str, int] | None = None
+
+
+class ChatMessage(BaseModel):
+    """One chat message; content may be a string or a list of text parts."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message content as plain text."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("only text content parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class StreamOptions(BaseModel):
+    """OpenAI ``stream_options``."""
+
+    include_usage: bool = False
+
+
+class _OpenAISampling(BaseModel):
+    """Fields the OpenAI completion and chat requests share."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(description="Base model name or an adapter name.")
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    user: str | None = None
+
+    def _sampling(self, max_tokens: int | None) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=max_tokens if max_tokens is not None else 16,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=max(self.top_k or 0, 0),
+            repetition_penalty=self.repetition_penalty or 1.0,
+            stop=self.stop,  # type: ignore[arg-type]
+            seed=self.seed,
+            n=self.n,
+        )
+
+
+class CompletionRequest(_OpenAISampling):
+    """Body of ``POST /v1/completions``."""
+
+    prompt: str | list[str] = Field(description="One prompt (a list of one is accepted).")
+    max_tokens: int | None = Field(default=16, ge=1)
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError("exactly one prompt per request is supported")
+        return value
+
+    def prompt_text(self) -> str:
+        """The single prompt."""
+        text = self.prompt[0] if isinstance(self.prompt, list) else self.prompt
+        if not text:
+            raise ValueError("prompt must not be empty")
+        return text
+
+    def sampling_params(self) -> SamplingParams:
+        """Validated sampling parameters."""
+        return self._sampling(self.max_tokens)
+
+
+class ChatCompletionRequest(_OpenAISampling):
+    """Body of ``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _text_only(self) -> ChatCompletionRequest:
+        for message in self.messages:
+            message.text()
+        return self
+
+    def sampling_params(self, default_max: int) -> SamplingParams:
+        """Validated sampling parameters; ``default_max`` when no limit is given."""
+        limit = self.max_completion_tokens or self.max_tokens or default_max
+        return self._sampling(limit)
+
+
+class LoadAdapterRequest(BaseModel):
+    """Body of ``POST /v1/adapters``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
+    source: str = Field(min_length=1, max_length=4096)
+    pinned: bool = False
+    force: bool = Field(
+        default=False, description="Accept an adapter made for another base model."
+    )
+
+
+class AdapterInfo(BaseModel):
+    """What ``GET /v1/adapters`` says of one adapter."""
+
+    name: str
+    source: str
+    state: Literal["registered", "loading", "ready", "error"]
+    rank: int | None = None
+    alpha: float | None = None
+    target_modules: list[str] = Field(default_factory=list)
+    size_bytes: int | None = None
+    pinned: bool = False
+    requests_served: int = 0
+    base_model: str | None = None
+    error: str | None = None
+
+
+def unix_time() -> int:
+    """Seconds since the epoch (OpenAI ``created``)."""
+    return int(time.time())

@@ -1,0 +1,130 @@
+"""The BentoML service: one LLM per worker process, the /v1 routes, Prometheus metrics.
+
+BentoML provides ``/livez``, ``/readyz``, ``/metrics`` and ``/healthz``; the
+OpenLLM, OpenAI and adapter routes are a FastAPI app mounted under ``/v1``.
+Settings arrive through ``OPENLLM_CLONE_SETTINGS`` (set by ``openllm-clone start``
+or baked into a bento) and are read in ``__init__``, never at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import bentoml
+
+from openllm_clone.api import build_app
+from openllm_clone.engine.engine import EngineObserver
+from openllm_clone.engine.sequence import RequestGroup
+from openllm_clone.settings import Settings
+
+__all__ = ["LLMService"]
+
+logger = logging.getLogger(__name__)
+
+_state: dict[str, Any] = {}
+
+
+def _llm() -> Any:
+    llm = _state.get("llm")
+    if llm is None:
+        from openllm_clone.errors import CapacityError
+
+        raise CapacityError("the model is still loading", retry_after=5.0)
+    return llm
+
+
+def _api_keys() -> list[str]:
+    settings = _state.get("settings")
+    return settings.api_keys if settings is not None else []
+
+
+app = build_app(_llm, _api_keys)
+
+
+class PrometheusObserver(EngineObserver):
+    """Engine events as Prometheus metrics (names after TGI's)."""
+
+    def __init__(self) -> None:
+        latency_buckets = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+        token_buckets = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+        self.requests = bentoml.metrics.Counter(
+            name="openllm_clone_requests_total",
+            documentation="Requests that reached the engine, by final status and adapter",
+            labelnames=["status", "adapter"],
+        )
+        self.duration = bentoml.metrics.Histogram(
+            name="openllm_clone_request_duration_seconds",
+            documentation="Time from arrival to the last token",
+            buckets=latency_buckets,
+        )
+        self.ttft = bentoml.metrics.Histogram(
+            name="openllm_clone_time_to_first_token_seconds",
+            documentation="Time from arrival to the first token",
+            buckets=latency_buckets,
+        )
+        self.tpot = bentoml.metrics.Histogram(
+            name="openllm_clone_time_per_output_token_seconds",
+            documentation="Mean time between output tokens of a request",
+            buckets=token_buckets,
+        )
+        self.generated = bentoml.metrics.Counter(
+            name="openllm_clone_generated_tokens_total",
+            documentation="Tokens generated",
+        )
+        self.prompt = bentoml.metrics.Counter(
+            name="openllm_clone_prompt_tokens_total",
+            documentation="Prompt tokens processed",
+        )
+        self.queue = bentoml.metrics.Gauge(
+            name="openllm_clone_queue_size",
+            documentation="Sequences waiting to join the batch",
+            multiprocess_mode="livesum",
+        )
+        self.batch = bentoml.metrics.Gauge(
+            name="openllm_clone_batch_size",
+            documentation="Sequences in the running batch",
+            multiprocess_mode="livesum",
+        )
+        self.kv = bentoml.metrics.Gauge(
+            name="openllm_clone_kv_cache_blocks_used",
+            documentation="KV-cache blocks in use",
+            multiprocess_mode="livesum",
+        )
+
+    def on_step(self, running: int, waiting: int, kv_used: int, kv_total: int) -> None:
+        self.batch.set(running)
+        self.queue.set(waiting)
+        self.kv.set(kv_used)
+
+    def on_first_token(self, group: RequestGroup, ttft: float) -> None:
+        self.ttft.observe(ttft)
+
+    def on_finished(self, group: RequestGroup, status: str, latency: float) -> None:
+        generated = group.completion_tokens()
+        self.requests.labels(status=status, adapter=group.adapter or "").inc()
+        self.duration.observe(latency)
+        self.generated.inc(generated)
+        self.prompt.inc(len(group.prompt_ids))
+        if group.first_token_at is not None and generated > 1:
+            self.tpot.observe((group.arrival + latency - group.first_token_at) / (generated - 1))
+
+
+@bentoml.asgi_app(app, path="/v1")
+@bentoml.service(name="openllm-clone", workers=1, traffic={"timeout": 3600})
+class LLMService:
+    """Serves one base model and its LoRA adapters."""
+
+    def __init__(self) -> None:
+        from openllm_clone.llm import LLM
+
+        settings = Settings.from_env()
+        _state["settings"] = settings
+        self.llm = LLM.from_settings(settings, observer=PrometheusObserver())
+        _state["llm"] = self.llm
+        logger.info("openllm-clone serving %s", self.llm.name)
+
+    async def __is_ready__(self) -> bool:
+        """Ready once the model and the start-up adapters are loaded."""
+        await self.llm.start()
+        return True

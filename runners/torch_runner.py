@@ -1,0 +1,307 @@
+"""The PyTorch runner: a transformers model driven by a packed, paged, per-row-adapter step.
+
+The weights and modules are the Hugging Face model's own (so quantized Linear
+layers from bitsandbytes or GPTQ work unchanged); what this file replaces is the
+forward loop around them:
+
+- tokens of all rows are packed into one ``[T, hidden]`` tensor (no padding), so
+  every projection is one matmul for the whole batch;
+- keys and values live in a block pool (PagedAttention's idea): a row owns a list of
+  blocks and gets a new one every ``block_size`` tokens;
+- single-token (decode) rows attend in one batched SDPA call over their gathered
+  blocks; prompt chunks attend one row at a time with a causal mask;
+- each row's LoRA adapter is added by :class:`~openllm_clone.runners.lora.LoraBank`;
+- logits are computed only for the rows that need them, at their last token.
+
+Supported families: Llama, Mistral (no sliding window) and Qwen2 (their decoder
+layers share the same module names). Others fail at load with ModelLoadError.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from openllm_clone.errors import ModelLoadError
+
+from .base import ModelInfo, StepRow
+from .lora import LoraBank, LoraPlan
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "TorchRunner"]
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+NULL_BLOCK = 0  # a zeroed block that padded attention reads point at
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class TorchRunner:
+    """Executes steps on a transformers causal LM with a paged KV cache and LoRA slots."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        model_id: str,
+        kv_cache_bytes: int,
+        block_size: int = 16,
+        max_model_len: int | None = None,
+        max_adapters: int = 8,
+        quantization: str | None = None,
+    ) -> None:
+        config = model.config
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ModelLoadError(
+                f"model type {model_type!r} is not supported by the engine; "
+                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        window = getattr(config, "sliding_window", None)
+        if window is not None and getattr(config, "use_sliding_window", True):
+            raise ModelLoadError("sliding-window attention is not supported yet")
+        self.model = model.eval()
+        self.config = config
+        inner = model.model
+        self.layers = list(inner.layers)
+        self.embed = inner.embed_tokens
+        self.norm = inner.norm
+        self.rotary = inner.rotary_emb
+        self.lm_head = model.lm_head
+        self.num_layers = len(self.layers)
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.scaling = getattr(self.layers[0].self_attn, "scaling", self.head_dim**-0.5)
+        self.device = self.embed.weight.device
+        self.dtype = self.embed.weight.dtype
+        if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            self.dtype = torch.float32
+        model_max = int(getattr(config, "max_position_embeddings", 2048))
+        self.max_model_len = min(max_model_len or model_max, model_max)
+
+        # KV pool: [num_blocks * block_size, kv_heads, head_dim] per layer, K and V.
+        self.block_size = block_size
+        per_token = 2 * self.num_layers * self.num_kv_heads * self.head_dim
+        per_token_bytes = per_token * torch.tensor([], dtype=self.dtype).element_size()
+        self.num_blocks = max(2, kv_cache_bytes // (per_token_bytes * block_size))
+        self.kv_bytes_per_token = per_token_bytes
+        slots = self.num_blocks * block_size
+        shape = (slots, self.num_kv_heads, self.head_dim)
+        # torch.empty leaves pages untouched, so resident memory grows with use.
+        self.k_cache = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.v_cache = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        for cache in (*self.k_cache, *self.v_cache):
+            cache[: block_size].zero_()
+
+        dims = {}
+        attn = self.layers[0].self_attn
+        mlp = self.layers[0].mlp
+        for name in ATTN_MODULES:
+            dims[name] = self._linear_dims(getattr(attn, name))
+        for name in MLP_MODULES:
+            dims[name] = self._linear_dims(getattr(mlp, name))
+        self.lora = LoraBank(
+            dims, self.num_layers, max_adapters, dtype=self.dtype, device=self.device
+        )
+
+        weight_bytes = sum(
+            t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
+        )
+        self.info = ModelInfo(
+            model_id=model_id,
+            architecture=(getattr(config, "architectures", None) or [type(model).__name__])[0],
+            dtype=str(self.dtype).replace("torch.", ""),
+            device=str(self.device),
+            max_model_len=self.max_model_len,
+            vocab_size=int(config.vocab_size),
+            num_parameters=sum(p.numel() for p in model.parameters()),
+            weight_bytes=weight_bytes,
+            quantization=quantization,
+        )
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one KV block in every layer (copy-on-write for forked samples)."""
+        bs = self.block_size
+        for cache in (*self.k_cache, *self.v_cache):
+            cache[dst * bs : (dst + 1) * bs].copy_(cache[src * bs : (src + 1) * bs])
+
+    @staticmethod
+    def _linear_dims(module: Any) -> tuple[int, int]:
+        in_features = getattr(module, "in_features", None)
+        out_features = getattr(module, "out_features", None)
+        if in_features is None or out_features is None:
+            weight = module.weight
+            out_features, in_features = weight.shape
+        return int(in_features), int(out_features)
+
+    # --- the step ---------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, rows: list[StepRow]) -> torch.Tensor:
+        """One forward over packed rows; fp32 logits for rows with ``need_logits``."""
+        if not rows:
+            return torch.empty(0, self.info.vocab_size)
+        # Single-token rows first: they share one batched attention call.
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i].token_ids) > 1)
+        ordered = [rows[i] for i in order]
+        num_decode = sum(1 for r in ordered if len(r.token_ids) == 1)
+        bs = self.block_size
+        dev = self.device
+
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_map: list[int] = []
+        lengths: list[int] = []
+        for row in ordered:
+            n = len(row.token_ids)
+            ids.extend(row.token_ids)
+            lengths.append(n)
+            for pos in range(row.start_pos, row.start_pos + n):
+                positions.append(pos)
+                slot_map.append(row.block_table[pos // bs] * bs + pos % bs)
+        tok = torch.tensor(ids, device=dev)
+        pos_t = torch.tensor(positions, device=dev)
+        slot_t = torch.tensor(slot_map, device=dev)
+
+        hidden = self.embed(tok)  # [T, H]
+        cos, sin = self.rotary(hidden.unsqueeze(0), pos_t.unsqueeze(0))
+        cos = cos[0].unsqueeze(1).to(self.dtype)  # [T, 1, D]
+        sin = sin[0].unsqueeze(1).to(self.dtype)
+        plan = self.lora.plan([r.adapter_slot for r in ordered], lengths)
+        decode_idx, decode_mask = self._decode_gather(ordered[:num_decode])
+        prefill = self._prefill_gathers(ordered, num_decode)
+
+        for li, layer in enumerate(self.layers):
+            residual = hidden
+            h = layer.input_layernorm(hidden)
+            attn_out = self._attention(li, layer.self_attn, h, cos, sin, slot_t, plan,
+                                       num_decode, decode_idx, decode_mask, prefill)
+            hidden = residual + attn_out
+            residual = hidden
+            h = layer.post_attention_layernorm(hidden)
+            hidden = residual + self._mlp(li, layer.mlp, h, plan)
+
+        want = []
+        offset = 0
+        for row in ordered:
+            offset += len(row.token_ids)
+            if row.need_logits:
+                want.append(offset - 1)
+        if not want:
+            return torch.empty(0, self.info.vocab_size)
+        last = self.norm(hidden[torch.tensor(want, device=dev)])
+        logits = self.lm_head(last).float()
+        # Back to the caller's row order.
+        rank_in_want = {}
+        k = 0
+        for j, i in enumerate(order):
+            if ordered[j].need_logits:
+                rank_in_want[i] = k
+                k += 1
+        back = [rank_in_want[i] for i in range(len(rows)) if rows[i].need_logits]
+        return logits[torch.tensor(back, device=dev)].cpu()
+
+    def _linear(
+        self, li: int, module: Any, name: str, x: torch.Tensor, plan: LoraPlan
+    ) -> torch.Tensor:
+        return self.lora.apply(plan, li, name, x, module(x))
+
+    def _mlp(self, li: int, mlp: Any, h: torch.Tensor, plan: LoraPlan) -> torch.Tensor:
+        gate = self._linear(li, mlp.gate_proj, "gate_proj", h, plan)
+        up = self._linear(li, mlp.up_proj, "up_proj", h, plan)
+        return self._linear(li, mlp.down_proj, "down_proj", mlp.act_fn(gate) * up, plan)
+
+    def _block_tables(self, rows: list[StepRow], context: list[int]) -> torch.Tensor:
+        """Flat cache indices ``[len(rows), max(context)]``, padded with the null block."""
+        width = max(context)
+        nblocks = (width + self.block_size - 1) // self.block_size
+        table = torch.full((len(rows), nblocks), NULL_BLOCK, dtype=torch.long)
+        for i, row in enumerate(rows):
+            used = (context[i] + self.block_size - 1) // self.block_size
+            table[i, :used] = torch.tensor(row.block_table[:used])
+        flat = table.unsqueeze(-1) * self.block_size + torch.arange(self.block_size)
+        return flat.view(len(rows), -1)[:, :width].to(self.device)
+
+    def _decode_gather(
+        self, rows: list[StepRow]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not rows:
+            return None, None
+        context = [r.start_pos + 1 for r in rows]
+        idx = self._block_tables(rows, context)
+        lens = torch.tensor(context, device=self.device)
+        mask = torch.arange(idx.shape[1], device=self.device).unsqueeze(0) < lens.unsqueeze(1)
+        # Padding reads the zeroed null block: never uninitialised memory (0 * NaN = NaN).
+        idx = torch.where(mask, idx, NULL_BLOCK * self.block_size)
+        return idx, mask[:, None, None, :]
+
+    def _prefill_gathers(
+        self, rows: list[StepRow], num_decode: int
+    ) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """For each prompt-chunk row: (token offset, length, cache index, causal mask)."""
+        out = []
+        offset = num_decode
+        for row in rows[num_decode:]:
+            n = len(row.token_ids)
+            ctx = row.start_pos + n
+            idx = self._block_tables([row], [ctx])[0]
+            q_pos = torch.arange(row.start_pos, ctx, device=self.device).unsqueeze(1)
+            mask = torch.arange(ctx, device=self.device).unsqueeze(0) <= q_pos
+            out.append((offset, n, idx, mask))
+            offset += n
+        return out
+
+    def _attention(
+        self,
+        li: int,
+        attn: Any,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slot_t: torch.Tensor,
+        plan: LoraPlan,
+        num_decode: int,
+        decode_idx: torch.Tensor | None,
+        decode_mask: torch.Tensor | None,
+        prefill: list[tuple[int, int, torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        T = h.shape[0]
+        q = self._linear(li, attn.q_proj, "q_proj", h, plan).view(T, self.num_heads, self.head_dim)
+        k = self._linear(li, attn.k_proj, "k_proj", h, plan).view(T, self.num_kv_heads, self.head_dim)
+        v = self._linear(li, attn.v_proj, "v_proj", h, plan).view(T, self.num_kv_heads, self.head_dim)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        k_cache, v_cache = self.k_cache[li], self.v_cache[li]
+        k_cache.index_copy_(0, slot_t, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, slot_t, v.to(v_cache.dtype))
+
+        out = torch.empty(T, self.num_heads, self.head_dim, dtype=q.dtype, device=q.device)
+        if num_decode:
+            assert decode_idx is not None
+            kd = k_cache[decode_idx].transpose(1, 2)  # [B, kv, L, D]
+            vd = v_cache[decode_idx].transpose(1, 2)
+            qd = q[:num_decode].unsqueeze(2)  # [B, H, 1, D]
+            od = F.scaled_dot_product_attention(
+                qd, kd, vd, attn_mask=decode_mask, scale=self.scaling, enable_gqa=True
+            )
+            out[:num_decode] = od.squeeze(2)
+        for offset, n, idx, mask in prefill:
+            kp = k_cache[idx].transpose(0, 1).unsqueeze(0)  # [1, kv, L, D]
+            vp = v_cache[idx].transpose(0, 1).unsqueeze(0)
+            qp = q[offset : offset + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+            op = F.scaled_dot_product_attention(
+                qp, kp, vp, attn_mask=mask, scale=self.scaling, enable_gqa=True
+            )
+            out[offset : offset + n] = op[0].transpose(0, 1)
+        o = out.view(T, self.num_heads * self.head_dim)
+        return self._linear(li, attn.o_proj, "o_proj", o, plan)
