@@ -1,0 +1,66 @@
+"""Shared fixtures: a private BentoML home, a tiny model with adapters, a real server."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import Server, make_adapter, make_tiny_model, run_server, smollm2_tokenizer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def bentoml_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every test run gets its own model store (set before bentoml reads it)."""
+    home = Path(os.environ.get("OPENLLM_CLONE_TEST_BENTOML_HOME") or tmp_path_factory.mktemp("bentoml"))
+    old = os.environ.get("BENTOML_HOME")
+    os.environ["BENTOML_HOME"] = str(home)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    yield home
+    if old is None:
+        os.environ.pop("BENTOML_HOME", None)
+    else:
+        os.environ["BENTOML_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Any:
+    """SmolLM2's tokenizer."""
+    return smollm2_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Path:
+    """A random 2-layer Llama folder with SmolLM2's tokenizer."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
+    """Four real peft adapters for the tiny model (different seeds, ranks and targets)."""
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "alpha": make_adapter(tiny_model_dir, root / "alpha", seed=1, rank=8),
+        "beta": make_adapter(tiny_model_dir, root / "beta", seed=2, rank=4),
+        "gamma": make_adapter(tiny_model_dir, root / "gamma", seed=3, rank=16,
+                              targets=["q_proj", "v_proj"]),
+        "delta": make_adapter(tiny_model_dir, root / "delta", seed=4, rank=8,
+                              targets=["gate_proj", "up_proj", "down_proj"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
+                tiny_adapters: dict[str, Path]) -> Iterator[Server]:
+    """A real server on the tiny model, with alpha and beta loaded at start-up."""
+    log = tmp_path_factory.mktemp("logs") / "tiny-server.log"
+    args = [str(tiny_model_dir), "--dtype", "float32", "--max-batch-size", "8",
+            "--adapter-id", f"alpha={tiny_adapters['alpha']}",
+            "--adapter-id", f"beta={tiny_adapters['beta']}",
+            "--max-adapters", "3", "--kv-cache-mb", "64"]
+    with run_server(args, {}, log) as server:
+        yield server

@@ -1,0 +1,74 @@
+"""Incremental detokenization, stop strings, sampling and block allocation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from openllm_clone.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from openllm_clone.engine.kv_cache import BlockAllocator, blocks_for
+from openllm_clone.engine.sampling import apply_repetition_penalty, sample_rows
+from openllm_clone.protocol import SamplingParams
+
+
+@pytest.mark.parametrize("text", ["Grüße aus Köln 🎉 — 東京タワー", "naïve café 👩‍👩‍👧 ok", "plain ascii"])
+def test_incremental_detokenizer_never_splits_characters(tokenizer: Any, text: str) -> None:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids=[1, 2])
+    pieces = [detok.add(i) for i in ids]
+    pieces.append(detok.flush())
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_stop_string_straddling_deltas_is_cut_and_never_leaked() -> None:
+    matcher = StopStringMatcher(["###", "END"])
+    out = [matcher.feed(d) for d in ["Hello #", "#", " wait", " #", "#", "#tail"]]
+    assert "".join(out) == "Hello ## wait "
+    assert matcher.stopped
+    assert matcher.feed("more") == ""
+
+
+def test_stop_string_prefix_released_at_end() -> None:
+    matcher = StopStringMatcher(["END"])
+    assert matcher.feed("the EN") == "the "
+    assert matcher.flush() == "EN"
+
+
+def test_greedy_and_seeded_sampling() -> None:
+    logits = torch.tensor([[0.1, 3.0, 0.2, 0.0], [5.0, 0.0, 0.0, 4.9]])
+    params = [SamplingParams(), SamplingParams(temperature=1.0, top_k=2)]
+    a = [sample_rows(logits.clone(), params, [None, torch.Generator().manual_seed(7)], [[], []])
+         for _ in range(3)]
+    assert all(x == a[0] for x in a) and a[0][0] == 1 and a[0][1] in (0, 3)
+
+
+def test_top_p_keeps_only_the_nucleus() -> None:
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
+    params = [SamplingParams(temperature=1.0, top_p=0.5)]
+    picks = {sample_rows(logits.clone(), params, [torch.Generator().manual_seed(s)], [[]])[0]
+             for s in range(30)}
+    assert picks == {0}
+
+
+def test_repetition_penalty_changes_greedy_choice() -> None:
+    row = torch.tensor([2.0, 1.9, -1.0])
+    apply_repetition_penalty(row, [0, 0, 2], 1.5)
+    assert row.tolist() == pytest.approx([2.0 / 1.5, 1.9, -1.5])
+
+
+def test_block_allocator_refcounts() -> None:
+    alloc = BlockAllocator(5, 16)
+    assert alloc.num_free == 4  # block 0 is the null block
+    a, b = alloc.allocate(), alloc.allocate()
+    assert 0 not in (a, b)
+    alloc.share(a)
+    alloc.free([a, b])
+    assert alloc.num_free == 3 and alloc.refcount(a) == 1
+    alloc.free([a])
+    assert alloc.num_free == 4
+    with pytest.raises(ValueError):
+        alloc.free([a])
+    assert blocks_for(17, 16) == 2 and blocks_for(16, 16) == 1
