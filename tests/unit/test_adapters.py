@@ -1,0 +1,154 @@
+"""Adapters: mixed batches equal merged weights, validation, LRU, pickles refused."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from openllm_clone.errors import (
+    AdapterIncompatibleError,
+    AdapterLoadError,
+    AdapterNotFoundError,
+)
+from openllm_clone.llm import LLM
+from openllm_clone.protocol import SamplingParams
+from openllm_clone.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir: Path) -> Any:
+    instance = LLM.from_settings(Settings(model=str(tiny_model_dir), dtype="float32",
+                                          device="cpu", max_adapters=3, kv_cache_mb=32))
+    yield instance
+    instance.shutdown()
+
+
+def merged_greedy(base: Path, adapter: Path | None, ids: list[int], n: int) -> list[int]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+async def test_mixed_batch_rows_equal_merged_adapters(
+    llm: LLM, tiny_model_dir: Path, tiny_adapters: dict[str, Path]
+) -> None:
+    for name in ("alpha", "beta", "gamma"):
+        await llm.adapters.load(name, str(tiny_adapters[name]))
+    cases = [(None, "The weather today"), ("alpha", "The weather today"),
+             ("beta", "A story about a cat"), ("gamma", "Numbers: one two"),
+             (None, "A story about a cat"), ("alpha", "Numbers: one two")]
+    params = SamplingParams(max_new_tokens=16)
+    ids = [llm.tokenize(p) for _, p in cases]
+    results = await asyncio.gather(*(llm.complete(i, params, adapter=a)
+                                     for (a, _), i in zip(cases, ids)))
+    outputs = [r.token_ids[0] for r in results]
+    for (adapter, _), i, got in zip(cases, ids, outputs):
+        path = tiny_adapters[adapter] if adapter else None
+        assert got == merged_greedy(tiny_model_dir, path, i, 16), adapter
+    # The adapters really change the output.
+    assert outputs[0] != outputs[1]
+
+
+async def test_gathered_decode_path_equals_alone(llm: LLM, tiny_adapters: dict[str, Path]) -> None:
+    # Four distinct adapters in one decode batch take the gathered-bmm path.
+    names = ["alpha", "beta", "gamma"]
+    for name in names:
+        await llm.adapters.load(name, str(tiny_adapters[name]))
+    params = SamplingParams(max_new_tokens=12)
+    ids = llm.tokenize("Once upon a time")
+    alone = [(await llm.complete(ids, params, adapter=n)).token_ids[0] for n in names]
+    together = await asyncio.gather(*(llm.complete(ids, params, adapter=n) for n in names * 2))
+    assert [r.token_ids[0] for r in together] == alone * 2
+
+
+async def test_validation_failures_leave_state_unchanged(
+    llm: LLM, tmp_path: Path, tiny_adapters: dict[str, Path], tokenizer: Any
+) -> None:
+    before = [a.model_dump() for a in llm.adapters.list()]
+    # Another model's adapter: shapes differ.
+    from tests.helpers import make_adapter, make_tiny_model
+
+    other = make_tiny_model(tmp_path / "other", tokenizer, hidden=128)
+    wrong = make_adapter(other, tmp_path / "wrong", seed=9)
+    with pytest.raises(AdapterIncompatibleError, match="base model|do not fit"):
+        await llm.adapters.load("wrong", str(wrong), force=True)
+    # Rank above the limit.
+    llm.adapters.host.max_rank = 4
+    try:
+        with pytest.raises(AdapterIncompatibleError, match="rank 8 exceeds"):
+            await llm.adapters.load("too-big", str(tiny_adapters["alpha"]))
+    finally:
+        llm.adapters.host.max_rank = 64
+    # Unknown target module.
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_adapters["gamma"], bad)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    save_file({k.replace("q_proj", "qkv_proj"): v for k, v in tensors.items()},
+              str(bad / "adapter_model.safetensors"))
+    with pytest.raises(AdapterIncompatibleError, match="qkv_proj"):
+        await llm.adapters.load("bad", str(bad))
+    # Missing folder / no weights.
+    with pytest.raises(AdapterNotFoundError):
+        await llm.adapters.load("nope", str(tmp_path / "missing"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    with pytest.raises(AdapterLoadError):
+        await llm.adapters.load("empty", str(empty))
+    assert [a.model_dump() for a in llm.adapters.list()] == before
+
+
+async def test_pickled_adapter_is_refused(llm: LLM, tmp_path: Path,
+                                          tiny_adapters: dict[str, Path]) -> None:
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(tiny_adapters["alpha"] / "adapter_config.json", folder)
+    torch.save(load_file(str(tiny_adapters["alpha"] / "adapter_model.safetensors")),
+               folder / "adapter_model.bin")
+    with pytest.raises(AdapterIncompatibleError, match="pickled"):
+        await llm.adapters.load("pickled", str(folder))
+
+
+async def test_lru_eviction_and_reload_on_demand(llm: LLM, tiny_adapters: dict[str, Path]) -> None:
+    for name in ("alpha", "beta", "gamma"):
+        await llm.adapters.load(name, str(tiny_adapters[name]))
+    ids = llm.tokenize("Hello")
+    params = SamplingParams(max_new_tokens=6)
+    want = (await llm.complete(ids, params, adapter="alpha")).token_ids
+    await llm.adapters.load("delta", str(tiny_adapters["delta"]))  # 4th: evicts the LRU (beta)
+    states = {a.name: a.state for a in llm.adapters.list()}
+    assert states["delta"] == "ready" and states["beta"] == "registered"
+    # beta's source is known: a request for it loads it again just in time.
+    again = await llm.complete(ids, params, adapter="beta")
+    assert {a.name: a.state for a in llm.adapters.list()}["beta"] == "ready"
+    assert again.token_ids[0]
+    assert (await llm.complete(ids, params, adapter="alpha")).token_ids == want
+    with pytest.raises(AdapterNotFoundError):
+        await llm.complete(ids, params, adapter="never-heard-of")
+
+
+async def test_unload_waits_for_in_flight(llm: LLM, tiny_adapters: dict[str, Path]) -> None:
+    await llm.adapters.load("alpha", str(tiny_adapters["alpha"]))
+    ids = llm.tokenize("Long story")
+    running = asyncio.create_task(llm.complete(ids, SamplingParams(max_new_tokens=60), adapter="alpha"))
+    await asyncio.sleep(0.05)
+    await llm.adapters.unload("alpha")
+    result = await running
+    assert result.finish_reasons == ["length"]
+    assert "alpha" not in llm.adapters.names()
