@@ -62,6 +62,9 @@ class SamplingParams(BaseModel):
         default=None, ge=0, le=2**63 - 1, description="Same seed, same output."
     )
     n: int = Field(default=1, ge=1, le=MAX_N, description="Completions per prompt.")
+    ignore_eos: bool = Field(
+        default=False, description="Keep generating past end-of-sequence (benchmarks)."
+    )
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -108,6 +111,7 @@ class GenerateRequest(BaseModel):
     repetition_penalty: float | None = None
     seed: int | None = None
     n: int | None = None
+    ignore_eos: bool | None = None
 
     def sampling_params(self) -> SamplingParams:
         """Merge ``llm_config`` and top-level fields into validated sampling params."""
@@ -187,6 +191,7 @@ class _OpenAISampling(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     user: str | None = None
+    ignore_eos: bool = False
 
     def _sampling(self, max_tokens: int | None) -> SamplingParams:
         return SamplingParams(
@@ -198,6 +203,7 @@ class _OpenAISampling(BaseModel):
             stop=self.stop,  # type: ignore[arg-type]
             seed=self.seed,
             n=self.n,
+            ignore_eos=self.ignore_eos,
         )
 
 

@@ -197,6 +197,7 @@ class Engine:
             "kv_blocks_total": self.blocks.num_blocks - 1,
             "kv_blocks_peak": self.blocks.peak_used,
             "block_size": self.blocks.block_size,
+            "kv_bytes_per_token": int(getattr(self.runner, "kv_bytes_per_token", 0)),
         }
 
     def shutdown(self) -> None:
@@ -416,7 +417,7 @@ class Engine:
         params = seq.params
         finish: str | None = None
         text = ""
-        if token in self.eos_ids:
+        if token in self.eos_ids and not params.ignore_eos:
             finish = "stop"
         else:
             text = seq.stops.feed(seq.detok.add(token))

@@ -1,0 +1,274 @@
+"""Serving benchmark: the real HTTP server against HF transformers (and CTranslate2).
+
+Drives ``openllm-clone start`` over HTTP like vLLM's serving benchmark (seeded
+prompts and output lengths, concurrency sweep, streaming), and runs the baselines in
+the same run on the same weights and dtype:
+
+- HF ``generate`` one request at a time (batch-1 decode tok/s);
+- HF static padded batch (all prompts padded together, run to the longest output);
+- CTranslate2 int8, when ``ctranslate2`` is installed.
+
+Prints one table with ratios to the baselines, the KV memory that 64 short
+concurrent requests took against reserving the maximum length for each, and writes
+``bench/out/serving.png`` when matplotlib is installed.
+
+    python bench/serving.py                       # SmolLM2, bf16
+    python bench/serving.py --dtype float32 --concurrency 1,4,16,32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import median, pct, rss_peak_mb, table, workload  # noqa: E402
+from openllm_clone.testing import run_server  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+# --- the server side -----------------------------------------------------------------
+
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int,
+                      adapter: str | None = None) -> dict[str, Any]:
+    body = {"model": adapter or "", "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}
+    start = time.perf_counter()
+    stamps: list[float] = []
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("choices"):
+                stamps.append(time.perf_counter())
+    end = time.perf_counter()
+    return {"start": start, "end": end, "stamps": stamps, "tokens": max_tokens}
+
+
+async def run_load(url: str, requests: list[tuple[str, int]], concurrency: int,
+                   adapters: list[str] | None = None) -> dict[str, float]:
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def go(i: int, prompt: str, n: int) -> dict[str, Any]:
+            async with sem:
+                adapter = adapters[i % len(adapters)] if adapters else None
+                return await one_request(client, url, prompt, n, adapter)
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(go(i, p, n) for i, (p, n) in enumerate(requests)))
+        wall = time.perf_counter() - t0
+    ttft = [r["stamps"][0] - r["start"] for r in results if r["stamps"]]
+    tpot = [(r["stamps"][-1] - r["stamps"][0]) / max(1, len(r["stamps"]) - 1) for r in results
+            if len(r["stamps"]) > 1]
+    tokens = sum(r["tokens"] for r in results)
+    return {"throughput": tokens / wall, "wall": wall, "ttft_p50": pct(ttft, 50),
+            "ttft_p99": pct(ttft, 99), "tpot_med": median(tpot),
+            "decode_tok_s": 1 / median(tpot) if tpot else float("nan")}
+
+
+# --- baselines -------------------------------------------------------------------------
+
+def hf_baselines(model_dir: str, dtype: str, prompts: list[str], new_tokens: int,
+                 batch: int, sequential: int) -> dict[str, float]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_grad_enabled(False)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    chats = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                     add_generation_prompt=True) for p in prompts]
+
+    def gen(texts: list[str], n: int) -> float:
+        enc = tok(texts, return_tensors="pt", padding=True)
+        t = time.perf_counter()
+        model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       pad_token_id=tok.eos_token_id)
+        return time.perf_counter() - t
+
+    gen(chats[:1], 4)  # warm-up
+    seq_times = []
+    for text in chats[:sequential]:
+        t1 = gen([text], 1)
+        tn = gen([text], new_tokens)
+        seq_times.append((tn, (new_tokens - 1) / max(tn - t1, 1e-9)))
+    out = {
+        "hf_seq_decode_tok_s": median([d for _, d in seq_times]),
+        "hf_seq_throughput": new_tokens / median([t for t, _ in seq_times]),
+    }
+    t = gen(chats[:batch], new_tokens)
+    out["hf_static_throughput"] = batch * new_tokens / t
+    return out
+
+
+def hf_static_mixed(model_dir: str, dtype: str, requests: list[tuple[str, int]],
+                    batch: int) -> float:
+    """Static batching with mixed output lengths: each batch runs to its longest output."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    useful = 0
+    t = time.perf_counter()
+    for i in range(0, len(requests), batch):
+        chunk = requests[i : i + batch]
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                         add_generation_prompt=True) for p, _ in chunk]
+        longest = max(n for _, n in chunk)
+        enc = tok(texts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            model.generate(**enc, max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
+                           pad_token_id=tok.eos_token_id)
+        useful += sum(n for _, n in chunk)
+    return useful / (time.perf_counter() - t)
+
+
+def ct2_baseline(model_dir: str, prompts: list[str], new_tokens: int, batch: int) -> dict[str, float]:
+    try:
+        import ctranslate2
+    except ImportError:
+        return {}
+    import subprocess
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    out_dir = Path(tempfile.mkdtemp()) / "ct2"
+    subprocess.run(["ct2-transformers-converter", "--model", model_dir, "--output_dir",
+                    str(out_dir), "--quantization", "int8"], check=True, capture_output=True)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    gen = ctranslate2.Generator(str(out_dir), device="cpu", compute_type="int8",
+                                intra_threads=os.cpu_count() or 2)
+    toks = [tok.convert_ids_to_tokens(tok.apply_chat_template(
+        [{"role": "user", "content": p}], add_generation_prompt=True)["input_ids"]) for p in prompts]
+    kw = {"max_length": new_tokens, "min_length": new_tokens, "include_prompt_in_result": False,
+          "sampling_topk": 1}
+    gen.generate_batch(toks[:1], max_length=4, include_prompt_in_result=False)
+    t = time.perf_counter()
+    gen.generate_batch(toks[:1], **kw)
+    one = time.perf_counter() - t
+    t = time.perf_counter()
+    gen.generate_batch(toks[:batch], **kw)
+    many = time.perf_counter() - t
+    return {"ct2_b1_tok_s": new_tokens / one, "ct2_batch_throughput": batch * new_tokens / many}
+
+
+# --- main ------------------------------------------------------------------------------
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--sequential", type=int, default=3, help="HF one-at-a-time requests to time")
+    ap.add_argument("--skip-baselines", action="store_true")
+    args = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+
+    from openllm_clone.store import resolve_model
+
+    model_dir = str(resolve_model(args.model).path)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    fixed = workload(max(args.batch, max(levels)), seed=0, out_min=args.new_tokens,
+                     out_max=args.new_tokens)
+    mixed = workload(args.batch * 2, seed=1, out_min=16, out_max=256)
+
+    rows: list[list[object]] = []
+    server_results: dict[str, Any] = {}
+    log = OUT / "serving-server.log"
+    with run_server([args.model, "--dtype", args.dtype, "--max-batch-size", str(max(64, args.batch))],
+                    {}, log) as server:
+        url = server.url
+        # KV memory first, while the block peak is fresh: 64 short requests at once.
+        short = workload(64, seed=2, out_min=32, out_max=32)
+        asyncio.run(run_load(url, short, 64))
+        meta = httpx.get(f"{url}/v1/metadata", timeout=30).json()
+        eng = meta["engine"]
+        kv_used = eng["kv_blocks_peak"] * eng["block_size"] * eng["kv_bytes_per_token"]
+        kv_reserved = 64 * meta["max_model_len"] * eng["kv_bytes_per_token"]
+        asyncio.run(run_load(url, fixed[:2], 2))  # warm-up
+        for c in levels:
+            n = max(c, min(len(fixed), 2 * c)) if c > 1 else 2
+            server_results[f"c{c}"] = asyncio.run(run_load(url, fixed[:n], c))
+        server_results["mixed"] = asyncio.run(run_load(url, mixed, args.batch))
+        peak_rss = rss_peak_mb(server.proc.pid)
+
+    base: dict[str, float] = {}
+    if not args.skip_baselines:
+        prompts = [p for p, _ in fixed]
+        base.update(hf_baselines(model_dir, args.dtype, prompts, args.new_tokens, args.batch,
+                                 args.sequential))
+        base["hf_static_mixed"] = hf_static_mixed(model_dir, args.dtype, mixed, args.batch)
+        base.update(ct2_baseline(model_dir, prompts, args.new_tokens, args.batch))
+
+    def ratio(x: float, key: str) -> str:
+        return f"{x / base[key]:.2f}x" if key in base and base[key] else "-"
+
+    for c in levels:
+        r = server_results[f"c{c}"]
+        rows.append([f"openllm-clone, {c} concurrent", r["throughput"], r["decode_tok_s"],
+                     r["ttft_p50"] * 1000, r["ttft_p99"] * 1000, r["tpot_med"] * 1000,
+                     ratio(r["decode_tok_s"], "hf_seq_decode_tok_s") if c == 1
+                     else ratio(r["throughput"], "hf_static_throughput"),
+                     ratio(r["throughput"], "ct2_batch_throughput") if c == args.batch else "-"])
+    m = server_results["mixed"]
+    rows.append([f"openllm-clone, mixed 16-256, {args.batch} concurrent", m["throughput"],
+                 m["decode_tok_s"], m["ttft_p50"] * 1000, m["ttft_p99"] * 1000, m["tpot_med"] * 1000,
+                 ratio(m["throughput"], "hf_static_mixed"), "-"])
+    for key, label in [("hf_seq_decode_tok_s", "HF generate, one at a time (decode tok/s)"),
+                       ("hf_static_throughput", f"HF static padded batch {args.batch}"),
+                       ("hf_static_mixed", f"HF static batch {args.batch}, mixed 16-256"),
+                       ("ct2_b1_tok_s", "CTranslate2 int8, batch 1"),
+                       ("ct2_batch_throughput", f"CTranslate2 int8, batch {args.batch}")]:
+        if key in base:
+            rows.append([label, base[key], "", "", "", "", "baseline", ""])
+    print(f"\nmodel {args.model}, dtype {args.dtype}, {args.new_tokens} new tokens, greedy, "
+          f"{os.cpu_count()} cores")
+    print(table(["system", "tok/s", "decode tok/s (1 stream)", "TTFT p50 ms", "TTFT p99 ms",
+                 "TPOT ms", "vs HF", "vs CT2"], rows))
+    print(f"\nKV cache for 64 concurrent short requests: {kv_used / 2**20:.1f} MiB used at peak vs "
+          f"{kv_reserved / 2**20:.0f} MiB reserving max length ({meta['max_model_len']}) for each: "
+          f"{kv_used / kv_reserved:.3f}x")
+    print(f"server peak RSS: {peak_rss:.0f} MiB")
+    (OUT / "serving.json").write_text(json.dumps({"server": server_results, "baselines": base,
+                                                  "kv_used": kv_used, "kv_reserved": kv_reserved},
+                                                 indent=2))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        plt.plot(levels, [server_results[f"c{c}"]["throughput"] for c in levels], "o-",
+                 label="openllm-clone")
+        if "hf_static_throughput" in base:
+            plt.axhline(base["hf_static_throughput"], ls="--", label="HF static batch")
+        plt.xlabel("concurrent requests")
+        plt.ylabel("tokens/s")
+        plt.legend()
+        plt.savefig(OUT / "serving.png", dpi=100)
+        print(f"plot: {OUT / 'serving.png'}")
+    except ImportError:
+        print("(matplotlib not installed: no plot)")
+
+
+if __name__ == "__main__":
+    main()
