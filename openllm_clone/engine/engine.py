@@ -48,6 +48,8 @@ __all__ = ["Engine", "EngineConfig", "EngineObserver"]
 
 logger = logging.getLogger(__name__)
 
+_TICKS_BETWEEN_STEPS = 8
+
 
 @dataclass
 class EngineConfig:
@@ -252,8 +254,14 @@ class Engine:
                 logger.exception("engine step failed")
                 for seq in list(self._running) + list(self._waiting):
                     self._fail(seq.group, f"internal error during generation: {exc}")
-            # Let HTTP handlers run (and new requests arrive) between steps.
-            await asyncio.sleep(0 if worked else 0.001)
+            # Let HTTP handlers run (and new requests arrive) between steps. One tick is
+            # not enough: starting a stream takes a handful of callbacks in a row, and
+            # each tick would otherwise cost a whole step.
+            if worked:
+                for _ in range(_TICKS_BETWEEN_STEPS):
+                    await asyncio.sleep(0)
+            else:
+                await asyncio.sleep(0.001)
 
     def _drain_inbox(self) -> None:
         while True:
