@@ -120,6 +120,10 @@ class LLM:
         lines = [f"{m['role']}: {m['content']}" for m in plain]
         return "\n".join([*lines, "assistant:"])
 
+    def chat_prompt_text(self, text: str) -> str:
+        """A single user message rendered with the chat template."""
+        return self.chat_prompt([ChatMessage(role="user", content=text)])
+
     def resolve_model_name(self, model: str | None) -> str | None:
         """OpenAI ``model``: the base model's name (or empty) means no adapter."""
         if model is None or model == "" or model == self.name or model == self.runner.info.model_id:

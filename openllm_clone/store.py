@@ -245,7 +245,8 @@ def resolve_model(ref: str = DEFAULT_MODEL, *, auto_import: bool = True) -> Reso
             path=Path(stored.path),
             name=stored.tag.name,
             tag=str(stored.tag),
-            aliases=[str(stored.tag), stored.tag.name, *meta.get("aliases", [])],
+            aliases=[str(stored.tag), stored.tag.name, str(Path(stored.path).resolve()),
+                     *meta.get("aliases", [])],
         )
     if ref.count("/") == 1:
         downloaded = _hub_download(ref)
