@@ -1,22 +1,24 @@
-"""Batched LoRA for many adapters in one step (Punica / S-LoRA / LoRAX style).
+"""Batched LoRA for many adapters in one step (the Punica / S-LoRA / LoRAX idea, on CPU).
 
-Each adapted projection keeps two stacked tensors over adapter slots,
-``A[layer, slot, rank, in]`` and ``B[layer, slot, out, rank]`` (the LoRA scale is
-folded into ``B``); slot 0 is "no adapter" and stays zero. A step computes one
-:class:`LoraPlan` from the rows' slots and reuses it in every layer:
+Each adapted projection keeps two stacks over adapter slots, ``A[layer, slot, rank,
+in]`` and ``B[layer, slot, rank, out]`` (the LoRA scale folded into ``B``); slot 0
+is "no adapter" and stays zero. A step computes one :class:`LoraPlan` from the rows'
+slots and reuses it in all layers. For the ``n`` distinct adapters in the step, their
+``A`` and ``B`` are concatenated along the rank axis, so that each projection costs
+two matmuls whatever ``n`` is::
 
-- no row has an adapter: nothing is computed (the base model's cost exactly);
-- few distinct adapters, or prompt chunks: one pair of matmuls per adapter over its
-  rows' tokens (segments);
-- many distinct adapters on single-token (decode) rows: one gathered ``bmm`` pair
-  for all rows (BGMV), so the cost does not grow with the number of adapters.
+    delta = ((x @ A_active.T) * mask) @ B_active        # [T, n*r] -> [T, out]
 
-A rank lower than the stack's is zero-padded, which adds exact zeros.
+where ``mask`` keeps, for every token, only the rank columns of its own adapter
+(rows without an adapter get zeros). That is exact: the other adapters' columns are
+multiplied by zero before the second matmul. Small bf16 matmuls are slow on CPU, so
+the LoRA math runs in float32 (the stacks are stored in the model dtype and
+converted when a new set of active adapters is first seen, then cached).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,21 +30,32 @@ if TYPE_CHECKING:
 
 __all__ = ["LoraBank", "LoraPlan"]
 
-# Above this many distinct adapters in a decode step, gather-bmm beats segments.
-_GATHER_MIN_ADAPTERS = 3
+_COMPUTE_DTYPE = torch.float32
 
 
 @dataclass
 class LoraPlan:
     """How to apply adapters to the packed tokens of one step."""
 
-    kind: str  # "none" | "segments" | "gather"
-    # segments: (slot, token index or slice)
-    segments: list[tuple[int, torch.Tensor | slice]] = field(default_factory=list)
-    # gather: token indices with an adapter and their slots
-    token_index: torch.Tensor | None = None
-    token_slots: torch.Tensor | None = None
-    slots: frozenset[int] = frozenset()
+    active: tuple[int, ...] = ()
+    mask: torch.Tensor | None = None  # [T, n*r]; None when every token has active[0]
+    # The last input converted to float32: q/k/v (and gate/up) share their input.
+    _x: torch.Tensor | None = None
+    _x32: torch.Tensor | None = None
+
+    def as_compute(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the LoRA compute dtype, converted once per distinct input."""
+        if x.dtype == _COMPUTE_DTYPE:
+            return x
+        if self._x is not x:
+            self._x, self._x32 = x, x.to(_COMPUTE_DTYPE)
+        assert self._x32 is not None
+        return self._x32
+
+    @property
+    def empty(self) -> bool:
+        """True when no token has an adapter."""
+        return not self.active
 
 
 class LoraBank:
@@ -66,6 +79,8 @@ class LoraBank:
         self._a: dict[str, torch.Tensor] = {}
         self._b: dict[str, torch.Tensor] = {}
         self._module_slots: dict[str, set[int]] = {name: set() for name in module_dims}
+        # active slots -> module -> (A [L, n*r, in], B [L, n*r, out]) in float32
+        self._cache: dict[tuple[int, ...], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     # --- validation and installation -------------------------------------------------
 
@@ -99,19 +114,16 @@ class LoraBank:
         if rank <= self.rank:
             return
         for name, (in_features, out_features) in self.module_dims.items():
-            a = torch.zeros(
-                self.num_layers, self.num_slots + 1, rank, in_features,
-                dtype=self.dtype, device=self.device,
-            )
-            b = torch.zeros(
-                self.num_layers, self.num_slots + 1, out_features, rank,
-                dtype=self.dtype, device=self.device,
-            )
+            a = torch.zeros(self.num_layers, self.num_slots + 1, rank, in_features,
+                            dtype=self.dtype, device=self.device)
+            b = torch.zeros(self.num_layers, self.num_slots + 1, rank, out_features,
+                            dtype=self.dtype, device=self.device)
             if name in self._a:
                 a[:, :, : self.rank].copy_(self._a[name])
-                b[:, :, :, : self.rank].copy_(self._b[name])
+                b[:, :, : self.rank].copy_(self._b[name])
             self._a[name], self._b[name] = a, b
         self.rank = rank
+        self._cache.clear()
 
     def install(self, slot: int, weights: AdapterWeights) -> None:
         """Write an adapter into ``slot`` (the caller guarantees no step is running)."""
@@ -122,8 +134,9 @@ class LoraBank:
         for (layer, module), lora in weights.modules.items():
             rank = lora.a.shape[0]
             self._a[module][layer, slot, :rank].copy_(lora.a)
-            self._b[module][layer, slot, :, :rank].copy_(lora.b * lora.scale)
+            self._b[module][layer, slot, :rank].copy_((lora.b * lora.scale).T)
             self._module_slots[module].add(slot)
+        self._forget(slot)
 
     def clear(self, slot: int) -> None:
         """Zero ``slot`` so that it adds nothing."""
@@ -132,64 +145,59 @@ class LoraBank:
                 self._a[module][:, slot].zero_()
                 self._b[module][:, slot].zero_()
                 slots.discard(slot)
+        self._forget(slot)
+
+    def _forget(self, slot: int) -> None:
+        for key in [k for k in self._cache if slot in k]:
+            del self._cache[key]
 
     # --- the step ----------------------------------------------------------------------
 
     def plan(self, row_slots: list[int], row_lengths: list[int]) -> LoraPlan:
-        """Group the packed tokens of a step by adapter slot."""
-        slots = frozenset(s for s in row_slots if s)
-        if not slots:
-            return LoraPlan(kind="none")
-        decode_only = all(n == 1 for n in row_lengths)
-        if decode_only and len(slots) >= _GATHER_MIN_ADAPTERS:
-            index = [i for i, s in enumerate(row_slots) if s]
-            return LoraPlan(
-                kind="gather",
-                token_index=torch.tensor(index, device=self.device),
-                token_slots=torch.tensor([row_slots[i] for i in index], device=self.device),
-                slots=slots,
-            )
-        total = sum(row_lengths)
-        by_slot: dict[int, list[int]] = {}
-        offset = 0
-        for slot, n in zip(row_slots, row_lengths):
-            if slot:
-                by_slot.setdefault(slot, []).extend(range(offset, offset + n))
-            offset += n
-        segments: list[tuple[int, torch.Tensor | slice]] = []
-        for slot, tokens in by_slot.items():
-            if len(tokens) == total:
-                segments.append((slot, slice(0, total)))
-            elif tokens[-1] - tokens[0] + 1 == len(tokens):
-                segments.append((slot, slice(tokens[0], tokens[-1] + 1)))
-            else:
-                segments.append((slot, torch.tensor(tokens, device=self.device)))
-        return LoraPlan(kind="segments", segments=segments, slots=slots)
+        """Which adapters a step uses, and which rank columns each token keeps."""
+        active = tuple(sorted({s for s in row_slots if s}))
+        if not active:
+            return LoraPlan()
+        if len(active) == 1 and all(s == active[0] for s in row_slots):
+            return LoraPlan(active=active)
+        token_slots = torch.repeat_interleave(
+            torch.tensor(row_slots), torch.tensor(row_lengths)
+        )
+        lookup = torch.tensor(active)
+        onehot = (token_slots.unsqueeze(1) == lookup.unsqueeze(0)).to(_COMPUTE_DTYPE)  # [T, n]
+        mask = onehot.repeat_interleave(self.rank, dim=1).to(self.device)  # [T, n*r]
+        return LoraPlan(active=active, mask=mask)
+
+    def _stacks(self, active: tuple[int, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        cached = self._cache.get(active)
+        if cached is not None:
+            return cached
+        if len(self._cache) > 64:
+            self._cache.clear()
+        index = torch.tensor(active, device=self.device)
+        stacks = {}
+        for module, slots in self._module_slots.items():
+            if not slots.intersection(active):
+                continue
+            a = self._a[module].index_select(1, index).to(_COMPUTE_DTYPE)  # [L, n, r, in]
+            b = self._b[module].index_select(1, index).to(_COMPUTE_DTYPE)  # [L, n, r, out]
+            n, r = len(active), self.rank
+            stacks[module] = (a.reshape(self.num_layers, n * r, -1).transpose(1, 2).contiguous(),
+                              b.reshape(self.num_layers, n * r, -1).contiguous())
+        self._cache[active] = stacks
+        return stacks
 
     def apply(
         self, plan: LoraPlan, layer: int, module: str, x: torch.Tensor, y: torch.Tensor
     ) -> torch.Tensor:
-        """Return ``y`` plus every row's adapter delta for ``module`` at ``layer``."""
-        if plan.kind == "none" or not (plan.slots & self._module_slots[module]):
+        """Return ``y`` plus every token's adapter delta for ``module`` at ``layer``."""
+        if plan.empty:
             return y
-        a_all = self._a[module][layer]  # [S+1, r, in]
-        b_all = self._b[module][layer]  # [S+1, out, r]
-        x = x.to(a_all.dtype)
-        if plan.kind == "gather":
-            assert plan.token_index is not None and plan.token_slots is not None
-            xs = x.index_select(0, plan.token_index)
-            a = a_all.index_select(0, plan.token_slots)  # [n, r, in]
-            b = b_all.index_select(0, plan.token_slots)  # [n, out, r]
-            delta = torch.bmm(b, torch.bmm(a, xs.unsqueeze(-1))).squeeze(-1)
-            return y.index_add(0, plan.token_index, delta.to(y.dtype))
-        y = y.clone() if y.requires_grad else y
-        for slot, where in plan.segments:
-            if slot not in self._module_slots[module]:
-                continue
-            xs = x[where]
-            delta = (xs @ a_all[slot].T) @ b_all[slot].T
-            if isinstance(where, slice):
-                y[where] += delta.to(y.dtype)
-            else:
-                y.index_add_(0, where, delta.to(y.dtype))
-        return y
+        stacks = self._stacks(plan.active).get(module)
+        if stacks is None:
+            return y
+        a, b = stacks
+        xa = plan.as_compute(x) @ a[layer]  # [T, n*r]
+        if plan.mask is not None:
+            xa.mul_(plan.mask)
+        return y.add_(xa @ b[layer])  # in-place add casts the float32 delta to y's dtype
