@@ -87,7 +87,7 @@ def read_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False) ->
     folder = Path(path)
     config_file = folder / "adapter_config.json"
     if not config_file.is_file():
-        raise AdapterLoadError(f"{folder} has no adapter_config.json")
+        raise AdapterIncompatibleError(f"{folder} has no adapter_config.json: not a peft adapter")
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
@@ -170,4 +170,4 @@ def _read_tensors(folder: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor
             return torch.load(str(pickle_file), map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many kinds here
             raise AdapterLoadError(f"cannot read {pickle_file}: {exc}") from exc
-    raise AdapterLoadError(f"{folder} has no adapter_model.safetensors")
+    raise AdapterIncompatibleError(f"{folder} has no adapter_model.safetensors")

@@ -107,8 +107,13 @@ async def test_validation_failures_leave_state_unchanged(
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
-    with pytest.raises(AdapterLoadError):
+    with pytest.raises(AdapterIncompatibleError, match="no adapter_model.safetensors"):
         await llm.adapters.load("empty", str(empty))
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_adapters["alpha"], corrupt)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(AdapterLoadError):
+        await llm.adapters.load("corrupt", str(corrupt))
     assert [a.model_dump() for a in llm.adapters.list()] == before
 
 
