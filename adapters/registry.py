@@ -24,6 +24,7 @@ from openllm_clone.errors import (
 )
 from openllm_clone.protocol import AdapterInfo
 
+from .merge import MERGE_PREFIX, merge_linear, merge_name, parse_merge_name
 from .source import resolve_adapter_source
 from .weights import AdapterWeights, read_adapter
 
@@ -154,9 +155,11 @@ class AdapterRegistry:
             if src is None:
                 raise AdapterNotFoundError(f"adapter {name!r} is not loaded and has no known source")
             started = time.perf_counter()
-            path = await asyncio.to_thread(resolve_adapter_source, src, roots=self.roots)
-            weights = await asyncio.to_thread(self._reader, path, allow_pickle=self.allow_pickle)
-            self._check_base(weights, force=force)
+            if src.startswith(MERGE_PREFIX):
+                weights = await self._read_merge(src)
+            else:
+                weights = await self._read(src)
+                self._check_base(weights, force=force)
             self.host.validate(weights)
             slot = await self._take_slot()
             try:
@@ -182,6 +185,35 @@ class AdapterRegistry:
                 name, slot, weights.rank, 1000 * (time.perf_counter() - started),
             )
             return record
+
+    async def _read(self, source: str) -> AdapterWeights:
+        path = await asyncio.to_thread(resolve_adapter_source, source, roots=self.roots)
+        return await asyncio.to_thread(self._reader, path, allow_pickle=self.allow_pickle)
+
+    async def _read_merge(self, recipe: str) -> AdapterWeights:
+        components = []
+        for name, coeff in parse_merge_name(recipe):
+            record = self._records.get(name)
+            if record is None or record.source.startswith(MERGE_PREFIX):
+                raise AdapterNotFoundError(
+                    f"merged_adapters names {name!r}, which is not a loaded adapter",
+                    param="merged_adapters",
+                )
+            components.append((await self._read(record.source), coeff))
+        return merge_linear(components, path=recipe)
+
+    async def merged(self, names: list[str], weights: list[float]) -> str:
+        """Register (once) the linear merge of ``names``; return its adapter name."""
+        name = merge_name(names, weights)
+        for component in names:
+            if component not in self._records or component.startswith(MERGE_PREFIX):
+                raise AdapterNotFoundError(
+                    f"merged_adapters names {component!r}, which is not a loaded adapter",
+                    param="merged_adapters",
+                )
+        if name not in self._records:
+            self.register(name, name)
+        return name
 
     def _check_base(self, weights: AdapterWeights, *, force: bool) -> None:
         base = weights.base_model
@@ -295,7 +327,8 @@ class EngineAdapterHost:
 
     def validate(self, weights: AdapterWeights) -> None:
         """Check rank, modules and shapes against the runner."""
-        self.runner.lora.validate(weights, max_rank=self.max_rank)
+        parts = len(weights.config.get("merge", "").split("+")) if weights.config.get("merge") else 1
+        self.runner.lora.validate(weights, max_rank=self.max_rank * parts)
 
     async def install(self, slot: int, weights: AdapterWeights) -> None:
         """Copy weights into the bank between two steps."""

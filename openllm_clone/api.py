@@ -33,6 +33,7 @@ from openllm_clone.protocol import (
     GenerateRequest,
     GenerateResponse,
     LoadAdapterRequest,
+    MergedAdapters,
     SamplingParams,
     new_request_id,
     unix_time,
@@ -117,6 +118,16 @@ async def _with_timeout(
         await stream.aclose()  # type: ignore[attr-defined]
 
 
+async def _adapter_for(llm: LLM, adapter: str | None, merged: MergedAdapters | None) -> str | None:
+    """The adapter a request uses: a named one, a merge of several, or none."""
+    if merged is None:
+        return adapter
+    if adapter is not None:
+        raise InvalidRequestError("give either an adapter or merged_adapters, not both",
+                                  param="merged_adapters")
+    return await llm.adapters.merged(merged.ids, merged.weights)
+
+
 def build_app(get_llm: Callable[[], LLM], api_keys: Callable[[], list[str]]) -> FastAPI:
     """The FastAPI app for ``/v1``; ``get_llm`` returns the process's LLM."""
     app = FastAPI(title="openllm-clone", version="0.1.0")
@@ -161,14 +172,15 @@ def build_app(get_llm: Callable[[], LLM], api_keys: Callable[[], list[str]]) -> 
         llm = get_llm()
         body = _parse(GenerateRequest, await _json_body(request))
         params = _sampling(body.sampling_params)
+        adapter = await _adapter_for(llm, body.adapter_name, body.merged_adapters)
         ids = llm.tokenize(body.prompt)
         result = await asyncio.wait_for(
-            llm.complete(ids, params, adapter=body.adapter_name), timeout=llm.settings.timeout
+            llm.complete(ids, params, adapter=adapter), timeout=llm.settings.timeout
         )
         response = GenerateResponse(
             request_id=result.request_id,
             prompt=body.prompt,
-            adapter_name=body.adapter_name,
+            adapter_name=adapter,
             finished=True,
             outputs=[
                 CompletionOutput(index=i, text=t, token_ids=result.token_ids[i],
@@ -187,15 +199,16 @@ def build_app(get_llm: Callable[[], LLM], api_keys: Callable[[], list[str]]) -> 
         llm = get_llm()
         body = _parse(GenerateRequest, await _json_body(request))
         params = _sampling(body.sampling_params)
+        adapter = await _adapter_for(llm, body.adapter_name, body.merged_adapters)
         ids = llm.tokenize(body.prompt)
-        stream = await _open_stream(llm, ids, params, body.adapter_name)
+        stream = await _open_stream(llm, ids, params, adapter)
 
         async def events() -> AsyncIterator[str]:
             try:
                 async for out in stream:
                     yield sse(GenerateResponse(
                         request_id=out.request_id,
-                        adapter_name=body.adapter_name,
+                        adapter_name=adapter,
                         finished=out.finished,
                         outputs=[CompletionOutput(index=d.index, text=d.text, token_ids=d.token_ids,
                                                   finish_reason=d.finish_reason)  # type: ignore[arg-type]
@@ -231,7 +244,7 @@ def build_app(get_llm: Callable[[], LLM], api_keys: Callable[[], list[str]]) -> 
     async def completions(request: Request) -> Any:
         llm = get_llm()
         body = _parse(CompletionRequest, await _json_body(request))
-        adapter = llm.resolve_model_name(body.model)
+        adapter = await _adapter_for(llm, llm.resolve_model_name(body.model), body.merged_adapters)
         params = _sampling(body.sampling_params)
         try:
             prompt = body.prompt_text()
@@ -256,7 +269,7 @@ def build_app(get_llm: Callable[[], LLM], api_keys: Callable[[], list[str]]) -> 
     async def chat_completions(request: Request) -> Any:
         llm = get_llm()
         body = _parse(ChatCompletionRequest, await _json_body(request))
-        adapter = llm.resolve_model_name(body.model)
+        adapter = await _adapter_for(llm, llm.resolve_model_name(body.model), body.merged_adapters)
         prompt = llm.chat_prompt(body.messages)
         ids = llm.tokenize(prompt)
         default_max = max(1, llm.runner.info.max_model_len - len(ids))

@@ -22,6 +22,7 @@ __all__ = [
     "GenerateResponse",
     "LoadAdapterRequest",
     "MAX_N",
+    "MergedAdapters",
     "MAX_STOP",
     "SamplingParams",
     "new_request_id",
@@ -89,6 +90,26 @@ class SamplingParams(BaseModel):
         return self.temperature == 0.0
 
 
+class MergedAdapters(BaseModel):
+    """A per-request weighted merge of loaded adapters (LoRAX's ``merged_adapters``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[str] = Field(min_length=2, max_length=8, description="Adapter names to merge.")
+    weights: list[float] = Field(min_length=2, max_length=8, description="One weight per adapter.")
+    merge_strategy: Literal["linear"] = Field(
+        default="linear", description="Only 'linear' (an exact weighted sum of the deltas)."
+    )
+
+    @model_validator(mode="after")
+    def _same_length(self) -> MergedAdapters:
+        if len(self.ids) != len(self.weights):
+            raise ValueError("ids and weights must have the same length")
+        if any(not -10.0 <= w <= 10.0 for w in self.weights):
+            raise ValueError("weights must lie in [-10, 10]")
+        return self
+
+
 class GenerateRequest(BaseModel):
     """Body of ``POST /v1/generate`` and ``/v1/generate_stream`` (OpenLLM 0.4 shape).
 
@@ -103,6 +124,9 @@ class GenerateRequest(BaseModel):
         default_factory=dict, description="Sampling parameters, OpenLLM style."
     )
     adapter_name: str | None = Field(default=None, description="Adapter to apply.")
+    merged_adapters: MergedAdapters | None = Field(
+        default=None, description="Merge several adapters for this request."
+    )
     stop: list[str] | str | None = Field(default=None, description="Stop strings.")
     max_new_tokens: int | None = None
     temperature: float | None = None
@@ -192,6 +216,7 @@ class _OpenAISampling(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     user: str | None = None
     ignore_eos: bool = False
+    merged_adapters: MergedAdapters | None = None
 
     def _sampling(self, max_tokens: int | None) -> SamplingParams:
         return SamplingParams(

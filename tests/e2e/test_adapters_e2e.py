@@ -111,3 +111,17 @@ def test_incompatible_adapter_is_422(tiny_server: Server, tmp_path: Path, tokeni
     with HTTPClient(tiny_server.url) as client, pytest.raises(APIStatusError) as info2:
         client.load_adapter("wide", str(wrong))  # trained on another base: refused without force
     assert info2.value.status_code == 422 and "force" in str(info2.value)
+
+
+def test_merged_adapters_per_request(tiny_server: Server) -> None:
+    merged = {"ids": ["alpha", "beta"], "weights": [0.5, 0.5]}
+    r = httpx.post(f"{tiny_server.url}/v1/generate", timeout=60,
+                   json={"prompt": PROMPT, "max_new_tokens": 8, "merged_adapters": merged})
+    assert r.status_code == 200, r.text
+    assert r.json()["adapter_name"] == "merge:alpha*0.5+beta*0.5"
+    bad = httpx.post(f"{tiny_server.url}/v1/generate", timeout=60,
+                     json={"prompt": PROMPT, "merged_adapters": {"ids": ["alpha"], "weights": [1]}})
+    assert bad.status_code == 400
+    both = httpx.post(f"{tiny_server.url}/v1/generate", timeout=60,
+                      json={"prompt": PROMPT, "adapter_name": "alpha", "merged_adapters": merged})
+    assert both.status_code == 400

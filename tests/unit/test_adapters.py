@@ -157,3 +157,32 @@ async def test_unload_waits_for_in_flight(llm: LLM, tiny_adapters: dict[str, Pat
     result = await running
     assert result.finish_reasons == ["length"]
     assert "alpha" not in llm.adapters.names()
+
+
+async def test_linear_merge_equals_peft_weighted_cat(
+    llm: LLM, tiny_model_dir: Path, tiny_adapters: dict[str, Path]
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    await llm.adapters.load("alpha", str(tiny_adapters["alpha"]))
+    await llm.adapters.load("gamma", str(tiny_adapters["gamma"]))
+    name = await llm.adapters.merged(["alpha", "gamma"], [0.7, 0.3])
+    assert name == "merge:alpha*0.7+gamma*0.3"
+    ids = llm.tokenize("The weather today")
+    ours = await llm.complete(ids, SamplingParams(max_new_tokens=16), adapter=name)
+    assert {a.name: a for a in llm.adapters.list()}[name].rank == 8 + 16
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(model, str(tiny_adapters["alpha"]), adapter_name="alpha")
+    peft_model.load_adapter(str(tiny_adapters["gamma"]), adapter_name="gamma")
+    peft_model.add_weighted_adapter(["alpha", "gamma"], [0.7, 0.3], "mix", combination_type="cat")
+    peft_model.set_adapter("mix")
+    merged = peft_model.merge_and_unload()
+    ref = merged.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    assert ours.token_ids[0] == ref[0, len(ids):].tolist()
+    # The same recipe reuses the cached merge; an unknown component is a 404.
+    assert await llm.adapters.merged(["alpha", "gamma"], [0.7, 0.3]) == name
+    with pytest.raises(AdapterNotFoundError):
+        await llm.adapters.merged(["alpha", "nobody"], [0.5, 0.5])
