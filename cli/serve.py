@@ -26,6 +26,10 @@ def start(
     dtype: str = typer.Option("auto", envvar="OPENLLM_CLONE_DTYPE",
                               help="auto, float32, bfloat16 or float16."),
     device: str = typer.Option("auto", envvar="OPENLLM_CLONE_DEVICE", help="cpu, cuda or auto."),
+    quantize: str | None = typer.Option(
+        None, envvar="OPENLLM_CLONE_QUANTIZE",
+        help="int8, int4, nf4, fp4 (bitsandbytes), gptq (a GPTQ checkpoint), torchao-int8.",
+    ),
     max_batch_size: int = typer.Option(16, envvar="OPENLLM_CLONE_MAX_BATCH_SIZE",
                                        help="Most sequences in the running batch."),
     max_queue: int = typer.Option(256, envvar="OPENLLM_CLONE_MAX_QUEUE",
@@ -59,7 +63,7 @@ def start(
     try:
         settings = Settings(
             model=model, host=host, port=port, dtype=dtype,  # type: ignore[arg-type]
-            device=device, max_batch_size=max_batch_size, max_queue=max_queue,
+            device=device, quantize=quantize, max_batch_size=max_batch_size, max_queue=max_queue,
             timeout=timeout, workers=workers, api_keys=keys,
             adapters=[parse_adapter_spec(a) for a in adapter_id],
             max_adapters=max_adapters, max_adapter_rank=max_adapter_rank,

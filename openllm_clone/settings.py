@@ -18,6 +18,7 @@ __all__ = ["SETTINGS_ENV", "AdapterSpec", "Settings", "parse_adapter_spec"]
 SETTINGS_ENV = "OPENLLM_CLONE_SETTINGS"
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Quantize = Literal["int8", "int4", "nf4", "fp4", "gptq", "torchao-int8"]
 
 
 class AdapterSpec(BaseModel):
@@ -65,6 +66,11 @@ class Settings(BaseModel):
         "has native bf16 support (or on CUDA), else float32.",
     )
     device: str = Field(default="auto", description="cpu, cuda, cuda:N or auto.")
+    quantize: Quantize | None = Field(
+        default=None,
+        description="Weight quantization: bitsandbytes int8/int4(nf4)/nf4/fp4, a GPTQ "
+        "checkpoint (gptq), or torchao int8 weight-only.",
+    )
     max_batch_size: int = Field(
         default=16, ge=1, le=1024, description="Most sequences in the running batch."
     )

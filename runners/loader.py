@@ -45,19 +45,32 @@ def pick_dtype(name: str, device: Any) -> Any:
 def load_runner(path: Path, settings: Settings, *, model_id: str) -> tuple[Any, Any]:
     """Load the model and tokenizer from ``path``; return ``(runner, tokenizer)``."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .quantization import dispatch, real_weight_bytes
     from .torch_runner import TorchRunner
 
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     started = time.perf_counter()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        config = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read the model config in {path}: {exc}") from exc
+    spec = dispatch(settings.quantize, dtype=dtype, device=device, config=config)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if spec is not None:
+        kwargs.update(spec.load_kwargs)
+        if spec.quantization_config is not None:
+            kwargs["quantization_config"] = spec.quantization_config
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"cannot load the model in {path}: {exc}") from exc
-    model.to(device)
+    if spec is None:
+        model.to(device)
+    weight_bytes = real_weight_bytes(model)
     torch.set_grad_enabled(False)
     runner = TorchRunner(
         model,
@@ -66,10 +79,13 @@ def load_runner(path: Path, settings: Settings, *, model_id: str) -> tuple[Any, 
         block_size=settings.block_size,
         max_model_len=settings.max_model_len,
         max_adapters=settings.max_adapters,
+        quantization=spec.mode if spec is not None else None,
     )
+    runner.info.weight_bytes = weight_bytes
     logger.info(
-        "loaded %s (%s, %s on %s) in %.1f s; KV cache %d blocks of %d tokens",
-        model_id, runner.info.architecture, runner.info.dtype, device,
+        "loaded %s (%s, %s%s on %s, %.0f MiB of weights) in %.1f s; KV cache %d blocks of %d tokens",
+        model_id, runner.info.architecture, runner.info.dtype,
+        f", {spec.mode}" if spec is not None else "", device, weight_bytes / 2**20,
         time.perf_counter() - started, runner.num_blocks, runner.block_size,
     )
     return runner, tokenizer

@@ -169,8 +169,14 @@ class TorchRunner:
         for layer in self.layers:
             mods = [getattr(layer.self_attn, n) for n in ATTN_MODULES] + [
                 getattr(layer.mlp, n) for n in MLP_MODULES]
-            if any(type(m) is not torch.nn.Linear or m.weight.dtype != torch.bfloat16 for m in mods):
+            # Only plain tensors: quantized weights (bitsandbytes, torchao subclasses, GPTQ)
+            # keep running through their own modules.
+            if any(type(m) is not torch.nn.Linear or type(m.weight.data) is not torch.Tensor
+                   or m.weight.dtype != torch.bfloat16 for m in mods):
                 return None
+        head = self.lm_head.weight
+        if type(head.data) is not torch.Tensor or head.dtype != torch.bfloat16:
+            return None
         if not _packed_linears_work():
             return None
         packed = []

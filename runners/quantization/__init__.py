@@ -1,0 +1,70 @@
+"""Quantization backends, one small module each (peft's dispatch style).
+
+Each backend exposes ``dispatch(mode, dtype, device, config) -> QuantSpec | None``;
+they are tried in order and the first that claims the mode wins. Optional
+dependencies are imported lazily and a missing one raises MissingDependencyError
+naming the extra; a mode that cannot run on this hardware raises ModelLoadError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from openllm_clone.errors import ModelLoadError
+
+__all__ = ["QUANTIZE_MODES", "QuantSpec", "dispatch", "real_weight_bytes"]
+
+QUANTIZE_MODES = ("int8", "int4", "nf4", "fp4", "gptq", "torchao-int8")
+
+
+@dataclass
+class QuantSpec:
+    """What ``from_pretrained`` needs to load a model in a quantized form."""
+
+    mode: str
+    quantization_config: Any = None
+    load_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def dispatch(mode: str | None, *, dtype: Any, device: Any, config: Any) -> QuantSpec | None:
+    """The QuantSpec for ``mode`` (None: no quantization, or a pre-quantized checkpoint)."""
+    from . import bitsandbytes, gptq, torchao
+
+    existing = getattr(config, "quantization_config", None)
+    if mode is None:
+        if existing is not None:  # a pre-quantized checkpoint (GPTQ, AWQ, ...)
+            return gptq.dispatch_checkpoint(existing, device=device)
+        return None
+    if mode not in QUANTIZE_MODES:
+        raise ModelLoadError(f"unknown quantization {mode!r}; choose from {', '.join(QUANTIZE_MODES)}")
+    for backend in (bitsandbytes, torchao, gptq):
+        spec = backend.dispatch(mode, dtype=dtype, device=device, config=config)
+        if spec is not None:
+            return spec
+    raise ModelLoadError(f"no backend handles quantization {mode!r}")  # pragma: no cover
+
+
+def real_weight_bytes(model: Any) -> int:
+    """Bytes the weights really take (tensor subclasses and 4-bit packing included)."""
+    seen: set[int] = set()
+
+    def size(t: Any) -> int:
+        if hasattr(t, "__tensor_flatten__"):
+            names, _ = t.__tensor_flatten__()
+            return sum(size(getattr(t, n)) for n in names)
+        data = getattr(t, "data", t)
+        if hasattr(data, "__tensor_flatten__") and data is not t:
+            return size(data)
+        key = data.untyped_storage().data_ptr() if data.numel() else id(data)
+        if key in seen:
+            return 0
+        seen.add(key)
+        total = data.numel() * data.element_size()
+        state = getattr(t, "quant_state", None)  # bitsandbytes 4-bit: absmax and friends
+        absmax = getattr(state, "absmax", None)
+        if absmax is not None:
+            total += absmax.numel() * absmax.element_size()
+        return total
+
+    return sum(size(p) for p in model.parameters()) + sum(size(b) for b in model.buffers())
