@@ -1,0 +1,126 @@
+"""Quantization benchmark on SmolLM2: bytes, load time, speed and perplexity per mode.
+
+For bf16 and every quantization that runs here (bitsandbytes int8/nf4/fp4, torchao
+int8 weight-only), in one run: real weight bytes, load time, decode tokens/s at
+batch 1 and aggregate tokens/s at batch 16 (engine in-process, warm-up, then the
+median of repeats), and perplexity on a fixed built-in text, with ratios to bf16.
+
+    python bench/quantization.py [--modes bf16,int8,nf4,fp4,torchao-int8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import QUESTIONS, table  # noqa: E402
+
+TEXT = (
+    "The water cycle describes how water moves between the oceans, the air and the land. "
+    "Heat from the sun evaporates water from seas and lakes; the vapour rises, cools and "
+    "condenses into clouds. When droplets grow heavy enough they fall as rain or snow. "
+    "Some of that water runs off into rivers and back to the sea, some soaks into the "
+    "ground and feeds springs and wells, and some is taken up by plants, which release it "
+    "again through their leaves. Over thousands of years the same water has passed through "
+    "this cycle countless times, shaping valleys, carrying minerals and sustaining life. "
+    "Scientists study the cycle to forecast weather, manage water supplies and understand "
+    "how a warming climate changes droughts and floods around the world."
+)
+
+
+def perplexity(model_dir: str, mode: str, dtype: str) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from openllm_clone.runners.loader import pick_device
+    from openllm_clone.runners.quantization import dispatch
+
+    device = pick_device("cpu")
+    kwargs: dict = {"dtype": getattr(torch, dtype)}
+    if mode != "bf16":
+        from transformers import AutoConfig
+
+        spec = dispatch(mode, dtype=kwargs["dtype"], device=device,
+                        config=AutoConfig.from_pretrained(model_dir))
+        assert spec is not None
+        kwargs.update(spec.load_kwargs, quantization_config=spec.quantization_config)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).eval()
+    ids = tok(TEXT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss.float().item()
+    return math.exp(loss)
+
+
+async def speed(llm, batch: int, new_tokens: int, repeats: int) -> float:
+    from openllm_clone.protocol import SamplingParams
+
+    prompts = [llm.tokenize(q) for q in (QUESTIONS * 2)[:batch]]
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    await asyncio.gather(*(llm.complete(p, params.model_copy(update={"max_new_tokens": 4}))
+                           for p in prompts))
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        await asyncio.gather(*(llm.complete(p, params) for p in prompts))
+        rates.append(batch * new_tokens / (time.perf_counter() - t))
+    return statistics.median(rates)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--modes", default="bf16,int8,nf4,fp4,torchao-int8")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+
+    from openllm_clone.errors import OpenLLMCloneError
+    from openllm_clone.llm import LLM
+    from openllm_clone.settings import Settings
+    from openllm_clone.store import resolve_model
+
+    model_dir = str(resolve_model(args.model).path)
+    results = {}
+    for mode in args.modes.split(","):
+        quantize = None if mode == "bf16" else mode
+        try:
+            t = time.perf_counter()
+            llm = LLM.from_settings(Settings(model=args.model, dtype="bfloat16", device=args.device,
+                                             quantize=quantize, max_batch_size=16))
+            load = time.perf_counter() - t
+        except OpenLLMCloneError as exc:
+            print(f"{mode}: skipped ({exc})")
+            continue
+        b1 = asyncio.run(speed(llm, 1, args.new_tokens, args.repeats))
+        b16 = asyncio.run(speed(llm, 16, args.new_tokens, args.repeats))
+        weight_bytes = llm.runner.info.weight_bytes
+        embed = llm.runner.embed.weight
+        embed_bytes = embed.numel() * embed.element_size()
+        llm.shutdown()
+        results[mode] = {"bytes": weight_bytes, "embed": embed_bytes, "load": load, "b1": b1,
+                         "b16": b16, "ppl": perplexity(model_dir, mode, "bfloat16")}
+    base = results.get("bf16")
+    rows = []
+    for mode, r in results.items():
+        rows.append([mode, f"{r['bytes'] / 2**20:.0f} MiB", f"{r['bytes'] / base['bytes']:.2f}x" if base else "-",
+                     f"{(r['bytes'] - r['embed']) / (base['bytes'] - base['embed']):.2f}x" if base else "-",
+                     f"{r['load']:.1f} s", r["b1"], r["b16"], r["ppl"],
+                     f"{100 * (r['ppl'] / base['ppl'] - 1):+.1f}%" if base else "-"])
+    print(f"\nmodel {args.model} on {args.device}; {args.new_tokens} new tokens, greedy; medians of {args.repeats}")
+    print(table(["mode", "weights", "vs bf16", "vs bf16 w/o tied embedding", "load", "tok/s b=1",
+                 "tok/s b=16", "perplexity", "ppl vs bf16"], rows))
+    if base:
+        print(f"(the tied embedding / lm_head, {base['embed'] / 2**20:.0f} MiB in bf16, stays unquantized)")
+
+
+if __name__ == "__main__":
+    main()
