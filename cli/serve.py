@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import typer
 
@@ -75,11 +76,33 @@ def start(
     serve(settings)
 
 
+def _bento(ref: str) -> str | None:
+    """The tag of a bento built by openllm-clone, if ``ref`` names one."""
+    if ":" not in ref and "/" in ref:
+        return None
+    try:
+        import bentoml
+
+        from openllm_clone.bento import BENTO_LABEL
+
+        bento = bentoml.bentos.get(ref)
+    except Exception:  # not a bento tag
+        return None
+    return str(bento.tag) if bento.info.labels.get("kind") == BENTO_LABEL else None
+
+
 def serve(settings: Settings) -> None:
     """Resolve the model once, then run the BentoML server in the foreground."""
     from openllm_clone.store import resolve_model
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    bento = _bento(settings.model)
+    if bento is not None:
+        # A built bento carries its own settings, adapters and code: serve it as is.
+        console.print(f"[bold green]openllm-clone[/] serving bento {bento} on "
+                      f"http://{settings.host}:{settings.port}")
+        os.execvp(sys.executable, [sys.executable, "-m", "bentoml", "serve", bento,
+                                   "--host", settings.host, "--port", str(settings.port)])
     try:
         with console.status(f"resolving model {settings.model!r}"):
             resolved = resolve_model(settings.model)

@@ -223,8 +223,12 @@ def build_app(get_llm: Callable[[], LLM], api_keys: Callable[[], list[str]]) -> 
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @router.api_route("/metadata", methods=["GET", "POST"])
+    @router.get("/metadata")
     async def metadata() -> dict[str, Any]:
+        return get_llm().metadata()
+
+    @router.post("/metadata")
+    async def metadata_post() -> dict[str, Any]:
         return get_llm().metadata()
 
     # --- OpenAI routes -------------------------------------------------------------

@@ -13,9 +13,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["SETTINGS_ENV", "AdapterSpec", "Settings", "parse_adapter_spec"]
+__all__ = ["SETTINGS_ENV", "SETTINGS_FILE", "AdapterSpec", "Settings", "parse_adapter_spec"]
 
 SETTINGS_ENV = "OPENLLM_CLONE_SETTINGS"
+# A built bento carries its settings in this file at the root of its src/ folder.
+SETTINGS_FILE = "openllm_clone_settings.json"
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Quantize = Literal["int8", "int4", "nf4", "fp4", "gptq", "torchao-int8"]
@@ -141,10 +143,15 @@ class Settings(BaseModel):
         return {SETTINGS_ENV: self.model_dump_json()}
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
-        """Rebuild settings from ``OPENLLM_CLONE_SETTINGS`` (defaults if unset)."""
+    def from_env(cls, environ: dict[str, str] | None = None, cwd: str | None = None) -> Settings:
+        """Settings from ``OPENLLM_CLONE_SETTINGS``, else a bento's baked settings file in
+        the working directory, else the defaults."""
         env = os.environ if environ is None else environ
         raw = env.get(SETTINGS_ENV)
-        if not raw:
-            return cls()
-        return cls.model_validate(json.loads(raw))
+        if raw:
+            return cls.model_validate(json.loads(raw))
+        baked = os.path.join(cwd or os.getcwd(), SETTINGS_FILE)
+        if os.path.isfile(baked):
+            with open(baked) as fh:
+                return cls.model_validate(json.load(fh))
+        return cls()
