@@ -42,6 +42,12 @@ def start(
         [], "--api-key", envvar="OPENLLM_CLONE_API_KEY",
         help="Accepted bearer key (repeatable; the env var takes a comma-separated list).",
     ),
+    admin_api_key: list[str] = typer.Option(
+        [], "--admin-api-key", envvar="OPENLLM_CLONE_ADMIN_API_KEY",
+        help="Key required to load/unload adapters (repeatable or comma-separated).",
+    ),
+    max_body_bytes: int = typer.Option(4 * 2**20, envvar="OPENLLM_CLONE_MAX_BODY_BYTES",
+                                       help="Largest request body (413 beyond)."),
     adapter_id: list[str] = typer.Option(
         [], "--adapter-id", help="NAME=PATH or PATH of a peft LoRA adapter (repeatable)."
     ),
@@ -61,11 +67,13 @@ def start(
 ) -> None:
     """Serve MODEL (default: the embedded SmolLM2) with its adapters on HOST:PORT."""
     keys = [k for raw in api_key for k in raw.split(",")]
+    admin_keys = [k for raw in admin_api_key for k in raw.split(",")]
     try:
         settings = Settings(
             model=model, host=host, port=port, dtype=dtype,  # type: ignore[arg-type]
             device=device, quantize=quantize, max_batch_size=max_batch_size, max_queue=max_queue,
-            timeout=timeout, workers=workers, api_keys=keys,
+            timeout=timeout, workers=workers, api_keys=keys, admin_api_keys=admin_keys,
+            max_body_bytes=max_body_bytes,
             adapters=[parse_adapter_spec(a) for a in adapter_id],
             max_adapters=max_adapters, max_adapter_rank=max_adapter_rank,
             adapter_roots=adapter_root, allow_pickle_adapters=allow_pickle_adapters,

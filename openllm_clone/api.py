@@ -8,7 +8,6 @@ carries; bad input is a 4xx and never reaches the engine.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -128,8 +127,12 @@ async def _adapter_for(llm: LLM, adapter: str | None, merged: MergedAdapters | N
     return await llm.adapters.merged(merged.ids, merged.weights)
 
 
-def build_app(get_llm: Callable[[], LLM], api_keys: Callable[[], list[str]]) -> FastAPI:
-    """The FastAPI app for ``/v1``; ``get_llm`` returns the process's LLM."""
+def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
+    """The FastAPI app for ``/v1``; ``get_llm`` returns the process's LLM.
+
+    Authentication and body limits live in :mod:`openllm_clone.middleware`, around
+    the whole server.
+    """
     app = FastAPI(title="openllm-clone", version="0.1.0")
     router = APIRouter()
 
@@ -147,16 +150,7 @@ def build_app(get_llm: Callable[[], LLM], api_keys: Callable[[], list[str]]) -> 
         return _error_response(OpenLLMCloneError(f"internal error: {type(exc).__name__}"))
 
     @app.middleware("http")
-    async def _auth_and_log(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
-        keys = api_keys()
-        if keys:
-            header = request.headers.get("authorization", "")
-            scheme, _, token = header.partition(" ")
-            ok = scheme.lower() == "bearer" and any(
-                hmac.compare_digest(token.encode(), key.encode()) for key in keys
-            )
-            if not ok:
-                return _error_response(AuthenticationError("missing or invalid API key"))
+    async def _access_log(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
         started = time.perf_counter()
         response = await call_next(request)
         logger.info(

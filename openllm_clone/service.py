@@ -8,6 +8,7 @@ or baked into a bento) and are read in ``__init__``, never at import time.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -16,11 +17,13 @@ import bentoml
 from openllm_clone.api import build_app
 from openllm_clone.engine.engine import EngineObserver
 from openllm_clone.engine.sequence import RequestGroup
+from openllm_clone.middleware import GuardMiddleware
 from openllm_clone.settings import Settings
 
 __all__ = ["LLMService"]
 
 logger = logging.getLogger(__name__)
+request_log = logging.getLogger("openllm_clone.requests")
 
 _state: dict[str, Any] = {}
 
@@ -34,12 +37,7 @@ def _llm() -> Any:
     return llm
 
 
-def _api_keys() -> list[str]:
-    settings = _state.get("settings")
-    return settings.api_keys if settings is not None else []
-
-
-app = build_app(_llm, _api_keys)
+app = build_app(_llm)
 
 
 class PrometheusObserver(EngineObserver):
@@ -102,6 +100,14 @@ class PrometheusObserver(EngineObserver):
 
     def on_finished(self, group: RequestGroup, status: str, latency: float) -> None:
         generated = group.completion_tokens()
+        # One structured line per request; never the prompt or the output text.
+        request_log.info(json.dumps({
+            "request_id": group.request_id, "adapter": group.adapter, "status": status,
+            "prompt_tokens": len(group.prompt_ids), "completion_tokens": generated,
+            "latency_ms": round(1000 * latency, 1),
+            "ttft_ms": round(1000 * (group.first_token_at - group.arrival), 1)
+            if group.first_token_at is not None else None,
+        }))
         self.requests.labels(status=status, adapter=group.adapter or "").inc()
         self.duration.observe(latency)
         self.generated.inc(generated)
@@ -128,3 +134,6 @@ class LLMService:
         """Ready once the model and the start-up adapters are loaded."""
         await self.llm.start()
         return True
+
+
+LLMService.add_asgi_middleware(GuardMiddleware)

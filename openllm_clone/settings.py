@@ -89,6 +89,14 @@ class Settings(BaseModel):
         default_factory=list,
         description="Accepted bearer keys; empty means no authentication.",
     )
+    admin_api_keys: list[str] = Field(
+        default_factory=list,
+        description="Keys for loading and unloading adapters; when set, plain API keys "
+        "can no longer manage adapters.",
+    )
+    max_body_bytes: int = Field(
+        default=4 * 2**20, ge=1024, description="Largest request body accepted (413 beyond)."
+    )
     max_model_len: int | None = Field(
         default=None,
         ge=16,
@@ -125,7 +133,7 @@ class Settings(BaseModel):
     )
     seed: int = Field(default=0, description="Seed for requests that give none.")
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", "admin_api_keys")
     @classmethod
     def _no_empty_keys(cls, keys: list[str]) -> list[str]:
         return [k for k in (key.strip() for key in keys) if k]

@@ -1,0 +1,104 @@
+"""ASGI middleware for the whole server: API keys and request body limits.
+
+It wraps BentoML's app, so it covers every route: the /v1 API, /metrics, the docs
+and schema. Only the probes (/livez, /readyz, /healthz) stay open, because
+orchestrators call them without credentials. Keys are compared in constant time.
+Adapter management (POST and DELETE on /v1/adapters) can require a separate admin key.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from openllm_clone.settings import Settings
+
+__all__ = ["PUBLIC_PATHS", "GuardMiddleware"]
+
+PUBLIC_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def _matches(token: str, keys: list[str]) -> bool:
+    # Compare against every key (no early exit) so timing does not reveal which matched.
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(token.encode(), key.encode())
+    return ok
+
+
+async def _reply(send: Send, status: int, error_type: str, message: str,
+                 headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = json.dumps({"error": {"message": message, "type": error_type, "param": None,
+                                 "code": status}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()), *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class GuardMiddleware:
+    """Bearer-key authentication and a request body size limit (413)."""
+
+    def __init__(self, app: Any, settings: Callable[[], Settings] | None = None) -> None:
+        self.app = app
+        self._settings_fn = settings
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = self._settings_fn() if self._settings_fn else Settings.from_env()
+        return self._settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        settings = self.settings
+        path = scope.get("path", "")
+        if path not in PUBLIC_PATHS and (settings.api_keys or settings.admin_api_keys):
+            headers = dict(scope.get("headers") or [])
+            scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            admin_route = path.startswith("/v1/adapters") and scope.get("method") in ("POST", "DELETE")
+            keys = settings.admin_api_keys if admin_route and settings.admin_api_keys else (
+                settings.api_keys + settings.admin_api_keys)
+            if scheme.lower() != "bearer" or not _matches(token, keys):
+                await _reply(send, 401, "authentication_error",
+                             "admin API key required" if admin_route and settings.admin_api_keys
+                             else "missing or invalid API key",
+                             [(b"www-authenticate", b"Bearer")])
+                return
+        limit = settings.max_body_bytes
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _reply(send, 413, "request_too_large",
+                         f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
+            return
+        seen = 0
+
+        async def bounded_receive() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _TooLarge(limit)
+            return message
+
+        try:
+            await self.app(scope, bounded_receive, send)
+        except _TooLarge as exc:
+            await _reply(send, 413, "request_too_large",
+                         f"request body exceeds the limit of {exc.limit} bytes")
+
+
+class _TooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
