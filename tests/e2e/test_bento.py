@@ -103,3 +103,30 @@ def test_exported_dockerfile_is_complete(bento: tuple[str, Path]) -> None:
 def test_docker_builds_the_context(bento: tuple[str, Path]) -> None:  # pragma: no cover
     _, ctx = bento
     subprocess.run(["docker", "build", "-f", str(ctx / "env/docker/Dockerfile"), str(ctx)], check=True)
+
+
+def test_bentos_list_prune_and_containerize_without_docker(bento: tuple[str, Path]) -> None:
+    tag, _ = bento
+    env = {**os.environ, "COLUMNS": "250"}
+    listed = subprocess.run([sys.executable, "-m", "openllm_clone", "bentos"], capture_output=True,
+                            text=True, env=env, timeout=120, check=True)
+    assert tag in listed.stdout and "alpha,beta" in listed.stdout
+    import bentoml
+
+    from openllm_clone.bento import BuiltBento, build_bento, list_bentos, prune_bentos
+    from openllm_clone.settings import Settings
+
+    settings = Settings(model=bentoml.bentos.get(tag).info.labels["model"], dtype="float32")
+    second: BuiltBento = build_bento(settings)
+    assert list_bentos()[0].tag == bentoml.bentos.get(second.tag).tag
+    deleted = prune_bentos(keep=1)
+    assert tag in deleted and all(str(b.tag) != tag for b in list_bentos())
+    if __import__("shutil").which("docker") and subprocess.run(
+            ["docker", "info"], capture_output=True).returncode == 0:
+        pytest.skip("a Docker daemon runs here")
+    failed = subprocess.run([sys.executable, "-m", "openllm_clone", "build", settings.model,
+                             "--dtype", "float32", "--containerize"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert failed.returncode != 0
+    assert "no Docker daemon" in failed.stdout + failed.stderr
+    assert "Dockerfile" in failed.stdout + failed.stderr
