@@ -15,8 +15,9 @@ Needs the ``langchain`` extra (``langchain-core``).
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from openllm_clone.errors import MissingDependencyError
@@ -36,6 +37,8 @@ try:
     )
     from langchain_core.messages.ai import UsageMetadata
     from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, GenerationChunk
+    from langchain_core.runnables import Runnable
+    from langchain_core.utils.function_calling import convert_to_openai_tool
     from pydantic import Field, PrivateAttr
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise MissingDependencyError.for_extra("langchain-core", "langchain") from exc
@@ -195,6 +198,11 @@ class OpenLLMClone(LLM):
 
 
 def _role(message: BaseMessage) -> dict[str, Any]:
+    if isinstance(message, AIMessage) and message.tool_calls:
+        return {"role": "assistant", "content": None, "tool_calls": [
+            {"id": c.get("id") or "call", "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c["args"])}}
+            for c in message.tool_calls]}
     if isinstance(message, HumanMessage):
         role = "user"
     elif isinstance(message, AIMessage):
@@ -241,12 +249,22 @@ class ChatOpenLLMClone(BaseChatModel):
         return {"endpoint": self.endpoint, "adapter_name": self.adapter_name,
                 "max_tokens": self.max_tokens, "temperature": self.temperature}
 
+    def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = None,
+                   **kwargs: Any) -> Runnable[Any, BaseMessage]:
+        """Offer tools to the model; the server constrains its output to valid calls."""
+        formatted = [convert_to_openai_tool(tool) for tool in tools]
+        if tool_choice in ("any", True):
+            tool_choice = "required"
+        elif isinstance(tool_choice, str) and tool_choice not in ("auto", "none", "required"):
+            tool_choice = {"type": "function", "function": {"name": tool_choice}}
+        return self.bind(tools=formatted, tool_choice=tool_choice, **kwargs)
+
     def _body(self, messages: list[BaseMessage], stop: list[str] | None,
               kwargs: dict[str, Any]) -> tuple[str | None, list[dict[str, Any]], dict[str, Any]]:
         params = {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
                   "seed": self.seed, "stop": stop or self.stop}
         params.update({k: v for k, v in kwargs.items() if k in (
-            "max_tokens", "temperature", "top_p", "seed", "response_format")})
+            "max_tokens", "temperature", "top_p", "seed", "response_format", "tools", "tool_choice")})
         model = kwargs.get("adapter_name", self.adapter_name)
         return model, [_role(m) for m in messages], {k: v for k, v in params.items() if v is not None}
 
@@ -272,7 +290,10 @@ class ChatOpenLLMClone(BaseChatModel):
     @staticmethod
     def _result(reply: dict[str, Any]) -> ChatResult:
         choice = reply["choices"][0]
-        message = AIMessage(content=choice["message"]["content"] or "",
+        calls = [{"name": c["function"]["name"], "args": json.loads(c["function"]["arguments"]),
+                  "id": c["id"], "type": "tool_call"}
+                 for c in choice["message"].get("tool_calls") or []]
+        message = AIMessage(content=choice["message"]["content"] or "", tool_calls=calls,
                             usage_metadata=_usage(reply.get("usage")),
                             response_metadata={"finish_reason": choice.get("finish_reason"),
                                                "model_name": reply.get("model")})
@@ -320,5 +341,9 @@ class ChatOpenLLMClone(BaseChatModel):
             return None
         delta = choices[0].get("delta") or {}
         info = {"finish_reason": choices[0]["finish_reason"]} if choices[0].get("finish_reason") else None
-        return ChatGenerationChunk(message=AIMessageChunk(content=delta.get("content") or ""),
+        tool_chunks = [{"name": c["function"]["name"], "args": c["function"]["arguments"],
+                        "id": c.get("id"), "index": c.get("index", 0), "type": "tool_call_chunk"}
+                       for c in delta.get("tool_calls") or []]
+        return ChatGenerationChunk(message=AIMessageChunk(content=delta.get("content") or "",
+                                                          tool_call_chunks=tool_chunks),
                                    generation_info=info)

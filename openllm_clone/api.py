@@ -27,6 +27,7 @@ from openllm_clone.errors import (
 )
 from openllm_clone.protocol import (
     ChatCompletionRequest,
+    ChatMessage,
     CompletionOutput,
     CompletionRequest,
     GenerateRequest,
@@ -40,6 +41,7 @@ from openllm_clone.protocol import (
 
 from .engine.sequence import RequestOutput
 from .llm import LLM
+from .structured import parse_tool_output, plan_tools
 
 __all__ = ["build_app", "sse"]
 
@@ -249,14 +251,16 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
         except ValueError as exc:
             raise InvalidRequestError(str(exc), param="prompt") from exc
         ids = llm.tokenize(prompt)
+        constraint = llm.constraint_for(body.response_format)
         rid = new_request_id("cmpl")
         base = {"id": rid, "object": "text_completion", "created": unix_time(), "model": body.model}
         if body.stream:
-            stream = await _open_stream(llm, ids, params, adapter, rid)
+            stream = await _open_stream(llm, ids, params, adapter, rid, constraint)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _openai_stream(stream, base, include_usage, lambda d: {
                 "index": d.index, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason})
-        result = await asyncio.wait_for(llm.complete(ids, params, adapter=adapter, request_id=rid),
+        result = await asyncio.wait_for(llm.complete(ids, params, adapter=adapter, request_id=rid,
+                                                     constraint=constraint),
                                         timeout=llm.settings.timeout)
         return {**base, "choices": [
             {"index": i, "text": (prompt + t) if body.echo else t, "logprobs": None,
@@ -268,14 +272,27 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
         llm = get_llm()
         body = _parse(ChatCompletionRequest, await _json_body(request))
         adapter = await _adapter_for(llm, llm.resolve_model_name(body.model), body.merged_adapters)
-        prompt = llm.chat_prompt(body.messages)
+        tool_plan = plan_tools(body.tools or [], body.tool_choice)
+        messages = body.messages
+        if tool_plan is not None:
+            messages = _with_system(messages, tool_plan.system_prompt)
+            constraint = llm.grammars.json_schema(tool_plan.schema)
+        else:
+            constraint = llm.constraint_for(body.response_format)
+        prompt = llm.chat_prompt(messages)
         ids = llm.tokenize(prompt)
         default_max = max(1, llm.runner.info.max_model_len - len(ids))
         params = _sampling(lambda: body.sampling_params(min(default_max, 4096)))
         rid = new_request_id("chatcmpl")
         base = {"id": rid, "object": "chat.completion", "created": unix_time(), "model": body.model}
+        if body.stream and tool_plan is not None:
+            result = await asyncio.wait_for(llm.complete(ids, params, adapter=adapter, request_id=rid,
+                                                         constraint=constraint),
+                                            timeout=llm.settings.timeout)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _tool_stream({**base, "object": "chat.completion.chunk"}, result, include_usage)
         if body.stream:
-            stream = await _open_stream(llm, ids, params, adapter, rid)
+            stream = await _open_stream(llm, ids, params, adapter, rid, constraint)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             chunk_base = {**base, "object": "chat.completion.chunk"}
             first: set[int] = set()
@@ -289,12 +306,23 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
                         "finish_reason": d.finish_reason}
 
             return _openai_stream(stream, chunk_base, include_usage, choice)
-        result = await asyncio.wait_for(llm.complete(ids, params, adapter=adapter, request_id=rid),
+        result = await asyncio.wait_for(llm.complete(ids, params, adapter=adapter, request_id=rid,
+                                                     constraint=constraint),
                                         timeout=llm.settings.timeout)
-        return {**base, "choices": [
-            {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-             "finish_reason": result.finish_reasons[i]} for i, t in enumerate(result.texts)],
-            "usage": _usage(result.prompt_tokens, result.completion_tokens)}
+        choices = []
+        for i, text in enumerate(result.texts):
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            reason = result.finish_reasons[i]
+            if tool_plan is not None:
+                content, calls = parse_tool_output(text)
+                message["content"] = content
+                if calls:
+                    message["tool_calls"] = calls
+                    reason = "tool_calls"
+            choices.append({"index": i, "message": message, "logprobs": None,
+                            "finish_reason": reason})
+        return {**base, "choices": choices,
+                "usage": _usage(result.prompt_tokens, result.completion_tokens)}
 
     # --- adapters ----------------------------------------------------------------------
 
@@ -317,9 +345,11 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
     app.include_router(router)
 
     async def _open_stream(llm: LLM, ids: list[int], params: SamplingParams,
-                           adapter: str | None, rid: str | None = None) -> AsyncIterator[RequestOutput]:
+                           adapter: str | None, rid: str | None = None,
+                           constraint: Any = None) -> AsyncIterator[RequestOutput]:
         """Start a stream and wait for its first event, so early errors become HTTP errors."""
-        stream = _with_timeout(llm.stream(ids, params, adapter=adapter, request_id=rid),
+        stream = _with_timeout(llm.stream(ids, params, adapter=adapter, request_id=rid,
+                                          constraint=constraint),
                                llm.settings.timeout)
         try:
             first = await stream.__anext__()
@@ -338,6 +368,38 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
         return rest()
 
     return app
+
+
+def _with_system(messages: list[ChatMessage], text: str) -> list[ChatMessage]:
+    """Add ``text`` to the system message (creating one first if needed)."""
+    if messages and messages[0].role in ("system", "developer"):
+        first = ChatMessage(role="system", content=f"{messages[0].text()}\n\n{text}")
+        return [first, *messages[1:]]
+    return [ChatMessage(role="system", content=text), *messages]
+
+
+def _tool_stream(base: dict[str, Any], result: Any, include_usage: bool) -> StreamingResponse:
+    """Stream a finished tool-calling answer as OpenAI chunks (calls arrive whole)."""
+
+    async def events() -> AsyncIterator[str]:
+        for i, text in enumerate(result.texts):
+            content, calls = parse_tool_output(text)
+            yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": content
+                                                                  if not calls else None},
+                                            "logprobs": None, "finish_reason": None}]})
+            if calls:
+                delta = {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}
+                yield sse({**base, "choices": [{"index": i, "delta": delta, "logprobs": None,
+                                                "finish_reason": None}]})
+            yield sse({**base, "choices": [{"index": i, "delta": {}, "logprobs": None,
+                                            "finish_reason": "tool_calls" if calls
+                                            else result.finish_reasons[i]}]})
+        if include_usage:
+            yield sse({**base, "choices": [],
+                       "usage": _usage(result.prompt_tokens, result.completion_tokens)})
+        yield sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream")
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:

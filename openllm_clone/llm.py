@@ -77,6 +77,34 @@ class LLM:
         for spec in settings.adapters:
             self.adapters.register(spec.name, spec.source, pinned=spec.pinned)
         self._started = False
+        self._grammars: Any = None
+
+    @property
+    def grammars(self) -> Any:
+        """The grammar compiler for structured output (xgrammar, created on first use)."""
+        if self._grammars is None:
+            from openllm_clone.structured import GrammarFactory
+
+            self._grammars = GrammarFactory(self.tokenizer, self.runner.info.vocab_size)
+        return self._grammars
+
+    def constraint_for(self, response_format: dict[str, Any] | None) -> Any:
+        """The decoding constraint an OpenAI ``response_format`` asks for, if any."""
+        if not response_format:
+            return None
+        kind = response_format.get("type")
+        if kind in (None, "text"):
+            return None
+        if kind == "json_object":  # OpenAI's json_object is an object, not any JSON value
+            return self.grammars.json_schema({"type": "object"})
+        if kind == "json_schema":
+            spec = response_format.get("json_schema") or {}
+            schema = spec.get("schema")
+            if not isinstance(schema, dict):
+                raise InvalidRequestError("response_format.json_schema.schema must be an object",
+                                          param="response_format")
+            return self.grammars.json_schema(schema)
+        raise InvalidRequestError(f"unknown response_format type {kind!r}", param="response_format")
 
     @classmethod
     def from_settings(cls, settings: Settings, observer: EngineObserver | None = None) -> LLM:
@@ -109,9 +137,16 @@ class LLM:
 
     def chat_prompt(self, messages: list[ChatMessage]) -> str:
         """Render messages with the tokenizer's chat template."""
-        plain = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
-                 for m in messages]
-        if getattr(self.tokenizer, "chat_template", None):
+        template = getattr(self.tokenizer, "chat_template", None) or ""
+        plain = []
+        for m in messages:
+            role = "system" if m.role == "developer" else m.role
+            content = m.text()
+            if role == "tool" and "tool" not in template:
+                # Templates without a tool role: hand the result over as the user's words.
+                role, content = "user", f"Tool result: {content}\nUse this result to answer."
+            plain.append({"role": role, "content": content})
+        if template:
             try:
                 return str(self.tokenizer.apply_chat_template(
                     plain, tokenize=False, add_generation_prompt=True))
@@ -144,6 +179,7 @@ class LLM:
         *,
         adapter: str | None = None,
         request_id: str | None = None,
+        constraint: Any = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream outputs for one request, holding its adapter for the request's life."""
         self.engine.check_prompt(prompt_ids, params)
@@ -151,7 +187,7 @@ class LLM:
         try:
             async for out in self.engine.generate(
                 prompt_ids, params, adapter=adapter, adapter_slot=slot,
-                request_id=request_id or new_request_id(),
+                request_id=request_id or new_request_id(), constraint=constraint,
             ):
                 yield out
         finally:
@@ -165,6 +201,7 @@ class LLM:
         *,
         adapter: str | None = None,
         request_id: str | None = None,
+        constraint: Any = None,
     ) -> Completion:
         """Run a request to the end and gather its outputs."""
         rid = request_id or new_request_id()
@@ -172,7 +209,8 @@ class LLM:
         tokens: list[list[int]] = [[] for _ in range(params.n)]
         reasons: list[str | None] = [None] * params.n
         prompt_tokens = completion_tokens = 0
-        async for out in self.stream(prompt_ids, params, adapter=adapter, request_id=rid):
+        async for out in self.stream(prompt_ids, params, adapter=adapter, request_id=rid,
+                                     constraint=constraint):
             for delta in out.deltas:
                 texts[delta.index] += delta.text
                 tokens[delta.index].extend(delta.token_ids)

@@ -6,6 +6,7 @@ The OpenLLM routes follow OpenLLM 0.4's shapes (``prompt``, ``llm_config``,
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -178,7 +179,18 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
     def text(self) -> str:
-        """The message content as plain text."""
+        """The message content as plain text (an assistant's tool calls as their JSON)."""
+        calls = getattr(self, "tool_calls", None)
+        if self.content is None and calls:
+            rendered = []
+            for call in calls:
+                fn = call.get("function", {}) if isinstance(call, dict) else {}
+                try:
+                    args = json.loads(fn.get("arguments") or "{}")
+                except ValueError:
+                    args = fn.get("arguments")
+                rendered.append(json.dumps({"name": fn.get("name"), "arguments": args}))
+            return "\n".join(rendered)
         if self.content is None:
             return ""
         if isinstance(self.content, str):
@@ -238,6 +250,9 @@ class CompletionRequest(_OpenAISampling):
     prompt: str | list[str] = Field(description="One prompt (a list of one is accepted).")
     max_tokens: int | None = Field(default=16, ge=1)
     echo: bool = False
+    response_format: dict[str, Any] | None = Field(
+        default=None, description="text, json_object, or json_schema (constrained decoding)."
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -264,6 +279,11 @@ class ChatCompletionRequest(_OpenAISampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    response_format: dict[str, Any] | None = Field(
+        default=None, description="text, json_object, or json_schema (constrained decoding)."
+    )
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=128)
+    tool_choice: str | dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _text_only(self) -> ChatCompletionRequest:

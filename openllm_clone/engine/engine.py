@@ -151,8 +151,13 @@ class Engine:
         adapter: str | None = None,
         adapter_slot: int = 0,
         request_id: str | None = None,
+        constraint: Any = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; closing the iterator cancels the request."""
+        """Stream a request's outputs; closing the iterator cancels the request.
+
+        ``constraint`` (a :class:`~openllm_clone.structured.Constraint`) masks, at every
+        step, the tokens its grammar does not allow.
+        """
         self.check_prompt(prompt_ids, params)
         with self._lock:
             if self._pending >= self.config.max_queue + self.config.max_batch_size:
@@ -169,6 +174,7 @@ class Engine:
             adapter_slot=adapter_slot,
             queue=asyncio.Queue(),
             loop=loop,
+            constraint=constraint,
         )
         self._send("add", group)
         finished = False
@@ -384,7 +390,9 @@ class Engine:
         for seq, todo, _ in rows:
             seq.num_cached += len(todo)
         if sampled:
-            self._sample_and_emit(logits, [s for s, _ in sampled])
+            # Logits are inference tensors: penalties and grammar masks edit them in place.
+            with torch.inference_mode():
+                self._sample_and_emit(logits, [s for s, _ in sampled])
         self.observer.on_step(
             len(self._running), len(self._waiting), self.blocks.num_used, self.blocks.num_blocks - 1
         )
@@ -405,6 +413,9 @@ class Engine:
                     expanded.append(child)
                     rows.append(i)
         batch_logits = logits[torch.tensor(rows)] if len(rows) != len(seqs) else logits
+        constrained = [i for i, s in enumerate(expanded) if s.matcher is not None]
+        if constrained:
+            self._mask(batch_logits, [expanded[i] for i in constrained], constrained)
         tokens = sample_rows(
             batch_logits,
             [s.params for s in expanded],
@@ -427,6 +438,32 @@ class Engine:
             if done:
                 self._finish_group(group, "ok")
             self._push(group, deltas, finished=done)
+
+    @staticmethod
+    def _mask(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
+        """Forbid, row by row, the tokens each sequence's grammar does not allow."""
+        import xgrammar as xgr
+
+        vocab = seqs[0].group.constraint.vocab_size
+        bitmask = xgr.allocate_token_bitmask(len(seqs), vocab)
+        for k, seq in enumerate(seqs):
+            seq.matcher.fill_next_token_bitmask(bitmask, k)
+        sub = logits[rows, :vocab].contiguous()
+        xgr.apply_token_bitmask_inplace(sub, bitmask)
+        from openllm_clone.structured import TAIL_TOKENS
+
+        for k, seq in enumerate(seqs):
+            if seq.params.max_new_tokens - len(seq.output_ids) > TAIL_TOKENS:
+                continue
+            allowed = sub[k] > float("-inf")
+            for closers in seq.group.constraint.closers:
+                pick = allowed & closers[:vocab]
+                if bool(pick.any()):
+                    sub[k].masked_fill_(~pick, float("-inf"))
+                    break
+        logits[rows, :vocab] = sub
+        if logits.shape[1] > vocab:  # padded vocabulary rows beyond the tokenizer's
+            logits[rows, vocab:] = float("-inf")
 
     def _fork(self, parent: Sequence, child: Sequence) -> None:
         """Share the parent's full prompt blocks; copy the last partial one."""
@@ -453,12 +490,16 @@ class Engine:
         params = seq.params
         finish: str | None = None
         text = ""
+        if seq.matcher is not None and token not in self.eos_ids:
+            seq.matcher.accept_token(token)
         if token in self.eos_ids and not params.ignore_eos:
             finish = "stop"
         else:
             text = seq.stops.feed(seq.detok.add(token))
             if seq.stops.stopped:
                 finish = "stop"
+        if finish is None and seq.matcher is not None and seq.matcher.is_terminated():
+            finish = "stop"
         if finish is None and (
             len(seq.output_ids) >= params.max_new_tokens or seq.num_tokens >= self.max_model_len
         ):

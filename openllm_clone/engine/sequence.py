@@ -63,6 +63,7 @@ class RequestGroup:
     seqs: list[Sequence] = field(default_factory=list)
     cancelled: bool = False
     forked: bool = False
+    constraint: Any = None  # a structured.Constraint: every sequence gets a matcher
 
     @property
     def finished(self) -> bool:
@@ -94,6 +95,7 @@ class Sequence:
         self.generator = generator
         self.detok = IncrementalDetokenizer(tokenizer, group.prompt_ids)
         self.stops = StopStringMatcher(group.params.stop)
+        self.matcher = group.constraint.matcher() if group.constraint is not None else None
 
     @property
     def params(self) -> SamplingParams:

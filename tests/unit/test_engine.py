@@ -150,3 +150,11 @@ async def test_too_long_request_is_rejected_with_both_numbers(llm: LLM) -> None:
     ids = llm.tokenize("hi there")
     with pytest.raises(InvalidRequestError, match=rf"\({len(ids)} tokens\).*\(1024\).*context of 1024"):
         await llm.complete(ids, SamplingParams(max_new_tokens=1024))
+
+
+async def test_repetition_penalty_runs_in_the_engine(llm: LLM) -> None:
+    ids = llm.tokenize("the the the the")
+    plain = await llm.complete(ids, SamplingParams(max_new_tokens=12))
+    penalised = await llm.complete(ids, SamplingParams(max_new_tokens=12, repetition_penalty=5.0))
+    assert len(penalised.token_ids[0]) == 12
+    assert penalised.token_ids[0] != plain.token_ids[0]
