@@ -37,10 +37,9 @@ TEXT = (
 
 def perplexity(model_dir: str, mode: str, dtype: str) -> float:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from openllm_clone.runners.loader import pick_device
     from openllm_clone.runners.quantization import dispatch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = pick_device("cpu")
     kwargs: dict = {"dtype": getattr(torch, dtype)}

@@ -36,7 +36,12 @@ try:
         ToolMessage,
     )
     from langchain_core.messages.ai import UsageMetadata
-    from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, GenerationChunk
+    from langchain_core.outputs import (
+        ChatGeneration,
+        ChatGenerationChunk,
+        ChatResult,
+        GenerationChunk,
+    )
     from langchain_core.runnables import Runnable
     from langchain_core.utils.function_calling import convert_to_openai_tool
     from pydantic import Field, PrivateAttr

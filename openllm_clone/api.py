@@ -7,7 +7,6 @@ carries; bad input is a 4xx and never reaches the engine.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -97,28 +96,6 @@ async def _json_body(request: Request) -> Any:
         raise InvalidRequestError("the request body is not valid JSON") from exc
 
 
-async def _with_timeout(
-    stream: AsyncIterator[RequestOutput], timeout: float
-) -> AsyncIterator[RequestOutput]:
-    """End a stream that outlives ``timeout`` seconds; closing it cancels the request."""
-    deadline = time.monotonic() + timeout
-    iterator = stream.__aiter__()
-    try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise OpenLLMCloneError(f"request timed out after {timeout:.0f} s")
-            try:
-                item = await asyncio.wait_for(iterator.__anext__(), timeout=remaining)
-            except StopAsyncIteration:
-                return
-            except TimeoutError as exc:
-                raise OpenLLMCloneError(f"request timed out after {timeout:.0f} s") from exc
-            yield item
-    finally:
-        await stream.aclose()  # type: ignore[attr-defined]
-
-
 async def _adapter_for(llm: LLM, adapter: str | None, merged: MergedAdapters | None) -> str | None:
     """The adapter a request uses: a named one, a merge of several, or none."""
     if merged is None:
@@ -170,9 +147,7 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
         params = _sampling(body.sampling_params)
         adapter = await _adapter_for(llm, body.adapter_name, body.merged_adapters)
         ids = llm.tokenize(body.prompt)
-        result = await asyncio.wait_for(
-            llm.complete(ids, params, adapter=adapter), timeout=llm.settings.timeout
-        )
+        result = await llm.complete(ids, params, adapter=adapter)
         response = GenerateResponse(
             request_id=result.request_id,
             prompt=body.prompt,
@@ -259,9 +234,8 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _openai_stream(stream, base, include_usage, lambda d: {
                 "index": d.index, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason})
-        result = await asyncio.wait_for(llm.complete(ids, params, adapter=adapter, request_id=rid,
-                                                     constraint=constraint),
-                                        timeout=llm.settings.timeout)
+        result = await llm.complete(ids, params, adapter=adapter, request_id=rid,
+                                                     constraint=constraint)
         return {**base, "choices": [
             {"index": i, "text": (prompt + t) if body.echo else t, "logprobs": None,
              "finish_reason": result.finish_reasons[i]} for i, t in enumerate(result.texts)],
@@ -286,9 +260,8 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
         rid = new_request_id("chatcmpl")
         base = {"id": rid, "object": "chat.completion", "created": unix_time(), "model": body.model}
         if body.stream and tool_plan is not None:
-            result = await asyncio.wait_for(llm.complete(ids, params, adapter=adapter, request_id=rid,
-                                                         constraint=constraint),
-                                            timeout=llm.settings.timeout)
+            result = await llm.complete(ids, params, adapter=adapter, request_id=rid,
+                                                         constraint=constraint)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _tool_stream({**base, "object": "chat.completion.chunk"}, result, include_usage)
         if body.stream:
@@ -306,9 +279,8 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
                         "finish_reason": d.finish_reason}
 
             return _openai_stream(stream, chunk_base, include_usage, choice)
-        result = await asyncio.wait_for(llm.complete(ids, params, adapter=adapter, request_id=rid,
-                                                     constraint=constraint),
-                                        timeout=llm.settings.timeout)
+        result = await llm.complete(ids, params, adapter=adapter, request_id=rid,
+                                                     constraint=constraint)
         choices = []
         for i, text in enumerate(result.texts):
             message: dict[str, Any] = {"role": "assistant", "content": text}
@@ -348,9 +320,8 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
                            adapter: str | None, rid: str | None = None,
                            constraint: Any = None) -> AsyncIterator[RequestOutput]:
         """Start a stream and wait for its first event, so early errors become HTTP errors."""
-        stream = _with_timeout(llm.stream(ids, params, adapter=adapter, request_id=rid,
-                                          constraint=constraint),
-                               llm.settings.timeout)
+        # The engine enforces --timeout: a late request ends with an error event.
+        stream = llm.stream(ids, params, adapter=adapter, request_id=rid, constraint=constraint)
         try:
             first = await stream.__anext__()
         except StopAsyncIteration:

@@ -11,6 +11,7 @@ typed ones also inherit the builtin that callers already catch::
         AdapterIncompatibleError (ValueError) 422
         AdapterLoadError                   500
       CapacityError                        503  (queue full, no adapter slot free)
+      RequestTimeoutError (TimeoutError)   504  (the request outlived --timeout)
       ModelLoadError                       500
       MissingDependencyError (ImportError) 500
 
@@ -33,6 +34,7 @@ __all__ = [
     "MissingDependencyError",
     "ModelLoadError",
     "OpenLLMCloneError",
+    "RequestTimeoutError",
 ]
 
 
@@ -109,6 +111,13 @@ class CapacityError(OpenLLMCloneError):
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class RequestTimeoutError(OpenLLMCloneError, TimeoutError):
+    """The request ran past the server's per-request timeout; its slot was freed."""
+
+    status_code = 504
+    error_type = "timeout"
 
 
 class ModelLoadError(OpenLLMCloneError):

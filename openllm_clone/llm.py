@@ -188,6 +188,7 @@ class LLM:
             async for out in self.engine.generate(
                 prompt_ids, params, adapter=adapter, adapter_slot=slot,
                 request_id=request_id or new_request_id(), constraint=constraint,
+                timeout=self.settings.timeout,
             ):
                 yield out
         finally:

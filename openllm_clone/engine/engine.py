@@ -36,7 +36,12 @@ from typing import Any
 
 import torch
 
-from openllm_clone.errors import CapacityError, InvalidRequestError, OpenLLMCloneError
+from openllm_clone.errors import (
+    CapacityError,
+    InvalidRequestError,
+    OpenLLMCloneError,
+    RequestTimeoutError,
+)
 from openllm_clone.protocol import SamplingParams, new_request_id
 from openllm_clone.runners.base import StepRow
 
@@ -152,6 +157,7 @@ class Engine:
         adapter_slot: int = 0,
         request_id: str | None = None,
         constraint: Any = None,
+        timeout: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; closing the iterator cancels the request.
 
@@ -176,6 +182,8 @@ class Engine:
             loop=loop,
             constraint=constraint,
         )
+        if timeout is not None:
+            group.deadline = group.arrival + timeout
         self._send("add", group)
         finished = False
         try:
@@ -183,6 +191,8 @@ class Engine:
                 out = await group.queue.get()
                 if out.error is not None:
                     finished = True
+                    if out.error_status == RequestTimeoutError.status_code:
+                        raise RequestTimeoutError(out.error)
                     raise OpenLLMCloneError(out.error)
                 yield out
                 if out.finished:
@@ -248,6 +258,7 @@ class Engine:
         assert self._wake is not None
         while not self._stop:
             self._drain_inbox()
+            self._expire()
             if not self._waiting and not self._running:
                 self._wake.clear()
                 if self._inbox.empty():
@@ -268,6 +279,14 @@ class Engine:
                     await asyncio.sleep(0)
             else:
                 await asyncio.sleep(0.001)
+
+    def _expire(self) -> None:
+        """Fail requests past their deadline (their slots and blocks are freed now)."""
+        now = time.perf_counter()
+        for group in [g for g in self._groups.values() if g.deadline is not None and now > g.deadline]:
+            limit = group.deadline - group.arrival  # type: ignore[operator]
+            self._fail(group, f"request timed out after {limit:.0f} s",
+                       status=RequestTimeoutError.status_code)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -520,7 +539,7 @@ class Engine:
             self._running.remove(seq)
 
     def _push(self, group: RequestGroup, deltas: list[SeqDelta], *, finished: bool,
-              error: str | None = None) -> None:
+              error: str | None = None, error_status: int = 500) -> None:
         out = RequestOutput(
             request_id=group.request_id,
             deltas=deltas,
@@ -528,6 +547,7 @@ class Engine:
             completion_tokens=group.completion_tokens(),
             finished=finished,
             error=error,
+            error_status=error_status,
         )
         group.queue.put_nowait(out)
 
@@ -544,7 +564,7 @@ class Engine:
             self._pending -= 1
         self.observer.on_finished(group, status, time.perf_counter() - group.arrival)
 
-    def _fail(self, group: RequestGroup, message: str) -> None:
+    def _fail(self, group: RequestGroup, message: str, status: int = 500) -> None:
         if group.request_id in self._groups:
-            self._finish_group(group, "error")
-            self._push(group, [], finished=True, error=message)
+            self._finish_group(group, "timeout" if status == 504 else "error")
+            self._push(group, [], finished=True, error=message, error_status=status)

@@ -45,6 +45,7 @@ class RequestOutput:
     completion_tokens: int
     finished: bool
     error: str | None = None
+    error_status: int = 500
 
 
 @dataclass
@@ -64,6 +65,7 @@ class RequestGroup:
     cancelled: bool = False
     forked: bool = False
     constraint: Any = None  # a structured.Constraint: every sequence gets a matcher
+    deadline: float | None = None  # perf_counter time after which the request is failed
 
     @property
     def finished(self) -> bool:

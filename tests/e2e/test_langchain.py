@@ -14,9 +14,9 @@ pytest.importorskip("langchain_core")
 from langchain_core.callbacks import BaseCallbackHandler  # noqa: E402
 from langchain_core.output_parsers import StrOutputParser  # noqa: E402
 from langchain_core.prompts import ChatPromptTemplate, PromptTemplate  # noqa: E402
+from openllm_clone.integrations.langchain import ChatOpenLLMClone, OpenLLMClone  # noqa: E402
 
 from openllm_clone.client import HTTPClient  # noqa: E402
-from openllm_clone.integrations.langchain import ChatOpenLLMClone, OpenLLMClone  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

@@ -95,7 +95,6 @@ def test_tool_calls_come_back_as_openai_tool_calls(server: Server) -> None:
 def test_langchain_tool_calling_agent_runs_a_real_tool(server: Server) -> None:
     from langchain_core.messages import HumanMessage, ToolMessage
     from langchain_core.tools import tool
-
     from openllm_clone.integrations.langchain import ChatOpenLLMClone
 
     multiply_tool = tool(multiply)

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 import torch
+from openllm_clone.runners.base import StepRow
 
 from openllm_clone.llm import LLM
 from openllm_clone.protocol import SamplingParams
-from openllm_clone.runners.base import StepRow
 from openllm_clone.settings import Settings
 
 
@@ -180,3 +180,21 @@ async def test_constraints_apply_per_row_in_a_mixed_batch(llm: LLM) -> None:
     for m in mixed[4:]:
         data = json.loads(m.texts[0])  # a random model, yet every constrained row parses
         assert set(data) == {"word", "n"} and isinstance(data["n"], int)
+
+
+async def test_timeout_ends_the_request_and_frees_its_slot(llm: LLM) -> None:
+    from openllm_clone.errors import RequestTimeoutError
+
+    old = llm.settings.timeout
+    llm.settings.timeout = 0.3
+    try:
+        got = 0
+        with pytest.raises(RequestTimeoutError, match="timed out"):
+            async for out in llm.stream(llm.tokenize("long"), SamplingParams(max_new_tokens=900,
+                                                                             ignore_eos=True)):
+                got += len(out.deltas)
+        assert got > 0  # it streamed, then timed out
+    finally:
+        llm.settings.timeout = old
+    stats = llm.engine.stats()
+    assert stats["running"] == 0 and stats["pending"] == 0 and stats["kv_blocks_used"] == 0
