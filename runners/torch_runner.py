@@ -267,13 +267,13 @@ class TorchRunner:
 
         for li, layer in enumerate(self.layers):
             residual = hidden
-            h = layer.input_layernorm(hidden)
+            h = self._norm(layer.input_layernorm, hidden)
             attn_out = self._attention(li, layer.self_attn, h, cos, sin, slot_t, plan,
                                        num_decode, decode_idx, decode_mask, prefill)
-            hidden = residual + attn_out
+            hidden = attn_out.add_(residual)
             residual = hidden
-            h = layer.post_attention_layernorm(hidden)
-            hidden = residual + self._mlp(li, layer.mlp, h, plan)
+            h = self._norm(layer.post_attention_layernorm, hidden)
+            hidden = self._mlp(li, layer.mlp, h, plan).add_(residual)
 
         want = []
         offset = 0
@@ -283,7 +283,7 @@ class TorchRunner:
                 want.append(offset - 1)
         if not want:
             return torch.empty(0, self.info.vocab_size)
-        last = self.norm(hidden[torch.tensor(want, device=dev)])
+        last = self._norm(self.norm, hidden[torch.tensor(want, device=dev)])
         head = self._packed_head if self._fused is not None else self.lm_head
         logits = head(last).float()
         # Back to the caller's row order.
@@ -295,6 +295,14 @@ class TorchRunner:
                 k += 1
         back = [rank_in_want[i] for i in range(len(rows)) if rows[i].need_logits]
         return logits[torch.tensor(back, device=dev)].cpu()
+
+    @staticmethod
+    def _norm(module: Any, x: torch.Tensor) -> torch.Tensor:
+        """RMSNorm as one fused op (the HF module is seven), same float32 math."""
+        eps = getattr(module, "variance_epsilon", None)
+        if eps is None or x.dtype != torch.float32 and x.device.type != "cpu":
+            return module(x)
+        return F.rms_norm(x, (x.shape[-1],), module.weight, eps)
 
     def _linear(
         self, li: int, module: Any, name: str, x: torch.Tensor, plan: LoraPlan
@@ -368,22 +376,24 @@ class TorchRunner:
         prefill: list[tuple[int, int, torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
         T = h.shape[0]
+        q_out = self.num_heads * self.head_dim
+        kv_out = self.num_kv_heads * self.head_dim
         if self._fused is not None:
-            q_out = self.num_heads * self.head_dim
-            kv_out = self.num_kv_heads * self.head_dim
-            q, k, v = self._fused[li]["qkv"](h).split([q_out, kv_out, kv_out], dim=-1)
-            q = self.lora.apply(plan, li, "q_proj", h, q)
-            k = self.lora.apply(plan, li, "k_proj", h, k)
-            v = self.lora.apply(plan, li, "v_proj", h, v)
+            qkv = self._fused[li]["qkv"](h)
+            q, k, v = qkv.split([q_out, kv_out, kv_out], dim=-1)
+            # LoRA deltas land in place, in the fused tensor's views.
+            for name, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+                if self.lora.apply(plan, li, name, h, part) is not part:
+                    raise AssertionError("LoRA must add in place")  # pragma: no cover
         else:
-            q = self._linear(li, attn.q_proj, "q_proj", h, plan)
-            k = self._linear(li, attn.k_proj, "k_proj", h, plan)
-            v = self._linear(li, attn.v_proj, "v_proj", h, plan)
-        q = q.reshape(T, self.num_heads, self.head_dim)
-        k = k.reshape(T, self.num_kv_heads, self.head_dim)
-        v = v.reshape(T, self.num_kv_heads, self.head_dim)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+            qkv = torch.cat([self._linear(li, attn.q_proj, "q_proj", h, plan),
+                             self._linear(li, attn.k_proj, "k_proj", h, plan),
+                             self._linear(li, attn.v_proj, "v_proj", h, plan)], dim=-1)
+        # Rotary embedding on queries and keys together: one set of ops, not two.
+        qk = qkv[:, : q_out + kv_out].reshape(T, self.num_heads + self.num_kv_heads, self.head_dim)
+        qk = qk * cos + _rotate_half(qk) * sin
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, q_out + kv_out :].reshape(T, self.num_kv_heads, self.head_dim)
         cache = self.kv_cache[li]
         cache.index_copy_(0, slot_t, torch.stack((k, v), dim=1).to(cache.dtype))
 
