@@ -112,7 +112,7 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
     Authentication and body limits live in :mod:`openllm_clone.middleware`, around
     the whole server.
     """
-    app = FastAPI(title="openllm-clone", version="0.1.0")
+    app = FastAPI(title="openllm-clone", version="0.1.0", servers=[{"url": "/v1"}])
     router = APIRouter()
 
     @app.exception_handler(OpenLLMCloneError)
@@ -315,6 +315,7 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
         return {"name": name, "deleted": True}
 
     app.include_router(router)
+    _document_bodies(app)
 
     async def _open_stream(llm: LLM, ids: list[int], params: SamplingParams,
                            adapter: str | None, rid: str | None = None,
@@ -339,6 +340,34 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
         return rest()
 
     return app
+
+
+# The routes parse their bodies themselves (so that every error is our JSON 400), which
+# hides the bodies from FastAPI's OpenAPI: describe them explicitly for clients and fuzzers.
+_BODIES = {"/generate": GenerateRequest, "/generate_stream": GenerateRequest,
+           "/completions": CompletionRequest, "/chat/completions": ChatCompletionRequest,
+           "/adapters": LoadAdapterRequest}
+
+
+def _document_bodies(app: FastAPI) -> None:
+    from fastapi.openapi.utils import get_openapi
+    from pydantic.json_schema import models_json_schema
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                                 servers=app.servers)
+            models = sorted(set(_BODIES.values()), key=lambda m: m.__name__)
+            _, defs = models_json_schema([(m, "validation") for m in models],
+                                         ref_template="#/components/schemas/{model}")
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+            for path, model in _BODIES.items():
+                schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": {
+                    "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _with_system(messages: list[ChatMessage], text: str) -> list[ChatMessage]:

@@ -10,6 +10,10 @@ from openllm_clone.protocol import SamplingParams
 
 __all__ = ["apply_repetition_penalty", "sample_rows"]
 
+# Below this, dividing by the temperature overflows for ordinary logits: decode greedily,
+# which is the limit of sampling as the temperature goes to zero.
+_MIN_TEMPERATURE = 1e-4
+
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: float) -> None:
     """CTRL's penalty, in place: divide positive logits of seen tokens, multiply negative."""
@@ -45,13 +49,18 @@ def sample_rows(
     """Pick one token per row of ``logits`` (fp32, ``[rows, vocab]``)."""
     for i, p in enumerate(params):
         apply_repetition_penalty(logits[i], seen_tokens[i], p.repetition_penalty)
+    # Extreme penalties can overflow: keep every logit finite or -inf.
+    logits.nan_to_num_(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max / 4)
     greedy = logits.argmax(dim=-1).tolist()
     out: list[int] = []
     for i, p in enumerate(params):
-        if p.greedy:
+        if p.greedy or p.temperature < _MIN_TEMPERATURE:
             out.append(int(greedy[i]))
             continue
-        row = _filter(logits[i] / p.temperature, p.top_k, p.top_p)
+        row = _filter(logits[i].double() / p.temperature, p.top_k, p.top_p)
         probs = torch.softmax(row, dim=-1)
+        if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+            out.append(int(greedy[i]))  # degenerate distribution: its mode is the answer
+            continue
         out.append(int(torch.multinomial(probs, 1, generator=generators[i]).item()))
     return out

@@ -72,3 +72,14 @@ def test_block_allocator_refcounts() -> None:
     with pytest.raises(ValueError):
         alloc.free([a])
     assert blocks_for(17, 16) == 2 and blocks_for(16, 16) == 1
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1e-300), SamplingParams(temperature=5.0, top_p=1e-300),
+    SamplingParams(temperature=1.0, repetition_penalty=1e-300),
+    SamplingParams(temperature=1.0, top_k=1),
+])
+def test_sampling_never_fails_on_extreme_parameters(params: SamplingParams) -> None:
+    logits = torch.tensor([[30.0, -40.0, 5.0, 29.0]])
+    token = sample_rows(logits, [params], [torch.Generator().manual_seed(0)], [[0, 3]])[0]
+    assert 0 <= token < 4
