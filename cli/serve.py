@@ -64,6 +64,9 @@ def start(
     kv_cache_mb: int = typer.Option(1024, envvar="OPENLLM_CLONE_KV_CACHE_MB",
                                     help="KV-cache pool in MiB."),
     model_name: str | None = typer.Option(None, help="Name to serve the base model under."),
+    log_level: str = typer.Option("INFO", envvar="OPENLLM_CLONE_LOG_LEVEL",
+                                  help="DEBUG, INFO, WARNING or ERROR."),
+    log_prompts: bool = typer.Option(False, help="Log prompt text in the per-request line."),
 ) -> None:
     """Serve MODEL (default: the embedded SmolLM2) with its adapters on HOST:PORT."""
     keys = [k for raw in api_key for k in raw.split(",")]
@@ -78,6 +81,7 @@ def start(
             max_adapters=max_adapters, max_adapter_rank=max_adapter_rank,
             adapter_roots=adapter_root, allow_pickle_adapters=allow_pickle_adapters,
             max_model_len=max_model_len, kv_cache_mb=kv_cache_mb, model_name=model_name,
+            log_level=log_level.upper(), log_prompts=log_prompts,  # type: ignore[arg-type]
         )
     except ValueError as exc:
         fail(str(exc), 2)

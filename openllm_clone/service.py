@@ -41,9 +41,11 @@ app = build_app(_llm)
 
 
 class PrometheusObserver(EngineObserver):
-    """Engine events as Prometheus metrics (names after TGI's)."""
+    """Engine events as Prometheus metrics (names after TGI's) and one log line per request."""
 
-    def __init__(self) -> None:
+    def __init__(self, log_prompts: bool = False, tokenizer: Any = None) -> None:
+        self.log_prompts = log_prompts
+        self.tokenizer = tokenizer
         latency_buckets = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
         token_buckets = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
         self.requests = bentoml.metrics.Counter(
@@ -101,19 +103,33 @@ class PrometheusObserver(EngineObserver):
     def on_finished(self, group: RequestGroup, status: str, latency: float) -> None:
         generated = group.completion_tokens()
         # One structured line per request; never the prompt or the output text.
-        request_log.info(json.dumps({
+        line: dict[str, Any] = {
             "request_id": group.request_id, "adapter": group.adapter, "status": status,
             "prompt_tokens": len(group.prompt_ids), "completion_tokens": generated,
             "latency_ms": round(1000 * latency, 1),
             "ttft_ms": round(1000 * (group.first_token_at - group.arrival), 1)
             if group.first_token_at is not None else None,
-        }))
+        }
+        if self.log_prompts and self.tokenizer is not None:
+            line["prompt"] = self.tokenizer.decode(group.prompt_ids)
+        request_log.info(json.dumps(line))
         self.requests.labels(status=status, adapter=group.adapter or "").inc()
         self.duration.observe(latency)
         self.generated.inc(generated)
         self.prompt.inc(len(group.prompt_ids))
         if group.first_token_at is not None and generated > 1:
             self.tpot.observe((group.arrival + latency - group.first_token_at) / (generated - 1))
+
+
+def _configure_logging(level: str) -> None:
+    """Our loggers print on the worker's stderr whatever BentoML did to the root logger."""
+    package = logging.getLogger("openllm_clone")
+    if not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
+        package.propagate = False
+    package.setLevel(level)
 
 
 @bentoml.asgi_app(app, path="/v1")
@@ -126,7 +142,10 @@ class LLMService:
 
         settings = Settings.from_env()
         _state["settings"] = settings
-        self.llm = LLM.from_settings(settings, observer=PrometheusObserver())
+        _configure_logging(settings.log_level)
+        observer = PrometheusObserver(log_prompts=settings.log_prompts)
+        self.llm = LLM.from_settings(settings, observer=observer)
+        observer.tokenizer = self.llm.tokenizer
         _state["llm"] = self.llm
         logger.info("openllm-clone serving %s", self.llm.name)
 

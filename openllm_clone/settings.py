@@ -132,6 +132,12 @@ class Settings(BaseModel):
         description="Accept pickled adapter_model.bin files (unsafe; off by default).",
     )
     seed: int = Field(default=0, description="Seed for requests that give none.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Level of openllm-clone's own logs in the server."
+    )
+    log_prompts: bool = Field(
+        default=False, description="Add prompt text to the per-request log line (off: privacy)."
+    )
 
     @field_validator("api_keys", "admin_api_keys")
     @classmethod

@@ -434,7 +434,12 @@ class Engine:
         batch_logits = logits[torch.tensor(rows)] if len(rows) != len(seqs) else logits
         constrained = [i for i, s in enumerate(expanded) if s.matcher is not None]
         if constrained:
-            self._mask(batch_logits, [expanded[i] for i in constrained], constrained)
+            try:
+                self._mask(batch_logits, [expanded[i] for i in constrained], constrained)
+            except Exception as exc:  # a grammar fault fails the constrained requests only
+                logger.exception("grammar masking failed")
+                for i in constrained:
+                    self._fail(expanded[i].group, f"internal error in the grammar: {exc}")
         tokens = sample_rows(
             batch_logits,
             [s.params for s in expanded],
@@ -445,10 +450,19 @@ class Engine:
         per_group: dict[str, list[SeqDelta]] = {}
         for seq, token in zip(expanded, tokens):
             group = seq.group
+            if group.request_id not in self._groups:
+                continue  # failed earlier in this loop
             if group.first_token_at is None:
                 group.first_token_at = now
                 self.observer.on_first_token(group, now - group.arrival)
-            per_group.setdefault(group.request_id, []).append(self._append(seq, token))
+            try:
+                delta = self._append(seq, token)
+            except Exception as exc:  # one request's fault ends that request only
+                logger.exception("request %s failed", group.request_id)
+                per_group.pop(group.request_id, None)
+                self._fail(group, f"internal error: {type(exc).__name__}: {exc}")
+                continue
+            per_group.setdefault(group.request_id, []).append(delta)
         for request_id, deltas in per_group.items():
             group = self._groups.get(request_id)
             if group is None:

@@ -45,3 +45,10 @@ def test_sigterm_drains_in_flight_streams(tiny_model_dir: Path, tmp_path: Path) 
         assert server.proc.returncode is not None
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{server.url}/readyz", timeout=2)
+        # One structured line per request, without the prompt's text.
+        lines = [json.loads(line.split("openllm_clone.requests: ", 1)[1])
+                 for line in server.logs().splitlines() if "openllm_clone.requests: " in line]
+        mine = [line for line in lines if line["completion_tokens"] == 400]
+        assert mine and mine[0]["status"] == "ok" and mine[0]["prompt_tokens"] >= 1
+        assert set(mine[0]) >= {"request_id", "adapter", "latency_ms", "ttft_ms"}
+        assert "prompt" not in mine[0] and "count" not in server.logs().split("openllm_clone.requests")[-1]

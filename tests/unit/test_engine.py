@@ -198,3 +198,26 @@ async def test_timeout_ends_the_request_and_frees_its_slot(llm: LLM) -> None:
         llm.settings.timeout = old
     stats = llm.engine.stats()
     assert stats["running"] == 0 and stats["pending"] == 0 and stats["kv_blocks_used"] == 0
+
+
+async def test_a_fault_in_one_request_ends_only_that_request(llm: LLM, monkeypatch: Any) -> None:
+    from openllm_clone.engine.detokenizer import IncrementalDetokenizer
+    from openllm_clone.errors import OpenLLMCloneError
+
+    poison = llm.tokenize("poison pill")
+    original = IncrementalDetokenizer.add
+
+    def faulty(self: IncrementalDetokenizer, token_id: int) -> str:
+        if self.ids[-len(poison[-5:]):] == poison[-5:]:
+            raise RuntimeError("boom")
+        return original(self, token_id)
+
+    monkeypatch.setattr(IncrementalDetokenizer, "add", faulty)
+    params = SamplingParams(max_new_tokens=10)
+    good = [llm.tokenize(p) for p in prompts(3)]
+    results = await asyncio.gather(llm.complete(poison, params),
+                                   *(llm.complete(i, params) for i in good),
+                                   return_exceptions=True)
+    assert isinstance(results[0], OpenLLMCloneError) and "boom" in str(results[0])
+    assert all(len(r.token_ids[0]) == 10 for r in results[1:])  # type: ignore[union-attr]
+    assert llm.engine.stats()["kv_blocks_used"] == 0
