@@ -4,6 +4,7 @@ some abandoned mid-stream. Nothing valid is lost, outputs equal their solo runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -24,10 +25,8 @@ PROMPTS = ["The river", "A small robot", "In the morning", "Numbers are", "Under
 def _rss_mb(pid: int) -> float:
     pids = [pid]
     for p in list(pids):
-        try:
+        with contextlib.suppress(OSError):
             pids += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
-        except OSError:
-            pass
     total = 0.0
     for p in pids:
         try:
@@ -144,7 +143,7 @@ def test_300_requests_at_concurrency_32(loaded: Server) -> None:
     results = out["results"]
     valid = [r for r in results if r[0] == "valid"]
     assert len(valid) >= 200
-    for kind, status, tokens, prompt, adapter in valid:
+    for _, status, tokens, prompt, adapter in valid:
         assert status == 200 and tokens == out["solo"][(prompt, adapter)], (prompt, adapter)
     expected = {"bad-json": 400, "bad-field": 400, "oversized": 413, "bad-adapter": 404}
     for kind, status, *_ in results:
