@@ -96,6 +96,16 @@ async def _json_body(request: Request) -> Any:
         raise InvalidRequestError("the request body is not valid JSON") from exc
 
 
+async def _openllm_request(
+    llm: LLM, request: Request
+) -> tuple[GenerateRequest, SamplingParams, str | None, list[int]]:
+    """Body, sampling parameters, adapter and prompt tokens of an OpenLLM-route request."""
+    body = _parse(GenerateRequest, await _json_body(request))
+    params = _sampling(body.sampling_params)
+    adapter = await _adapter_for(llm, body.adapter_name, body.merged_adapters)
+    return body, params, adapter, llm.tokenize(body.prompt)
+
+
 async def _adapter_for(llm: LLM, adapter: str | None, merged: MergedAdapters | None) -> str | None:
     """The adapter a request uses: a named one, a merge of several, or none."""
     if merged is None:
@@ -143,10 +153,7 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
     @router.post("/generate")
     async def generate(request: Request) -> JSONResponse:
         llm = get_llm()
-        body = _parse(GenerateRequest, await _json_body(request))
-        params = _sampling(body.sampling_params)
-        adapter = await _adapter_for(llm, body.adapter_name, body.merged_adapters)
-        ids = llm.tokenize(body.prompt)
+        body, params, adapter, ids = await _openllm_request(llm, request)
         result = await llm.complete(ids, params, adapter=adapter)
         response = GenerateResponse(
             request_id=result.request_id,
@@ -168,10 +175,7 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
     @router.post("/generate_stream")
     async def generate_stream(request: Request) -> StreamingResponse:
         llm = get_llm()
-        body = _parse(GenerateRequest, await _json_body(request))
-        params = _sampling(body.sampling_params)
-        adapter = await _adapter_for(llm, body.adapter_name, body.merged_adapters)
-        ids = llm.tokenize(body.prompt)
+        body, params, adapter, ids = await _openllm_request(llm, request)
         stream = await _open_stream(llm, ids, params, adapter)
 
         async def events() -> AsyncIterator[str]:
