@@ -94,6 +94,7 @@ class AdapterRegistry:
         roots: list[str] | None = None,
         allow_pickle: bool = False,
         load_timeout: float = 60.0,
+        max_bytes: int | None = None,
         reader: Callable[..., AdapterWeights] = read_adapter,
     ) -> None:
         self.host = host
@@ -103,6 +104,7 @@ class AdapterRegistry:
         self.allow_pickle = allow_pickle
         self.load_timeout = load_timeout
         self._reader = reader
+        self.max_bytes = max_bytes
         self._records: dict[str, AdapterRecord] = {}
         self._free_slots = list(range(max_loaded, 0, -1))
         self._name_locks: dict[str, asyncio.Lock] = {}
@@ -188,7 +190,8 @@ class AdapterRegistry:
 
     async def _read(self, source: str) -> AdapterWeights:
         path = await asyncio.to_thread(resolve_adapter_source, source, roots=self.roots)
-        return await asyncio.to_thread(self._reader, path, allow_pickle=self.allow_pickle)
+        return await asyncio.to_thread(self._reader, path, allow_pickle=self.allow_pickle,
+                                       max_bytes=self.max_bytes)
 
     async def _read_merge(self, recipe: str) -> AdapterWeights:
         components = []

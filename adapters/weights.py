@@ -82,9 +82,18 @@ def _pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:
     return default
 
 
-def read_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> AdapterWeights:
+def read_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False,
+                 max_bytes: int | None = None) -> AdapterWeights:
     """Read a peft LoRA folder; raise a typed error for anything we cannot serve."""
     folder = Path(path)
+    if max_bytes is not None:
+        for name in ("adapter_model.safetensors", "adapter_model.bin"):
+            file = folder / name
+            if file.is_file() and file.stat().st_size > max_bytes:
+                raise AdapterIncompatibleError(
+                    f"{name} is {file.stat().st_size / 2**20:.0f} MiB; the limit is "
+                    f"{max_bytes / 2**20:.0f} MiB (--max-adapter-mb)"
+                )
     config_file = folder / "adapter_config.json"
     if not config_file.is_file():
         raise AdapterIncompatibleError(f"{folder} has no adapter_config.json: not a peft adapter")

@@ -59,6 +59,8 @@ def start(
         [], "--adapter-root", help="Run-time adapter paths must lie under one of these."
     ),
     allow_pickle_adapters: bool = typer.Option(False, help="Accept pickled adapter_model.bin."),
+    max_adapter_mb: int = typer.Option(1024, envvar="OPENLLM_CLONE_MAX_ADAPTER_MB",
+                                       help="Largest adapter weights file, MiB."),
     max_model_len: int | None = typer.Option(None, envvar="OPENLLM_CLONE_MAX_MODEL_LEN",
                                              help="Context limit (default: the model's)."),
     kv_cache_mb: int = typer.Option(1024, envvar="OPENLLM_CLONE_KV_CACHE_MB",
@@ -80,6 +82,7 @@ def start(
             adapters=[parse_adapter_spec(a) for a in adapter_id],
             max_adapters=max_adapters, max_adapter_rank=max_adapter_rank,
             adapter_roots=adapter_root, allow_pickle_adapters=allow_pickle_adapters,
+            max_adapter_mb=max_adapter_mb,
             max_model_len=max_model_len, kv_cache_mb=kv_cache_mb, model_name=model_name,
             log_level=log_level.upper(), log_prompts=log_prompts,  # type: ignore[arg-type]
         )

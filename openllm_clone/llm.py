@@ -73,6 +73,7 @@ class LLM:
             base_model_aliases=[runner.info.model_id, *aliases],
             roots=settings.adapter_roots,
             allow_pickle=settings.allow_pickle_adapters,
+            max_bytes=settings.max_adapter_mb * 2**20,
         )
         for spec in settings.adapters:
             self.adapters.register(spec.name, spec.source, pinned=spec.pinned)

@@ -127,6 +127,9 @@ class Settings(BaseModel):
         description="Folders local adapter paths loaded at run time must lie under; "
         "empty means any path.",
     )
+    max_adapter_mb: int = Field(
+        default=1024, ge=1, description="Largest adapter weights file accepted, in MiB."
+    )
     allow_pickle_adapters: bool = Field(
         default=False,
         description="Accept pickled adapter_model.bin files (unsafe; off by default).",

@@ -130,9 +130,11 @@ def test_smolagents_tool_calling_agent(server: Server) -> None:
         """
         return multiply(a, b)
 
+    from openllm_clone.integrations.agents import smolagents_model
+
     CALLS.clear()
-    model = smolagents.OpenAIServerModel(model_id="smollm2", api_base=f"{server.url}/v1",
-                                         api_key="x", max_tokens=120)
+    model = smolagents_model(server.url, max_tokens=120)
+    assert model.model_id == "smollm2"
     agent = smolagents.ToolCallingAgent(tools=[multiply_numbers], model=model, max_steps=3,
                                         verbosity_level=0)
     agent.run("What is 6 times 7? Use the multiply_numbers tool.")

@@ -117,6 +117,17 @@ async def test_validation_failures_leave_state_unchanged(
     assert [a.model_dump() for a in llm.adapters.list()] == before
 
 
+async def test_oversized_adapter_is_refused(llm: LLM, tiny_adapters: dict[str, Path]) -> None:
+    before = [a.name for a in llm.adapters.list()]
+    llm.adapters.max_bytes = 1000
+    try:
+        with pytest.raises(AdapterIncompatibleError, match="--max-adapter-mb"):
+            await llm.adapters.load("big", str(tiny_adapters["alpha"]))
+    finally:
+        llm.adapters.max_bytes = 2**30
+    assert [a.name for a in llm.adapters.list()] == before
+
+
 async def test_pickled_adapter_is_refused(llm: LLM, tmp_path: Path,
                                           tiny_adapters: dict[str, Path]) -> None:
     from safetensors.torch import load_file
