@@ -46,7 +46,6 @@ __all__ = ["build_app", "sse"]
 
 logger = logging.getLogger("openllm_clone.access")
 
-PUBLIC_PATHS = frozenset()
 
 
 def sse(payload: Any) -> str:
