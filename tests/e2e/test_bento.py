@@ -105,6 +105,14 @@ def test_docker_builds_the_context(bento: tuple[str, Path]) -> None:  # pragma: 
     subprocess.run(["docker", "build", "-f", str(ctx / "env/docker/Dockerfile"), str(ctx)], check=True)
 
 
+def test_start_serves_a_bento_tag(bento: tuple[str, Path], tiny_server: Server, tmp_path: Path) -> None:
+    from openllm_clone.testing import run_server
+
+    tag, _ = bento
+    with run_server([tag], {}, tmp_path / "start-bento.log") as server:
+        assert _answers(server.url) == _answers(tiny_server.url)
+
+
 def test_bentos_list_prune_and_containerize_without_docker(bento: tuple[str, Path]) -> None:
     tag, _ = bento
     env = {**os.environ, "COLUMNS": "250"}
@@ -130,3 +138,4 @@ def test_bentos_list_prune_and_containerize_without_docker(bento: tuple[str, Pat
     assert failed.returncode != 0
     assert "no Docker daemon" in failed.stdout + failed.stderr
     assert "Dockerfile" in failed.stdout + failed.stderr
+

@@ -47,6 +47,18 @@ async def test_chat_answers_paris(smollm2: LLM) -> None:
     assert result.finish_reasons == ["stop"]
 
 
+async def test_bf16_default_path_answers_paris(smollm2_tag: str) -> None:
+    # bf16 takes other kernels (prepacked oneDNN linears): check it still answers.
+    llm = LLM.from_settings(Settings(model=smollm2_tag, dtype="bfloat16", device="cpu",
+                                     kv_cache_mb=64))
+    try:
+        prompt = llm.chat_prompt([ChatMessage(role="user", content=QUESTION)])
+        result = await llm.complete(llm.tokenize(prompt), SamplingParams(max_new_tokens=24))
+        assert "Paris" in result.texts[0]
+    finally:
+        llm.shutdown()
+
+
 async def test_batch_invariance_on_smollm2(smollm2: LLM) -> None:
     questions = [QUESTION, "Name a primary colour.", "What is 2 + 2?", "Say hello in Spanish.",
                  "What do bees make?", "Which planet is red?", "What is ice made of?",
