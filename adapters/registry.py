@@ -77,6 +77,13 @@ class AdapterRecord:
         )
 
 
+def _in_store(name: str) -> bool:
+    """True when ``name`` is an adapter in the BentoML model store."""
+    from .source import _from_store
+
+    return _from_store(name) is not None
+
+
 def _same_model(a: str, b: str) -> bool:
     norm = [x.rstrip("/").lower() for x in (a, b)]
     return norm[0] == norm[1] or norm[0].split("/")[-1] == norm[1].split("/")[-1]
@@ -270,6 +277,10 @@ class AdapterRegistry:
     async def acquire(self, name: str) -> int:
         """Slot for a request naming ``name``, loading it on demand; pair with release."""
         record = self._records.get(name)
+        if record is None and await asyncio.to_thread(_in_store, name):
+            # LoRAX-style just-in-time loading: an adapter imported into the model store
+            # (`openllm-clone import --adapter`) is served by name, by every worker.
+            record = self.register(name, name)
         if record is None or record.unloading:
             raise AdapterNotFoundError(f"adapter {name!r} is not loaded", param="adapter_name")
         # Count the request before any await so that eviction cannot take the slot.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 import bentoml
@@ -104,7 +105,8 @@ class PrometheusObserver(EngineObserver):
         generated = group.completion_tokens()
         # One structured line per request; never the prompt or the output text.
         line: dict[str, Any] = {
-            "request_id": group.request_id, "adapter": group.adapter, "status": status,
+            "request_id": group.request_id, "worker": os.getpid(), "adapter": group.adapter,
+            "status": status,
             "prompt_tokens": len(group.prompt_ids), "completion_tokens": generated,
             "latency_ms": round(1000 * latency, 1),
             "ttft_ms": round(1000 * (group.first_token_at - group.arrival), 1)

@@ -197,3 +197,18 @@ async def test_linear_merge_equals_peft_weighted_cat(
     assert await llm.adapters.merged(["alpha", "gamma"], [0.7, 0.3]) == name
     with pytest.raises(AdapterNotFoundError):
         await llm.adapters.merged(["alpha", "nobody"], [0.5, 0.5])
+
+
+async def test_adapter_in_the_model_store_loads_on_first_use(
+    llm: LLM, tiny_adapters: dict[str, Path], bentoml_home: Path
+) -> None:
+    from openllm_clone.store import import_adapter
+
+    tag = import_adapter(str(tiny_adapters["beta"]), name="stored-beta")
+    ids = llm.tokenize("Hello")
+    params = SamplingParams(max_new_tokens=6)
+    by_tag = await llm.complete(ids, params, adapter=tag)
+    by_name = await llm.complete(ids, params, adapter="stored-beta")  # latest version
+    await llm.adapters.load("beta", str(tiny_adapters["beta"]))
+    direct = await llm.complete(ids, params, adapter="beta")
+    assert by_tag.token_ids == by_name.token_ids == direct.token_ids
