@@ -143,7 +143,6 @@ class LLMService:
         from openllm_clone.llm import LLM
 
         settings = Settings.from_env()
-        _state["settings"] = settings
         _configure_logging(settings.log_level)
         observer = PrometheusObserver(log_prompts=settings.log_prompts)
         self.llm = LLM.from_settings(settings, observer=observer)

@@ -89,9 +89,9 @@ class GrammarFactory:
             self._compiler = xgr.GrammarCompiler(info)
         return self._compiler
 
-    def json_schema(self, schema: dict[str, Any] | None) -> Constraint:
-        """A grammar for JSON matching ``schema`` (any JSON object when None)."""
-        key = "json" if schema is None else json.dumps(schema, sort_keys=True)
+    def json_schema(self, schema: dict[str, Any]) -> Constraint:
+        """A grammar for JSON matching ``schema``."""
+        key = json.dumps(schema, sort_keys=True)
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
@@ -99,9 +99,7 @@ class GrammarFactory:
                 return hit
             compiler = self._get_compiler()
             try:
-                compiled = (compiler.compile_builtin_json_grammar() if schema is None
-                            else compiler.compile_json_schema(json.dumps(schema),
-                                                              any_whitespace=False))
+                compiled = compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
             except Exception as exc:  # xgrammar raises RuntimeError/ValueError on bad schemas
                 raise InvalidRequestError(f"unsupported JSON schema: {exc}",
                                           param="response_format") from exc

@@ -141,7 +141,6 @@ class TorchRunner:
         weight_bytes = sum(
             t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
         )
-        self.packed = False
         self._packed_head: _PackedLinear | None = None
         self._fused = self._pack_layers()
         self.info = ModelInfo(
@@ -199,8 +198,12 @@ class TorchRunner:
                 module.weight = torch.nn.Parameter(torch.empty(0, dtype=self.dtype), requires_grad=False)
         head = self.lm_head.weight
         self._packed_head = _PackedLinear(head, getattr(self.lm_head, "bias", None))
-        self.packed = True
         return packed
+
+    @property
+    def packed(self) -> bool:
+        """True when the bf16 layers run through prepacked oneDNN weights."""
+        return self._fused is not None
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy one KV block in every layer (copy-on-write for forked samples)."""

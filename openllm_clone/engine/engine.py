@@ -27,7 +27,6 @@ import contextlib
 import logging
 import queue
 import random
-import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -101,10 +100,11 @@ class Engine:
         self._running: list[Sequence] = []
         self._groups: dict[str, RequestGroup] = {}
         self._pending = 0  # requests accepted but not yet finished
-        self._lock = threading.Lock()
         self._stop = False
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
+        # Seeds for sampled requests that give none: reproducible per server start.
+        self._seeds = random.Random(self.config.seed)
         self.steps = 0
 
     @staticmethod
@@ -165,13 +165,12 @@ class Engine:
         step, the tokens its grammar does not allow.
         """
         self.check_prompt(prompt_ids, params)
-        with self._lock:
-            if self._pending >= self.config.max_queue + self.config.max_batch_size:
-                raise CapacityError(
-                    f"the server is busy: {self._pending} requests in flight", retry_after=1.0
-                )
-            self._pending += 1
-        loop = self._ensure_running()
+        if self._pending >= self.config.max_queue + self.config.max_batch_size:
+            raise CapacityError(
+                f"the server is busy: {self._pending} requests in flight", retry_after=1.0
+            )
+        self._pending += 1
+        self._ensure_running()
         group = RequestGroup(
             request_id=request_id or new_request_id(),
             prompt_ids=list(prompt_ids),
@@ -179,7 +178,6 @@ class Engine:
             adapter=adapter,
             adapter_slot=adapter_slot,
             queue=asyncio.Queue(),
-            loop=loop,
             constraint=constraint,
         )
         if timeout is not None:
@@ -314,7 +312,7 @@ class Engine:
         self._groups[group.request_id] = group
         seed = group.params.seed
         if seed is None and not group.params.greedy:
-            seed = random.getrandbits(63)
+            seed = self._seeds.getrandbits(63)
         # All n samples are created now; only the first prefills, the rest fork from it.
         for i in range(group.params.n):
             gen = None
@@ -574,8 +572,7 @@ class Engine:
                 self._retire(seq, "abort")
             if seq in self._waiting:
                 self._waiting.remove(seq)
-        with self._lock:
-            self._pending -= 1
+        self._pending -= 1
         self.observer.on_finished(group, status, time.perf_counter() - group.arrival)
 
     def _fail(self, group: RequestGroup, message: str, status: int = 500) -> None:

@@ -58,7 +58,6 @@ class RequestGroup:
     adapter: str | None
     adapter_slot: int
     queue: asyncio.Queue[RequestOutput]
-    loop: asyncio.AbstractEventLoop
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     seqs: list[Sequence] = field(default_factory=list)
