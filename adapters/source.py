@@ -43,7 +43,17 @@ def _from_store(tag: str) -> Path | None:
 
 def resolve_adapter_source(source: str, *, roots: list[str] | None = None) -> Path:
     """Turn an adapter source into a local folder, or raise a typed error."""
-    roots = roots or []
+    try:
+        return _resolve(source, roots or [])
+    except (OSError, RuntimeError) as exc:
+        # A name too long for the filesystem, "~user" of an unknown user, a symlink loop:
+        # the client's input, not a server fault.
+        raise AdapterNotFoundError(
+            f"adapter source {source[:200]!r} cannot be opened: {type(exc).__name__}"
+        ) from exc
+
+
+def _resolve(source: str, roots: list[str]) -> Path:
     if not source or "\x00" in source:
         raise AdapterIncompatibleError("adapter source is empty or invalid")
     looks_local = source.startswith(("/", ".", "~")) or os.sep in source and Path(source).exists()

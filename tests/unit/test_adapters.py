@@ -128,6 +128,13 @@ async def test_oversized_adapter_is_refused(llm: LLM, tiny_adapters: dict[str, P
     assert [a.name for a in llm.adapters.list()] == before
 
 
+@pytest.mark.parametrize("source", ["~no-such-user-xyz/adapter", "a" * 5000, "/" + "b" * 300 + "/x"])
+async def test_unopenable_sources_are_404(llm: LLM, source: str) -> None:
+    # Found by the fuzzer: these raised RuntimeError / OSError, answered as 500.
+    with pytest.raises(AdapterNotFoundError, match="cannot be opened|does not exist"):
+        await llm.adapters.load("odd", source)
+
+
 async def test_pickled_adapter_is_refused(llm: LLM, tmp_path: Path,
                                           tiny_adapters: dict[str, Path]) -> None:
     from safetensors.torch import load_file
