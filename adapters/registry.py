@@ -65,6 +65,7 @@ class AdapterRecord:
     base_model: str | None = None
     error: str | None = None
     unloading: bool = False
+    force: bool = False  # skip the base-model check when it loads (start-up adapters)
 
     def info(self) -> AdapterInfo:
         """Public view for ``GET /v1/adapters``."""
@@ -116,6 +117,11 @@ class AdapterRegistry:
         self._free_slots = list(range(max_loaded, 0, -1))
         self._name_locks: dict[str, asyncio.Lock] = {}
         self._slots_changed = asyncio.Condition()
+        # Adapter cache statistics: a request whose adapter was ready is a hit; one that
+        # had to load it first is a miss.
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
 
     # --- queries -------------------------------------------------------------------------
 
@@ -131,9 +137,20 @@ class AdapterRegistry:
         """Names of all known adapters."""
         return sorted(self._records)
 
+    def loaded(self) -> list[str]:
+        """Names of the adapters whose weights are in a slot now."""
+        return sorted(n for n, r in self._records.items() if r.state == "ready")
+
+    def cache_stats(self) -> dict[str, float]:
+        """Hits, misses, evictions and the hit rate of the adapter cache."""
+        total = self.hits + self.misses
+        return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions,
+                "hit_rate": round(self.hits / total, 4) if total else 0.0}
+
     # --- loading -------------------------------------------------------------------------
 
-    def register(self, name: str, source: str, *, pinned: bool = False) -> AdapterRecord:
+    def register(self, name: str, source: str, *, pinned: bool = False,
+                 force: bool = False) -> AdapterRecord:
         """Know an adapter by name without loading it (loaded on first use)."""
         record = self._records.get(name)
         if record is not None and record.source != source:
@@ -141,7 +158,7 @@ class AdapterRegistry:
                 f"adapter {name!r} is already registered with source {record.source!r}"
             )
         if record is None:
-            record = AdapterRecord(name=name, source=source, pinned=pinned)
+            record = AdapterRecord(name=name, source=source, pinned=pinned, force=force)
             self._records[name] = record
         return record
 
@@ -168,7 +185,7 @@ class AdapterRegistry:
                 weights = await self._read_merge(src)
             else:
                 weights = await self._read(src)
-                self._check_base(weights, force=force)
+                self._check_base(weights, force=force or (existing is not None and existing.force))
             self.host.validate(weights)
             slot = await self._take_slot()
             try:
@@ -270,24 +287,50 @@ class AdapterRegistry:
         record.slot = 0
         await self.host.remove(slot)
         self._free_slots.append(slot)
+        self.evictions += 1
         logger.info("adapter %s evicted from slot %d (LRU)", record.name, slot)
 
-    # --- serving -------------------------------------------------------------------------
+    async def evict(self, name: str) -> bool:
+        """Free ``name``'s slot now if it is idle and not pinned (it stays registered and
+        loads again on its next request); False when it cannot be evicted."""
+        record = self._records.get(name)
+        if record is None or record.state != "ready" or record.pinned or record.in_use:
+            return False
+        async with self._slots_changed:
+            await self._evict(record)
+            self._slots_changed.notify_all()
+        return True
 
-    async def acquire(self, name: str) -> int:
-        """Slot for a request naming ``name``, loading it on demand; pair with release."""
+    async def _known(self, name: str) -> AdapterRecord | None:
         record = self._records.get(name)
         if record is None and await asyncio.to_thread(_in_store, name):
             # LoRAX-style just-in-time loading: an adapter imported into the model store
             # (`openllm-clone import --adapter`) is served by name, by every worker.
             record = self.register(name, name)
+        return record
+
+    async def ensure(self, name: str) -> AdapterRecord:
+        """Load ``name`` if it is known (registered or in the model store) and not ready."""
+        record = await self._known(name)
+        if record is None or record.unloading:
+            raise AdapterNotFoundError(f"adapter {name!r} is not loaded", param="adapter_name")
+        return await self.load(name)
+
+    # --- serving -------------------------------------------------------------------------
+
+    async def acquire(self, name: str) -> int:
+        """Slot for a request naming ``name``, loading it on demand; pair with release."""
+        record = await self._known(name)
         if record is None or record.unloading:
             raise AdapterNotFoundError(f"adapter {name!r} is not loaded", param="adapter_name")
         # Count the request before any await so that eviction cannot take the slot.
         record.in_use += 1
         try:
             if record.state != "ready":
+                self.misses += 1
                 await self.load(name)
+            else:
+                self.hits += 1
         except BaseException:
             await self._release(record)
             raise

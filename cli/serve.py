@@ -37,7 +37,20 @@ def start(
                                   help="Most waiting requests before 503."),
     timeout: float = typer.Option(600.0, envvar="OPENLLM_CLONE_TIMEOUT",
                                   help="Per-request timeout in seconds."),
-    workers: int = typer.Option(1, envvar="OPENLLM_CLONE_WORKERS", help="Worker processes."),
+    workers: int = typer.Option(1, envvar="OPENLLM_CLONE_WORKERS",
+                                help="BentoML worker processes (backend bentoml)."),
+    backend: str = typer.Option("bentoml", envvar="OPENLLM_CLONE_BACKEND",
+                                help="bentoml (one server, --workers) or ray (Ray Serve replicas)."),
+    replicas: int = typer.Option(1, envvar="OPENLLM_CLONE_REPLICAS", help="Ray Serve replicas."),
+    max_replicas: int | None = typer.Option(
+        None, envvar="OPENLLM_CLONE_MAX_REPLICAS",
+        help="Autoscale Ray replicas up to this many on queue length."),
+    cpus_per_replica: float = typer.Option(1.0, help="CPUs Ray reserves for each replica."),
+    gpus_per_replica: float = typer.Option(0.0, help="GPUs Ray reserves for each replica."),
+    ray_address: str | None = typer.Option(
+        None, envvar="RAY_ADDRESS", help="Join this Ray cluster (auto or host:port); default: local."),
+    routing: str = typer.Option("affinity", envvar="OPENLLM_CLONE_ROUTING",
+                                help="Ray routing: affinity (by adapter) or random."),
     api_key: list[str] = typer.Option(
         [], "--api-key", envvar="OPENLLM_CLONE_API_KEY",
         help="Accepted bearer key (repeatable; the env var takes a comma-separated list).",
@@ -77,7 +90,11 @@ def start(
         settings = Settings(
             model=model, host=host, port=port, dtype=dtype,  # type: ignore[arg-type]
             device=device, quantize=quantize, max_batch_size=max_batch_size, max_queue=max_queue,
-            timeout=timeout, workers=workers, api_keys=keys, admin_api_keys=admin_keys,
+            timeout=timeout, workers=workers, backend=backend,  # type: ignore[arg-type]
+            replicas=replicas, max_replicas=max_replicas, cpus_per_replica=cpus_per_replica,
+            gpus_per_replica=gpus_per_replica, ray_address=ray_address,
+            routing=routing,  # type: ignore[arg-type]
+            api_keys=keys, admin_api_keys=admin_keys,
             max_body_bytes=max_body_bytes,
             adapters=[parse_adapter_spec(a) for a in adapter_id],
             max_adapters=max_adapters, max_adapter_rank=max_adapter_rank,
@@ -126,11 +143,14 @@ def serve(settings: Settings) -> None:
     if resolved.tag:
         settings = settings.model_copy(update={"model": resolved.tag})
     os.environ.update(settings.to_env())
+    url = f"http://{settings.host}:{settings.port}"
+    if settings.backend == "ray":
+        _serve_ray(settings, resolved.name, url)
+        return
 
     from openllm_clone.service import LLMService
 
     LLMService.config["workers"] = settings.workers
-    url = f"http://{settings.host}:{settings.port}"
     console.print(f"[bold green]openllm-clone[/] serving [bold]{resolved.name}[/] on {url}")
     console.print(
         f"  try: openllm-clone query --endpoint {url} 'What is the capital of France?'\n"
@@ -142,3 +162,14 @@ def serve(settings: Settings) -> None:
         LLMService.serve_http(host=settings.host, port=settings.port)
     except KeyboardInterrupt:
         console.print("stopped")
+
+
+def _serve_ray(settings: Settings, name: str, url: str) -> None:
+    try:
+        from openllm_clone.integrations.ray_serve import run
+    except OpenLLMCloneError as exc:
+        fail(exc.message)
+    where = settings.ray_address or "a local Ray instance"
+    console.print(f"[bold green]openllm-clone[/] serving [bold]{name}[/] on {url} with "
+                  f"{settings.replicas} Ray Serve replica(s) on {where} ({settings.routing} routing)")
+    run(settings)

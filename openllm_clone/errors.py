@@ -11,6 +11,7 @@ typed ones also inherit the builtin that callers already catch::
         AdapterIncompatibleError (ValueError) 422
         AdapterLoadError                   500
       CapacityError                        503  (queue full, no adapter slot free)
+      UnavailableError                     503  (the replica serving it died: retry)
       RequestTimeoutError (TimeoutError)   504  (the request outlived --timeout)
       ModelLoadError                       500
       MissingDependencyError (ImportError) 500
@@ -35,6 +36,7 @@ __all__ = [
     "ModelLoadError",
     "OpenLLMCloneError",
     "RequestTimeoutError",
+    "UnavailableError",
 ]
 
 
@@ -111,6 +113,13 @@ class CapacityError(OpenLLMCloneError):
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class UnavailableError(CapacityError):
+    """The process serving the request went away (a Ray replica died); nothing was
+    returned, so the request is safe to send again."""
+
+    error_type = "unavailable"
 
 
 class RequestTimeoutError(OpenLLMCloneError, TimeoutError):

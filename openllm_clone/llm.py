@@ -76,7 +76,7 @@ class LLM:
             max_bytes=settings.max_adapter_mb * 2**20,
         )
         for spec in settings.adapters:
-            self.adapters.register(spec.name, spec.source, pinned=spec.pinned)
+            self.adapters.register(spec.name, spec.source, pinned=spec.pinned, force=True)
         self._started = False
         self._grammars: Any = None
 
@@ -118,12 +118,17 @@ class LLM:
         return cls(runner, tokenizer, settings, name=resolved.name, aliases=resolved.aliases,
                    observer=observer)
 
-    async def start(self) -> None:
-        """Load the start-up adapters (once); errors name the adapter."""
+    async def start(self, *, eager: bool = True) -> None:
+        """Load the start-up adapters (once); errors name the adapter.
+
+        ``eager=False`` (Ray replicas) loads only the pinned ones: the others load on
+        their first request, on the replica the router sends it to.
+        """
         if self._started:
             return
         for spec in self.settings.adapters:
-            await self.adapters.load(spec.name, spec.source, pinned=spec.pinned, force=True)
+            if eager or spec.pinned:
+                await self.adapters.load(spec.name, spec.source, pinned=spec.pinned, force=True)
         self._started = True
 
     def shutdown(self) -> None:
@@ -235,6 +240,7 @@ class LLM:
             "num_parameters": info.num_parameters,
             "weight_bytes": info.weight_bytes,
             "adapters": self.adapters.names(),
+            "adapter_cache": self.adapters.cache_stats(),
             "engine": self.engine.stats(),
             "config": {
                 "max_batch_size": self.settings.max_batch_size,

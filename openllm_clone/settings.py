@@ -85,6 +85,26 @@ class Settings(BaseModel):
         default=600.0, gt=0, description="Per-request timeout in seconds."
     )
     workers: int = Field(default=1, ge=1, le=64, description="BentoML worker processes.")
+    backend: Literal["bentoml", "ray"] = Field(
+        default="bentoml",
+        description="bentoml: one BentoML server with --workers processes; ray: Ray Serve "
+        "replicas behind an adapter-aware router (extra `ray`).",
+    )
+    replicas: int = Field(default=1, ge=1, le=1024, description="Ray Serve replicas of the model.")
+    max_replicas: int | None = Field(
+        default=None, ge=1, le=1024,
+        description="Autoscale Ray replicas between --replicas and this, on ongoing requests.",
+    )
+    cpus_per_replica: float = Field(default=1.0, gt=0, description="CPUs Ray reserves per replica.")
+    gpus_per_replica: float = Field(default=0.0, ge=0, description="GPUs Ray reserves per replica.")
+    ray_address: str | None = Field(
+        default=None, description="Join this Ray cluster (`auto` or host:port); default: start a local one."
+    )
+    routing: Literal["affinity", "random"] = Field(
+        default="affinity",
+        description="Ray routing: affinity sends an adapter's requests to replicas that hold it "
+        "(Ray Serve multiplexing); random is the baseline that ignores adapters.",
+    )
     api_keys: list[str] = Field(
         default_factory=list,
         description="Accepted bearer keys; empty means no authentication.",

@@ -1,0 +1,592 @@
+"""Ray Serve backend: the same HTTP API on N model replicas, routed by adapter.
+
+``openllm-clone start MODEL --backend ray --replicas N`` deploys two Ray Serve
+deployments:
+
+``LLMReplica`` (N replicas, ``--cpus-per-replica`` each)
+    One :class:`~openllm_clone.llm.LLM` per replica: engine, runner and its own LRU of
+    adapters. It runs the ordinary ``/v1`` FastAPI app in-process and streams the
+    ASGI messages back, so every route behaves exactly as on the BentoML backend.
+    Adapters are held through ``@serve.multiplexed``: Ray then knows which replica
+    holds which adapter, and its LRU (``--max-adapters`` per replica) decides
+    evictions.
+
+``Router`` (one replica, no CPU reserved)
+    The HTTP ingress. It reads the adapter a request names (``adapter_name`` or
+    OpenAI ``model``) and calls the replicas with ``multiplexed_model_id`` set to it:
+    Ray Serve routes the call to a replica that already holds the adapter, unless those
+    are at ``max_ongoing_requests`` (then the least loaded replica takes it and loads
+    the adapter). ``--routing random`` drops the model id: the baseline that ignores
+    adapters. Adapters loaded at run time (``POST /v1/adapters``) are kept in the
+    router's table and travel with each request, so any replica can load them; an
+    unload removes the name from the table at once and each replica frees it on its
+    next request. A replica that dies mid-request turns into a 503 ``unavailable``
+    (retryable) error; Ray starts a replacement.
+
+Tests run Ray inside a loopback-only network namespace (Ray listens on every
+interface); see ``tests/e2e/test_ray.py``.
+"""
+
+# No `from __future__ import annotations`: Ray pickles the Router by value, and FastAPI
+# must see real classes (Request) in the route signatures, not strings.
+import asyncio
+import json
+import logging
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from openllm_clone.errors import (
+    AdapterNotFoundError,
+    InvalidRequestError,
+    MissingDependencyError,
+    OpenLLMCloneError,
+    UnavailableError,
+)
+from openllm_clone.middleware import GuardMiddleware
+from openllm_clone.settings import Settings
+
+try:
+    from ray import serve
+except ImportError as exc:  # pragma: no cover - the extra is not installed
+    raise MissingDependencyError.for_extra("ray[serve]", "ray") from exc
+
+__all__ = ["LLMReplica", "Router", "build_application", "run"]
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "openllm-clone"
+REPLICA_HEADER = "x-openllm-replica"
+CACHE_HEADER = "x-openllm-adapter-cache"
+LOADED_HEADER = "x-openllm-adapters-loaded"
+_HOP_HEADERS = {b"host", b"content-length", b"transfer-encoding", b"connection"}
+
+
+def _error_message(exc: OpenLLMCloneError) -> dict[str, Any]:
+    headers = {"content-type": "application/json"}
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        headers["retry-after"] = str(max(1, int(round(retry_after))))
+    return {"status": exc.status_code, "headers": headers, "body": json.dumps(exc.to_dict()).encode()}
+
+
+async def _call_asgi(app: Any, req: dict[str, Any], extra_headers: dict[str, str]) -> AsyncIterator[Any]:
+    """Run one HTTP request through an ASGI app in this process.
+
+    Yields the response start as ``{"status", "headers", "streaming"}``, then body
+    chunks (bytes). Closing the iterator early (the client went away) tells the app
+    the client disconnected and cancels it, which aborts the engine request.
+    """
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+        "method": req["method"], "scheme": "http", "path": req["path"],
+        "raw_path": req["path"].encode(), "query_string": req.get("query", b""),
+        "root_path": "", "headers": req.get("headers", []),
+        "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0),
+    }
+    messages: asyncio.Queue[dict[str, Any] | BaseException | None] = asyncio.Queue()
+    disconnected = asyncio.Event()
+    body_sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal body_sent
+        if not body_sent:
+            body_sent = True
+            return {"type": "http.request", "body": req.get("body", b""), "more_body": False}
+        await disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        await messages.put(message)
+
+    async def run() -> None:
+        try:
+            await app(scope, receive, send)
+            await messages.put(None)
+        except BaseException as exc:  # surfaced to the caller below
+            await messages.put(exc)
+
+    task = asyncio.create_task(run())
+    try:
+        while True:
+            message = await messages.get()
+            if message is None:
+                return
+            if isinstance(message, BaseException):
+                raise message
+            if message["type"] == "http.response.start":
+                headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in message["headers"]
+                           if k.lower() not in _HOP_HEADERS}
+                headers.update(extra_headers)
+                streaming = headers.get("content-type", "").startswith("text/event-stream")
+                yield {"status": message["status"], "headers": headers, "streaming": streaming}
+            elif message["type"] == "http.response.body":
+                if message.get("body"):
+                    yield message["body"]
+                if not message.get("more_body", False):
+                    return
+    finally:
+        disconnected.set()
+        if not task.done():
+            task.cancel()
+
+
+class _HeldAdapter:
+    """What ``@serve.multiplexed`` caches per adapter; Ray calls ``__del__`` on eviction."""
+
+    def __init__(self, replica: "LLMReplica", name: str) -> None:
+        self.replica = replica
+        self.name = name
+        self.released = False
+
+    def __del__(self) -> None:
+        # Ray runs this in a thread pool when its LRU drops the adapter: free the slot on
+        # the replica's loop (the registry keeps the adapter registered for later loads).
+        if self.released:
+            return
+        self.released = True
+        loop = self.replica.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(lambda: loop.create_task(self.replica.llm.adapters.evict(self.name)))
+
+
+@serve.deployment(name="LLMReplica", health_check_period_s=5, health_check_timeout_s=30,
+                  graceful_shutdown_timeout_s=5)
+class LLMReplica:
+    """One engine with its adapters; runs the ``/v1`` app for requests the router sends."""
+
+    def __init__(self, settings_json: str) -> None:
+        from openllm_clone.api import build_app
+        from openllm_clone.llm import LLM
+
+        settings = Settings.model_validate_json(settings_json)
+        logging.getLogger("openllm_clone").setLevel(settings.log_level)
+        self.settings = settings
+        self.llm = LLM.from_settings(settings)
+        self.app = build_app(lambda: self.llm)
+        context = serve.get_replica_context()
+        self.replica_id = f"{context.replica_id.unique_id}"
+        self.pid = os.getpid()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._unloaded: set[str] = set()
+
+        async def hold(name: str) -> _HeldAdapter:  # a plain function: Ray caches on it
+            return await self._load(name)
+
+        self._hold = serve.multiplexed(max_num_models_per_replica=settings.max_adapters)(hold)
+        logger.info("replica %s (pid %d) serving %s", self.replica_id, self.pid, self.llm.name)
+
+    async def _load(self, name: str) -> "_HeldAdapter":
+        await self.llm.adapters.ensure(name)
+        return _HeldAdapter(self, name)
+
+    async def _prepare(self, req: dict[str, Any]) -> None:
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+            await self.llm.start(eager=False)
+        registry = self.llm.adapters
+        for name in req.get("unloaded", ()):
+            # Unloaded on the router: forget it here too (after its requests finish).
+            if name not in self._unloaded and registry.get(name) is not None:
+                self._unloaded.add(name)
+                asyncio.get_running_loop().create_task(self._forget(name))
+        for name, spec in (req.get("specs") or {}).items():
+            record = registry.get(name)
+            if record is not None and record.source != spec["source"] and not record.in_use:
+                await registry.unload(name)  # replaced under the same name
+            if registry.get(name) is None:
+                registry.register(name, spec["source"], pinned=spec.get("pinned", False),
+                                  force=spec.get("force", False))
+            self._unloaded.discard(name)
+
+    async def _forget(self, name: str) -> None:
+        try:
+            await self.llm.adapters.unload(name)
+        except OpenLLMCloneError as exc:
+            logger.warning("could not unload %s: %s", name, exc)
+
+    async def handle(self, req: dict[str, Any]) -> AsyncIterator[Any]:
+        """Serve one HTTP request (forwarded by the router); yields ASGI response parts."""
+        await self._prepare(req)
+        adapter = req.get("adapter")
+        extra = {REPLICA_HEADER: f"{self.replica_id}@{self.pid}"}
+        if adapter:
+            record = self.llm.adapters.get(adapter)
+            extra[CACHE_HEADER] = "hit" if record is not None and record.state == "ready" else "miss"
+            try:
+                await self._hold(adapter)
+            except OpenLLMCloneError as exc:
+                extra[LOADED_HEADER] = ",".join(self.llm.adapters.loaded())
+                message = _error_message(exc)
+                yield {"status": message["status"], "headers": {**message["headers"], **extra},
+                       "streaming": False}
+                yield message["body"]
+                return
+        extra[LOADED_HEADER] = ",".join(self.llm.adapters.loaded())
+        async for part in _call_asgi(self.app, req, extra):
+            yield part
+
+    async def load_adapter(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Load an adapter here (the router picked this replica for it); returns
+        ``{"status", "body"}`` like an HTTP answer."""
+        await self._prepare({})
+        registry = self.llm.adapters
+        try:
+            record = await registry.load(spec["name"], spec["source"], pinned=spec.get("pinned", False),
+                                         force=spec.get("force", False))
+            await self._hold(spec["name"])
+        except OpenLLMCloneError as exc:
+            return {"status": exc.status_code, "body": exc.to_dict()}
+        self._unloaded.discard(spec["name"])
+        return {"status": 200, "body": {**record.info().model_dump(), "replica": self.replica_id}}
+
+    async def describe(self) -> dict[str, Any]:
+        """Names the base model answers to, the start-up adapters, and this replica."""
+        await self._prepare({})
+        return {"names": [self.llm.name, self.llm.runner.info.model_id],
+                "adapters": [a.model_dump() for a in self.llm.adapters.list()],
+                "replica": self.replica_id, "pid": self.pid}
+
+    async def check_health(self) -> None:
+        """Ray's health check: the engine must not have failed."""
+        if getattr(self.llm.engine, "failed", None):
+            raise RuntimeError("engine failed")
+
+
+router_app = FastAPI(title="openllm-clone (Ray Serve)", version="0.1.0")
+_router_settings: dict[str, Settings] = {}
+
+
+def _guard_settings() -> Settings:
+    return _router_settings["settings"]
+
+
+def _set_router_settings(settings: Settings) -> None:
+    # A function (pickled by reference), not the dict: Ray pickles the Router class by
+    # value, which would copy a dict it referenced directly.
+    _router_settings["settings"] = settings
+
+
+# Ray freezes the app when the class is decorated, so the middleware goes on here and
+# reads the settings the router replica was started with.
+router_app.add_middleware(GuardMiddleware, settings=_guard_settings)
+
+
+def _adapter_of(path: str, body: Any, base_names: set[str]) -> tuple[str | None, list[str]]:
+    """The adapter a request names, and every adapter it needs (merges included)."""
+    if not isinstance(body, dict):
+        return None, []
+    if path in ("/generate", "/generate_stream"):
+        adapter = body.get("adapter_name")
+    elif path in ("/completions", "/chat/completions"):
+        adapter = body.get("model")
+    else:
+        return None, []
+    if not isinstance(adapter, str) or not adapter or adapter in base_names:
+        adapter = None
+    merged = body.get("merged_adapters")
+    ids = merged.get("ids") if isinstance(merged, dict) else None
+    needed = [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else []
+    return adapter, [*([adapter] if adapter else []), *needed]
+
+
+def _unavailable(exc: BaseException) -> JSONResponse:
+    logger.warning("replica call failed: %s: %s", type(exc).__name__, exc)
+    error = UnavailableError(
+        f"the replica serving this request failed ({type(exc).__name__}); nothing was "
+        "returned, retry the request", retry_after=1.0)
+    return JSONResponse(error.to_dict(), status_code=error.status_code, headers={"Retry-After": "1"})
+
+
+@serve.deployment(name="Router", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)
+@serve.ingress(router_app)
+class Router:
+    """HTTP ingress: authentication, body limits, adapter-aware routing, run-time adapters."""
+
+    def __init__(self, replicas: Any, settings_json: str) -> None:
+        self.settings = Settings.model_validate_json(settings_json)
+        _set_router_settings(self.settings)
+        self.replicas = replicas
+        self.specs: dict[str, dict[str, Any]] = {}
+        self.unloaded: dict[str, float] = {}
+        self._base_names: set[str] | None = None
+        self._startup: list[dict[str, Any]] = []
+        self.stats: Counter[str] = Counter()
+        self.by_replica: Counter[str] = Counter()
+        self.loads: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        self.holding: dict[str, set[str]] = {}
+
+    # --- forwarding ----------------------------------------------------------------------
+
+    async def _describe(self) -> dict[str, Any]:
+        info = await self.replicas.describe.remote()
+        self._base_names = set(info["names"])
+        self._startup = info["adapters"]
+        return info
+
+    def _route(self, adapter: str | None) -> Any:
+        if adapter and self.settings.routing == "affinity":
+            return self.replicas.options(stream=True, multiplexed_model_id=adapter)
+        return self.replicas.options(stream=True)
+
+    def _record(self, headers: dict[str, str], adapter: str | None) -> None:
+        replica = headers.pop(REPLICA_HEADER, "?").split("@")[0]
+        cache = headers.pop(CACHE_HEADER, None)
+        loaded = headers.pop(LOADED_HEADER, None)
+        self.by_replica[replica] += 1
+        if loaded is not None:
+            self.holding[replica] = {n for n in loaded.split(",") if n}
+        if adapter and cache in ("hit", "miss"):
+            self.stats[f"adapter_cache_{cache}"] += 1
+            if cache == "miss":
+                self.loads[adapter][replica] += 1
+
+    async def _forward(self, request: Request, path: str) -> Response:
+        body = await request.body()
+        if self._base_names is None:
+            try:
+                await self._describe()
+            except Exception as exc:
+                return _unavailable(exc)
+        try:
+            parsed = json.loads(body) if body else None
+        except ValueError:
+            parsed = None  # the replica answers the 400
+        adapter, needed = _adapter_of(path, parsed, self._base_names or set())
+        if adapter in self.unloaded and adapter not in self.specs:
+            err = AdapterNotFoundError(f"adapter {adapter!r} was unloaded", param="model")
+            return JSONResponse(err.to_dict(), status_code=err.status_code)
+        req = {
+            "method": request.method, "path": path, "query": request.url.query.encode(),
+            "headers": [(k, v) for k, v in request.headers.raw if k.lower() not in _HOP_HEADERS],
+            "body": body, "adapter": adapter,
+            "specs": {n: self.specs[n] for n in needed if n in self.specs},
+            "unloaded": list(self.unloaded),
+        }
+        self.stats["requests"] += 1
+        stream = self._route(adapter).handle.remote(req)
+        try:
+            start = await stream.__anext__()
+        except Exception as exc:
+            self.stats["unavailable"] += 1
+            return _unavailable(exc)
+        headers = dict(start["headers"])
+        self._record(headers, adapter)
+        if not start["streaming"]:
+            try:
+                content = b"".join([chunk async for chunk in stream])
+            except Exception as exc:
+                self.stats["unavailable"] += 1
+                return _unavailable(exc)
+            return Response(content, status_code=start["status"], headers=headers)
+
+        async def body_iter() -> AsyncIterator[bytes]:
+            finished = False
+            try:
+                async for chunk in stream:
+                    yield chunk
+                finished = True
+            except Exception as exc:
+                # Tokens already went out: end the stream with an error event the
+                # client library recognises as retryable.
+                self.stats["unavailable"] += 1
+                logger.warning("replica failed mid-stream: %s", exc)
+                error = UnavailableError("the replica serving this stream failed; retry the request")
+                yield f"data: {json.dumps(error.to_dict())}\n\n".encode()
+                finished = True
+            finally:
+                if not finished:
+                    stream.cancel()  # the client went away: stop the replica's request
+
+        return StreamingResponse(body_iter(), status_code=start["status"], headers=headers)
+
+    # --- routes the router answers itself ------------------------------------------------------
+
+    @router_app.get("/livez")
+    async def livez(self) -> Response:
+        return Response("ok")
+
+    @router_app.get("/healthz")
+    async def healthz(self) -> Response:
+        return Response("ok")
+
+    @router_app.get("/readyz")
+    async def readyz(self) -> Response:
+        try:
+            await asyncio.wait_for(self._describe(), timeout=5)
+        except Exception as exc:
+            return Response(f"not ready: {type(exc).__name__}", status_code=503)
+        return Response("ok")
+
+    @router_app.get("/metrics")
+    async def metrics(self) -> Response:
+        lines = ["# TYPE openllm_clone_router_requests_total counter",
+                 f"openllm_clone_router_requests_total {self.stats['requests']}",
+                 "# TYPE openllm_clone_router_unavailable_total counter",
+                 f"openllm_clone_router_unavailable_total {self.stats['unavailable']}",
+                 "# TYPE openllm_clone_adapter_cache_requests_total counter"]
+        for result in ("hit", "miss"):
+            lines.append(f'openllm_clone_adapter_cache_requests_total{{result="{result}"}} '
+                         f"{self.stats[f'adapter_cache_{result}']}")
+        lines.append("# TYPE openllm_clone_replica_requests_total counter")
+        for replica, count in sorted(self.by_replica.items()):
+            lines.append(f'openllm_clone_replica_requests_total{{replica="{replica}"}} {count}')
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    def routing_stats(self) -> dict[str, Any]:
+        hits, misses = self.stats["adapter_cache_hit"], self.stats["adapter_cache_miss"]
+        return {
+            "backend": "ray", "routing": self.settings.routing, "replicas": self.settings.replicas,
+            "max_replicas": self.settings.max_replicas, "requests": self.stats["requests"],
+            "unavailable": self.stats["unavailable"], "adapter_cache_hits": hits,
+            "adapter_cache_misses": misses,
+            "adapter_cache_hit_rate": round(hits / (hits + misses), 4) if hits + misses else 0.0,
+            "requests_by_replica": dict(self.by_replica),
+            "adapter_loads": {a: dict(c) for a, c in self.loads.items()},
+            "adapters_by_replica": {r: sorted(n) for r, n in self.holding.items()},
+        }
+
+    @router_app.get("/v1/metadata")
+    async def metadata(self, request: Request) -> Response:
+        response = await self._forward(request, "/metadata")
+        if response.status_code != 200:
+            return response
+        data = json.loads(response.body)
+        data["routing"] = self.routing_stats()
+        return JSONResponse(data)
+
+    def _adapter_list(self) -> list[dict[str, Any]]:
+        listed: dict[str, dict[str, Any]] = {}
+        for info in self._startup:
+            listed[info["name"]] = dict(info)
+        for name, spec in self.specs.items():
+            listed[name] = {"name": name, "source": spec["source"], "pinned": spec.get("pinned", False)}
+        for name in self.unloaded:
+            if name not in self.specs:
+                listed.pop(name, None)
+        for name, info in listed.items():
+            replicas = sorted(r for r, held in self.holding.items() if name in held)
+            info["replicas"] = replicas
+            info["state"] = "ready" if replicas else "registered"
+        return [listed[n] for n in sorted(listed)]
+
+    @router_app.get("/v1/adapters")
+    async def list_adapters(self) -> Response:
+        if self._base_names is None:
+            try:
+                await self._describe()
+            except Exception as exc:
+                return _unavailable(exc)
+        return JSONResponse({"object": "list", "data": self._adapter_list()})
+
+    @router_app.get("/v1/models")
+    async def models(self) -> Response:
+        try:
+            info = await self._describe()
+        except Exception as exc:
+            return _unavailable(exc)
+        created = int(time.time())
+        data = [{"id": info["names"][0], "object": "model", "created": created,
+                 "owned_by": "openllm-clone", "root": info["names"][1], "parent": None}]
+        data += [{"id": a["name"], "object": "model", "created": created, "owned_by": "openllm-clone",
+                  "root": a.get("source"), "parent": info["names"][0]} for a in self._adapter_list()]
+        return JSONResponse({"object": "list", "data": data})
+
+    @router_app.post("/v1/adapters")
+    async def load_adapter(self, request: Request) -> Response:
+        from openllm_clone.api import _error_response, _json_body, _parse
+        from openllm_clone.protocol import LoadAdapterRequest
+
+        try:
+            body = _parse(LoadAdapterRequest, await _json_body(request))
+        except OpenLLMCloneError as exc:
+            return _error_response(exc)
+        spec = {"name": body.name, "source": body.source, "pinned": body.pinned, "force": body.force}
+        current = self.specs.get(body.name) or next(
+            (a for a in self._startup if a["name"] == body.name and body.name not in self.unloaded), None)
+        if current is not None and current["source"] != body.source:
+            err = InvalidRequestError(f"adapter {body.name!r} is already loaded from "
+                                      f"{current['source']!r}; unload it first", param="name")
+            return JSONResponse(err.to_dict(), status_code=422)
+        handle = self.replicas.options(multiplexed_model_id=body.name) \
+            if self.settings.routing == "affinity" else self.replicas
+        try:
+            answer = await handle.load_adapter.remote(spec)
+        except Exception as exc:
+            return _unavailable(exc)
+        if answer["status"] == 200:
+            # Known to the whole deployment from now on; other replicas load it on demand.
+            self.specs[body.name] = spec
+            self.unloaded.pop(body.name, None)
+            self.loads[body.name][answer["body"].get("replica", "?")] += 1
+        return JSONResponse(answer["body"], status_code=answer["status"])
+
+    @router_app.delete("/v1/adapters/{name}")
+    async def unload_adapter(self, name: str) -> Response:
+        known = name in self.specs or any(a["name"] == name for a in self._startup)
+        if not known or name in self.unloaded:
+            err = AdapterNotFoundError(f"adapter {name!r} is not loaded")
+            return JSONResponse(err.to_dict(), status_code=err.status_code)
+        self.specs.pop(name, None)
+        self.unloaded[name] = time.time()
+        # Replicas free it on their next request (in-flight requests finish first).
+        return JSONResponse({"name": name, "deleted": True})
+
+    @router_app.api_route("/v1/{path:path}", methods=["GET", "POST", "DELETE", "PUT", "PATCH"])
+    async def forward(self, path: str, request: Request) -> Response:
+        return await self._forward(request, "/" + path)
+
+
+def build_application(settings: Settings) -> Any:
+    """The Ray Serve application: the router in front of ``settings.replicas`` replicas."""
+    settings_json = settings.model_dump_json()
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": settings.cpus_per_replica,
+                              "num_gpus": settings.gpus_per_replica},
+        # Enough in flight per replica to fill its running batch and queue; beyond it
+        # Ray sends the request to another replica even if that one lacks the adapter.
+        "max_ongoing_requests": settings.max_batch_size * 4,
+    }
+    if settings.max_replicas and settings.max_replicas > settings.replicas:
+        options["autoscaling_config"] = {
+            "min_replicas": settings.replicas, "max_replicas": settings.max_replicas,
+            "initial_replicas": settings.replicas,
+            "target_ongoing_requests": settings.max_batch_size,
+        }
+    else:
+        options["num_replicas"] = settings.replicas
+    replicas = LLMReplica.options(**options).bind(settings_json)
+    return Router.bind(replicas, settings_json)
+
+
+def run(settings: Settings, *, block: bool = True) -> None:
+    """Start (or join) Ray, deploy the application on ``host:port``, serve until Ctrl-C."""
+    import ray
+
+    if not ray.is_initialized():
+        if settings.ray_address:
+            ray.init(address=settings.ray_address, namespace=APP_NAME, log_to_driver=False)
+        else:
+            needed = settings.cpus_per_replica * (settings.max_replicas or settings.replicas)
+            ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), namespace=APP_NAME,
+                     include_dashboard=False, object_store_memory=256 * 2**20,
+                     log_to_driver=False,
+                     runtime_env={"env_vars": {k: v for k, v in os.environ.items()
+                                               if k.startswith(("BENTOML_", "HF_", "OPENLLM_CLONE_"))}})
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(build_application(settings), name=APP_NAME, route_prefix="/")
+    if not block:
+        return
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
