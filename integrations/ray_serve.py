@@ -320,6 +320,7 @@ class Router:
         self.by_replica: Counter[str] = Counter()
         self.loads: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self.holding: dict[str, set[str]] = {}
+        self.pids: dict[str, int] = {}
 
     # --- forwarding ----------------------------------------------------------------------
 
@@ -335,7 +336,9 @@ class Router:
         return self.replicas.options(stream=True)
 
     def _record(self, headers: dict[str, str], adapter: str | None) -> None:
-        replica = headers.pop(REPLICA_HEADER, "?").split("@")[0]
+        replica, _, pid = headers.pop(REPLICA_HEADER, "?").partition("@")
+        if pid.isdigit():
+            self.pids[replica] = int(pid)
         cache = headers.pop(CACHE_HEADER, None)
         loaded = headers.pop(LOADED_HEADER, None)
         self.by_replica[replica] += 1
@@ -446,7 +449,7 @@ class Router:
             "unavailable": self.stats["unavailable"], "adapter_cache_hits": hits,
             "adapter_cache_misses": misses,
             "adapter_cache_hit_rate": round(hits / (hits + misses), 4) if hits + misses else 0.0,
-            "requests_by_replica": dict(self.by_replica),
+            "requests_by_replica": dict(self.by_replica), "replica_pids": dict(self.pids),
             "adapter_loads": {a: dict(c) for a, c in self.loads.items()},
             "adapters_by_replica": {r: sorted(n) for r, n in self.holding.items()},
         }

@@ -9,12 +9,22 @@ Errors::
 
 The address comes from the argument or ``OPENLLM_CLONE_ENDPOINT``; the bearer key
 from the argument or ``OPENLLM_CLONE_API_KEY``.
+
+Retries (``max_retries``, default 2): a request is sent again, after ``Retry-After`` or
+an exponential back-off, when the server could not be reached (connection refused)
+or answered 429/502/503, and a stream when it failed that way before its first event
+(a 503 ``unavailable`` event from a Ray replica that died). In every one of those
+cases the server returned nothing, so sending again cannot duplicate an answer. A
+stream that already yielded events is never retried: the error is raised.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import random
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -32,6 +42,7 @@ __all__ = [
 ]
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:3000"
+RETRY_STATUSES = frozenset({429, 502, 503})
 
 
 class APIError(Exception):
@@ -64,6 +75,35 @@ def _status_error(response: httpx.Response) -> APIStatusError:
     return APIStatusError(response.status_code, body)
 
 
+def _backoff(attempt: int, retry_after: str | None = None) -> float:
+    """Seconds to wait before retry ``attempt`` (0-based): the server's Retry-After,
+    capped at 30 s, else 0.5 s doubling with jitter."""
+    if retry_after:
+        try:
+            return min(30.0, max(0.0, float(retry_after)))
+        except ValueError:
+            pass
+    return min(8.0, 0.5 * 2**attempt) * (0.5 + random.random() / 2)
+
+
+def _event_error(event: dict[str, Any]) -> APIStatusError:
+    code = event.get("error", {}).get("code") if isinstance(event.get("error"), dict) else None
+    return APIStatusError(code if isinstance(code, int) else 500, event)
+
+
+class _Done(Exception):
+    """Internal: the stream sent ``[DONE]``."""
+
+
+class _Retry(Exception):
+    """Internal: this attempt failed before anything was returned; wait, then retry."""
+
+    def __init__(self, delay: float, error: APIError) -> None:
+        super().__init__(str(error))
+        self.delay = delay
+        self.error = error
+
+
 def _sse_data(line: str) -> str | None:
     return line[5:].strip() if line.startswith("data:") else None
 
@@ -82,19 +122,55 @@ def _chat_payload(messages: list[dict[str, Any]], model: str | None, stream: boo
 
 
 class _Base:
-    def __init__(self, endpoint: str | None, api_key: str | None, timeout: float) -> None:
+    def __init__(self, endpoint: str | None, api_key: str | None, timeout: float,
+                 max_retries: int) -> None:
         self.endpoint = (endpoint or os.environ.get("OPENLLM_CLONE_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
         key = api_key if api_key is not None else os.environ.get("OPENLLM_CLONE_API_KEY")
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.timeout = timeout
+        self.max_retries = max_retries
+
+    def _check(self, response: httpx.Response, attempt: int) -> None:
+        """Raise for an error status: ``_Retry`` when it may be sent again."""
+        if response.status_code < 400:
+            return
+        error = _status_error(response)
+        if response.status_code in RETRY_STATUSES and attempt < self.max_retries:
+            raise _Retry(_backoff(attempt, response.headers.get("retry-after")), error)
+        raise error
+
+    def _unreachable(self, exc: httpx.TransportError, what: str, attempt: int) -> Exception:
+        """The exception for a transport failure: ``_Retry`` when nothing was sent."""
+        if isinstance(exc, httpx.TimeoutException):
+            return APITimeoutError(f"{what} timed out")
+        error = APIConnectionError(f"cannot reach {self.endpoint}: {exc}")
+        if isinstance(exc, httpx.ConnectError) and attempt < self.max_retries:
+            return _Retry(_backoff(attempt), error)
+        return error
+
+    def _event(self, line: str, yielded: bool, attempt: int) -> dict[str, Any] | None:
+        """The event on an SSE line (None for other lines); raises at ``[DONE]``
+        (``_Done``) or on an error event (``_Retry`` if nothing was yielded yet)."""
+        data = _sse_data(line)
+        if data is None:
+            return None
+        if data == "[DONE]":
+            raise _Done
+        event: dict[str, Any] = json.loads(data)
+        if "error" in event:
+            error = _event_error(event)
+            if not yielded and error.status_code in RETRY_STATUSES and attempt < self.max_retries:
+                raise _Retry(_backoff(attempt), error)
+            raise error
+        return event
 
 
 class HTTPClient(_Base):
     """Blocking client."""
 
     def __init__(self, endpoint: str | None = None, *, api_key: str | None = None,
-                 timeout: float = 600.0) -> None:
-        super().__init__(endpoint, api_key, timeout)
+                 timeout: float = 600.0, max_retries: int = 2) -> None:
+        super().__init__(endpoint, api_key, timeout, max_retries)
         self._http = httpx.Client(base_url=self.endpoint, headers=self.headers, timeout=timeout)
 
     def close(self) -> None:
@@ -108,36 +184,42 @@ class HTTPClient(_Base):
         self.close()
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TimeoutException as exc:
-            raise APITimeoutError(f"{method} {path} timed out") from exc
-        except httpx.TransportError as exc:
-            raise APIConnectionError(f"cannot reach {self.endpoint}: {exc}") from exc
-        if response.status_code >= 400:
-            raise _status_error(response)
-        return response.json() if response.content else None
+        attempt = 0
+        while True:
+            try:
+                try:
+                    response = self._http.request(method, path, **kwargs)
+                except httpx.TransportError as exc:
+                    raise self._unreachable(exc, f"{method} {path}", attempt) from exc
+                self._check(response, attempt)
+                return response.json() if response.content else None
+            except _Retry as retry:
+                time.sleep(retry.delay)
+                attempt += 1
 
     def _stream(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        try:
-            with self._http.stream("POST", path, json=body) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    raise _status_error(response)
-                for line in response.iter_lines():
-                    data = _sse_data(line)
-                    if data is None:
-                        continue
-                    if data == "[DONE]":
+        attempt = 0
+        while True:
+            yielded = False
+            try:
+                try:
+                    with self._http.stream("POST", path, json=body) as response:
+                        if response.status_code >= 400:
+                            response.read()
+                        self._check(response, attempt)
+                        for line in response.iter_lines():
+                            event = self._event(line, yielded, attempt)
+                            if event is not None:
+                                yielded = True
+                                yield event
                         return
-                    event = json.loads(data)
-                    if "error" in event:
-                        raise APIStatusError(500, event)
-                    yield event
-        except httpx.TimeoutException as exc:
-            raise APITimeoutError(f"POST {path} timed out") from exc
-        except httpx.TransportError as exc:
-            raise APIConnectionError(f"cannot reach {self.endpoint}: {exc}") from exc
+                except _Done:
+                    return
+                except httpx.TransportError as exc:
+                    raise self._unreachable(exc, f"POST {path}", attempt) from exc
+            except _Retry as retry:
+                time.sleep(retry.delay)
+                attempt += 1
 
     def health(self) -> bool:
         """True when the server is ready."""
@@ -195,8 +277,8 @@ class AsyncHTTPClient(_Base):
     """asyncio client with the same methods as :class:`HTTPClient`."""
 
     def __init__(self, endpoint: str | None = None, *, api_key: str | None = None,
-                 timeout: float = 600.0) -> None:
-        super().__init__(endpoint, api_key, timeout)
+                 timeout: float = 600.0, max_retries: int = 2) -> None:
+        super().__init__(endpoint, api_key, timeout, max_retries)
         self._http = httpx.AsyncClient(base_url=self.endpoint, headers=self.headers, timeout=timeout)
 
     async def close(self) -> None:
@@ -210,36 +292,42 @@ class AsyncHTTPClient(_Base):
         await self.close()
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            response = await self._http.request(method, path, **kwargs)
-        except httpx.TimeoutException as exc:
-            raise APITimeoutError(f"{method} {path} timed out") from exc
-        except httpx.TransportError as exc:
-            raise APIConnectionError(f"cannot reach {self.endpoint}: {exc}") from exc
-        if response.status_code >= 400:
-            raise _status_error(response)
-        return response.json() if response.content else None
+        attempt = 0
+        while True:
+            try:
+                try:
+                    response = await self._http.request(method, path, **kwargs)
+                except httpx.TransportError as exc:
+                    raise self._unreachable(exc, f"{method} {path}", attempt) from exc
+                self._check(response, attempt)
+                return response.json() if response.content else None
+            except _Retry as retry:
+                await asyncio.sleep(retry.delay)
+                attempt += 1
 
     async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        try:
-            async with self._http.stream("POST", path, json=body) as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    raise _status_error(response)
-                async for line in response.aiter_lines():
-                    data = _sse_data(line)
-                    if data is None:
-                        continue
-                    if data == "[DONE]":
+        attempt = 0
+        while True:
+            yielded = False
+            try:
+                try:
+                    async with self._http.stream("POST", path, json=body) as response:
+                        if response.status_code >= 400:
+                            await response.aread()
+                        self._check(response, attempt)
+                        async for line in response.aiter_lines():
+                            event = self._event(line, yielded, attempt)
+                            if event is not None:
+                                yielded = True
+                                yield event
                         return
-                    event = json.loads(data)
-                    if "error" in event:
-                        raise APIStatusError(500, event)
-                    yield event
-        except httpx.TimeoutException as exc:
-            raise APITimeoutError(f"POST {path} timed out") from exc
-        except httpx.TransportError as exc:
-            raise APIConnectionError(f"cannot reach {self.endpoint}: {exc}") from exc
+                except _Done:
+                    return
+                except httpx.TransportError as exc:
+                    raise self._unreachable(exc, f"POST {path}", attempt) from exc
+            except _Retry as retry:
+                await asyncio.sleep(retry.delay)
+                attempt += 1
 
     async def health(self) -> bool:
         """True when the server is ready."""
