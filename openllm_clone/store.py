@@ -145,6 +145,47 @@ def import_model(source: str = DEFAULT_MODEL, *, name: str | None = None) -> str
     )
 
 
+def quantize_model(source: str, *, method: str = "gptq", bits: int = 4, group_size: int = 128,
+                   calibration: str = "builtin", name: str | None = None, seqlen: int = 512,
+                   progress: Any = None) -> str:
+    """Quantize a model (store tag or folder) and put the result in the store.
+
+    The new model keeps the source's aliases, so adapters trained on the original
+    model pass the base-model check on the quantized one.
+    """
+    if method != "gptq":
+        raise ModelLoadError(f"unknown quantization method {method!r}; `quantize` makes gptq "
+                             "checkpoints (bitsandbytes and torchao modes quantize at load time)")
+    from openllm_clone.runners.quantization.calibration import load_calibration
+    from openllm_clone.runners.quantization.gptq import quantize
+
+    resolved = resolve_model(source)
+    try:
+        texts = load_calibration(calibration)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot read the calibration data: {exc}") from exc
+    store_name = name or _store_name(f"{resolved.name}-gptq-{bits}bit")
+    done: dict[str, Any] = {}
+
+    def fill(dst: Path) -> None:
+        try:
+            done.update(quantize(resolved.path, dst, bits=bits, group_size=group_size, texts=texts,
+                                 seqlen=seqlen, progress=progress))
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from exc
+
+    info = _describe(resolved.path)
+    origin = resolved.tag or str(resolved.path)
+    stored = _get_stored(resolved.tag) if resolved.tag else None
+    params = int(stored.info.metadata.get("parameters", 0)) if stored is not None else 0
+    return _save_to_store(
+        store_name, fill, labels={"kind": MODEL_LABEL},
+        metadata={**info, "quantization": "gptq", "parameters": params,
+                  "gptq": {**done, "calibration": calibration},
+                  "source": origin, "aliases": [origin, *resolved.aliases]},
+    )
+
+
 def _numel(shape: list[int]) -> int:
     n = 1
     for d in shape:

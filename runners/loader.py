@@ -57,8 +57,14 @@ def load_runner(path: Path, settings: Settings, *, model_id: str) -> tuple[Any, 
         config = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read the model config in {path}: {exc}") from exc
+    if getattr(config, "quantization_config", None) is None:
+        from .quantization.gptq import legacy_quantize_config
+
+        legacy = legacy_quantize_config(Path(path))  # an old AutoGPTQ checkpoint
+        if legacy is not None:
+            config.quantization_config = legacy
     spec = dispatch(settings.quantize, dtype=dtype, device=device, config=config)
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype, "config": config}
     if spec is not None:
         kwargs.update(spec.load_kwargs)
         if spec.quantization_config is not None:

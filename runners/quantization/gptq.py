@@ -1,28 +1,120 @@
-"""GPTQ: serve GPTQ checkpoints (AutoGPTQ format included) through gptqmodel + optimum.
+"""GPTQ: make GPTQ checkpoints and serve them (AutoGPTQ format included).
 
 auto-gptq does not import with transformers 5; its maintained successor gptqmodel
-does the work behind transformers' ``GPTQConfig``. Without it, loading a GPTQ
-checkpoint or asking for ``--quantize gptq`` fails at once naming what to install.
+does the work behind transformers' ``GPTQConfig`` and optimum's ``GPTQQuantizer``.
+gptqmodel 7.7 requires torch >= 2.14.1; 7.6 works with torch 2.8 and later, so the
+``gptq`` extra pins ``gptqmodel>=7.6,<7.7``. Without it, loading a GPTQ checkpoint or
+asking for ``--quantize gptq`` fails at once naming what to install.
+
+Checkpoints are written in the v1 ``gptq`` format (AutoGPTQ's), which every GPTQ
+loader reads. Old AutoGPTQ checkpoints that carry their settings in
+``quantize_config.json`` instead of ``config.json`` load too.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from openllm_clone.errors import MissingDependencyError, ModelLoadError
 
 from . import QuantSpec
 
+logger = logging.getLogger(__name__)
+
 
 def _require_gptqmodel() -> None:
+    # On a 2-core machine gptqmodel's default worker count oversubscribes the CPU.
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(4, os.cpu_count() or 1))))
     try:
         import gptqmodel  # noqa: F401
         import optimum  # noqa: F401
     except ImportError as exc:
         raise MissingDependencyError(
-            "GPTQ needs gptqmodel and optimum (`pip install gptqmodel optimum`); gptqmodel "
-            "7.x requires torch >= 2.14.1"
+            "GPTQ needs gptqmodel and optimum: `pip install 'openllm-clone[gptq]'` "
+            "(gptqmodel>=7.6,<7.7 works with torch 2.8+; 7.7 requires torch >= 2.14.1)"
         ) from exc
+
+
+def legacy_quantize_config(path: Path) -> dict[str, Any] | None:
+    """The quantization_config of an old AutoGPTQ checkpoint (``quantize_config.json``)."""
+    file = path / "quantize_config.json"
+    if not file.is_file():
+        return None
+    raw = json.loads(file.read_text())
+    return {
+        "quant_method": "gptq", "bits": int(raw["bits"]), "group_size": int(raw.get("group_size", 128)),
+        "desc_act": bool(raw.get("desc_act", False)), "sym": bool(raw.get("sym", True)),
+        "damp_percent": float(raw.get("damp_percent", 0.01)),
+        "true_sequential": bool(raw.get("true_sequential", True)),
+        "checkpoint_format": raw.get("checkpoint_format", "gptq"),
+    }
+
+
+def quantize(
+    src: Path,
+    dst: Path,
+    *,
+    bits: int,
+    group_size: int,
+    texts: list[str],
+    seqlen: int = 512,
+    desc_act: bool = False,
+    sym: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """GPTQ-quantize the model in ``src`` with calibration ``texts``; write it to ``dst``.
+
+    Runs on the CPU (or the first GPU when there is one). Returns what was done, for
+    the model store's metadata.
+    """
+    _require_gptqmodel()
+    import torch
+    from optimum.gptq import GPTQQuantizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"GPTQ bits must be 2, 3, 4 or 8, not {bits}")
+    if not texts:
+        raise ValueError("GPTQ needs at least one calibration text")
+    say = progress or (lambda _msg: None)
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(str(src))
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    in_features = {m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    if group_size > 0 and any(f % group_size for f in in_features):
+        raise ValueError(f"group size {group_size} does not divide every layer's input width "
+                         f"({sorted(in_features)})")
+    quantizer = GPTQQuantizer(bits=bits, group_size=group_size, dataset=texts, desc_act=desc_act,
+                              sym=sym, model_seqlen=seqlen, format="gptq")
+    say(f"quantizing {len(texts)} calibration texts through {model.config.num_hidden_layers} layers")
+    quantizer.quantize_model(model, tokenizer)
+    say("writing the checkpoint")
+    quantizer.save(model, str(dst))  # converts to the v1 (AutoGPTQ) format
+    tokenizer.save_pretrained(str(dst))
+    # optimum converts the tensors to v1 on save and says so in quantize_config.json,
+    # but config.json (what transformers reads) keeps "gptq_v2": loading would then
+    # misread every zero point. Make config.json agree with the tensors, and keep the
+    # calibration texts out of both files.
+    config_file, saved_file = dst / "config.json", dst / "quantize_config.json"
+    config = json.loads(config_file.read_text())
+    saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
+    qc = {**(config.get("quantization_config") or {}), **saved, "quant_method": "gptq"}
+    for key in ("dataset", "tokenizer"):
+        qc.pop(key, None)
+        saved.pop(key, None)
+    qc["checkpoint_format"] = qc["format"] = saved.get("format", "gptq")
+    config["quantization_config"] = qc
+    config_file.write_text(json.dumps(config, indent=2))
+    if saved:
+        saved_file.write_text(json.dumps(saved, indent=2))
+    return {"bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
+            "calibration_texts": len(texts), "seconds": round(time.perf_counter() - started, 1)}
 
 
 def dispatch(mode: str, *, dtype: Any, device: Any, config: Any) -> QuantSpec | None:
