@@ -1,11 +1,12 @@
 """Quantization benchmark on SmolLM2: bytes, load time, speed and perplexity per mode.
 
 For bf16 and every quantization that runs here (bitsandbytes int8/nf4/fp4, torchao
-int8 weight-only), in one run: real weight bytes, load time, decode tokens/s at
+int8 weight-only, GPTQ 4-bit and 8-bit made by `openllm-clone quantize` with the
+built-in calibration texts, timed), in one run: real weight bytes, load time, decode tokens/s at
 batch 1 and aggregate tokens/s at batch 16 (engine in-process, warm-up, then the
 median of repeats), and perplexity on a fixed built-in text, with ratios to bf16.
 
-    python bench/quantization.py [--modes bf16,int8,nf4,fp4,torchao-int8]
+    python bench/quantization.py [--modes bf16,int8,nf4,fp4,torchao-int8,gptq4,gptq8]
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ def perplexity(model_dir: str, mode: str, dtype: str) -> float:
 
     device = pick_device("cpu")
     kwargs: dict = {"dtype": getattr(torch, dtype)}
-    if mode != "bf16":
+    if mode.startswith("gptq"):  # model_dir is the GPTQ checkpoint
+        kwargs["device_map"] = "cpu"
+    elif mode != "bf16":
         from transformers import AutoConfig
 
         spec = dispatch(mode, dtype=kwargs["dtype"], device=device,
@@ -76,7 +79,7 @@ async def speed(llm, batch: int, new_tokens: int, repeats: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--modes", default="bf16,int8,nf4,fp4,torchao-int8")
+    ap.add_argument("--modes", default="bf16,int8,nf4,fp4,torchao-int8,gptq4,gptq8")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
@@ -91,9 +94,17 @@ def main() -> None:
     results = {}
     for mode in args.modes.split(","):
         quantize = None if mode == "bf16" else mode
+        model, mode_dir, made = args.model, model_dir, None
         try:
+            if mode.startswith("gptq"):
+                from openllm_clone.store import quantize_model
+
+                t = time.perf_counter()
+                model = quantize_model(args.model, bits=int(mode[4:] or 4), name=f"bench-{mode}")
+                made = time.perf_counter() - t
+                mode_dir, quantize = str(resolve_model(model).path), "gptq"
             t = time.perf_counter()
-            llm = LLM.from_settings(Settings(model=args.model, dtype="bfloat16", device=args.device,
+            llm = LLM.from_settings(Settings(model=model, dtype="bfloat16", device=args.device,
                                              quantize=quantize, max_batch_size=16))
             load = time.perf_counter() - t
         except OpenLLMCloneError as exc:
@@ -106,7 +117,9 @@ def main() -> None:
         embed_bytes = embed.numel() * embed.element_size()
         llm.shutdown()
         results[mode] = {"bytes": weight_bytes, "embed": embed_bytes, "load": load, "b1": b1,
-                         "b16": b16, "ppl": perplexity(model_dir, mode, "bfloat16")}
+                         "b16": b16, "ppl": perplexity(mode_dir, mode, "bfloat16")}
+        if made is not None:
+            print(f"{mode}: quantized in {made:.0f} s (openllm-clone quantize, builtin calibration)")
     base = results.get("bf16")
     rows = []
     for mode, r in results.items():

@@ -37,7 +37,9 @@ def quantize(
     model: str = typer.Argument("smollm2", help="Model store tag or local folder."),
     method: str = typer.Option("gptq", help="gptq (bitsandbytes/torchao modes quantize at load time)."),
     bits: int = typer.Option(4, help="Bits per weight: 2, 3, 4 or 8."),
-    group_size: int = typer.Option(128, help="Columns sharing one scale (-1: per row)."),
+    group_size: int | None = typer.Option(
+        None, help="Columns sharing one scale; default 128, or the largest of 64/32/16 that "
+        "divides every layer's width (SmolLM2: 64); -1 for one scale per row."),
     calibration: str = typer.Option("builtin", help="builtin, or a text file (paragraphs) or .jsonl."),
     seqlen: int = typer.Option(512, help="Longest calibration sequence in tokens."),
     name: str | None = typer.Option(None, help="Name in the store (default MODEL-gptq-4bit)."),
@@ -46,7 +48,7 @@ def quantize(
     from openllm_clone.store import quantize_model
 
     try:
-        with console.status(f"GPTQ {bits}-bit, group size {group_size}: {model}") as status:
+        with console.status(f"GPTQ {bits}-bit: {model}") as status:
             tag = quantize_model(model, method=method, bits=bits, group_size=group_size,
                                  calibration=calibration, name=name, seqlen=seqlen,
                                  progress=lambda msg: status.update(f"GPTQ: {msg}"))

@@ -145,7 +145,7 @@ def import_model(source: str = DEFAULT_MODEL, *, name: str | None = None) -> str
     )
 
 
-def quantize_model(source: str, *, method: str = "gptq", bits: int = 4, group_size: int = 128,
+def quantize_model(source: str, *, method: str = "gptq", bits: int = 4, group_size: int | None = None,
                    calibration: str = "builtin", name: str | None = None, seqlen: int = 512,
                    progress: Any = None) -> str:
     """Quantize a model (store tag or folder) and put the result in the store.

@@ -61,7 +61,7 @@ def quantize(
     dst: Path,
     *,
     bits: int,
-    group_size: int,
+    group_size: int | None,
     texts: list[str],
     seqlen: int = 512,
     desc_act: bool = False,
@@ -87,11 +87,13 @@ def quantize(
     tokenizer = AutoTokenizer.from_pretrained(str(src))
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
     in_features = {m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    if group_size is None:  # 128 (the usual), else the largest that fits (SmolLM2: 64)
+        group_size = next((g for g in (128, 64, 32, 16) if not any(f % g for f in in_features)), -1)
     if group_size > 0 and any(f % group_size for f in in_features):
         raise ValueError(f"group size {group_size} does not divide every layer's input width "
                          f"({sorted(in_features)})")
     quantizer = GPTQQuantizer(bits=bits, group_size=group_size, dataset=texts, desc_act=desc_act,
-                              sym=sym, model_seqlen=seqlen, format="gptq")
+                              sym=sym, act_group_aware=not desc_act, model_seqlen=seqlen, format="gptq")
     say(f"quantizing {len(texts)} calibration texts through {model.config.num_hidden_layers} layers")
     quantizer.quantize_model(model, tokenizer)
     say("writing the checkpoint")
