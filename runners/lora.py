@@ -3,21 +3,31 @@
 Each adapted projection keeps two stacks over adapter slots, ``A[layer, slot, rank,
 in]`` and ``B[layer, slot, rank, out]`` (the LoRA scale folded into ``B``); slot 0
 is "no adapter" and stays zero. A step computes one :class:`LoraPlan` from the rows'
-slots and reuses it in all layers. For the ``n`` distinct adapters in the step, their
-``A`` and ``B`` are concatenated along the rank axis, so that each projection costs
-two matmuls whatever ``n`` is::
+slots and reuses it in all layers. Two ways to apply it, both exact:
 
-    delta = ((x @ A_active.T) * mask) @ B_active        # [T, n*r] -> [T, out]
+* **per token** (decode steps with several adapters, the common serving case): the
+  stacks of each row's adapter are gathered once into ``A_tok[layer, T, in, r]`` and
+  ``B_tok[layer, T, r, out]`` and cached while the batch keeps the same rows, so each
+  projection costs two batched matrix-vector products, one per token with its own
+  adapter (the segmented gather-matmul of Punica/S-LoRA with segments of one token)::
 
-where ``mask`` keeps, for every token, only the rank columns of its own adapter
-(rows without an adapter get zeros). That is exact: the other adapters' columns are
-multiplied by zero before the second matmul. Small bf16 matmuls are slow on CPU, so
-the LoRA math runs in float32 (the stacks are stored in the model dtype and
-converted when a new set of active adapters is first seen, then cached).
+      delta[t] = (x[t] @ A_tok[t]) @ B_tok[t]
+
+  That is the least work there is: every adapter's weights are read once per step.
+* **masked** (prefill steps, or batches too large for the per-token cache): for the
+  ``n`` distinct adapters in the step, ``A`` and ``B`` are concatenated along the rank
+  axis and a mask keeps, for every token, only the rank columns of its own adapter::
+
+      delta = ((x @ A_active.T) * mask) @ B_active        # [T, n*r] -> [T, out]
+
+Small bf16 matmuls are slow on CPU, so the LoRA math runs in float32 (the stacks are
+stored in the model dtype and converted when first used by a step, then cached under
+a byte budget).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,6 +41,10 @@ if TYPE_CHECKING:
 __all__ = ["LoraBank", "LoraPlan"]
 
 _COMPUTE_DTYPE = torch.float32
+# Converted stacks kept between steps (per active set, or per batch of decode rows).
+_CACHE_BYTES = 512 * 2**20
+# A decode batch uses per-token stacks when they fit in this much memory.
+_PER_TOKEN_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -39,6 +53,7 @@ class LoraPlan:
 
     active: tuple[int, ...] = ()
     mask: torch.Tensor | None = None  # [T, n*r]; None when every token has active[0]
+    per_token: tuple[int, ...] | None = None  # each token's slot, for the per-token path
     # The last input converted to float32: q/k/v (and gate/up) share their input.
     _x: torch.Tensor | None = None
     _x32: torch.Tensor | None = None
@@ -79,8 +94,12 @@ class LoraBank:
         self._a: dict[str, torch.Tensor] = {}
         self._b: dict[str, torch.Tensor] = {}
         self._module_slots: dict[str, set[int]] = {name: set() for name in module_dims}
-        # active slots -> module -> (A [L, n*r, in], B [L, n*r, out]) in float32
-        self._cache: dict[tuple[int, ...], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        # (kind, slots) -> module -> (A, B) in float32, least recently used first:
+        # ("set", active) -> (A [L, in, n*r], B [L, n*r, out]) for the masked path;
+        # ("tok", token slots) -> (A [L, T, in, r], B [L, T, r, out]) per token.
+        self._cache: OrderedDict[tuple[str, tuple[int, ...]],
+                                 dict[str, tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self._cache_bytes: dict[tuple[str, tuple[int, ...]], int] = {}
 
     # --- validation and installation -------------------------------------------------
 
@@ -124,6 +143,7 @@ class LoraBank:
             self._a[name], self._b[name] = a, b
         self.rank = rank
         self._cache.clear()
+        self._cache_bytes.clear()
 
     def install(self, slot: int, weights: AdapterWeights) -> None:
         """Write an adapter into ``slot`` (the caller guarantees no step is running)."""
@@ -148,18 +168,27 @@ class LoraBank:
         self._forget(slot)
 
     def _forget(self, slot: int) -> None:
-        for key in [k for k in self._cache if slot in k]:
+        for key in [k for k in self._cache if slot in k[1]]:
             del self._cache[key]
+            self._cache_bytes.pop(key, None)
+
+    def _adapter_bytes(self) -> int:
+        """float32 bytes of one slot's A and B over every layer and module."""
+        per_layer = sum(i + o for i, o in self.module_dims.values()) * self.rank
+        return per_layer * self.num_layers * 4
 
     # --- the step ----------------------------------------------------------------------
 
     def plan(self, row_slots: list[int], row_lengths: list[int]) -> LoraPlan:
-        """Which adapters a step uses, and which rank columns each token keeps."""
+        """Which adapters a step uses, and how each token gets its own."""
         active = tuple(sorted({s for s in row_slots if s}))
         if not active:
             return LoraPlan()
         if len(active) == 1 and all(s == active[0] for s in row_slots):
             return LoraPlan(active=active)
+        if all(n == 1 for n in row_lengths) and \
+                len(row_slots) * self._adapter_bytes() <= _PER_TOKEN_BYTES:
+            return LoraPlan(active=active, per_token=tuple(row_slots))
         token_slots = torch.repeat_interleave(
             torch.tensor(row_slots), torch.tensor(row_lengths)
         )
@@ -168,12 +197,27 @@ class LoraBank:
         mask = onehot.repeat_interleave(self.rank, dim=1).to(self.device)  # [T, n*r]
         return LoraPlan(active=active, mask=mask)
 
+    def _cached(self, key: tuple[str, tuple[int, ...]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        stacks = self._cache.get(key)
+        if stacks is not None:
+            self._cache.move_to_end(key)
+        return stacks
+
+    def _remember(self, key: tuple[str, tuple[int, ...]],
+                  stacks: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        size = sum(a.numel() * a.element_size() + b.numel() * b.element_size()
+                   for a, b in stacks.values())
+        while self._cache and sum(self._cache_bytes.values()) + size > _CACHE_BYTES:
+            old, _ = self._cache.popitem(last=False)
+            self._cache_bytes.pop(old, None)
+        self._cache[key] = stacks
+        self._cache_bytes[key] = size
+
     def _stacks(self, active: tuple[int, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        cached = self._cache.get(active)
+        key = ("set", active)
+        cached = self._cached(key)
         if cached is not None:
             return cached
-        if len(self._cache) > 64:
-            self._cache.clear()
         index = torch.tensor(active, device=self.device)
         stacks = {}
         for module, slots in self._module_slots.items():
@@ -184,7 +228,24 @@ class LoraBank:
             n, r = len(active), self.rank
             stacks[module] = (a.reshape(self.num_layers, n * r, -1).transpose(1, 2).contiguous(),
                               b.reshape(self.num_layers, n * r, -1).contiguous())
-        self._cache[active] = stacks
+        self._remember(key, stacks)
+        return stacks
+
+    def _token_stacks(self, token_slots: tuple[int, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        key = ("tok", token_slots)
+        cached = self._cached(key)
+        if cached is not None:
+            return cached
+        index = torch.tensor(token_slots, device=self.device)
+        used = set(token_slots)
+        stacks = {}
+        for module, slots in self._module_slots.items():
+            if not slots.intersection(used):
+                continue
+            a = self._a[module].index_select(1, index).to(_COMPUTE_DTYPE)  # [L, T, r, in]
+            b = self._b[module].index_select(1, index).to(_COMPUTE_DTYPE)  # [L, T, r, out]
+            stacks[module] = (a.transpose(2, 3).contiguous(), b.contiguous())
+        self._remember(key, stacks)
         return stacks
 
     def apply(
@@ -193,6 +254,13 @@ class LoraBank:
         """Return ``y`` plus every token's adapter delta for ``module`` at ``layer``."""
         if plan.empty:
             return y
+        if plan.per_token is not None:
+            stacks = self._token_stacks(plan.per_token).get(module)
+            if stacks is None:
+                return y
+            a, b = stacks
+            xa = torch.bmm(plan.as_compute(x).unsqueeze(1), a[layer])  # [T, 1, r]
+            return y.add_(torch.bmm(xa, b[layer]).squeeze(1))
         stacks = self._stacks(plan.active).get(module)
         if stacks is None:
             return y

@@ -219,3 +219,35 @@ async def test_adapter_in_the_model_store_loads_on_first_use(
     await llm.adapters.load("beta", str(tiny_adapters["beta"]))
     direct = await llm.complete(ids, params, adapter="beta")
     assert by_tag.token_ids == by_name.token_ids == direct.token_ids
+
+
+@pytest.mark.parametrize("row_lengths", [[1] * 6, [3, 1, 1, 2, 1, 1]], ids=["decode-per-token", "masked"])
+def test_lora_bank_paths_equal_each_rows_own_adapter(row_lengths: list[int]) -> None:
+    """Both ways of applying many adapters equal x @ A_s.T @ B_s.T per token."""
+    import torch
+    from openllm_clone.adapters.weights import AdapterWeights, LoraModule
+    from openllm_clone.runners.lora import LoraBank
+
+    torch.manual_seed(0)
+    dims = {"q_proj": (16, 24), "down_proj": (32, 16)}
+    bank = LoraBank(dims, num_layers=2, num_slots=4, dtype=torch.float32, device=torch.device("cpu"))
+    refs = {}
+    for slot, rank in ((1, 4), (2, 8), (3, 2)):
+        modules = {(layer, m): LoraModule(a=torch.randn(rank, i), b=torch.randn(o, rank), scale=0.5)
+                   for layer in range(2) for m, (i, o) in dims.items() if not (slot == 3 and m == "down_proj")}
+        bank.install(slot, AdapterWeights(path=f"slot{slot}", config={}, modules=modules))
+        refs[slot] = modules
+    row_slots = [2, 0, 1, 3, 2, 1]  # base rows, repeats and an adapter without down_proj
+    plan = bank.plan(row_slots, row_lengths)
+    assert (plan.per_token is not None) == (row_lengths == [1] * 6)
+    tokens = [s for s, n in zip(row_slots, row_lengths) for _ in range(n)]
+    for layer in range(2):
+        for module, (i, o) in dims.items():
+            x = torch.randn(len(tokens), i)
+            got = bank.apply(plan, layer, module, x, torch.zeros(len(tokens), o))
+            want = torch.zeros(len(tokens), o)
+            for t, slot in enumerate(tokens):
+                lora = refs.get(slot, {}).get((layer, module))
+                if lora is not None:
+                    want[t] = (x[t] @ lora.a.T) @ (lora.b * lora.scale).T
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
