@@ -41,9 +41,16 @@ def merged_greedy(base: Path, adapter: Path | None, ids: list[int], n: int) -> l
     return out[0, len(ids):].tolist()
 
 
+@pytest.mark.parametrize("per_token_from", [8, 1], ids=["default", "per-token-forced"])
 async def test_mixed_batch_rows_equal_merged_adapters(
-    llm: LLM, tiny_model_dir: Path, tiny_adapters: dict[str, Path]
+    llm: LLM, tiny_model_dir: Path, tiny_adapters: dict[str, Path], per_token_from: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # Decode steps with several adapters take the masked path by default (fewer than 8
+    # distinct adapters here) and the per-token path when forced: both must be exact.
+    from openllm_clone.runners import lora as lora_mod
+
+    monkeypatch.setattr(lora_mod, "_PER_TOKEN_MIN_ADAPTERS", per_token_from)
     for name in ("alpha", "beta", "gamma"):
         await llm.adapters.load(name, str(tiny_adapters[name]))
     cases = [(None, "The weather today"), ("alpha", "The weather today"),
@@ -221,33 +228,37 @@ async def test_adapter_in_the_model_store_loads_on_first_use(
     assert by_tag.token_ids == by_name.token_ids == direct.token_ids
 
 
-@pytest.mark.parametrize("row_lengths", [[1] * 6, [3, 1, 1, 2, 1, 1]], ids=["decode-per-token", "masked"])
-def test_lora_bank_paths_equal_each_rows_own_adapter(row_lengths: list[int]) -> None:
-    """Both ways of applying many adapters equal x @ A_s.T @ B_s.T per token."""
+@pytest.mark.parametrize("per_token", [True, False], ids=["per-token", "masked"])
+def test_lora_bank_paths_equal_each_rows_own_adapter(per_token: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways of applying many adapters equal x @ A_s.T @ B_s.T per token, also as the
+    batch changes between steps (the per-token rows are updated, not rebuilt)."""
     import torch
     from openllm_clone.adapters.weights import AdapterWeights, LoraModule
-    from openllm_clone.runners.lora import LoraBank
+    from openllm_clone.runners import lora as lora_mod
 
+    monkeypatch.setattr(lora_mod, "_PER_TOKEN_MIN_ADAPTERS", 1 if per_token else 10**6)
     torch.manual_seed(0)
     dims = {"q_proj": (16, 24), "down_proj": (32, 16)}
-    bank = LoraBank(dims, num_layers=2, num_slots=4, dtype=torch.float32, device=torch.device("cpu"))
-    refs = {}
+    bank = lora_mod.LoraBank(dims, num_layers=2, num_slots=4, dtype=torch.float32,
+                             device=torch.device("cpu"))
+    refs: dict[int, dict[tuple[int, str], LoraModule]] = {}
     for slot, rank in ((1, 4), (2, 8), (3, 2)):
         modules = {(layer, m): LoraModule(a=torch.randn(rank, i), b=torch.randn(o, rank), scale=0.5)
                    for layer in range(2) for m, (i, o) in dims.items() if not (slot == 3 and m == "down_proj")}
         bank.install(slot, AdapterWeights(path=f"slot{slot}", config={}, modules=modules))
         refs[slot] = modules
-    row_slots = [2, 0, 1, 3, 2, 1]  # base rows, repeats and an adapter without down_proj
-    plan = bank.plan(row_slots, row_lengths)
-    assert (plan.per_token is not None) == (row_lengths == [1] * 6)
-    tokens = [s for s, n in zip(row_slots, row_lengths) for _ in range(n)]
-    for layer in range(2):
-        for module, (i, o) in dims.items():
-            x = torch.randn(len(tokens), i)
-            got = bank.apply(plan, layer, module, x, torch.zeros(len(tokens), o))
-            want = torch.zeros(len(tokens), o)
-            for t, slot in enumerate(tokens):
-                lora = refs.get(slot, {}).get((layer, module))
-                if lora is not None:
-                    want[t] = (x[t] @ lora.a.T) @ (lora.b * lora.scale).T
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # Base rows, repeats, an adapter without down_proj; then rows leave, join and move.
+    for row_slots in ([2, 0, 1, 3, 2, 1], [2, 1, 3, 2, 1], [2, 1, 3, 2, 1, 3, 1], [1, 2, 3, 0]):
+        row_lengths = [1] * len(row_slots)
+        plan = bank.plan(row_slots, row_lengths)
+        assert (plan.per_token is not None) == per_token
+        for layer in range(2):
+            for module, (i, o) in dims.items():
+                x = torch.randn(len(row_slots), i)
+                got = bank.apply(plan, layer, module, x, torch.zeros(len(row_slots), o))
+                want = torch.zeros(len(row_slots), o)
+                for t, slot in enumerate(row_slots):
+                    lora = refs.get(slot, {}).get((layer, module))
+                    if lora is not None:
+                        want[t] = (x[t] @ lora.a.T) @ (lora.b * lora.scale).T
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
