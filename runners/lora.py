@@ -99,7 +99,7 @@ class LoraBank:
         self._b: dict[str, torch.Tensor] = {}
         self._module_slots: dict[str, set[int]] = {name: set() for name in module_dims}
         # (kind, slots) -> module -> (A, B) in float32, least recently used first:
-        # ("set", active) -> (A [L, in, n*r], B [L, n*r, out]) for the masked path;
+        # ("set", active) -> (A [L, n*r, in], B [L, n*r, out]) for the masked path;
         # ("tok", token slots) -> (A [L, T, in, r], B [L, T, r, out]) per token.
         self._cache: OrderedDict[tuple[str, tuple[int, ...]],
                                  dict[str, tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
@@ -235,11 +235,12 @@ class LoraBank:
         for module, slots in self._module_slots.items():
             if not slots.intersection(active):
                 continue
-            a = self._a[module].index_select(1, index).to(_COMPUTE_DTYPE)  # [L, n, r, in]
+            # [L, n, r, in] -> [L, n*r, in]: no transpose copy (it made a new active set
+            # cost ~300 ms on SmolLM2); the matmul reads A through a transposed view.
+            a = self._a[module].index_select(1, index).to(_COMPUTE_DTYPE)
             b = self._b[module].index_select(1, index).to(_COMPUTE_DTYPE)  # [L, n, r, out]
             n, r = len(active), self.rank
-            stacks[module] = (a.reshape(self.num_layers, n * r, -1).transpose(1, 2).contiguous(),
-                              b.reshape(self.num_layers, n * r, -1).contiguous())
+            stacks[module] = (a.reshape(self.num_layers, n * r, -1), b.reshape(self.num_layers, n * r, -1))
         self._remember(key, stacks)
         return stacks
 
@@ -257,18 +258,18 @@ class LoraBank:
         old = self._tok_key or ()
         if self._tok_cap < T or set(modules) != set(self._tok_a):
             self._tok_cap = max(T, self._tok_cap)
-            self._tok_a = {m: torch.zeros(self.num_layers, self._tok_cap, self.rank, self.module_dims[m][0],
+            self._tok_a = {m: torch.empty(self.num_layers, self._tok_cap, self.rank, self.module_dims[m][0],
                                           dtype=_COMPUTE_DTYPE, device=self.device) for m in modules}
-            self._tok_b = {m: torch.zeros(self.num_layers, self._tok_cap, self.rank, self.module_dims[m][1],
+            self._tok_b = {m: torch.empty(self.num_layers, self._tok_cap, self.rank, self.module_dims[m][1],
                                           dtype=_COMPUTE_DTYPE, device=self.device) for m in modules}
             old = ()
-        changed = [t for t in range(T) if t >= len(old) or old[t] != token_slots[t]]
-        if changed:
-            pos = torch.tensor(changed, device=self.device)
-            src = torch.tensor([token_slots[t] for t in changed], device=self.device)
-            for m in modules:
-                self._tok_a[m].index_copy_(1, pos, self._a[m].index_select(1, src).to(_COMPUTE_DTYPE))
-                self._tok_b[m].index_copy_(1, pos, self._b[m].index_select(1, src).to(_COMPUTE_DTYPE))
+        for t in range(T):
+            if t < len(old) and old[t] == token_slots[t]:
+                continue
+            slot = token_slots[t]
+            for m in modules:  # one pass each: gather and convert to float32 together
+                self._tok_a[m][:, t].copy_(self._a[m][:, slot])
+                self._tok_b[m][:, t].copy_(self._b[m][:, slot])
         self._tok_key = token_slots
         self._tok_views = {m: (self._tok_a[m][:, :T], self._tok_b[m][:, :T]) for m in modules}
         return self._tok_views
@@ -290,7 +291,7 @@ class LoraBank:
         if stacks is None:
             return y
         a, b = stacks
-        xa = plan.as_compute(x) @ a[layer]  # [T, n*r]
+        xa = plan.as_compute(x) @ a[layer].T  # [T, n*r]
         if plan.mask is not None:
             xa.mul_(plan.mask)
         return y.add_(xa @ b[layer])  # in-place add casts the float32 delta to y's dtype
