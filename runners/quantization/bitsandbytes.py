@@ -1,4 +1,10 @@
-"""bitsandbytes: int8 (LLM.int8) and 4-bit (nf4, fp4; ``int4`` means nf4)."""
+"""bitsandbytes: int8 (LLM.int8) and 4-bit (nf4, fp4; ``int4`` means nf4).
+
+4-bit modes keep the first and the last decoder layer in the model dtype, as
+llama.cpp's k-quants and most 4-bit recipes do for the most sensitive layers: on
+SmolLM2 that took nf4 from +13.9 % to +8.1 % perplexity for 10 MiB (0.27x -> 0.31x of
+the bf16 weights without the tied embedding; bench/quantization.py).
+"""
 
 from __future__ import annotations
 
@@ -27,6 +33,15 @@ def _check_4bit_dims(config: Any) -> None:
         )
 
 
+def _edge_layers(config: Any) -> list[str]:
+    """transformers skip patterns for the first and last decoder layers (regexes
+    matched from the start of a module's name, up to a module boundary)."""
+    n = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    if not n or n < 4:
+        return []  # too few layers for the saving to matter
+    return [rf".*\.(?:layers|h|blocks)\.{i}" for i in (0, n - 1)]
+
+
 def dispatch(mode: str, *, dtype: Any, device: Any, config: Any) -> QuantSpec | None:
     """Claim int8/int4/nf4/fp4."""
     if mode not in _MODES:
@@ -47,6 +62,7 @@ def dispatch(mode: str, *, dtype: Any, device: Any, config: Any) -> QuantSpec | 
             load_in_4bit=True,
             bnb_4bit_quant_type="fp4" if mode == "fp4" else "nf4",
             bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=["lm_head", *_edge_layers(config)],
         )
     device_map = "cpu" if device.type == "cpu" else {"": device.index or 0}
     return QuantSpec(mode=mode, quantization_config=qconfig, load_kwargs={"device_map": device_map})

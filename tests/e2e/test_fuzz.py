@@ -19,12 +19,20 @@ EXAMPLES = int(os.environ.get("OPENLLM_CLONE_FUZZ_EXAMPLES", "25"))
 
 
 def _bounded(case: object) -> None:
-    """Keep generation lengths small so the run stays bounded in time."""
+    """Keep generation lengths small so the run stays bounded in time (a request without
+    a limit would generate up to the context length: a thousand steps on a loaded CI)."""
     body = getattr(case, "body", None)
+    path = str(getattr(case, "path", ""))
     if isinstance(body, dict):
-        for key in ("max_new_tokens", "max_tokens", "max_completion_tokens"):
+        keys = ("max_new_tokens", "max_tokens", "max_completion_tokens")
+        for key in keys:
             if isinstance(body.get(key), int) and body[key] > 16:
                 body[key] = 16
+        if not any(key in body for key in keys):
+            if path.endswith("completions"):
+                body["max_tokens"] = 16
+            elif path.startswith("/generate") and not isinstance(body.get("llm_config"), dict):
+                body["max_new_tokens"] = 16
         if isinstance(body.get("llm_config"), dict):
             body["llm_config"].pop("max_new_tokens", None)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -33,8 +34,9 @@ THRESHOLDS = {4: (0.8, 0.1), 8: (0.99, 0.75)}
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    # A wide terminal, so that tables (`models`) do not cut names short.
     return subprocess.run([sys.executable, "-m", "openllm_clone", *args], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env={**os.environ, "COLUMNS": "250"})
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +116,7 @@ def test_quantize_command_makes_a_close_smaller_model_that_serves_adapters(
     finally:
         llm.shutdown()
     listed = _cli("models")
-    assert "tiny-gptq" in listed.stdout
+    assert f"tiny-gptq{bits}" in listed.stdout, listed.stdout
 
 
 def test_old_autogptq_layout_loads_the_same_weights(gptq_tag: str, tokenizer: Any, tmp_path: Path) -> None:
