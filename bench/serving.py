@@ -150,7 +150,10 @@ def ct2_baseline(model_dir: str, prompts: list[str], new_tokens: int, batch: int
     from transformers import AutoTokenizer
 
     out_dir = Path(tempfile.mkdtemp()) / "ct2"
-    subprocess.run(["ct2-transformers-converter", "--model", model_dir, "--output_dir",
+    # The converter sits next to this interpreter (a venv's bin/ need not be on PATH).
+    converter = Path(sys.executable).parent / "ct2-transformers-converter"
+    subprocess.run([str(converter) if converter.exists() else "ct2-transformers-converter",
+                    "--model", model_dir, "--output_dir",
                     str(out_dir), "--quantization", "int8"], check=True, capture_output=True)
     tok = AutoTokenizer.from_pretrained(model_dir)
     gen = ctranslate2.Generator(str(out_dir), device="cpu", compute_type="int8",
