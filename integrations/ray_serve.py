@@ -68,11 +68,12 @@ _HOP_HEADERS = {b"host", b"content-length", b"transfer-encoding", b"connection"}
 
 
 def _error_message(exc: OpenLLMCloneError) -> dict[str, Any]:
-    headers = {"content-type": "application/json"}
-    retry_after = getattr(exc, "retry_after", None)
-    if retry_after is not None:
-        headers["retry-after"] = str(max(1, int(round(retry_after))))
-    return {"status": exc.status_code, "headers": headers, "body": json.dumps(exc.to_dict()).encode()}
+    """The API's own error response (status, JSON body, Retry-After...) as plain parts."""
+    from openllm_clone.api import _error_response
+
+    response = _error_response(exc)
+    headers = {k: v for k, v in response.headers.items() if k != "content-length"}
+    return {"status": response.status_code, "headers": headers, "body": bytes(response.body)}
 
 
 async def _call_asgi(app: Any, req: dict[str, Any], extra_headers: dict[str, str]) -> AsyncIterator[Any]:

@@ -67,3 +67,16 @@ def make_adapter(base: Path, out: Path, *, seed: int, rank: int = 8,
     return out
 
 
+
+
+def last_logits(llm: Any, prompts: list[list[int]]) -> Any:
+    """Last-token logits of each prompt from one runner step (KV blocks freed after)."""
+    from openllm_clone.runners.base import StepRow
+
+    blocks = llm.engine.blocks
+    rows = [StepRow(ids, 0, [blocks.allocate() for _ in range((len(ids) + 15) // 16)]) for ids in prompts]
+    try:
+        return llm.runner.step(rows)
+    finally:
+        for row in rows:
+            blocks.free(row.block_table)

@@ -96,6 +96,9 @@ def main() -> None:
             gone = httpx.post(f"{url}/v1/generate", json={"prompt": PROMPT, "adapter_name": extra_name},
                               timeout=60)
             report["extra_after_unload"] = gone.status_code
+            unknown = httpx.post(f"{url}/v1/generate", json={"prompt": PROMPT, "adapter_name": "nope"},
+                                 timeout=60)
+            report["unknown_adapter"] = [unknown.status_code, unknown.json()]
             chat = client.chat([{"role": "user", "content": "hi"}], model=names[1], max_tokens=4)
             report["chat_model"] = chat["model"]
             stream = list(client.chat_stream([{"role": "user", "content": "hi"}], model=names[2],

@@ -112,6 +112,9 @@ def test_two_ray_replicas_route_by_adapter_and_survive_a_replica_kill(
     assert "epsilon" in report["extra_listed"]
     assert report["extra_unload"]["deleted"] is True
     assert report["extra_after_unload"] == 404
+    # Unknown on every replica: the replica's 404, as JSON, through the router.
+    assert report["unknown_adapter"][0] == 404
+    assert report["unknown_adapter"][1]["error"]["type"] == "adapter_not_found"
     assert report["chat_model"] == "alpha" and report["chat_stream_events"] >= 2
 
     # A replica killed mid-run: every request still completed (the client retried the

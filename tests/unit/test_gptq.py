@@ -19,7 +19,7 @@ import torch
 from openllm_clone.llm import LLM
 from openllm_clone.protocol import SamplingParams
 from openllm_clone.settings import Settings
-from tests.helpers import make_adapter, make_tiny_model
+from tests.helpers import last_logits, make_adapter, make_tiny_model
 
 HAS_GPTQ = importlib.util.find_spec("gptqmodel") is not None and importlib.util.find_spec("optimum") is not None
 pytestmark = [pytest.mark.slow,
@@ -64,15 +64,7 @@ def _llm(model: str, dtype: str = "float32") -> LLM:
 
 
 def _last_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
-    from openllm_clone.runners.base import StepRow
-
-    blocks = llm.engine.blocks
-    rows = [StepRow(ids, 0, [blocks.allocate() for _ in range((len(ids) + 15) // 16)]) for ids in prompts]
-    try:
-        return llm.runner.step(rows).float()
-    finally:
-        for row in rows:
-            blocks.free(row.block_table)
+    return last_logits(llm, prompts).float()
 
 
 @pytest.mark.parametrize("bits", [4, 8])

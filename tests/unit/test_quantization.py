@@ -14,7 +14,7 @@ from openllm_clone.errors import MissingDependencyError, ModelLoadError
 from openllm_clone.llm import LLM
 from openllm_clone.protocol import SamplingParams
 from openllm_clone.settings import Settings
-from tests.helpers import make_adapter, make_tiny_model
+from tests.helpers import last_logits, make_adapter, make_tiny_model
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
@@ -51,18 +51,7 @@ def _llm(path: Path, quantize: str | None) -> LLM:
 
 
 def _last_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
-    from openllm_clone.runners.base import StepRow
-
-    blocks = llm.engine.blocks
-    rows = []
-    for ids in prompts:
-        table = [blocks.allocate() for _ in range((len(ids) + 15) // 16)]
-        rows.append(StepRow(ids, 0, table))
-    try:
-        return llm.runner.step(rows)
-    finally:
-        for row in rows:
-            blocks.free(row.block_table)
+    return last_logits(llm, prompts)
 
 
 MODES = [pytest.param("int8", marks=pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes missing")),
