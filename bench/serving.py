@@ -12,7 +12,8 @@ Prints one table with ratios to the baselines, the KV memory that 64 short
 concurrent requests took against reserving the maximum length for each, and writes
 ``bench/out/serving.png`` when matplotlib is installed.
 
-    python bench/serving.py                       # SmolLM2, bf16
+    python bench/serving.py                       # SmolLM2, bf16, --compile
+    python bench/serving.py --no-compile          # the eager decode step
     python bench/serving.py --dtype float32 --concurrency 1,4,16,32
 """
 
@@ -183,6 +184,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--sequential", type=int, default=3, help="HF one-at-a-time requests to time")
     ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="serve with the eager decode step instead of --compile")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
 
@@ -197,8 +200,11 @@ def main() -> None:
     rows: list[list[object]] = []
     server_results: dict[str, Any] = {}
     log = OUT / "serving-server.log"
-    with run_server([args.model, "--dtype", args.dtype, "--max-batch-size", str(max(64, args.batch))],
-                    {}, log) as server:
+    serve_args = [args.model, "--dtype", args.dtype, "--max-batch-size", str(max(64, args.batch))]
+    if args.compile:
+        serve_args.append("--compile")
+    # Compiling four batch buckets takes minutes on 2 cores the first time.
+    with run_server(serve_args, {}, log, ready_timeout=900 if args.compile else 240) as server:
         url = server.url
         # KV memory first, while the block peak is fresh: 64 short requests at once.
         short = workload(64, seed=2, out_min=32, out_max=32)
@@ -244,7 +250,7 @@ def main() -> None:
         if key in base:
             rows.append([label, base[key], "", "", "", "", "baseline", ""])
     print(f"\nmodel {args.model}, dtype {args.dtype}, {args.new_tokens} new tokens, greedy, "
-          f"{os.cpu_count()} cores")
+          f"{os.cpu_count()} cores, decode step {'compiled' if args.compile else 'eager'}")
     print(table(["system", "tok/s", "decode tok/s (1 stream)", "TTFT p50 ms", "TTFT p99 ms",
                  "TPOT ms", "vs HF", "vs CT2"], rows))
     print(f"\nKV cache for 64 concurrent short requests: {kv_used / 2**20:.1f} MiB used at peak vs "

@@ -24,6 +24,7 @@ def build(
     adapter_id: list[str] = typer.Option([], "--adapter-id", help="NAME=PATH (repeatable)."),
     quantize: str | None = typer.Option(None, help="int8, int4, nf4, fp4, gptq, torchao-int8."),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
+    compile: bool = typer.Option(False, "--compile", help="Baked: torch.compile the decode step."),
     flavour: str = typer.Option("cpu", help="cpu (PyTorch CPU wheels) or cuda."),
     bento_version: str | None = typer.Option(None, "--bento-version", help="Bento version."),
     max_batch_size: int = typer.Option(16, help="Baked serving setting."),
@@ -37,6 +38,7 @@ def build(
 
     try:
         settings = Settings(model=model, quantize=quantize, dtype=dtype,  # type: ignore[arg-type]
+                            compile=compile,
                             adapters=[parse_adapter_spec(a) for a in adapter_id],
                             max_batch_size=max_batch_size, max_adapters=max_adapters)
     except ValueError as exc:

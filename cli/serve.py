@@ -31,6 +31,8 @@ def start(
         None, envvar="OPENLLM_CLONE_QUANTIZE",
         help="int8, int4, nf4, fp4 (bitsandbytes), gptq (a GPTQ checkpoint), torchao-int8.",
     ),
+    compile: bool = typer.Option(False, "--compile", envvar="OPENLLM_CLONE_COMPILE",
+                                 help="torch.compile the decode step (CPU; minutes at first start)."),
     max_batch_size: int = typer.Option(16, envvar="OPENLLM_CLONE_MAX_BATCH_SIZE",
                                        help="Most sequences in the running batch."),
     max_queue: int = typer.Option(256, envvar="OPENLLM_CLONE_MAX_QUEUE",
@@ -89,7 +91,7 @@ def start(
     try:
         settings = Settings(
             model=model, host=host, port=port, dtype=dtype,  # type: ignore[arg-type]
-            device=device, quantize=quantize, max_batch_size=max_batch_size, max_queue=max_queue,
+            device=device, quantize=quantize, compile=compile, max_batch_size=max_batch_size, max_queue=max_queue,
             timeout=timeout, workers=workers, backend=backend,  # type: ignore[arg-type]
             replicas=replicas, max_replicas=max_replicas, cpus_per_replica=cpus_per_replica,
             gpus_per_replica=gpus_per_replica, ray_address=ray_address,

@@ -68,6 +68,11 @@ class Settings(BaseModel):
         "has native bf16 support (or on CUDA), else float32.",
     )
     device: str = Field(default="auto", description="cpu, cuda, cuda:N or auto.")
+    compile: bool = Field(
+        default=False,
+        description="Compile the decode step with torch.compile (CPU, unquantized): faster "
+        "decode, ~30-60 s of compiling per batch bucket at start-up the first time.",
+    )
     quantize: Quantize | None = Field(
         default=None,
         description="Weight quantization: bitsandbytes int8/int4(nf4)/nf4/fp4, a GPTQ "

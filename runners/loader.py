@@ -86,8 +86,16 @@ def load_runner(path: Path, settings: Settings, *, model_id: str) -> tuple[Any, 
         max_model_len=settings.max_model_len,
         max_adapters=settings.max_adapters,
         quantization=spec.mode if spec is not None else None,
+        compile=settings.compile,
+        max_batch_size=settings.max_batch_size,
     )
     runner.info.weight_bytes = weight_bytes
+    if runner.compiled:
+        compiling = time.perf_counter()
+        logger.info("compiling the decode step for batch sizes %s (cached on disk afterwards)",
+                    runner.compiled_buckets)
+        runner.warmup()
+        logger.info("decode step compiled in %.1f s", time.perf_counter() - compiling)
     logger.info(
         "loaded %s (%s, %s%s on %s, %.0f MiB of weights) in %.1f s; KV cache %d blocks of %d tokens",
         model_id, runner.info.architecture, runner.info.dtype,

@@ -1,0 +1,120 @@
+"""``--compile``: the decode step as a torch.compile graph gives the eager engine's results.
+
+Slow (Inductor compiles two batch buckets of the tiny model, ~1 min on 2 cores).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from openllm_clone.runners.base import StepRow
+from openllm_clone.runners.compiled import buckets_for, check_compilable
+
+from openllm_clone.errors import ModelLoadError
+from openllm_clone.llm import LLM
+from openllm_clone.protocol import SamplingParams
+from openllm_clone.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+
+def make_llm(model_dir: Path, **overrides: Any) -> LLM:
+    settings = Settings(model=str(model_dir), dtype="float32", device="cpu", max_batch_size=4,
+                        kv_cache_mb=32, **overrides)
+    return LLM.from_settings(settings)
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_model_dir: Path) -> Any:
+    compiled = make_llm(tiny_model_dir, compile=True)
+    eager = make_llm(tiny_model_dir)
+    yield compiled, eager
+    compiled.shutdown()
+    eager.shutdown()
+
+
+def test_buckets() -> None:
+    assert buckets_for(1) == [1]
+    assert buckets_for(16) == [1, 4, 16]
+    assert buckets_for(20) == [1, 4, 16, 20]
+    assert buckets_for(64) == [1, 4, 16, 64]
+
+
+def test_compiled_runner_is_built_and_warm(pair: Any) -> None:
+    compiled, eager = pair
+    assert compiled.runner.compiled and not eager.runner.compiled
+    assert compiled.runner.compiled_buckets == [1, 4]
+    assert compiled.runner._compiled.ready == {1, 4}  # warmed up at load, not on a request
+
+
+def test_decode_logits_match_the_eager_runner(pair: Any) -> None:
+    """Same cache state, one to four decode rows (bucket 4 padded for 2 and 3 rows)."""
+    compiled, eager = pair
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (7, 30, 3, 19)]
+    for runner, llm in ((compiled.runner, compiled), (eager.runner, eager)):
+        runner._tables = [[llm.engine.blocks.allocate() for _ in range(4)] for _ in seqs]
+        runner.step([StepRow(s, 0, t) for s, t in zip(seqs, runner._tables)])
+    try:
+        for n in (1, 2, 3, 4):
+            rows = [StepRow([5 + n], len(s) + n - 1, t)
+                    for s, t in zip(seqs[:n], compiled.runner._tables[:n])]
+            ours = compiled.runner.step(rows)
+            assert compiled.runner._compiled.last_rows == n
+            ref = eager.runner.step([StepRow(r.token_ids, r.start_pos, t)
+                                     for r, t in zip(rows, eager.runner._tables[:n])])
+            torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+            # Rows past n keep their caches: step them too so positions stay in line.
+            for llm in (compiled, eager):
+                others = [StepRow([5 + n], len(s) + n - 1, t)
+                          for s, t in zip(seqs[n:], llm.runner._tables[n:])]
+                if others:
+                    llm.runner.step(others)
+    finally:
+        for llm in (compiled, eager):
+            for t in llm.runner._tables:
+                llm.engine.blocks.free(t)
+
+
+async def test_greedy_outputs_equal_the_eager_engine(pair: Any) -> None:
+    """Six concurrent requests (prompts joining running batches: split steps) and alone."""
+    compiled, eager = pair
+    params = SamplingParams(max_new_tokens=20)
+    texts = [f"Tell me about item {i}. " * (1 + i % 3) for i in range(6)]
+    ids = [compiled.tokenize(t) for t in texts]
+    ref = [(await eager.complete(i, params)).token_ids[0] for i in ids]
+    steps = compiled.runner._compiled.steps
+    together = await asyncio.gather(*(compiled.complete(i, params) for i in ids))
+    assert [c.token_ids[0] for c in together] == ref
+    assert compiled.runner._compiled.steps >= steps + 19  # the decode steps ran compiled
+    alone = (await compiled.complete(ids[0], params)).token_ids[0]
+    assert alone == ref[0]
+    assert compiled.engine.stats()["kv_blocks_used"] == 0
+
+
+async def test_adapter_rows_take_the_eager_path(pair: Any, tiny_adapters: dict[str, Path]) -> None:
+    compiled, eager = pair
+    for llm in pair:
+        await llm.adapters.load("alpha", str(tiny_adapters["alpha"]))
+    params = SamplingParams(max_new_tokens=12)
+    ids = compiled.tokenize("An adapter in a compiled engine")
+    ref = await asyncio.gather(eager.complete(ids, params, adapter="alpha"),
+                               eager.complete(ids, params))
+    ours = await asyncio.gather(compiled.complete(ids, params, adapter="alpha"),
+                                compiled.complete(ids, params))
+    assert [c.token_ids[0] for c in ours] == [c.token_ids[0] for c in ref]
+    assert ours[0].token_ids[0] != ours[1].token_ids[0]
+
+
+def test_clear_errors_where_compile_cannot_run(tiny_model_dir: Path) -> None:
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ModelLoadError, match="CPU only"):
+        check_compilable(model, torch.device("cuda"), torch.bfloat16, None)
+    with pytest.raises(ModelLoadError, match="unquantized"):
+        check_compilable(model, torch.device("cpu"), torch.bfloat16, "nf4")
+    with pytest.raises(ModelLoadError, match="float16"):
+        check_compilable(model, torch.device("cpu"), torch.float16, None)
