@@ -117,6 +117,8 @@ def build_bento(
         docker: dict[str, Any] = {"python_version": "3.11"}
         if flavour == "cuda":
             docker["cuda_version"] = "12.1.1"
+        if settings.compile:  # Inductor builds its C++ kernels at start-up
+            docker["system_packages"] = ["g++"]
         bento = bentoml.bentos.build(
             "openllm_clone.service:LLMService",
             name=name,
@@ -125,6 +127,7 @@ def build_bento(
             include=["openllm_clone/**/*.py", SETTINGS_FILE],
             labels={"kind": BENTO_LABEL, "model": model_tag, "flavour": flavour,
                     "quantize": settings.quantize or "none",
+                    "compile": str(settings.compile).lower(),
                     "adapters": ",".join(a.name for a in adapters) or "none"},
             models=[model_tag, *(a.source for a in adapters)],
             python=_requirements(flavour, settings.quantize),

@@ -226,6 +226,13 @@ class LLM:
             prompt_tokens, completion_tokens = out.prompt_tokens, out.completion_tokens
         return Completion(rid, texts, tokens, reasons, prompt_tokens, completion_tokens, adapter)
 
+    def _compiled_stats(self) -> dict[str, Any] | None:
+        """``--compile``: the batch buckets and how many decode steps ran compiled."""
+        compiled = getattr(self.runner, "_compiled", None)
+        if compiled is None:
+            return None
+        return {"buckets": list(compiled.buckets), "steps": compiled.steps}
+
     def metadata(self) -> dict[str, Any]:
         """Model and server facts for ``/v1/metadata``."""
         info = self.runner.info
@@ -242,6 +249,7 @@ class LLM:
             "adapters": self.adapters.names(),
             "adapter_cache": self.adapters.cache_stats(),
             "engine": self.engine.stats(),
+            "compiled": self._compiled_stats(),
             "config": {
                 "max_batch_size": self.settings.max_batch_size,
                 "max_queue": self.settings.max_queue,

@@ -124,8 +124,12 @@ def test_bentos_list_prune_and_containerize_without_docker(bento: tuple[str, Pat
     from openllm_clone.bento import BuiltBento, build_bento, list_bentos, prune_bentos
     from openllm_clone.settings import Settings
 
-    settings = Settings(model=bentoml.bentos.get(tag).info.labels["model"], dtype="float32")
+    settings = Settings(model=bentoml.bentos.get(tag).info.labels["model"], dtype="float32",
+                        compile=True)
     second: BuiltBento = build_bento(settings)
+    # --compile is baked, and the image gets the C++ compiler Inductor needs.
+    assert second.dockerfile.exists() and "g++" in second.dockerfile.read_text()
+    assert bentoml.bentos.get(second.tag).info.labels["compile"] == "true"
     assert list_bentos()[0].tag == bentoml.bentos.get(second.tag).tag
     deleted = prune_bentos(keep=1)
     assert tag in deleted and all(str(b.tag) != tag for b in list_bentos())

@@ -49,6 +49,8 @@ def test_compiled_runner_is_built_and_warm(pair: Any) -> None:
     assert compiled.runner.compiled and not eager.runner.compiled
     assert compiled.runner.compiled_buckets == [1, 4]
     assert compiled.runner._compiled.ready == {1, 4}  # warmed up at load, not on a request
+    assert compiled.metadata()["compiled"]["buckets"] == [1, 4]
+    assert eager.metadata()["compiled"] is None
 
 
 def test_decode_logits_match_the_eager_runner(pair: Any) -> None:
