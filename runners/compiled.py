@@ -28,6 +28,8 @@ the prepacked weights are a second copy of the projections (+1x weight memory).
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from typing import Any
 
@@ -69,6 +71,10 @@ def check_compilable(model: Any, device: torch.device, dtype: torch.dtype,
             f"--compile works on unquantized weights; drop --quantize {quantization} or --compile")
     if dtype not in (torch.float32, torch.bfloat16):
         raise ModelLoadError(f"--compile supports float32 and bfloat16, not {dtype}")
+    compiler = os.environ.get("CXX") or "g++"
+    if shutil.which(compiler) is None and shutil.which("clang++") is None:
+        raise ModelLoadError(f"--compile needs a C++ compiler for Inductor's kernels and found no "
+                             f"{compiler} (install g++ or set CXX), or start without --compile")
     for name, p in model.named_parameters():
         if type(p.data) is not torch.Tensor:
             raise ModelLoadError(f"--compile needs plain tensors; {name} is {type(p.data).__name__}")

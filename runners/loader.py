@@ -94,7 +94,11 @@ def load_runner(path: Path, settings: Settings, *, model_id: str) -> tuple[Any, 
         compiling = time.perf_counter()
         logger.info("compiling the decode step for batch sizes %s (cached on disk afterwards)",
                     runner.compiled_buckets)
-        runner.warmup()
+        try:
+            runner.warmup()
+        except Exception as exc:  # Inductor's errors are many and deep: name the flag
+            raise ModelLoadError(f"--compile could not compile the decode step ({type(exc).__name__}: "
+                                 f"{str(exc)[:500]}); start without --compile") from exc
         logger.info("decode step compiled in %.1f s", time.perf_counter() - compiling)
     logger.info(
         "loaded %s (%s, %s%s on %s, %.0f MiB of weights) in %.1f s; KV cache %d blocks of %d tokens",

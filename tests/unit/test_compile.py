@@ -112,7 +112,7 @@ async def test_adapter_rows_take_the_eager_path(pair: Any, tiny_adapters: dict[s
     assert ours[0].token_ids[0] != ours[1].token_ids[0]
 
 
-def test_clear_errors_where_compile_cannot_run(tiny_model_dir: Path) -> None:
+def test_clear_errors_where_compile_cannot_run(tiny_model_dir: Path, monkeypatch: Any) -> None:
     model = torch.nn.Linear(2, 2)
     with pytest.raises(ModelLoadError, match="CPU only"):
         check_compilable(model, torch.device("cuda"), torch.bfloat16, None)
@@ -120,3 +120,8 @@ def test_clear_errors_where_compile_cannot_run(tiny_model_dir: Path) -> None:
         check_compilable(model, torch.device("cpu"), torch.bfloat16, "nf4")
     with pytest.raises(ModelLoadError, match="float16"):
         check_compilable(model, torch.device("cpu"), torch.float16, None)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(ModelLoadError, match="C\\+\\+ compiler"):
+        check_compilable(model, torch.device("cpu"), torch.bfloat16, None)
+    with pytest.raises(ModelLoadError, match="C\\+\\+ compiler"):
+        make_llm(tiny_model_dir, compile=True)
