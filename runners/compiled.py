@@ -20,9 +20,11 @@ largest batch) and compiled once per bucket; the context length is a dynamic
 dimension, padded to whole KV blocks. Padding rows read the zeroed null block and
 write a scratch slot that no sequence owns.
 
-Cost: compiling takes ~30-60 s per bucket on 2 cores the first time (Inductor caches
-the result on disk, in ``TORCHINDUCTOR_CACHE_DIR``, so later starts are faster), and
-the prepacked weights are a second copy of the projections (+1x weight memory).
+Cost: compiling takes ~35-40 s per bucket on 2 cores for SmolLM2, at every start
+(Inductor's FX cache bypasses graphs holding oneDNN-packed weights: "mkldnn tensors
+unpickleable"; with ``cpp.weight_prepack`` off the graph caches, but the GEMMs fall
+back to ``aten::mm`` and the gain is gone), and the prepacked weights are a second copy
+of the projections (+1x weight memory).
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ def load_runner(path: Path, settings: Settings, *, model_id: str) -> tuple[Any, 
     runner.info.weight_bytes = weight_bytes
     if runner.compiled:
         compiling = time.perf_counter()
-        logger.info("compiling the decode step for batch sizes %s (cached on disk afterwards)",
+        logger.info("compiling the decode step for batch sizes %s (~40 s each on 2 cores)",
                     runner.compiled_buckets)
         try:
             runner.warmup()
