@@ -38,8 +38,11 @@ def quantize(
     method: str = typer.Option("gptq", help="gptq (bitsandbytes/torchao modes quantize at load time)."),
     bits: int = typer.Option(4, help="Bits per weight: 2, 3, 4 or 8."),
     group_size: int | None = typer.Option(
-        None, help="Columns sharing one scale; default 128, or the largest of 64/32/16 that "
-        "divides every layer's width (SmolLM2: 64); -1 for one scale per row."),
+        None, help="Columns sharing one scale; default 128, or 32 for models narrower than "
+        "1024 (SmolLM2), falling back to 64/32/16 to divide every width; -1: one per row."),
+    keep_edge_layers: bool | None = typer.Option(
+        None, "--keep-edge-layers/--no-keep-edge-layers",
+        help="Keep the first and last decoder layers in full precision (default: at <= 4 bits)."),
     calibration: str = typer.Option("builtin", help="builtin, or a text file (paragraphs) or .jsonl."),
     seqlen: int = typer.Option(512, help="Longest calibration sequence in tokens."),
     name: str | None = typer.Option(None, help="Name in the store (default MODEL-gptq-4bit)."),
@@ -51,6 +54,7 @@ def quantize(
         with console.status(f"GPTQ {bits}-bit: {model}") as status:
             tag = quantize_model(model, method=method, bits=bits, group_size=group_size,
                                  calibration=calibration, name=name, seqlen=seqlen,
+                                 keep_edge_layers=keep_edge_layers,
                                  progress=lambda msg: status.update(f"GPTQ: {msg}"))
     except OpenLLMCloneError as exc:
         fail(exc.message)

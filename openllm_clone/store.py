@@ -147,7 +147,7 @@ def import_model(source: str = DEFAULT_MODEL, *, name: str | None = None) -> str
 
 def quantize_model(source: str, *, method: str = "gptq", bits: int = 4, group_size: int | None = None,
                    calibration: str = "builtin", name: str | None = None, seqlen: int = 512,
-                   progress: Any = None) -> str:
+                   keep_edge_layers: bool | None = None, progress: Any = None) -> str:
     """Quantize a model (store tag or folder) and put the result in the store.
 
     The new model keeps the source's aliases, so adapters trained on the original
@@ -170,7 +170,8 @@ def quantize_model(source: str, *, method: str = "gptq", bits: int = 4, group_si
     def fill(dst: Path) -> None:
         try:
             done.update(quantize(resolved.path, dst, bits=bits, group_size=group_size, texts=texts,
-                                 seqlen=seqlen, progress=progress))
+                                 seqlen=seqlen, keep_edge_layers=keep_edge_layers,
+                                 progress=progress))
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from exc
 

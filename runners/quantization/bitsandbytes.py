@@ -13,7 +13,7 @@ from typing import Any
 
 from openllm_clone.errors import MissingDependencyError, ModelLoadError
 
-from . import QuantSpec
+from . import QuantSpec, edge_layers
 
 _MODES = {"int8", "int4", "nf4", "fp4"}
 
@@ -36,10 +36,7 @@ def _check_4bit_dims(config: Any) -> None:
 def _edge_layers(config: Any) -> list[str]:
     """transformers skip patterns for the first and last decoder layers (regexes
     matched from the start of a module's name, up to a module boundary)."""
-    n = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-    if not n or n < 4:
-        return []  # too few layers for the saving to matter
-    return [rf".*\.(?:layers|h|blocks)\.{i}" for i in (0, n - 1)]
+    return [rf".*\.(?:layers|h|blocks)\.{i}" for i in edge_layers(config)]
 
 
 def dispatch(mode: str, *, dtype: Any, device: Any, config: Any) -> QuantSpec | None:
