@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 PORT ?= 3000
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-dev start test lint bench-engine clean
+.PHONY: setup setup-dev start test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -41,8 +41,10 @@ OUT = Path(__file__).resolve().parent / "out"
 # --- the server side -----------------------------------------------------------------
 
 async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int,
-                      adapter: str | None = None) -> dict[str, Any]:
-    body = {"model": adapter or "", "messages": [{"role": "user", "content": prompt}],
+                      adapter: str | None = None, system: str | None = None) -> dict[str, Any]:
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt})
+    body = {"model": adapter or "", "messages": messages,
             "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}
     start = time.perf_counter()
     stamps: list[float] = []
@@ -59,14 +61,16 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
 
 
 async def run_load(url: str, requests: list[tuple[str, int]], concurrency: int,
-                   adapters: list[str] | None = None) -> dict[str, float]:
+                   adapters: list[str] | None = None,
+                   systems: list[str] | None = None) -> dict[str, float]:
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         async def go(i: int, prompt: str, n: int) -> dict[str, Any]:
             async with sem:
                 adapter = adapters[i % len(adapters)] if adapters else None
-                return await one_request(client, url, prompt, n, adapter)
+                system = systems[i % len(systems)] if systems else None
+                return await one_request(client, url, prompt, n, adapter, system)
 
         t0 = time.perf_counter()
         results = await asyncio.gather(*(go(i, p, n) for i, (p, n) in enumerate(requests)))
@@ -78,6 +82,20 @@ async def run_load(url: str, requests: list[tuple[str, int]], concurrency: int,
     return {"throughput": tokens / wall, "wall": wall, "ttft_p50": pct(ttft, 50),
             "ttft_p99": pct(ttft, 99), "tpot_med": median(tpot),
             "decode_tok_s": 1 / median(tpot) if tpot else float("nan")}
+
+
+SYSTEM_TOKENS = 400
+
+
+def system_prompt(seed: int) -> str:
+    """A ~400-token system prompt; different seeds share no leading block."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["policy", "customer", "answer", "briefly", "order", "refund", "shipping", "account",
+             "polite", "escalate", "invoice", "product", "warranty", "delivery", "support", "team"]
+    body = " ".join(rng.choice(words) for _ in range(SYSTEM_TOKENS - 20))
+    return f"Agent {seed}: you are the support assistant of shop number {seed}. Rules: {body}."
 
 
 # --- baselines -------------------------------------------------------------------------
@@ -218,6 +236,18 @@ def main() -> None:
             n = max(c, min(len(fixed), 2 * c)) if c > 1 else 2
             server_results[f"c{c}"] = asyncio.run(run_load(url, fixed[:n], c))
         server_results["mixed"] = asyncio.run(run_load(url, mixed, args.batch))
+        # Automatic prefix caching: 16 questions after one long system prompt, against
+        # 16 after system prompts of the same length that share nothing.
+        questions = [(p, 16) for p, _ in workload(16, seed=3, out_min=16, out_max=16)]
+        shared = [system_prompt(0)]
+        distinct = [system_prompt(i + 1) for i in range(len(questions))]
+        before = httpx.get(f"{url}/v1/metadata", timeout=30).json()["engine"]
+        server_results["prefix_shared"] = asyncio.run(run_load(url, questions, 4, systems=shared))
+        after = httpx.get(f"{url}/v1/metadata", timeout=30).json()["engine"]
+        server_results["prefix_distinct"] = asyncio.run(run_load(url, questions, 4,
+                                                                 systems=distinct))
+        server_results["prefix_hit_blocks"] = (after["prefix_cache_hits"]
+                                               - before["prefix_cache_hits"])
         peak_rss = rss_peak_mb(server.proc.pid)
 
     base: dict[str, float] = {}
@@ -256,6 +286,12 @@ def main() -> None:
     print(f"\nKV cache for 64 concurrent short requests: {kv_used / 2**20:.1f} MiB used at peak vs "
           f"{kv_reserved / 2**20:.0f} MiB reserving max length ({meta['max_model_len']}) for each: "
           f"{kv_used / kv_reserved:.3f}x")
+    ps, pd = server_results["prefix_shared"], server_results["prefix_distinct"]
+    print(f"prefix caching, 16 questions 4 at a time after a ~{SYSTEM_TOKENS}-token system prompt: "
+          f"TTFT p50 {ps['ttft_p50'] * 1000:.0f} ms shared vs {pd['ttft_p50'] * 1000:.0f} ms with "
+          f"distinct system prompts ({pd['ttft_p50'] / ps['ttft_p50']:.2f}x); throughput "
+          f"{ps['throughput']:.0f} vs {pd['throughput']:.0f} tok/s; "
+          f"{server_results['prefix_hit_blocks']} KV blocks reused")
     print(f"server peak RSS: {peak_rss:.0f} MiB")
     (OUT / "serving.json").write_text(json.dumps({"server": server_results, "baselines": base,
                                                   "kv_used": kv_used, "kv_reserved": kv_reserved},

@@ -35,6 +35,9 @@ def start(
                                  help="torch.compile the decode step (CPU; minutes at first start)."),
     max_batch_size: int = typer.Option(16, envvar="OPENLLM_CLONE_MAX_BATCH_SIZE",
                                        help="Most sequences in the running batch."),
+    prefix_caching: bool = typer.Option(True, "--prefix-caching/--no-prefix-caching",
+                                        envvar="OPENLLM_CLONE_PREFIX_CACHING",
+                                        help="Reuse the KV of prompt prefixes seen before."),
     max_queue: int = typer.Option(256, envvar="OPENLLM_CLONE_MAX_QUEUE",
                                   help="Most waiting requests before 503."),
     timeout: float = typer.Option(600.0, envvar="OPENLLM_CLONE_TIMEOUT",
@@ -91,7 +94,7 @@ def start(
     try:
         settings = Settings(
             model=model, host=host, port=port, dtype=dtype,  # type: ignore[arg-type]
-            device=device, quantize=quantize, compile=compile, max_batch_size=max_batch_size, max_queue=max_queue,
+            device=device, quantize=quantize, compile=compile, prefix_caching=prefix_caching, max_batch_size=max_batch_size, max_queue=max_queue,
             timeout=timeout, workers=workers, backend=backend,  # type: ignore[arg-type]
             replicas=replicas, max_replicas=max_replicas, cpus_per_replica=cpus_per_replica,
             gpus_per_replica=gpus_per_replica, ray_address=ray_address,

@@ -63,6 +63,7 @@ class LLM:
                 max_batch_size=settings.max_batch_size,
                 max_queue=settings.max_queue,
                 max_prefill_tokens=settings.max_prefill_tokens,
+                prefix_caching=settings.prefix_caching,
                 seed=settings.seed,
             ),
             observer,

@@ -138,6 +138,10 @@ class Settings(BaseModel):
         ge=16,
         description="Prompt tokens prefilled per step (chunked prefill budget).",
     )
+    prefix_caching: bool = Field(
+        default=True,
+        description="Reuse the KV blocks of prompt prefixes seen before (automatic prefix caching).",
+    )
     adapters: list[AdapterSpec] = Field(
         default_factory=list, description="Adapters registered at start-up."
     )

@@ -92,6 +92,8 @@ class LoraBank:
         self.module_dims = module_dims
         self.num_layers = num_layers
         self.num_slots = num_slots  # usable slots; index 0 is reserved for "none"
+        # Bumped whenever a slot's weights change (prefix-cache keys include it).
+        self.generation = [0] * (num_slots + 1)
         self.dtype = dtype
         self.device = device
         self.rank = 0
@@ -179,6 +181,7 @@ class LoraBank:
         self._forget(slot)
 
     def _forget(self, slot: int) -> None:
+        self.generation[slot] += 1  # KV computed with the old weights is stale now
         for key in [k for k in self._cache if slot in k[1]]:
             del self._cache[key]
             self._cache_bytes.pop(key, None)

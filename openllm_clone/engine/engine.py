@@ -44,7 +44,7 @@ from openllm_clone.errors import (
 from openllm_clone.protocol import SamplingParams, new_request_id
 from openllm_clone.runners.base import StepRow
 
-from .kv_cache import BlockAllocator, blocks_for
+from .kv_cache import BlockAllocator, block_hash, blocks_for
 from .sampling import sample_rows
 from .sequence import RequestGroup, RequestOutput, SeqDelta, SeqStatus, Sequence
 
@@ -63,6 +63,7 @@ class EngineConfig:
     max_queue: int = 256
     max_prefill_tokens: int = 512
     seed: int = 0
+    prefix_caching: bool = True
 
 
 class EngineObserver:
@@ -92,7 +93,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
         self.observer = observer or EngineObserver()
-        self.blocks = BlockAllocator(runner.num_blocks, runner.block_size)
+        self.blocks = BlockAllocator(runner.num_blocks, runner.block_size,
+                                     prefix_caching=self.config.prefix_caching)
         self.max_model_len = runner.info.max_model_len
         self.eos_ids = self._eos_ids(runner, tokenizer)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -218,6 +220,9 @@ class Engine:
             "kv_blocks_peak": self.blocks.peak_used,
             "block_size": self.blocks.block_size,
             "kv_bytes_per_token": int(getattr(self.runner, "kv_bytes_per_token", 0)),
+            "prefix_cache_blocks": self.blocks.num_cached,
+            "prefix_cache_hits": self.blocks.prefix_hits,
+            "prefix_cache_queries": self.blocks.prefix_queries,
         }
 
     def shutdown(self) -> None:
@@ -344,13 +349,16 @@ class Engine:
         # Then admit waiting sequences while there is room.
         while self._waiting and len(self._running) < self.config.max_batch_size and budget > 0:
             seq = self._waiting[0]
+            matched = self._match_prefix(seq)
             todo = seq.tokens[seq.num_cached :][:budget]
             # Keep a block per running sequence free for their next tokens.
             spare = self.blocks.num_free - len(self._running)
             if blocks_for(seq.num_cached + len(todo), bs) - len(seq.block_table) > spare:
+                self._unmatch(seq, matched)
                 break
             self._waiting.popleft()
             if not self._reserve(seq, seq.num_cached + len(todo), scheduled):
+                self._unmatch(seq, matched)
                 self._waiting.appendleft(seq)
                 break
             scheduled.add(id(seq))
@@ -359,6 +367,55 @@ class Engine:
             budget -= len(todo)
             rows.append((seq, todo, seq.num_cached + len(todo) == seq.num_tokens))
         return rows
+
+    def _hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
+        """Prefix-cache keys of ``seq``'s first ``num_blocks`` full blocks (memoised)."""
+        keys = seq.block_hashes
+        if len(keys) < num_blocks:
+            bs = self.blocks.block_size
+            tokens = seq.tokens
+            lora = getattr(self.runner, "lora", None)
+            slot = seq.group.adapter_slot
+            # The adapter changes every key and value: the slot and which load of it.
+            extra = (slot, lora.generation[slot]) if lora is not None and slot else None
+            for j in range(len(keys), num_blocks):
+                keys.append(block_hash(keys[j - 1] if j else None, tokens[j * bs : (j + 1) * bs],
+                                       extra))
+        return keys[:num_blocks]
+
+    def _match_prefix(self, seq: Sequence) -> int:
+        """Start a fresh sequence on the cached blocks of its longest known prefix.
+
+        The block holding the last known token is never taken: that token is computed
+        again, for its logits, into a block of the sequence's own.
+        """
+        if seq.block_table or not self.blocks.prefix_caching:
+            return 0
+        usable = (seq.num_tokens - 1) // self.blocks.block_size
+        if usable <= 0:
+            return 0
+        blocks = self.blocks.lookup(self._hashes(seq, usable))
+        seq.block_table = blocks
+        seq.num_registered = len(blocks)
+        seq.num_cached = len(blocks) * self.blocks.block_size
+        return len(blocks)
+
+    def _unmatch(self, seq: Sequence, matched: int) -> None:
+        """Give back blocks a sequence that stays waiting took from the prefix cache."""
+        if matched:
+            self.blocks.free(seq.block_table)
+            seq.block_table = []
+            seq.num_cached = seq.num_registered = 0
+
+    def _register(self, seq: Sequence) -> None:
+        """Record the sequence's newly completed full blocks in the prefix cache."""
+        full = seq.num_cached // self.blocks.block_size
+        if full <= seq.num_registered or not self.blocks.prefix_caching:
+            return
+        keys = self._hashes(seq, full)
+        for j in range(seq.num_registered, full):
+            self.blocks.register(seq.block_table[j], keys[j])
+        seq.num_registered = full
 
     def _reserve(self, seq: Sequence, num_tokens: int, scheduled: set[int]) -> bool:
         """Give ``seq`` blocks for ``num_tokens``; preempt newer sequences if needed."""
@@ -406,6 +463,7 @@ class Engine:
         sampled = [(seq, todo) for seq, todo, need in rows if need]
         for seq, todo, _ in rows:
             seq.num_cached += len(todo)
+            self._register(seq)
         if sampled:
             # Logits are inference tensors: penalties and grammar masks edit them in place.
             with torch.inference_mode():
@@ -513,6 +571,8 @@ class Engine:
             self.runner.copy_block(parent.block_table[full], block)
             child.block_table.append(block)
         child.num_cached = parent.num_cached
+        child.block_hashes = parent.block_hashes[:full]
+        child.num_registered = min(parent.num_registered, full)
         child.status = SeqStatus.RUNNING
         self._running.append(child)
 

@@ -91,6 +91,8 @@ class Sequence:
         self.output_ids: list[int] = []
         self.block_table: list[int] = []
         self.num_cached = 0  # tokens whose KV is in the cache
+        self.block_hashes: list[int] = []  # prefix-cache keys of the full blocks so far
+        self.num_registered = 0  # leading blocks recorded in the prefix cache
         self.status = SeqStatus.WAITING
         self.finish_reason: str | None = None
         self.generator = generator
@@ -122,4 +124,5 @@ class Sequence:
         """After preemption: the KV is gone, recompute it from the tokens."""
         self.block_table = []
         self.num_cached = 0
+        self.num_registered = 0
         self.status = SeqStatus.WAITING

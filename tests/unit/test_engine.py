@@ -115,6 +115,76 @@ async def test_parallel_samples_share_the_prompt_kv(llm: LLM) -> None:
     assert engine.stats()["kv_blocks_used"] == 0
 
 
+def test_block_allocator_prefix_cache() -> None:
+    from openllm_clone.engine.kv_cache import BlockAllocator, block_hash
+
+    blocks = BlockAllocator(5, 16)  # blocks 1..4 usable
+    a, b = blocks.allocate(), blocks.allocate()
+    k1 = block_hash(None, list(range(16)))
+    k2 = block_hash(k1, list(range(16, 32)))
+    blocks.register(a, k1)
+    blocks.register(b, k2)
+    assert blocks.lookup([k1, block_hash(k1, [0] * 16)]) == [a]  # longest known prefix
+    assert blocks.refcount(a) == 2
+    blocks.free([a, a, b])
+    # Unheld but cached: free for capacity, still found.
+    assert blocks.num_free == 4 and blocks.num_used == 0 and blocks.num_cached == 2
+    assert blocks.lookup([k1, k2]) == [a, b] and blocks.num_used == 2
+    blocks.free([a, b])
+    # Plain free blocks go first; then the least recently freed cached one (a).
+    taken = [blocks.allocate() for _ in range(3)]
+    assert a in taken and b not in taken and blocks.num_cached == 1
+    assert blocks.lookup([k1]) == []
+    assert blocks.prefix_hits == 3
+    off = BlockAllocator(5, 16, prefix_caching=False)
+    c = off.allocate()
+    off.register(c, k1)
+    assert off.lookup([k1]) == [] and off.num_cached == 0
+
+
+async def test_prefix_cache_skips_computing_a_shared_prefix(llm: LLM, tiny_adapters: dict[str, Path]) -> None:
+    engine, model = llm.engine, llm.runner.model
+    system = llm.tokenize("You are a helpful assistant who answers briefly. " * 12)[:64]
+    assert len(system) == 64  # 4 blocks
+    first = system + llm.tokenize(" Tell me about the sea.")
+    second = system + llm.tokenize(" What is a violin?")
+    params = SamplingParams(max_new_tokens=10)
+
+    def reference(ids: list[int]) -> list[int]:
+        out = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+        return out[0, len(ids):].tolist()
+
+    hits = engine.stats()["prefix_cache_hits"]
+    computed_before = engine.steps
+    got = (await llm.complete(first, params)).token_ids[0]
+    assert got == reference(first)
+    # Another question after the same system prompt: its 4 blocks come from the cache.
+    got = (await llm.complete(second, params)).token_ids[0]
+    assert got == reference(second)
+    assert engine.stats()["prefix_cache_hits"] - hits >= 4
+    # The same prompt again: everything but the block holding its last token is reused.
+    again = (await llm.complete(second, params)).token_ids[0]
+    assert again == got
+    assert engine.steps > computed_before
+    # An adapter changes every key and value: no block computed without it matches.
+    await llm.adapters.load("alpha", str(tiny_adapters["alpha"]))
+    hits = engine.stats()["prefix_cache_hits"]
+    with_adapter = (await llm.complete(second, params, adapter="alpha")).token_ids[0]
+    assert engine.stats()["prefix_cache_hits"] == hits
+    assert with_adapter != got
+    assert (await llm.complete(second, params, adapter="alpha")).token_ids[0] == with_adapter
+    assert engine.stats()["prefix_cache_hits"] > hits
+    # Reloading the adapter (new weights in its slot) makes its cached blocks stale.
+    await llm.adapters.unload("alpha")
+    await llm.adapters.load("alpha", str(tiny_adapters["beta"]))
+    hits = engine.stats()["prefix_cache_hits"]
+    await llm.complete(second, params, adapter="alpha")
+    assert engine.stats()["prefix_cache_hits"] == hits
+    await llm.adapters.unload("alpha")
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
 async def test_stop_strings_end_generation(llm: LLM) -> None:
     ids = llm.tokenize("Tell me about the sea.")
     free = await llm.complete(ids, SamplingParams(max_new_tokens=30))
