@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from openllm_clone.errors import ModelLoadError
 
 from .base import ModelInfo, StepRow
-from .compiled import CompiledDecoder, DecodeGraph, check_compilable
+from .compiled import CompiledDecoder, DecodeGraph, check_compilable, rope
 from .lora import LoraBank, LoraPlan
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "TorchRunner"]
@@ -63,16 +63,6 @@ def _packed_linears_work() -> bool:
         return bool(torch.allclose(y.float(), F.linear(x, w).float(), atol=0.5, rtol=0.05))
     except (RuntimeError, AttributeError):
         return False
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """``x * cos + rotate_half(x) * sin`` with rotate_half as a roll times a sign.
-
-    ``rotate_half(x) = cat(-x2, x1) = roll(x, D/2) * [-1.., +1..]``; the sign is folded
-    into ``sin_signed`` once per step, so each layer runs four ops instead of seven,
-    with the same bf16 roundings as the model's own code.
-    """
-    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
 
 
 class TorchRunner:
@@ -275,12 +265,12 @@ class TorchRunner:
                 self._run_compiled(rows, scratch=True)
 
     def _rope_tables(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sign-folded sin, ``[T, 1, head_dim]`` in the model dtype (see _rope)."""
+        """cos and sign-folded sin, ``[T, 1, head_dim]`` in the model dtype (see ``rope``)."""
         probe = torch.empty(1, dtype=self.dtype, device=self.device)
         cos, sin = self.rotary(probe, pos.unsqueeze(0))
         cos = cos[0].unsqueeze(1).to(self.dtype)
         sin = sin[0].unsqueeze(1).to(self.dtype)
-        sin[..., : self.head_dim // 2].neg_()  # rotate_half's sign, see _rope
+        sin[..., : self.head_dim // 2].neg_()  # rotate_half's sign, see compiled.rope
         return cos, sin
 
     def _run_compiled(self, rows: list[StepRow], *, scratch: bool = False) -> torch.Tensor:
@@ -494,7 +484,7 @@ class TorchRunner:
                              self._linear(li, attn.v_proj, "v_proj", h, plan)], dim=-1)
         # Rotary embedding on queries and keys together: one set of ops, not two.
         qk = qkv[:, : q_out + kv_out].reshape(T, self.num_heads + self.num_kv_heads, self.head_dim)
-        qk = _rope(qk, cos, sin)
+        qk = rope(qk, cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, q_out + kv_out :].reshape(T, self.num_kv_heads, self.head_dim)
         cache = self.kv_cache[li]
