@@ -383,10 +383,11 @@ class TorchRunner:
 
     @staticmethod
     def _norm(module: Any, x: torch.Tensor) -> torch.Tensor:
-        """RMSNorm: one fused op in float32 (the HF module is seven, same math).
+        """RMSNorm as one ``F.rms_norm`` call (the HF module is seven ops, same math).
 
-        Not in bf16: there ``F.rms_norm`` rounds differently from the model's own norm
-        (which upcasts to float32), and over 30 layers SmolLM2 stopped answering.
+        bf16 inputs are normalised in float32, rounded, then scaled, in the model's own
+        order: ``F.rms_norm`` straight on bf16 rounds differently, and over 30 layers
+        SmolLM2 stopped answering.
         """
         eps = getattr(module, "variance_epsilon", None)
         if eps is None:
