@@ -94,7 +94,8 @@ def start(
     try:
         settings = Settings(
             model=model, host=host, port=port, dtype=dtype,  # type: ignore[arg-type]
-            device=device, quantize=quantize, compile=compile, prefix_caching=prefix_caching, max_batch_size=max_batch_size, max_queue=max_queue,
+            device=device, quantize=quantize, compile=compile, prefix_caching=prefix_caching,
+            max_batch_size=max_batch_size, max_queue=max_queue,
             timeout=timeout, workers=workers, backend=backend,  # type: ignore[arg-type]
             replicas=replicas, max_replicas=max_replicas, cpus_per_replica=cpus_per_replica,
             gpus_per_replica=gpus_per_replica, ray_address=ray_address,

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from openllm_clone.errors import ModelLoadError
 
-__all__ = ["CompiledDecoder", "DecodeGraph", "buckets_for", "rope"]
+__all__ = ["CompiledDecoder", "DecodeGraph", "buckets_for", "rms_norm", "rope"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,18 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.
     the compiled graph.
     """
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as one ``F.rms_norm`` call (the HF module is seven ops, same math).
+
+    bf16 inputs are normalised in float32, rounded, then scaled, in the model's own
+    order: ``F.rms_norm`` straight on bf16 rounds differently, and over 30 layers
+    SmolLM2 stopped answering. Shared by the eager step and the compiled graph.
+    """
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype).mul_(weight)
 
 
 def buckets_for(max_batch_size: int) -> list[int]:
@@ -130,11 +142,6 @@ class DecodeGraph(torch.nn.Module):
             self.norm1.append(layer.input_layernorm.weight)
             self.norm2.append(layer.post_attention_layernorm.weight)
 
-    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * h.to(x.dtype)
-
     def forward(self, ids: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
                 slots: torch.Tensor, gather: torch.Tensor, mask: torch.Tensor,
                 caches: list[torch.Tensor]) -> torch.Tensor:
@@ -142,7 +149,7 @@ class DecodeGraph(torch.nn.Module):
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
         x = self.embed(ids)
         for i in range(len(self.qkv)):
-            h = self._rms(x, self.norm1[i])
+            h = rms_norm(x, self.norm1[i], self.eps)
             qkv = F.linear(h, self.qkv[i], self.qkv_bias[i] if self.has_bias else None)
             qk = qkv[:, : (H + KV) * D].reshape(T, H + KV, D)
             qk = rope(qk, cos, sin_signed)
@@ -155,10 +162,10 @@ class DecodeGraph(torch.nn.Module):
                 q.unsqueeze(2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2),
                 attn_mask=mask, scale=self.scaling, enable_gqa=True)
             x = F.linear(o.reshape(T, H * D), self.o[i]) + x
-            h = self._rms(x, self.norm2[i])
+            h = rms_norm(x, self.norm2[i], self.eps)
             gate, up = F.linear(h, self.gate_up[i]).chunk(2, dim=-1)
             x = F.linear(self.act(gate) * up, self.down[i]) + x
-        return self.lm_head(self._rms(x, self.norm_weight)).float()
+        return self.lm_head(rms_norm(x, self.norm_weight, self.eps)).float()
 
 
 def _fuse(modules: list[Any], attr: str = "weight") -> torch.nn.Parameter:
@@ -175,11 +182,9 @@ def _fuse(modules: list[Any], attr: str = "weight") -> torch.nn.Parameter:
 class CompiledDecoder:
     """The compiled graph, its buckets and the padding that feeds it."""
 
-    def __init__(self, graph: DecodeGraph, *, max_batch_size: int, block_size: int,
-                 scratch_slot: int) -> None:
+    def __init__(self, graph: DecodeGraph, *, max_batch_size: int, scratch_slot: int) -> None:
         self.graph = graph
         self.buckets = buckets_for(max_batch_size)
-        self.block_size = block_size
         self.scratch_slot = scratch_slot
         self.ready: set[int] = set()
         self.steps = 0  # decode steps run through the graph

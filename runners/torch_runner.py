@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from openllm_clone.errors import ModelLoadError
 
 from .base import ModelInfo, StepRow
-from .compiled import CompiledDecoder, DecodeGraph, check_compilable, rope
+from .compiled import CompiledDecoder, DecodeGraph, check_compilable, rms_norm, rope
 from .lora import LoraBank, LoraPlan
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "TorchRunner"]
@@ -148,7 +148,7 @@ class TorchRunner:
             graph = DecodeGraph(model, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                                 head_dim=self.head_dim, scaling=self.scaling)
             self._compiled = CompiledDecoder(graph, max_batch_size=max_batch_size,
-                                             block_size=block_size, scratch_slot=self.scratch_slot)
+                                             scratch_slot=self.scratch_slot)
         # The compiled graph prepacks its own copy; the eager path then keeps plain Linears.
         self._fused = None if compile else self._pack_layers()
         self.info = ModelInfo(
@@ -383,19 +383,11 @@ class TorchRunner:
 
     @staticmethod
     def _norm(module: Any, x: torch.Tensor) -> torch.Tensor:
-        """RMSNorm as one ``F.rms_norm`` call (the HF module is seven ops, same math).
-
-        bf16 inputs are normalised in float32, rounded, then scaled, in the model's own
-        order: ``F.rms_norm`` straight on bf16 rounds differently, and over 30 layers
-        SmolLM2 stopped answering.
-        """
+        """The model's RMSNorm through :func:`rms_norm`; other norms run their module."""
         eps = getattr(module, "variance_epsilon", None)
         if eps is None:
             return module(x)
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), module.weight, eps)
-        # The model's order: normalise in float32, round to the model dtype, then scale.
-        return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype).mul_(module.weight)
+        return rms_norm(x, module.weight, eps)
 
     def _linear(
         self, li: int, module: Any, name: str, x: torch.Tensor, plan: LoraPlan

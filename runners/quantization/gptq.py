@@ -99,15 +99,16 @@ def quantize(
                          f"({sorted(in_features)})")
     quantizer = GPTQQuantizer(bits=bits, group_size=group_size, dataset=texts, desc_act=desc_act,
                               sym=sym, act_group_aware=not desc_act, model_seqlen=seqlen, format="gptq")
-    keep = edge_layers(model.config) if (bits <= 4 if keep_edge_layers is None
-                                         else keep_edge_layers) else []
+    if keep_edge_layers is None:
+        keep_edge_layers = bits <= 4
+    keep = edge_layers(model.config) if keep_edge_layers else []
     originals = _linear_tensors(model, keep)
     say(f"quantizing {len(texts)} calibration texts through {model.config.num_hidden_layers} layers")
     quantizer.quantize_model(model, tokenizer)
     say("writing the checkpoint")
     quantizer.save(model, str(dst))  # converts to the v1 (AutoGPTQ) format
     tokenizer.save_pretrained(str(dst))
-    quantized_modules = _restore_full_precision(dst, model, originals)
+    quantized_modules = _restore_full_precision(dst, model, originals) if originals else []
     # optimum converts the tensors to v1 on save and says so in quantize_config.json,
     # but config.json (what transformers reads) keeps "gptq_v2": loading would then
     # misread every zero point. Make config.json agree with the tensors, and keep the
@@ -140,9 +141,9 @@ def default_group_size(in_features: set[int]) -> int:
     g64 +33.0 % / +8.1 %, g32 +10.7 % / +6.6 %, for ~0.3 more bits a weight. Falls back
     to the largest of 64/32/16 that divides every input width.
     """
-    first = 32 if min(in_features) < 1024 else 128
-    for g in (first, 64, 32, 16):
-        if g <= first and not any(f % g for f in in_features):
+    candidates = (128, 64, 32, 16) if min(in_features) >= 1024 else (32, 16)
+    for g in candidates:
+        if not any(f % g for f in in_features):
             return g
     return -1
 
@@ -173,8 +174,6 @@ def _restore_full_precision(dst: Path, model: Any, originals: dict[str, Any]) ->
 
     quantized = sorted({name.rsplit(".", 1)[0] for name, _ in model.named_buffers()
                         if name.endswith(".qweight")})
-    if not originals:
-        return quantized
     kept = {name.rsplit(".", 1)[0] for name in originals}
     index_file = dst / "model.safetensors.index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else None
