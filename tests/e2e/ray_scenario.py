@@ -21,17 +21,21 @@ from typing import Any
 
 import httpx
 
-from openllm_clone.client import AsyncHTTPClient, HTTPClient
+from openllm_clone.client import APIStatusError, AsyncHTTPClient, HTTPClient
 from openllm_clone.testing import run_server
 
 PROMPT = "Replicas share the load"
 
 
 async def _round(url: str, plan: list[str | None], max_new_tokens: int,
-                 kill: tuple[float, int] | None = None) -> tuple[list[list[int]], int]:
-    """Send ``plan`` concurrently (retries on); optionally SIGKILL a pid after a delay.
-    Returns the token ids per request and how many had finished when the kill came."""
+                 kill: tuple[int, str] | None = None) -> tuple[list[list[int]], dict[str, Any]]:
+    """Send ``plan`` concurrently (retries on). With ``kill=(pid, adapter)``, first open a
+    long stream for ``adapter`` (held only by the replica ``pid``), start the round, and
+    SIGKILL ``pid`` as soon as that stream has yielded a token: the victim then certainly
+    holds a request mid-stream (and likely some of the round's). Returns the token ids per
+    request and what the killed stream saw."""
     finished = 0
+    seen: dict[str, Any] = {}
 
     async with AsyncHTTPClient(url, timeout=120, max_retries=6) as client:
         async def one(adapter: str | None) -> list[int]:
@@ -40,14 +44,28 @@ async def _round(url: str, plan: list[str | None], max_new_tokens: int,
             finished += 1
             return list(r.outputs[0].token_ids)
 
-        tasks = [asyncio.create_task(one(a)) for a in plan]
-        done_at_kill = -1
-        if kill is not None:
-            await asyncio.sleep(kill[0])
-            done_at_kill = finished
-            os.kill(kill[1], signal.SIGKILL)
-        results = await asyncio.gather(*tasks)
-    return results, done_at_kill
+        if kill is None:
+            return list(await asyncio.gather(*(one(a) for a in plan))), seen
+        pid, adapter = kill
+        events = 0
+        stream = client.generate_stream(PROMPT, adapter_name=adapter, max_new_tokens=400,
+                                        ignore_eos=True)
+        tasks: list[asyncio.Task[list[int]]] = []
+        try:
+            async for _ in stream:
+                events += 1
+                if events == 1:
+                    tasks = [asyncio.create_task(one(a)) for a in plan]
+                    await asyncio.sleep(0.2)  # the round's requests reach the replicas
+                    seen["done_at_kill"] = finished
+                    os.kill(pid, signal.SIGKILL)
+            seen["stream"] = {"events": events, "error": None}
+        except APIStatusError as exc:
+            body = exc.body if isinstance(exc.body, dict) else {}
+            seen["stream"] = {"events": events, "error": [exc.status_code,
+                                                          body.get("error", {}).get("type")]}
+        results = list(await asyncio.gather(*tasks))
+    return results, seen
 
 
 def main() -> None:
@@ -105,13 +123,16 @@ def main() -> None:
                                              max_tokens=4))
             report["chat_stream_events"] = len(stream)
 
-            # Kill one replica while 40 requests run: the client retries what failed.
+            # Kill one replica while it streams and 40 requests run: the client retries
+            # what failed before it returned anything; the cut stream ends in an error.
             pids = routing["replica_pids"]
-            victim = sorted(pids.values())[0]
+            victim_replica = sorted(r for r, held in routing["adapters_by_replica"].items() if held)[0]
+            victim_adapter = sorted(routing["adapters_by_replica"][victim_replica])[0]
+            victim = pids[victim_replica]
             plan = [names[i % len(names)] for i in range(40)]
             t0 = time.monotonic()
-            results, done_at_kill = asyncio.run(_round(url, plan, 48, kill=(0.4, victim)))
-            report["kill"] = {"victim_pid": victim, "done_at_kill": done_at_kill,
+            results, seen = asyncio.run(_round(url, plan, 48, kill=(victim, victim_adapter)))
+            report["kill"] = {"victim_pid": victim, "victim_adapter": victim_adapter, **seen,
                               "seconds": round(time.monotonic() - t0, 1),
                               "results": [[str(n), r] for n, r in zip(plan, results)]}
             report["solo48"] = {str(n): list(client.generate(PROMPT, adapter_name=n, max_new_tokens=48)

@@ -117,14 +117,17 @@ def test_two_ray_replicas_route_by_adapter_and_survive_a_replica_kill(
     assert report["unknown_adapter"][1]["error"]["type"] == "adapter_not_found"
     assert report["chat_model"] == "alpha" and report["chat_stream_events"] >= 2
 
-    # A replica killed mid-run: every request still completed (the client retried the
-    # ones the dead replica held) with the right tokens.
+    # A replica killed mid-run, while it streamed: the cut stream ended in a 503
+    # "unavailable" error after its first tokens (never retried: it had returned tokens);
+    # every other request completed (the client retried those the dead replica held)
+    # with the right tokens.
     kill = report["kill"]
+    assert kill["stream"]["events"] >= 1 and kill["stream"]["error"] == [503, "unavailable"], kill
     assert 0 <= kill["done_at_kill"] < 40  # the kill came while requests were running
     assert len(kill["results"]) == 40
     assert report["solo48"] == expected48
     for name, tokens in kill["results"]:
         assert tokens == expected48[name], name
     after = report["routing_after_kill"]
-    assert after["unavailable"] >= 1, after  # requests were in flight on the victim
+    assert after["unavailable"] >= 1, after  # at least the cut stream
     assert report["metrics_has_cache"]
