@@ -1,12 +1,14 @@
 """Quantization benchmark on SmolLM2: bytes, load time, speed and perplexity per mode.
 
-For bf16 and every quantization that runs here (bitsandbytes int8/nf4/fp4, torchao
-int8 weight-only, GPTQ 4-bit and 8-bit made by `openllm-clone quantize` with the
-built-in calibration texts, timed), in one run: real weight bytes, load time, decode tokens/s at
-batch 1 and aggregate tokens/s at batch 16 (engine in-process, warm-up, then the
-median of repeats), and perplexity on a fixed built-in text, with ratios to bf16.
+For bf16 and every quantization that runs here (bitsandbytes int8/nf4/fp4 at load
+time, torchao int8 weight-only, and checkpoints made by `openllm-clone quantize` with
+the built-in calibration texts, timed: GPTQ 4-bit and 8-bit, calibrated nf4/fp4), in
+one run: real weight bytes, load time, decode tokens/s at batch 1 and aggregate
+tokens/s at batch 16 (engine in-process, warm-up, then the median of repeats), and
+perplexity on a fixed built-in text, with ratios to bf16. Two more short texts
+(different topics and registers) show how much one ~150-token text moves the figure.
 
-    python bench/quantization.py [--modes bf16,int8,nf4,fp4,torchao-int8,gptq4,gptq8]
+    python bench/quantization.py [--modes bf16,int8,nf4,fp4,torchao-int8,gptq4,gptq8,nf4-cal,fp4-cal]
 """
 
 from __future__ import annotations
@@ -34,9 +36,23 @@ TEXT = (
     "Scientists study the cycle to forecast weather, manage water supplies and understand "
     "how a warming climate changes droughts and floods around the world."
 )
+OTHER_TEXTS = (
+    "My grandfather kept bees behind the orchard. Every spring he would open the hives, "
+    "check the frames for eggs and honey, and talk quietly to the bees as he worked. He said "
+    "they could tell when someone was nervous. In late summer we helped him carry the heavy "
+    "frames to the shed, where the honey was spun out in a big metal drum and poured into jars. "
+    "The kitchen smelled of wax for days, and neighbours came by to trade eggs and vegetables "
+    "for a jar or two.",
+    "To install the package, create a virtual environment and run pip install with the "
+    "name of the project. The command line tool reads its settings from a file in your home "
+    "directory; every option can also be given as a flag. If the server does not start, check "
+    "that the port is free and that the model files are readable, then look at the log for the "
+    "first error. Most problems come from an old version of a dependency, so upgrade it first.",
+)
 
 
-def perplexity(model_dir: str, mode: str, dtype: str) -> float:
+def perplexity(model_dir: str, mode: str, dtype: str) -> list[float]:
+    """Perplexity of TEXT, then of each of OTHER_TEXTS."""
     import torch
     from openllm_clone.runners.loader import pick_device
     from openllm_clone.runners.quantization import dispatch
@@ -44,7 +60,7 @@ def perplexity(model_dir: str, mode: str, dtype: str) -> float:
 
     device = pick_device("cpu")
     kwargs: dict = {"dtype": getattr(torch, dtype)}
-    if mode.startswith("gptq"):  # model_dir is the GPTQ checkpoint
+    if _prequantized(mode):  # model_dir is the quantized checkpoint
         kwargs["device_map"] = "cpu"
     elif mode != "bf16":
         from transformers import AutoConfig
@@ -55,10 +71,16 @@ def perplexity(model_dir: str, mode: str, dtype: str) -> float:
         kwargs.update(spec.load_kwargs, quantization_config=spec.quantization_config)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).eval()
-    ids = tok(TEXT, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        loss = model(ids, labels=ids).loss.float().item()
-    return math.exp(loss)
+    out = []
+    for text in (TEXT, *OTHER_TEXTS):
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out.append(math.exp(model(ids, labels=ids).loss.float().item()))
+    return out
+
+
+def _prequantized(mode: str) -> bool:
+    return mode.startswith("gptq") or mode.endswith("-cal")
 
 
 async def speed(llm, batch: int, new_tokens: int, repeats: int) -> float:
@@ -79,7 +101,7 @@ async def speed(llm, batch: int, new_tokens: int, repeats: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--modes", default="bf16,int8,nf4,fp4,torchao-int8,gptq4,gptq8")
+    ap.add_argument("--modes", default="bf16,int8,nf4,fp4,torchao-int8,gptq4,gptq8,nf4-cal,fp4-cal")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
@@ -96,13 +118,17 @@ def main() -> None:
         quantize = None if mode == "bf16" else mode
         model, mode_dir, made = args.model, model_dir, None
         try:
-            if mode.startswith("gptq"):
+            if _prequantized(mode):
                 from openllm_clone.store import quantize_model
 
                 t = time.perf_counter()
-                model = quantize_model(args.model, bits=int(mode[4:] or 4), name=f"bench-{mode}")
+                if mode.startswith("gptq"):
+                    model = quantize_model(args.model, bits=int(mode[4:] or 4), name=f"bench-{mode}")
+                else:
+                    model = quantize_model(args.model, method=mode.removesuffix("-cal"),
+                                           name=f"bench-{mode}")
                 made = time.perf_counter() - t
-                mode_dir, quantize = str(resolve_model(model).path), "gptq"
+                mode_dir, quantize = str(resolve_model(model).path), None
             t = time.perf_counter()
             llm = LLM.from_settings(Settings(model=model, dtype="bfloat16", device=args.device,
                                              quantize=quantize, max_batch_size=16))
@@ -125,11 +151,13 @@ def main() -> None:
     for mode, r in results.items():
         rows.append([mode, f"{r['bytes'] / 2**20:.0f} MiB", f"{r['bytes'] / base['bytes']:.2f}x" if base else "-",
                      f"{(r['bytes'] - r['embed']) / (base['bytes'] - base['embed']):.2f}x" if base else "-",
-                     f"{r['load']:.1f} s", r["b1"], r["b16"], r["ppl"],
-                     f"{100 * (r['ppl'] / base['ppl'] - 1):+.1f}%" if base else "-"])
+                          f"{r['load']:.1f} s", r["b1"], r["b16"], r["ppl"][0],
+                     f"{100 * (r['ppl'][0] / base['ppl'][0] - 1):+.1f}%" if base else "-",
+                     " / ".join(f"{100 * (p / b - 1):+.1f}%" for p, b in zip(r["ppl"][1:], base["ppl"][1:]))
+                     if base else "-"])
     print(f"\nmodel {args.model} on {args.device}; {args.new_tokens} new tokens, greedy; medians of {args.repeats}")
     print(table(["mode", "weights", "vs bf16", "vs bf16 w/o tied embedding", "load", "tok/s b=1",
-                 "tok/s b=16", "perplexity", "ppl vs bf16"], rows))
+                 "tok/s b=16", "perplexity", "ppl vs bf16", "other texts vs bf16"], rows))
     if base:
         print(f"(the tied embedding / lm_head, {base['embed'] / 2**20:.0f} MiB in bf16, stays unquantized)")
 

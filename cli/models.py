@@ -35,27 +35,34 @@ def import_(
 @app.command("quantize")
 def quantize(
     model: str = typer.Argument("smollm2", help="Model store tag or local folder."),
-    method: str = typer.Option("gptq", help="gptq (bitsandbytes/torchao modes quantize at load time)."),
-    bits: int = typer.Option(4, help="Bits per weight: 2, 3, 4 or 8."),
+    method: str = typer.Option(
+        "gptq", help="gptq, or nf4/fp4 (bitsandbytes 4-bit, unquantized layers chosen by "
+        "measured sensitivity). int8 and torchao-int8 quantize at load time."),
+    bits: int = typer.Option(4, help="GPTQ bits per weight: 2, 3, 4 or 8."),
     group_size: int | None = typer.Option(
-        None, help="Columns sharing one scale; default 128, or 32 for models narrower than "
+        None, help="GPTQ columns sharing one scale; default 128, or 32 for models narrower than "
         "1024 (SmolLM2), falling back to 64/32/16 to divide every width; -1: one per row."),
     keep_edge_layers: bool | None = typer.Option(
         None, "--keep-edge-layers/--no-keep-edge-layers",
-        help="Keep the first and last decoder layers in full precision (default: at <= 4 bits)."),
+        help="GPTQ: keep the first and last decoder layers in full precision (default: at <= 4 bits)."),
+    keep_layers: int | None = typer.Option(
+        None, help="nf4/fp4: how many of the most sensitive decoder layers stay unquantized "
+        "(default: an eighth of the layers, rounded up)."),
     calibration: str = typer.Option("builtin", help="builtin, or a text file (paragraphs) or .jsonl."),
     seqlen: int = typer.Option(512, help="Longest calibration sequence in tokens."),
-    name: str | None = typer.Option(None, help="Name in the store (default MODEL-gptq-4bit)."),
+    name: str | None = typer.Option(None, help="Name in the store (default MODEL-gptq-4bit, MODEL-nf4, ...)."),
 ) -> None:
-    """Quantize MODEL with GPTQ into the model store; serve it with `start TAG`."""
+    """Quantize MODEL offline into the model store (GPTQ, or calibrated nf4/fp4); serve it
+    with `start TAG`."""
     from openllm_clone.store import quantize_model
 
+    what = f"GPTQ {bits}-bit" if method == "gptq" else method
     try:
-        with console.status(f"GPTQ {bits}-bit: {model}") as status:
+        with console.status(f"{what}: {model}") as status:
             tag = quantize_model(model, method=method, bits=bits, group_size=group_size,
                                  calibration=calibration, name=name, seqlen=seqlen,
-                                 keep_edge_layers=keep_edge_layers,
-                                 progress=lambda msg: status.update(f"GPTQ: {msg}"))
+                                 keep_edge_layers=keep_edge_layers, keep_layers=keep_layers,
+                                 progress=lambda msg: status.update(f"{what}: {msg}"))
     except OpenLLMCloneError as exc:
         fail(exc.message)
     out.print(tag)

@@ -61,6 +61,26 @@ def _copy_code(ctx: Path) -> None:
         shutil.copytree(_package_dir(f"openllm_clone.{sub}"), target, ignore=ignore)
 
 
+def _checkpoint_quantization(path: Path) -> str | None:
+    """The quantization a pre-quantized checkpoint (``openllm-clone quantize``, GPTQ,
+    bitsandbytes, torchao) needs at load time, as a ``--quantize`` name."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    qc = config.get("quantization_config") or {}
+    method = str(qc.get("quant_method") or "").lower()
+    if not method and (path / "quantize_config.json").is_file():
+        method = "gptq"  # an old AutoGPTQ checkpoint
+    if method == "bitsandbytes":
+        from openllm_clone.runners.quantization.bitsandbytes import checkpoint_mode
+
+        return checkpoint_mode(qc)
+    return {"gptq": "gptq", "torchao": "torchao-int8"}.get(method)
+
+
 def _requirements(flavour: str, quantize: str | None) -> dict[str, Any]:
     names = _CORE + _QUANTIZE.get(quantize or "", [])
     packages = []
@@ -106,6 +126,7 @@ def build_bento(
         if Path(spec.source).expanduser().is_dir():
             tag = import_adapter(spec.source, name=f"adapter-{spec.name}".lower())
         adapters.append(AdapterSpec(name=spec.name, source=tag, pinned=spec.pinned))
+    needs = settings.quantize or _checkpoint_quantization(resolved.path)
     baked = settings.model_copy(update={
         "model": model_tag, "adapters": adapters, "adapter_roots": [], "host": "0.0.0.0",
         "model_name": settings.model_name or resolved.name})
@@ -126,11 +147,11 @@ def build_bento(
             build_ctx=str(ctx),
             include=["openllm_clone/**/*.py", SETTINGS_FILE],
             labels={"kind": BENTO_LABEL, "model": model_tag, "flavour": flavour,
-                    "quantize": settings.quantize or "none",
+                    "quantize": settings.quantize or needs or "none",
                     "compile": str(settings.compile).lower(),
                     "adapters": ",".join(a.name for a in adapters) or "none"},
             models=[model_tag, *(a.source for a in adapters)],
-            python=_requirements(flavour, settings.quantize),
+            python=_requirements(flavour, needs),
             docker=docker,
         )
     path = Path(bento.path)

@@ -109,7 +109,9 @@ def _save_to_store(name: str, fill: Any, *, labels: dict[str, str], metadata: di
     import bentoml
 
     with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
-        fill(Path(model.path))
+        late = fill(Path(model.path))
+        if isinstance(late, dict):  # facts only known once the files are written (written at the block's end)
+            model.info.metadata.update(late)
     return str(model.tag)
 
 
@@ -145,35 +147,58 @@ def import_model(source: str = DEFAULT_MODEL, *, name: str | None = None) -> str
     )
 
 
+QUANTIZE_METHODS = ("gptq", "nf4", "fp4", "int4")
+
+
 def quantize_model(source: str, *, method: str = "gptq", bits: int = 4, group_size: int | None = None,
                    calibration: str = "builtin", name: str | None = None, seqlen: int = 512,
-                   keep_edge_layers: bool | None = None, progress: Any = None) -> str:
+                   keep_edge_layers: bool | None = None, keep_layers: int | None = None,
+                   progress: Any = None) -> str:
     """Quantize a model (store tag or folder) and put the result in the store.
 
-    The new model keeps the source's aliases, so adapters trained on the original
-    model pass the base-model check on the quantized one.
+    ``gptq`` writes a GPTQ checkpoint of ``bits``; ``nf4``/``fp4`` (``int4`` = nf4) a
+    bitsandbytes 4-bit checkpoint that keeps its ``keep_layers`` most sensitive decoder
+    layers unquantized, measured on the calibration texts. The new model keeps the
+    source's aliases, so adapters trained on the original model pass the base-model
+    check on the quantized one.
     """
-    if method != "gptq":
-        raise ModelLoadError(f"unknown quantization method {method!r}; `quantize` makes gptq "
-                             "checkpoints (bitsandbytes and torchao modes quantize at load time)")
+    if method not in QUANTIZE_METHODS:
+        raise ModelLoadError(f"unknown quantization method {method!r}; `quantize` makes "
+                             f"{', '.join(QUANTIZE_METHODS)} checkpoints (int8 and torchao-int8 "
+                             "quantize at load time: `start --quantize int8`)")
+    gptq = method == "gptq"
+    if not gptq and bits != 4:
+        raise ModelLoadError(f"{method} is 4-bit; drop --bits {bits} (or use --method gptq)")
+    if not gptq and (group_size is not None or keep_edge_layers is not None):
+        raise ModelLoadError(f"--group-size and --keep-edge-layers are GPTQ options; {method} "
+                             "chooses its unquantized layers by measurement (--keep-layers)")
+    if gptq and keep_layers is not None:
+        raise ModelLoadError("--keep-layers is for nf4/fp4; GPTQ takes --keep-edge-layers")
+    from openllm_clone.runners.quantization import bitsandbytes as bnb
+    from openllm_clone.runners.quantization import gptq as gptq_backend
     from openllm_clone.runners.quantization.calibration import load_calibration
-    from openllm_clone.runners.quantization.gptq import quantize
 
     resolved = resolve_model(source)
     try:
         texts = load_calibration(calibration)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot read the calibration data: {exc}") from exc
-    store_name = name or _store_name(f"{resolved.name}-gptq-{bits}bit")
-    done: dict[str, Any] = {}
+    label = f"gptq-{bits}bit" if gptq else ("nf4" if method == "int4" else method)
+    store_name = name or _store_name(f"{resolved.name}-{label}")
+    kind = "gptq" if gptq else "bitsandbytes"
 
-    def fill(dst: Path) -> None:
+    def fill(dst: Path) -> dict[str, Any]:
         try:
-            done.update(quantize(resolved.path, dst, bits=bits, group_size=group_size, texts=texts,
-                                 seqlen=seqlen, keep_edge_layers=keep_edge_layers,
-                                 progress=progress))
+            if gptq:
+                done = gptq_backend.quantize(
+                    resolved.path, dst, bits=bits, group_size=group_size, texts=texts,
+                    seqlen=seqlen, keep_edge_layers=keep_edge_layers, progress=progress)
+            else:
+                done = bnb.quantize(resolved.path, dst, mode=method, texts=texts,
+                                    keep_layers=keep_layers, seqlen=seqlen, progress=progress)
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from exc
+        return {kind: {**done, "calibration": calibration}}
 
     info = _describe(resolved.path)
     origin = resolved.tag or str(resolved.path)
@@ -181,8 +206,7 @@ def quantize_model(source: str, *, method: str = "gptq", bits: int = 4, group_si
     params = int(stored.info.metadata.get("parameters", 0)) if stored is not None else 0
     return _save_to_store(
         store_name, fill, labels={"kind": MODEL_LABEL},
-        metadata={**info, "quantization": "gptq", "parameters": params,
-                  "gptq": {**done, "calibration": calibration},
+        metadata={**info, "quantization": "gptq" if gptq else label, "parameters": params,
                   "source": origin, "aliases": [origin, *resolved.aliases]},
     )
 

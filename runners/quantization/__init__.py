@@ -45,11 +45,19 @@ def dispatch(mode: str | None, *, dtype: Any, device: Any, config: Any) -> Quant
 
     existing = getattr(config, "quantization_config", None)
     if mode is None:
-        if existing is not None:  # a pre-quantized checkpoint (GPTQ, AWQ, ...)
+        if existing is not None:  # a pre-quantized checkpoint (GPTQ, bitsandbytes, ...)
             return gptq.dispatch_checkpoint(existing, device=device)
         return None
     if mode not in QUANTIZE_MODES:
         raise ModelLoadError(f"unknown quantization {mode!r}; choose from {', '.join(QUANTIZE_MODES)}")
+    if existing is not None and mode != "gptq":
+        # A checkpoint quantized offline (`openllm-clone quantize`) already is what it is.
+        spec = gptq.dispatch_checkpoint(existing, device=device)
+        have = spec.mode if spec is not None else "?"
+        if have == ("nf4" if mode == "int4" else mode):
+            return spec
+        raise ModelLoadError(f"this checkpoint is already quantized ({have}); serve it without "
+                             f"--quantize, or quantize the original model with {mode}")
     for backend in (bitsandbytes, torchao, gptq):
         spec = backend.dispatch(mode, dtype=dtype, device=device, config=config)
         if spec is not None:

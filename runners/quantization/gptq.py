@@ -228,6 +228,12 @@ def dispatch_checkpoint(existing: Any, *, device: Any) -> QuantSpec | None:
         device_map = "cpu" if device.type == "cpu" else {"": device.index or 0}
         return QuantSpec(mode="gptq", load_kwargs={"device_map": device_map})
     if method in ("bitsandbytes", "torchao"):
-        return QuantSpec(mode=method, load_kwargs={"device_map": "cpu" if device.type == "cpu"
-                                                   else {"": device.index or 0}})
+        mode = method
+        if method == "bitsandbytes":
+            from .bitsandbytes import _require, checkpoint_mode
+
+            _require()
+            mode = checkpoint_mode(existing)
+        return QuantSpec(mode=mode, load_kwargs={"device_map": "cpu" if device.type == "cpu"
+                                                 else {"": device.index or 0}})
     raise ModelLoadError(f"checkpoints quantized with {method!r} are not supported")
