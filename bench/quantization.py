@@ -6,7 +6,10 @@ the built-in calibration texts, timed: GPTQ 4-bit and 8-bit, calibrated nf4/fp4)
 one run: real weight bytes, load time, decode tokens/s at batch 1 and aggregate
 tokens/s at batch 16 (engine in-process, warm-up, then the median of repeats), and
 perplexity on a fixed built-in text, with ratios to bf16. Two more short texts
-(different topics and registers) show how much one ~150-token text moves the figure.
+(different topics and registers) show how much one ~150-token text moves the figure,
+and a larger held-out set gives the steadier figure: the long descriptions of 20
+installed packages (technical prose, the first 512 tokens of each, ~10k tokens; it
+moves with their versions, so compare within one run).
 
     python bench/quantization.py [--modes bf16,int8,nf4,fp4,torchao-int8,gptq4,gptq8,nf4-cal,fp4-cal]
 """
@@ -51,8 +54,36 @@ OTHER_TEXTS = (
 )
 
 
+HELDOUT_PACKAGES = ("torch", "transformers", "peft", "bentoml", "fastapi", "pydantic", "typer", "rich",
+                    "accelerate", "tokenizers", "openai", "torchao", "optimum", "uvicorn",
+                    "huggingface-hub", "tqdm", "regex", "fsspec", "sympy", "attrs")
+
+
+def heldout_texts() -> list[str]:
+    """Prose from installed packages' long descriptions (code blocks, markup, links,
+    tables and short lines dropped); none of it is calibration data."""
+    import importlib.metadata as md
+    import re
+
+    out = []
+    for name in HELDOUT_PACKAGES:
+        try:
+            meta = md.metadata(name)
+        except md.PackageNotFoundError:
+            continue
+        body = meta.get_payload() or meta.get("Description") or ""
+        body = re.sub(r"```.*?```", "", str(body), flags=re.S)
+        body = re.sub(r"<[^>]+>|\[!\[.*?\)\]\(.*?\)|!\[.*?\]\(.*?\)|https?://\S+", "", body)
+        lines = [line for line in body.splitlines() if len(line.split()) > 6
+                 and not line.startswith(("|", "    ", "#", ">>>", "$"))]
+        text = " ".join(lines)
+        if len(text) > 2500:
+            out.append(text[:4000])
+    return out
+
+
 def perplexity(model_dir: str, mode: str, dtype: str) -> list[float]:
-    """Perplexity of TEXT, then of each of OTHER_TEXTS."""
+    """Perplexity of TEXT, of each of OTHER_TEXTS, then of the held-out set (token-weighted)."""
     import torch
     from openllm_clone.runners.loader import pick_device
     from openllm_clone.runners.quantization import dispatch
@@ -76,6 +107,13 @@ def perplexity(model_dir: str, mode: str, dtype: str) -> list[float]:
         ids = tok(text, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             out.append(math.exp(model(ids, labels=ids).loss.float().item()))
+    total, count = 0.0, 0
+    for text in heldout_texts():
+        ids = tok(text, return_tensors="pt")["input_ids"][:, :512]
+        with torch.no_grad():
+            total += model(ids, labels=ids).loss.float().item() * (ids.shape[1] - 1)
+        count += ids.shape[1] - 1
+    out.append(math.exp(total / count))
     return out
 
 
@@ -153,11 +191,15 @@ def main() -> None:
                      f"{(r['bytes'] - r['embed']) / (base['bytes'] - base['embed']):.2f}x" if base else "-",
                           f"{r['load']:.1f} s", r["b1"], r["b16"], r["ppl"][0],
                      f"{100 * (r['ppl'][0] / base['ppl'][0] - 1):+.1f}%" if base else "-",
-                     " / ".join(f"{100 * (p / b - 1):+.1f}%" for p, b in zip(r["ppl"][1:], base["ppl"][1:]))
-                     if base else "-"])
+                     " / ".join(f"{100 * (p / b - 1):+.1f}%" for p, b in zip(r["ppl"][1:3], base["ppl"][1:3]))
+                     if base else "-",
+                     f"{100 * (r['ppl'][3] / base['ppl'][3] - 1):+.1f}%" if base else "-"])
     print(f"\nmodel {args.model} on {args.device}; {args.new_tokens} new tokens, greedy; medians of {args.repeats}")
     print(table(["mode", "weights", "vs bf16", "vs bf16 w/o tied embedding", "load", "tok/s b=1",
-                 "tok/s b=16", "perplexity", "ppl vs bf16", "other texts vs bf16"], rows))
+                 "tok/s b=16", "perplexity", "ppl vs bf16", "2 short texts vs bf16",
+                 "held-out set vs bf16"], rows))
+    docs = heldout_texts()
+    print(f"held-out set: {len(docs)} package descriptions, the first 512 tokens of each")
     if base:
         print(f"(the tied embedding / lm_head, {base['embed'] / 2**20:.0f} MiB in bf16, stays unquantized)")
 

@@ -76,12 +76,14 @@ def _default_name(source: str) -> str:
 
 @app.command("models")
 def models() -> None:
-    """List models and adapters in the store (tag, architecture, parameters, size, dtype)."""
+    """List models and adapters in the store (tag, architecture, parameters, size, dtype,
+    quantization)."""
     from openllm_clone.store import list_models
 
-    table = Table("tag", "kind", "architecture", "parameters", "size", "dtype", "source")
+    table = Table("tag", "kind", "architecture", "parameters", "size", "dtype", "quantization", "source")
     for m in list_models():
         params = f"{m.parameters / 1e6:.1f} M" if m.parameters else "-"
+        quant = "-" if m.kind == "adapter" else m.quantization
         table.add_row(m.tag, m.kind, m.architecture, params, human_bytes(m.size_bytes), m.dtype,
-                      m.source)
+                      quant, m.source)
     out.print(table)

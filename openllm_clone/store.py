@@ -61,6 +61,7 @@ class StoredModel:
     dtype: str
     size_bytes: int
     source: str
+    quantization: str = "none"
 
 
 def _folder_size(path: Path) -> int:
@@ -342,6 +343,7 @@ def list_models() -> list[StoredModel]:
                 dtype=str(meta.get("dtype", "?")),
                 size_bytes=_folder_size(Path(model.path)),
                 source=str(meta.get("source", "")),
+                quantization=str(meta.get("quantization", "none")),
             )
         )
     return out

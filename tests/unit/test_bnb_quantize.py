@@ -155,6 +155,9 @@ def test_quantize_fp4_keeps_the_measured_layer_and_serves_adapters(
         _llm(tag, "nf4")
     config = json.loads((Path(stored.path) / "config.json").read_text())
     assert config["quantization_config"]["bnb_4bit_quant_type"] == "fp4"
+    listed = _cli("models")
+    row = next(line for line in listed.stdout.splitlines() if "tiny-fp4:" in line)
+    assert "fp4" in [cell.strip() for cell in row.split("│")], row  # the quantization column
 
 
 def test_quantize_4bit_refuses_bad_arguments_clearly(fp_model: Path) -> None:
