@@ -111,6 +111,17 @@ def default_keep_layers(num_layers: int) -> int:
     return 0 if num_layers < 4 else math.ceil(num_layers / 8)
 
 
+def _decoder_layers(model: Any) -> Any:
+    """The decoder blocks of a Llama-style (``model.layers``) or GPT-2-style (``h``) model."""
+    for path in (("model", "layers"), ("transformer", "h"), ("gpt_neox", "layers")):
+        obj = model
+        for attr in path:
+            obj = getattr(obj, attr, None)
+        if obj is not None:
+            return obj
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} to measure them")
+
+
 def layer_sensitivity(model: Any, batches: list[Any], mode: str,
                       progress: Callable[[str], None] | None = None) -> list[float]:
     """How much each decoder layer hurts when quantized, measured on ``batches``.
@@ -124,7 +135,7 @@ def layer_sensitivity(model: Any, batches: list[Any], mode: str,
     import bitsandbytes.functional as bnbf
     import torch
 
-    layers = model.model.layers
+    layers = _decoder_layers(model)
     linears = [[m for m in layer.modules() if isinstance(m, torch.nn.Linear)] for layer in layers]
     originals = [[m.weight.data for m in group] for group in linears]
 

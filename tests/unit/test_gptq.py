@@ -52,6 +52,11 @@ def _quantize(fp_model: Path, bits: int) -> str:
     assert result.returncode == 0, result.stderr[-3000:]
     tag = result.stdout.strip().splitlines()[-1]
     assert tag.startswith(f"tiny-gptq{bits}:")
+    import bentoml
+
+    facts = bentoml.models.get(tag).info.metadata["gptq"]  # what was done, in the store
+    assert facts["bits"] == bits and facts["group_size"] == 64 and facts["calibration"] == "builtin"
+    assert facts["full_precision_layers"] == ([0, 3] if bits <= 4 else [])
     return tag
 
 
