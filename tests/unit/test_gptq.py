@@ -6,10 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +14,15 @@ import pytest
 import torch
 
 from openllm_clone.llm import LLM
-from openllm_clone.protocol import SamplingParams
 from openllm_clone.settings import Settings
-from tests.helpers import last_logits, make_adapter, make_tiny_model
+from tests.helpers import (
+    alone_base_mixed,
+    closeness,
+    last_logits,
+    make_adapter,
+    make_tiny_model,
+    run_cli,
+)
 
 HAS_GPTQ = importlib.util.find_spec("gptqmodel") is not None and importlib.util.find_spec("optimum") is not None
 pytestmark = [pytest.mark.slow,
@@ -34,12 +37,6 @@ pytestmark = [pytest.mark.slow,
 THRESHOLDS = {4: (0.9, 0.5), 8: (0.99, 0.75)}
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    # A wide terminal, so that tables (`models`) do not cut names short.
-    return subprocess.run([sys.executable, "-m", "openllm_clone", *args], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "COLUMNS": "250"})
-
-
 @pytest.fixture(scope="module")
 def fp_model(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("gptq") / "gptq-llama", tokenizer, layers=4,
@@ -47,7 +44,7 @@ def fp_model(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Path:
 
 
 def _quantize(fp_model: Path, bits: int) -> str:
-    result = _cli("quantize", str(fp_model), "--method", "gptq", "--bits", str(bits), "--group-size", "64",
+    result = run_cli("quantize", str(fp_model), "--method", "gptq", "--bits", str(bits), "--group-size", "64",
                   "--calibration", "builtin", "--name", f"tiny-gptq{bits}")
     assert result.returncode == 0, result.stderr[-3000:]
     tag = result.stdout.strip().splitlines()[-1]
@@ -94,30 +91,20 @@ def test_quantize_command_makes_a_close_smaller_model_that_serves_adapters(
                  for layer in llm.runner.model.model.layers]
         assert kinds == ([True, False, False, True] if bits == 4 else [False] * 4)
         logits = _last_logits(llm, prompts)
-        cosine = torch.nn.functional.cosine_similarity(logits, ref_logits, dim=-1).min().item()
-        top1 = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
+        cosine, top1 = closeness(logits, ref_logits)
         print(f"gptq {bits}-bit: cosine {cosine:.3f} top-1 {top1:.3f} bytes {meta['weight_bytes']} "
               f"vs {ref_bytes}")
         min_cos, min_top1 = THRESHOLDS[bits]
         assert cosine >= min_cos and top1 >= min_top1, (cosine, top1)
 
-        async def run() -> tuple[list[int], list[int], list[list[int]]]:
-            # Trained on the fp32 folder: the quantized model keeps its aliases, so the
-            # base-model check passes without force.
-            await llm.adapters.load("ad", str(adapter))
-            params = SamplingParams(max_new_tokens=8)
-            alone = (await llm.complete(prompts[0], params, adapter="ad")).token_ids[0]
-            base = (await llm.complete(prompts[0], params)).token_ids[0]
-            mixed = await asyncio.gather(*(llm.complete(prompts[0], params, adapter=a)
-                                           for a in (None, "ad", None, "ad")))
-            return alone, base, [m.token_ids[0] for m in mixed]
-
-        alone, base, mixed = asyncio.run(run())
+        # The adapter was trained on the unquantized model: the quantized one keeps its
+        # aliases, so the base-model check passes without force.
+        alone, base, mixed = asyncio.run(alone_base_mixed(llm, "ad", prompts[0], load=str(adapter)))
         assert alone != base
         assert mixed == [base, alone, base, alone]
     finally:
         llm.shutdown()
-    listed = _cli("models")
+    listed = run_cli("models")
     assert f"tiny-gptq{bits}" in listed.stdout, listed.stdout
 
 
@@ -147,9 +134,9 @@ def test_old_autogptq_layout_loads_the_same_weights(gptq_tag: str, tokenizer: An
 
 
 def test_quantize_refuses_bad_arguments_clearly(fp_model: Path, tmp_path: Path) -> None:
-    bad_group = _cli("quantize", str(fp_model), "--group-size", "48", "--name", "nope")
+    bad_group = run_cli("quantize", str(fp_model), "--group-size", "48", "--name", "nope")
     assert bad_group.returncode != 0 and "group size 48" in bad_group.stderr + bad_group.stdout
-    missing = _cli("quantize", str(fp_model), "--calibration", str(tmp_path / "none.txt"))
+    missing = run_cli("quantize", str(fp_model), "--calibration", str(tmp_path / "none.txt"))
     assert missing.returncode != 0 and "calibration" in missing.stderr + missing.stdout
-    method = _cli("quantize", str(fp_model), "--method", "awq")
+    method = run_cli("quantize", str(fp_model), "--method", "awq")
     assert method.returncode != 0 and "unknown quantization method" in method.stderr + method.stdout
