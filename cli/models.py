@@ -65,7 +65,19 @@ def quantize(
                                  progress=lambda msg: status.update(f"{what}: {msg}"))
     except OpenLLMCloneError as exc:
         fail(exc.message)
+    _say_what_was_done(tag)
     out.print(tag)
+
+
+def _say_what_was_done(tag: str) -> None:
+    """One line on stderr: the time taken and the layers left unquantized."""
+    import bentoml
+
+    meta = bentoml.models.get(tag).info.metadata
+    facts = meta.get("gptq") or meta.get("bitsandbytes") or {}
+    kept = facts.get("full_precision_layers")
+    console.print(f"{tag}: {meta.get('quantization')} in {facts.get('seconds', '?')} s; decoder layers "
+                  f"kept in full precision: {kept if kept else 'none'}")
 
 
 def _default_name(source: str) -> str:

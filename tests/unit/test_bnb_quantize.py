@@ -103,6 +103,7 @@ def test_quantize_fp4_keeps_the_measured_layer_and_serves_adapters(
     assert facts["mode"] == "fp4" and len(facts["sensitivity"]) == 4
     kept = facts["full_precision_layers"]
     assert kept == [max(range(4), key=lambda i: facts["sensitivity"][i])]  # 4 layers: keep 1
+    assert f"kept in full precision: {kept}" in result.stderr
 
     from openllm_clone.bento import _checkpoint_quantization
 
