@@ -77,7 +77,7 @@ def _say_what_was_done(tag: str) -> None:
     facts = meta.get("gptq") or meta.get("bitsandbytes") or {}
     kept = facts.get("full_precision_layers")
     console.print(f"{tag}: {meta.get('quantization')} in {facts.get('seconds', '?')} s; decoder layers "
-                  f"kept in full precision: {kept if kept else 'none'}")
+                  f"kept in full precision: {kept if kept else 'none'}", soft_wrap=True)
 
 
 def _default_name(source: str) -> str:

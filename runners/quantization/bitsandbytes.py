@@ -130,24 +130,28 @@ def layer_sensitivity(model: Any, batches: list[Any], mode: str,
     (bitsandbytes' own quantize/dequantize, so the error is the real one); then, one
     layer at a time, that layer's original weights are put back and the loss over
     the calibration tokens is measured. A layer's sensitivity is the loss it removes
-    by staying unquantized (the model is left with its original weights).
+    by staying unquantized (the model is left with its original weights). Memory: the
+    model plus one copy of its decoder weights (in host memory for a model on a GPU).
     """
     import bitsandbytes.functional as bnbf
     import torch
 
     layers = _decoder_layers(model)
     linears = [[m for m in layer.modules() if isinstance(m, torch.nn.Linear)] for layer in layers]
-    originals = [[m.weight.data for m in group] for group in linears]
+    device = linears[0][0].weight.device
+    # The originals wait in host memory when the model is on a GPU, so the GPU holds one
+    # copy of the weights; a layer's round trip is computed again each time (cheap).
+    originals = [[m.weight.data.to("cpu", copy=True) if device.type != "cpu" else m.weight.data
+                  for m in group] for group in linears]
 
     def round_trip(w: Any) -> Any:
         q, state = bnbf.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type=mode)
         return bnbf.dequantize_4bit(q, state, blocksize=BLOCKSIZE, quant_type=mode).to(w.dtype)
 
-    fake = [[round_trip(w) for w in group] for group in originals]
-
-    def use(i: int, weights: list[Any]) -> None:
-        for m, w in zip(linears[i], weights):
-            m.weight.data = w
+    def use(i: int, quantized: bool) -> None:
+        for m, w in zip(linears[i], originals[i]):
+            w = w.to(device)
+            m.weight.data = round_trip(w) if quantized else w
 
     def loss() -> float:
         total, count = 0.0, 0
@@ -161,17 +165,17 @@ def layer_sensitivity(model: Any, batches: list[Any], mode: str,
     say = progress or (lambda _msg: None)
     try:
         for i in range(len(layers)):
-            use(i, fake[i])
+            use(i, quantized=True)
         all_quantized = loss()
         out = []
         for i in range(len(layers)):
             say(f"measuring layer {i + 1}/{len(layers)}")
-            use(i, originals[i])
+            use(i, quantized=False)
             out.append(all_quantized - loss())
-            use(i, fake[i])
+            use(i, quantized=True)
     finally:
         for i in range(len(layers)):
-            use(i, originals[i])
+            use(i, quantized=False)
     return out
 
 
