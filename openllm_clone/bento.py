@@ -147,7 +147,7 @@ def build_bento(
             build_ctx=str(ctx),
             include=["openllm_clone/**/*.py", SETTINGS_FILE],
             labels={"kind": BENTO_LABEL, "model": model_tag, "flavour": flavour,
-                    "quantize": settings.quantize or needs or "none",
+                    "quantize": needs or "none",
                     "compile": str(settings.compile).lower(),
                     "adapters": ",".join(a.name for a in adapters) or "none"},
             models=[model_tag, *(a.source for a in adapters)],

@@ -99,10 +99,16 @@ def _hub_download(repo_id: str) -> Path:
 
 def _describe(path: Path) -> dict[str, Any]:
     config = json.loads((path / "config.json").read_text())
+    qc = config.get("quantization_config") or {}
+    method = str(qc.get("quant_method") or "none")
+    if method == "bitsandbytes":
+        from openllm_clone.runners.quantization.bitsandbytes import checkpoint_mode
+
+        method = checkpoint_mode(qc)  # nf4, fp4 or int8
     return {
         "architecture": (config.get("architectures") or ["?"])[0],
         "dtype": str(config.get("dtype") or config.get("torch_dtype") or "?"),
-        "quantization": str((config.get("quantization_config") or {}).get("quant_method") or "none"),
+        "quantization": method,
     }
 
 
@@ -111,7 +117,7 @@ def _save_to_store(name: str, fill: Any, *, labels: dict[str, str], metadata: di
 
     with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
         late = fill(Path(model.path))
-        if isinstance(late, dict):  # facts only known once the files are written (written at the block's end)
+        if isinstance(late, dict):  # facts known once the files are written; saved at exit
             model.info.metadata.update(late)
     return str(model.tag)
 
@@ -180,6 +186,10 @@ def quantize_model(source: str, *, method: str = "gptq", bits: int = 4, group_si
     from openllm_clone.runners.quantization.calibration import load_calibration
 
     resolved = resolve_model(source)
+    info = _describe(resolved.path)
+    if info["quantization"] != "none" or (resolved.path / "quantize_config.json").is_file():
+        raise ModelLoadError(f"{source} is already quantized ({info['quantization']}); quantize "
+                             "the full-precision model it came from")
     try:
         texts = load_calibration(calibration)
     except (OSError, ValueError, KeyError) as exc:
@@ -201,7 +211,6 @@ def quantize_model(source: str, *, method: str = "gptq", bits: int = 4, group_si
             raise ModelLoadError(str(exc)) from exc
         return {kind: {**done, "calibration": calibration}}
 
-    info = _describe(resolved.path)
     origin = resolved.tag or str(resolved.path)
     stored = _get_stored(resolved.tag) if resolved.tag else None
     params = int(stored.info.metadata.get("parameters", 0)) if stored is not None else 0

@@ -145,6 +145,8 @@ def test_quantize_fp4_keeps_the_measured_layer_and_serves_adapters(
         _llm(tag, "nf4")
     config = json.loads((Path(stored.path) / "config.json").read_text())
     assert config["quantization_config"]["bnb_4bit_quant_type"] == "fp4"
+    again = run_cli("quantize", tag, "--method", "nf4", "--name", "nope")
+    assert again.returncode != 0 and "already quantized (fp4)" in again.stderr + again.stdout
     listed = run_cli("models")
     row = next(line for line in listed.stdout.splitlines() if "tiny-fp4:" in line)
     assert "fp4" in [cell.strip() for cell in row.split("│")], row  # the quantization column
