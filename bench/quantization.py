@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import math
 import statistics
 import sys
@@ -59,7 +60,8 @@ HELDOUT_PACKAGES = ("torch", "transformers", "peft", "bentoml", "fastapi", "pyda
                     "huggingface-hub", "tqdm", "regex", "fsspec", "sympy", "attrs")
 
 
-def heldout_texts() -> list[str]:
+@functools.cache
+def heldout_texts() -> tuple[str, ...]:
     """Prose from installed packages' long descriptions (code blocks, markup, links,
     tables and short lines dropped); none of it is calibration data."""
     import importlib.metadata as md
@@ -79,7 +81,7 @@ def heldout_texts() -> list[str]:
         text = " ".join(lines)
         if len(text) > 2500:
             out.append(text[:4000])
-    return out
+    return tuple(out)
 
 
 def perplexity(model_dir: str, mode: str, dtype: str) -> list[float]:

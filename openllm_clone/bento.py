@@ -64,21 +64,13 @@ def _copy_code(ctx: Path) -> None:
 def _checkpoint_quantization(path: Path) -> str | None:
     """The quantization a pre-quantized checkpoint (``openllm-clone quantize``, GPTQ,
     bitsandbytes, torchao) needs at load time, as a ``--quantize`` name."""
-    import json
+    from openllm_clone.store import describe_model
 
     try:
-        config = json.loads((path / "config.json").read_text())
+        method = describe_model(path)["quantization"]
     except (OSError, ValueError):
         return None
-    qc = config.get("quantization_config") or {}
-    method = str(qc.get("quant_method") or "").lower()
-    if not method and (path / "quantize_config.json").is_file():
-        method = "gptq"  # an old AutoGPTQ checkpoint
-    if method == "bitsandbytes":
-        from openllm_clone.runners.quantization.bitsandbytes import checkpoint_mode
-
-        return checkpoint_mode(qc)
-    return {"gptq": "gptq", "torchao": "torchao-int8"}.get(method)
+    return None if method == "none" else {"torchao": "torchao-int8"}.get(method, method)
 
 
 def _requirements(flavour: str, quantize: str | None) -> dict[str, Any]:

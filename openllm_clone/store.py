@@ -97,14 +97,18 @@ def _hub_download(repo_id: str) -> Path:
         ) from exc
 
 
-def _describe(path: Path) -> dict[str, Any]:
+def describe_model(path: Path) -> dict[str, Any]:
+    """Architecture, dtype and quantization (none, gptq, nf4/fp4/int8, torchao, ...) of a
+    model folder."""
     config = json.loads((path / "config.json").read_text())
     qc = config.get("quantization_config") or {}
-    method = str(qc.get("quant_method") or "none")
+    method = str(qc.get("quant_method") or "none").lower()
     if method == "bitsandbytes":
         from openllm_clone.runners.quantization.bitsandbytes import checkpoint_mode
 
         method = checkpoint_mode(qc)  # nf4, fp4 or int8
+    elif method == "none" and (path / "quantize_config.json").is_file():
+        method = "gptq"  # an old AutoGPTQ checkpoint
     return {
         "architecture": (config.get("architectures") or ["?"])[0],
         "dtype": str(config.get("dtype") or config.get("torch_dtype") or "?"),
@@ -136,7 +140,7 @@ def import_model(source: str = DEFAULT_MODEL, *, name: str | None = None) -> str
         origin = source
     else:
         raise ModelLoadError(f"{source!r} is not a folder, a hub id, or {DEFAULT_MODEL!r}")
-    info = _describe(path)
+    info = describe_model(path)
     from safetensors import safe_open
 
     params = 0
@@ -182,19 +186,20 @@ def quantize_model(source: str, *, method: str = "gptq", bits: int = 4, group_si
     if gptq and keep_layers is not None:
         raise ModelLoadError("--keep-layers is for nf4/fp4; GPTQ takes --keep-edge-layers")
     from openllm_clone.runners.quantization import bitsandbytes as bnb
+    from openllm_clone.runners.quantization import checkpoint_name
     from openllm_clone.runners.quantization import gptq as gptq_backend
     from openllm_clone.runners.quantization.calibration import load_calibration
 
     resolved = resolve_model(source)
-    info = _describe(resolved.path)
-    if info["quantization"] != "none" or (resolved.path / "quantize_config.json").is_file():
+    info = describe_model(resolved.path)
+    if info["quantization"] != "none":
         raise ModelLoadError(f"{source} is already quantized ({info['quantization']}); quantize "
                              "the full-precision model it came from")
     try:
         texts = load_calibration(calibration)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot read the calibration data: {exc}") from exc
-    label = f"gptq-{bits}bit" if gptq else ("nf4" if method == "int4" else method)
+    label = f"gptq-{bits}bit" if gptq else checkpoint_name(method)
     store_name = name or _store_name(f"{resolved.name}-{label}")
     kind = "gptq" if gptq else "bitsandbytes"
 

@@ -13,7 +13,8 @@ from typing import Any
 
 from openllm_clone.errors import ModelLoadError
 
-__all__ = ["QUANTIZE_MODES", "QuantSpec", "dispatch", "edge_layers", "real_weight_bytes"]
+__all__ = ["QUANTIZE_MODES", "QuantSpec", "checkpoint_name", "device_map", "dispatch", "edge_layers",
+           "real_weight_bytes"]
 
 QUANTIZE_MODES = ("int8", "int4", "nf4", "fp4", "gptq", "torchao-int8")
 
@@ -25,6 +26,17 @@ class QuantSpec:
     mode: str
     quantization_config: Any = None
     load_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_name(mode: str) -> str:
+    """What a checkpoint quantized with ``--quantize``/``--method`` ``mode`` reports
+    itself as (``int4`` is nf4; a torchao checkpoint just says torchao)."""
+    return {"int4": "nf4", "torchao-int8": "torchao"}.get(mode, mode)
+
+
+def device_map(device: Any) -> Any:
+    """``from_pretrained``'s device_map that puts the whole model on ``device``."""
+    return "cpu" if device.type == "cpu" else {"": device.index or 0}
 
 
 def edge_layers(config: Any) -> list[int]:
@@ -54,7 +66,7 @@ def dispatch(mode: str | None, *, dtype: Any, device: Any, config: Any) -> Quant
         # A checkpoint quantized offline (`openllm-clone quantize`) already is what it is.
         spec = gptq.dispatch_checkpoint(existing, device=device)
         have = spec.mode if spec is not None else "?"
-        if have == ("nf4" if mode == "int4" else mode):
+        if have == checkpoint_name(mode):
             return spec
         raise ModelLoadError(f"this checkpoint is already quantized ({have}); serve it without "
                              f"--quantize, or quantize the original model with {mode}")

@@ -26,7 +26,7 @@ from typing import Any
 
 from openllm_clone.errors import MissingDependencyError, ModelLoadError
 
-from . import QuantSpec, edge_layers
+from . import QuantSpec, checkpoint_name, device_map, edge_layers
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +90,7 @@ def dispatch(mode: str, *, dtype: Any, device: Any, config: Any) -> QuantSpec | 
         if device.type == "cpu":
             _check_4bit_dims(config)
         qconfig = four_bit_config(mode, dtype=dtype, keep_layers=edge_layers(config))
-    return QuantSpec(mode=mode, quantization_config=qconfig, load_kwargs={"device_map": _device_map(device)})
-
-
-def _device_map(device: Any) -> Any:
-    return "cpu" if device.type == "cpu" else {"": device.index or 0}
+    return QuantSpec(mode=mode, quantization_config=qconfig, load_kwargs={"device_map": device_map(device)})
 
 
 def checkpoint_mode(existing: Any) -> str:
@@ -193,7 +189,7 @@ def quantize(src: Path, dst: Path, *, mode: str, texts: list[str], keep_layers: 
 
     if mode not in ("nf4", "fp4", "int4"):
         raise ValueError(f"calibrated bitsandbytes quantization is 4-bit: nf4 or fp4, not {mode!r}")
-    mode = "nf4" if mode == "int4" else mode
+    mode = checkpoint_name(mode)
     if not texts:
         raise ValueError("layer sensitivity needs at least one calibration text")
     say = progress or (lambda _msg: None)
@@ -225,7 +221,7 @@ def quantize(src: Path, dst: Path, *, mode: str, texts: list[str], keep_layers: 
                 [round(sensitivity[i], 4) for i in keep])
     say("quantizing and writing the checkpoint")
     qmodel = AutoModelForCausalLM.from_pretrained(
-        str(src), dtype=torch.bfloat16, device_map=_device_map(device),
+        str(src), dtype=torch.bfloat16, device_map=device_map(device),
         quantization_config=four_bit_config(mode, dtype=torch.bfloat16, keep_layers=keep))
     # Save before any forward pass: on CPU, bitsandbytes 0.50 repacks 4-bit weights at
     # the first forward, and saving a repacked model writes (and leaves in memory)

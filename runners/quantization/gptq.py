@@ -23,7 +23,7 @@ from typing import Any
 
 from openllm_clone.errors import MissingDependencyError, ModelLoadError
 
-from . import QuantSpec, edge_layers
+from . import QuantSpec, device_map, edge_layers
 
 logger = logging.getLogger(__name__)
 
@@ -225,8 +225,7 @@ def dispatch_checkpoint(existing: Any, *, device: Any) -> QuantSpec | None:
         return None
     if method == "gptq":
         _require_gptqmodel()
-        device_map = "cpu" if device.type == "cpu" else {"": device.index or 0}
-        return QuantSpec(mode="gptq", load_kwargs={"device_map": device_map})
+        return QuantSpec(mode="gptq", load_kwargs={"device_map": device_map(device)})
     if method in ("bitsandbytes", "torchao"):
         mode = method
         if method == "bitsandbytes":
@@ -234,6 +233,5 @@ def dispatch_checkpoint(existing: Any, *, device: Any) -> QuantSpec | None:
 
             _require()
             mode = checkpoint_mode(existing)
-        return QuantSpec(mode=mode, load_kwargs={"device_map": "cpu" if device.type == "cpu"
-                                                 else {"": device.index or 0}})
+        return QuantSpec(mode=mode, load_kwargs={"device_map": device_map(device)})
     raise ModelLoadError(f"checkpoints quantized with {method!r} are not supported")

@@ -6,7 +6,7 @@ from typing import Any
 
 from openllm_clone.errors import MissingDependencyError
 
-from . import QuantSpec
+from . import QuantSpec, device_map
 
 
 def dispatch(mode: str, *, dtype: Any, device: Any, config: Any) -> QuantSpec | None:
@@ -18,6 +18,5 @@ def dispatch(mode: str, *, dtype: Any, device: Any, config: Any) -> QuantSpec | 
         from transformers import TorchAoConfig
     except ImportError as exc:
         raise MissingDependencyError.for_extra("torchao", "quantize") from exc
-    device_map = "cpu" if device.type == "cpu" else {"": device.index or 0}
     return QuantSpec(mode=mode, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()),
-                     load_kwargs={"device_map": device_map})
+                     load_kwargs={"device_map": device_map(device)})
