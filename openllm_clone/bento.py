@@ -25,7 +25,6 @@ __all__ = ["BENTO_LABEL", "BuiltBento", "build_bento", "export_build_context", "
            "prune_bentos"]
 
 BENTO_LABEL = "openllm-clone"
-_SUBPACKAGES = ("adapters", "runners", "cli", "integrations")
 _CORE = ["torch", "transformers", "accelerate", "safetensors", "peft", "bentoml", "fastapi",
          "httpx", "pydantic", "typer", "rich", "tokenizers"]
 _QUANTIZE = {"int8": ["bitsandbytes"], "int4": ["bitsandbytes"], "nf4": ["bitsandbytes"],
@@ -50,15 +49,15 @@ def _package_dir(name: str) -> Path:
 
 
 def _copy_code(ctx: Path) -> None:
-    """openllm_clone and its mapped subpackages as one ordinary package tree."""
+    """openllm_clone and its mapped folders (``_layout.PACKAGE_ROOTS``) as one package tree."""
+    from openllm_clone._layout import PACKAGE_ROOTS
+
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    root = ctx / "openllm_clone"
-    shutil.copytree(_package_dir("openllm_clone"), root, ignore=ignore)
-    for sub in _SUBPACKAGES:
-        target = root / sub
+    for name in PACKAGE_ROOTS:  # the namespace root comes first, its subfolders after
+        target = ctx.joinpath(*name.split("."))
         if target.exists():
             shutil.rmtree(target)
-        shutil.copytree(_package_dir(f"openllm_clone.{sub}"), target, ignore=ignore)
+        shutil.copytree(_package_dir(name), target, ignore=ignore)
 
 
 def _checkpoint_quantization(path: Path) -> str | None:
