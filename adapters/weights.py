@@ -21,9 +21,13 @@ if TYPE_CHECKING:
 
 __all__ = ["AdapterWeights", "LoraModule", "read_adapter"]
 
-# peft key: base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight
+# peft keys name a module inside a numbered decoder layer, whatever the family calls them:
+#   base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight     (Llama, Qwen, Gemma)
+#   base_model.model.transformer.h.3.attn.c_attn.lora_A.weight         (GPT-2)
+#   base_model.model.gpt_neox.layers.3.attention.query_key_value.lora_B.weight
+# The module is keyed by its path inside the layer ("self_attn.q_proj").
 _KEY = re.compile(
-    r"(?:^|\.)layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<module>\w+)\.lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight$"
+    r"(?:^|\.)[A-Za-z_]\w*\.(?P<layer>\d+)\.(?P<module>[\w.]+?)\.lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight$"
 )
 
 
@@ -56,8 +60,8 @@ class AdapterWeights:
 
     @property
     def target_modules(self) -> list[str]:
-        """Names of the projections the adapter changes."""
-        return sorted({name for _, name in self.modules})
+        """Names of the projections the adapter changes (peft's short names: ``q_proj``)."""
+        return sorted({path.rsplit(".", 1)[-1] for _, path in self.modules})
 
     @property
     def base_model(self) -> str | None:
@@ -124,7 +128,8 @@ def read_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False,
         match = _KEY.search(key)
         if match is None:
             raise AdapterIncompatibleError(
-                f"unsupported tensor {key!r}: only LoRA on attention and MLP projections is served"
+                f"unsupported tensor {key!r}: only LoRA on Linear modules of the decoder layers "
+                "is served (not embeddings or the output head)"
             )
         slot = (int(match["layer"]), match["module"])
         pairs.setdefault(slot, {})[match["ab"]] = tensor

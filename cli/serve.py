@@ -31,6 +31,8 @@ def start(
         None, envvar="OPENLLM_CLONE_QUANTIZE",
         help="int8, int4, nf4, fp4 (bitsandbytes), gptq (a GPTQ checkpoint), torchao-int8.",
     ),
+    runner: str = typer.Option("auto", envvar="OPENLLM_CLONE_RUNNER",
+                               help="auto, fast (Llama family) or generic (any causal LM)."),
     compile: bool = typer.Option(False, "--compile", envvar="OPENLLM_CLONE_COMPILE",
                                  help="torch.compile the decode step (CPU; minutes at first start)."),
     max_batch_size: int = typer.Option(16, envvar="OPENLLM_CLONE_MAX_BATCH_SIZE",
@@ -95,6 +97,7 @@ def start(
         settings = Settings(
             model=model, host=host, port=port, dtype=dtype,  # type: ignore[arg-type]
             device=device, quantize=quantize, compile=compile, prefix_caching=prefix_caching,
+            runner=runner,  # type: ignore[arg-type]
             max_batch_size=max_batch_size, max_queue=max_queue,
             timeout=timeout, workers=workers, backend=backend,  # type: ignore[arg-type]
             replicas=replicas, max_replicas=max_replicas, cpus_per_replica=cpus_per_replica,

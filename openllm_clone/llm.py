@@ -241,6 +241,7 @@ class LLM:
             "model_id": info.model_id,
             "model_name": self.name,
             "architecture": info.architecture,
+            "runner": info.extra.get("runner"),
             "dtype": info.dtype,
             "device": info.device,
             "quantization": info.quantization,

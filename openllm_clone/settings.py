@@ -73,6 +73,12 @@ class Settings(BaseModel):
         description="Compile the decode step with torch.compile (CPU, unquantized): faster "
         "decode, ~30-60 s of compiling per batch bucket at start-up the first time.",
     )
+    runner: Literal["auto", "fast", "generic"] = Field(
+        default="auto",
+        description="What executes the model: fast (hand-written decoder step for the Llama "
+        "family: Llama, Mistral, Qwen2), generic (any transformers causal LM through its own "
+        "modeling code), or auto (fast where the model fits it, else generic).",
+    )
     quantize: Quantize | None = Field(
         default=None,
         description="Weight quantization: bitsandbytes int8/int4(nf4)/nf4/fp4, a GPTQ "

@@ -10,7 +10,7 @@ from typing import Any
 from openllm_clone.errors import ModelLoadError
 from openllm_clone.settings import Settings
 
-__all__ = ["load_runner", "pick_device", "pick_dtype"]
+__all__ = ["choose_runner", "load_runner", "pick_device", "pick_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +42,30 @@ def pick_dtype(name: str, device: Any) -> Any:
     return torch.bfloat16 if native_bf16 else torch.float32
 
 
+def choose_runner(config: Any, settings: Settings) -> str:
+    """``fast`` or ``generic`` for this model config under ``--runner`` and ``--compile``."""
+    from .torch_runner import fast_refusal
+
+    refusal = fast_refusal(config, settings.max_model_len)
+    if settings.runner == "fast" and refusal is not None:
+        raise ModelLoadError(f"--runner fast cannot serve this model: {refusal}; use --runner auto")
+    if settings.compile:
+        if settings.runner == "generic":
+            raise ModelLoadError("--compile needs the fast runner; --runner generic has no compiled step")
+        if refusal is not None:
+            raise ModelLoadError(f"--compile needs the fast runner, which cannot serve this model: "
+                                 f"{refusal}; start without --compile")
+    if settings.runner == "generic":
+        return "generic"
+    return "fast" if refusal is None else "generic"
+
+
 def load_runner(path: Path, settings: Settings, *, model_id: str) -> tuple[Any, Any]:
     """Load the model and tokenizer from ``path``; return ``(runner, tokenizer)``."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .quantization import dispatch, real_weight_bytes
-    from .torch_runner import TorchRunner
 
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
@@ -78,17 +95,22 @@ def load_runner(path: Path, settings: Settings, *, model_id: str) -> tuple[Any, 
         model.to(device)
     weight_bytes = real_weight_bytes(model)
     torch.set_grad_enabled(False)
-    runner = TorchRunner(
-        model,
-        model_id=model_id,
-        kv_cache_bytes=settings.kv_cache_mb * 2**20,
-        block_size=settings.block_size,
-        max_model_len=settings.max_model_len,
-        max_adapters=settings.max_adapters,
-        quantization=spec.mode if spec is not None else None,
-        compile=settings.compile,
-        max_batch_size=settings.max_batch_size,
-    )
+    tier = choose_runner(config, settings)
+    common: dict[str, Any] = {
+        "model_id": model_id, "kv_cache_bytes": settings.kv_cache_mb * 2**20,
+        "block_size": settings.block_size, "max_model_len": settings.max_model_len,
+        "max_adapters": settings.max_adapters, "quantization": spec.mode if spec is not None else None,
+    }
+    runner: Any
+    if tier == "fast":
+        from .torch_runner import TorchRunner
+
+        runner = TorchRunner(model, compile=settings.compile, max_batch_size=settings.max_batch_size,
+                             **common)
+    else:
+        from .generic import GenericRunner
+
+        runner = GenericRunner(model, **common)
     runner.info.weight_bytes = weight_bytes
     if runner.compiled:
         compiling = time.perf_counter()
@@ -101,8 +123,9 @@ def load_runner(path: Path, settings: Settings, *, model_id: str) -> tuple[Any, 
                                  f"{str(exc)[:500]}); start without --compile") from exc
         logger.info("decode step compiled in %.1f s", time.perf_counter() - compiling)
     logger.info(
-        "loaded %s (%s, %s%s on %s, %.0f MiB of weights) in %.1f s; KV cache %d blocks of %d tokens",
-        model_id, runner.info.architecture, runner.info.dtype,
+        "loaded %s (%s, %s runner, %s%s on %s, %.0f MiB of weights) in %.1f s; "
+        "KV cache %d blocks of %d tokens",
+        model_id, runner.info.architecture, runner.tier, runner.info.dtype,
         f", {spec.mode}" if spec is not None else "", device, weight_bytes / 2**20,
         time.perf_counter() - started, runner.num_blocks, runner.block_size,
     )

@@ -88,8 +88,11 @@ class LoraBank:
         *,
         dtype: torch.dtype,
         device: torch.device,
+        module_layers: dict[str, set[int]] | None = None,
     ) -> None:
         self.module_dims = module_dims
+        # Layers that have each module (all of them unless given).
+        self.module_layers = module_layers or {name: set(range(num_layers)) for name in module_dims}
         self.num_layers = num_layers
         self.num_slots = num_slots  # usable slots; index 0 is reserved for "none"
         # Bumped whenever a slot's weights change (prefix-cache keys include it).
@@ -131,6 +134,10 @@ class LoraBank:
             if layer >= self.num_layers:
                 raise AdapterIncompatibleError(
                     f"adapter has layer {layer}; the base model has {self.num_layers} layers"
+                )
+            if layer not in self.module_layers[module]:
+                raise AdapterIncompatibleError(
+                    f"target module {module!r} does not exist in layer {layer} of the base model"
                 )
             in_features, out_features = self.module_dims[module]
             if lora.a.shape[1] != in_features or lora.b.shape[0] != out_features:

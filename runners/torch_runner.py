@@ -13,8 +13,10 @@ forward loop around them:
 - each row's LoRA adapter is added by :class:`~openllm_clone.runners.lora.LoraBank`;
 - logits are computed only for the rows that need them, at their last token.
 
-Supported families: Llama, Mistral (no sliding window) and Qwen2 (their decoder
-layers share the same module names). Others fail at load with ModelLoadError.
+Supported families: Llama, Mistral and Qwen2 (their decoder layers share the same
+module names), without a sliding window shorter than the context. Everything else runs
+on the generic runner (:mod:`.generic`); :func:`fast_refusal` says why a model does not
+fit here.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .base import ModelInfo, StepRow
 from .compiled import CompiledDecoder, DecodeGraph, check_compilable, rms_norm, rope
 from .lora import LoraBank, LoraPlan
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "TorchRunner"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "TorchRunner", "fast_refusal"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +67,25 @@ def _packed_linears_work() -> bool:
         return False
 
 
+def fast_refusal(config: Any, max_model_len: int | None = None) -> str | None:
+    """Why this runner cannot serve ``config`` (None when it can)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return (f"model type {model_type!r} has no fast path (fast: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)})")
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True):
+        context = min(max_model_len or 1 << 62, int(getattr(config, "max_position_embeddings", 2048)))
+        if window < context:
+            return (f"its sliding window ({window} tokens) is shorter than the context ({context}); "
+                    "the fast path has no window (--max-model-len within the window makes it fit)")
+    return None
+
+
 class TorchRunner:
-    """Executes steps on a transformers causal LM with a paged KV cache and LoRA slots."""
+    """Executes steps on a Llama-family model with a paged KV cache and LoRA slots."""
+
+    tier = "fast"
 
     def __init__(
         self,
@@ -82,15 +101,9 @@ class TorchRunner:
         max_batch_size: int = 16,
     ) -> None:
         config = model.config
-        model_type = getattr(config, "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ModelLoadError(
-                f"model type {model_type!r} is not supported by the engine; "
-                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
-        window = getattr(config, "sliding_window", None)
-        if window is not None and getattr(config, "use_sliding_window", True):
-            raise ModelLoadError("sliding-window attention is not supported yet")
+        refusal = fast_refusal(config, max_model_len)
+        if refusal is not None:
+            raise ModelLoadError(f"the fast runner cannot serve this model: {refusal}")
         self.model = model.eval()
         self.config = config
         inner = model.model
@@ -131,9 +144,9 @@ class TorchRunner:
         attn = self.layers[0].self_attn
         mlp = self.layers[0].mlp
         for name in ATTN_MODULES:
-            dims[name] = self._linear_dims(getattr(attn, name))
+            dims[f"self_attn.{name}"] = self._linear_dims(getattr(attn, name))
         for name in MLP_MODULES:
-            dims[name] = self._linear_dims(getattr(mlp, name))
+            dims[f"mlp.{name}"] = self._linear_dims(getattr(mlp, name))
         self.lora = LoraBank(
             dims, self.num_layers, max_adapters, dtype=self.dtype, device=self.device
         )
@@ -161,6 +174,7 @@ class TorchRunner:
             num_parameters=sum(p.numel() for p in model.parameters()),
             weight_bytes=weight_bytes,
             quantization=quantization,
+            extra={"runner": self.tier},
         )
 
     def _pack_layers(self) -> list[dict[str, _PackedLinear]] | None:
@@ -397,14 +411,14 @@ class TorchRunner:
     def _mlp(self, li: int, mlp: Any, h: torch.Tensor, plan: LoraPlan) -> torch.Tensor:
         if self._fused is not None:
             fused = self._fused[li]
-            gate, up = fused["gate_up"](h).split(self.lora.module_dims["gate_proj"][1], dim=-1)
-            gate = self.lora.apply(plan, li, "gate_proj", h, gate)
-            up = self.lora.apply(plan, li, "up_proj", h, up)
+            gate, up = fused["gate_up"](h).split(self.lora.module_dims["mlp.gate_proj"][1], dim=-1)
+            gate = self.lora.apply(plan, li, "mlp.gate_proj", h, gate)
+            up = self.lora.apply(plan, li, "mlp.up_proj", h, up)
             act = mlp.act_fn(gate) * up
-            return self.lora.apply(plan, li, "down_proj", act, fused["down_proj"](act))
-        gate = self._linear(li, mlp.gate_proj, "gate_proj", h, plan)
-        up = self._linear(li, mlp.up_proj, "up_proj", h, plan)
-        return self._linear(li, mlp.down_proj, "down_proj", mlp.act_fn(gate) * up, plan)
+            return self.lora.apply(plan, li, "mlp.down_proj", act, fused["down_proj"](act))
+        gate = self._linear(li, mlp.gate_proj, "mlp.gate_proj", h, plan)
+        up = self._linear(li, mlp.up_proj, "mlp.up_proj", h, plan)
+        return self._linear(li, mlp.down_proj, "mlp.down_proj", mlp.act_fn(gate) * up, plan)
 
     def _block_tables(self, rows: list[StepRow], context: list[int],
                       width: int | None = None) -> torch.Tensor:
@@ -468,13 +482,13 @@ class TorchRunner:
             qkv = self._fused[li]["qkv"](h)
             q, k, v = qkv.split([q_out, kv_out, kv_out], dim=-1)
             # LoRA deltas land in place, in the fused tensor's views.
-            for name, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+            for name, part in (("self_attn.q_proj", q), ("self_attn.k_proj", k), ("self_attn.v_proj", v)):
                 if self.lora.apply(plan, li, name, h, part) is not part:
                     raise AssertionError("LoRA must add in place")  # pragma: no cover
         else:
-            qkv = torch.cat([self._linear(li, attn.q_proj, "q_proj", h, plan),
-                             self._linear(li, attn.k_proj, "k_proj", h, plan),
-                             self._linear(li, attn.v_proj, "v_proj", h, plan)], dim=-1)
+            qkv = torch.cat([self._linear(li, attn.q_proj, "self_attn.q_proj", h, plan),
+                             self._linear(li, attn.k_proj, "self_attn.k_proj", h, plan),
+                             self._linear(li, attn.v_proj, "self_attn.v_proj", h, plan)], dim=-1)
         # Rotary embedding on queries and keys together: one set of ops, not two.
         qk = qkv[:, : q_out + kv_out].reshape(T, self.num_heads + self.num_kv_heads, self.head_dim)
         qk = rope(qk, cos, sin)
@@ -508,5 +522,5 @@ class TorchRunner:
             out[offset : offset + n] = op[0].transpose(0, 1)
         o = out.view(T, self.num_heads * self.head_dim)
         if self._fused is not None:
-            return self.lora.apply(plan, li, "o_proj", o, self._fused[li]["o_proj"](o))
-        return self._linear(li, attn.o_proj, "o_proj", o, plan)
+            return self.lora.apply(plan, li, "self_attn.o_proj", o, self._fused[li]["o_proj"](o))
+        return self._linear(li, attn.o_proj, "self_attn.o_proj", o, plan)

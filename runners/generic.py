@@ -1,0 +1,558 @@
+"""The generic runner: any transformers causal LM, through the model's own modeling code.
+
+The fast runner (:mod:`.torch_runner`) re-implements the Llama family's decoder step.
+This one runs whatever the model's ``forward`` does (its norms, rotary variant, MoE
+routing, soft-capping, embedding scale, per-layer sliding windows) and replaces only
+attention, the one place where the rows of a continuous batch meet. That is how vLLM's
+Transformers backend serves arbitrary models:
+
+- all rows' tokens are packed into one sequence (``input_ids [1, T]``) with per-token
+  ``position_ids``, so every token-wise module sees one tensor and no padding;
+- an attention function registered through transformers' ``AttentionInterface``
+  writes each layer's keys and values into the paged block pool and attends every row
+  over its own blocks (causal; honouring the layer's ``sliding_window``, ``scaling``,
+  logit soft-cap and attention sinks). Single-token rows share one batched call;
+- per-row LoRA deltas are added by forward hooks on the Linear modules of the decoder
+  layers, through the same :class:`~openllm_clone.runners.lora.LoraBank` as the fast
+  runner, whatever the modules are called (``q_proj``, ``c_attn``,
+  ``query_key_value``, ``fc1``, ...);
+- ``logits_to_keep`` asks the model for logits at the rows' last tokens only, so the
+  model's own final soft-cap or logit scale still applies.
+
+At load the runner checks itself against the model: a few tokens run once through
+transformers' eager attention and again through the paged path (prefill, then one
+token at a time) must give the same logits. A model that keeps state outside attention
+(state-space or convolution layers), has no attention layers, or computes attention
+biases of its own (ALiBi) fails that check and is refused with the reason.
+
+KV blocks are kept for the whole sequence even in sliding-window layers: a block that
+left one layer's window is still read by the model's global layers (Gemma 2/3), and
+blocks are shared by prefix caching; freeing per layer would need one block table per
+layer kind. The window is applied as a mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from openllm_clone.errors import ModelLoadError
+
+from .base import ModelInfo, StepRow
+from .lora import LoraBank, LoraPlan
+
+__all__ = ["ATTENTION_NAME", "GenericRunner", "linear_dims"]
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_NAME = "openllm_clone_paged"
+NULL_BLOCK = 0  # a zeroed block that padded attention reads point at
+_LAYER_PATH = re.compile(r"^(?P<container>.+?)\.(?P<layer>\d+)\.")
+# Tokens in the self-check: a prompt chunk, then one token at a time.
+_CHECK_PREFILL, _CHECK_DECODE = 6, 3
+
+
+@dataclass
+class _Probe:
+    """What the first forward learns about each attention call."""
+
+    module: Any
+    kv_heads: int
+    k_dim: int
+    v_dim: int
+    dtype: torch.dtype
+
+
+@dataclass
+class _StepState:
+    """The paged-attention metadata of one step, shared by every layer's attention call."""
+
+    slots: torch.Tensor  # [T] cache slot of every packed token
+    num_decode: int
+    decode_idx: torch.Tensor | None  # [B, L] cache slots of each decode row's context
+    decode_ctx: torch.Tensor | None  # [B] context length of each decode row
+    prefill: list[tuple[int, int, int, torch.Tensor]]  # (offset, n, start_pos, slots [ctx])
+    layer: int = 0
+    masks: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)
+
+
+class _Local(threading.local):
+    runner: GenericRunner | None = None
+    probe: list[_Probe] | None = None
+
+
+_local = _Local()
+_registered = False
+
+
+def _register() -> None:
+    """Register the paged attention function with transformers (once per process)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _paged_attention)
+    _registered = True
+
+
+def _paged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
+                     sliding_window: int | None = None, softcap: float | None = None,
+                     s_aux: torch.Tensor | None = None, **_: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature: ``query [1, H, T, D]``, ``key/value [1, KV, T, D]``
+    (rotary already applied); returns ``[1, T, H, Dv]``."""
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    sinks = s_aux if s_aux is not None else getattr(module, "sinks", None)
+    if _local.probe is not None:  # the first forward: learn the shapes, attend causally
+        _local.probe.append(_Probe(module, key.shape[1], key.shape[-1], value.shape[-1], key.dtype))
+        T = query.shape[2]
+        pos = torch.arange(T, device=query.device)
+        mask = _window_mask(pos.unsqueeze(1), pos.unsqueeze(0), sliding_window)
+        out = _attend(query, key, value, mask, scaling, softcap, sinks)
+        return out.transpose(1, 2), None
+    runner = _local.runner
+    if runner is None:
+        raise RuntimeError(f"{ATTENTION_NAME} attention called outside a runner step")
+    return runner._paged(query, key, value, scaling, sliding_window, softcap, sinks), None
+
+
+def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Causal mask (True = attend), limited to the last ``window`` tokens when given
+    (transformers' convention: a query sees ``window`` keys, itself included)."""
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask = mask & (k_pos > q_pos - window)
+    return mask
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float,
+            softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+    """``q [B, H, Lq, D]`` over ``k [B, KV, Lk, D]``, ``v [B, KV, Lk, Dv]`` -> ``[B, H, Lq, Dv]``.
+
+    SDPA when it can; soft-capping and sinks need the scores, so those run in float32.
+    """
+    if softcap is None and sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
+                                              enable_gqa=k.shape[1] != q.shape[1])
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:  # one extra logit per head that takes probability but no value
+        sink = sinks.float().reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
+        combined = torch.cat([scores, sink], dim=-1)
+        probs = torch.softmax(combined - combined.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, v.float()).to(q.dtype)
+
+
+def linear_dims(module: Any) -> tuple[int, int] | None:
+    """``(in_features, out_features)`` of a Linear-like module (plain, quantized, or GPT-2's
+    ``Conv1D``), or None for anything else."""
+    if isinstance(module, torch.nn.Linear):
+        return int(module.in_features), int(module.out_features)
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        weight = module.weight  # [in, out]
+        return int(weight.shape[0]), int(weight.shape[1])
+    if list(module.children()):
+        return None
+    in_features = getattr(module, "in_features", None)
+    out_features = getattr(module, "out_features", None)
+    if isinstance(in_features, int) and isinstance(out_features, int):
+        return in_features, out_features  # GPTQ's QuantLinear and friends
+    return None
+
+
+class GenericRunner:
+    """Executes steps on any transformers causal LM with a paged KV cache and LoRA slots."""
+
+    tier = "generic"
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        model_id: str,
+        kv_cache_bytes: int,
+        block_size: int = 16,
+        max_model_len: int | None = None,
+        max_adapters: int = 8,
+        quantization: str | None = None,
+    ) -> None:
+        _register()
+        self.model = model.eval()
+        self.config = model.config
+        config = self.config
+        model_type = getattr(config, "model_type", type(model).__name__)
+        try:
+            model.set_attn_implementation(ATTENTION_NAME)
+        except (ValueError, KeyError, AttributeError, NotImplementedError) as exc:
+            raise ModelLoadError(
+                f"model type {model_type!r}: its modeling code does not accept a custom attention "
+                f"function ({exc}); no runner can serve it") from exc
+        self._keep_takes_tensor = "logits_to_keep" in inspect.signature(model.forward).parameters
+        embed = model.get_input_embeddings()
+        self.device = embed.weight.device
+        self.dtype = embed.weight.dtype if embed.weight.dtype.is_floating_point else torch.float32
+        probes = self._probe(model_type)
+        self.attention_layers = len(probes)
+        self._layer_of = {id(p.module): i for i, p in enumerate(probes)}
+        container, layers = self._decoder_layers(probes, model_type)
+        self.layers = layers
+        self.num_layers = len(layers)
+        model_max = int(getattr(config, "max_position_embeddings", None)
+                        or getattr(config, "n_positions", None) or 2048)
+        self.max_model_len = min(max_model_len or model_max, model_max)
+
+        # KV pool: one K and one V tensor per attention layer, [slots, kv_heads, dim].
+        self.block_size = block_size
+        per_token_bytes = sum(p.kv_heads * (p.k_dim + p.v_dim) * _itemsize(p.dtype) for p in probes)
+        self.kv_bytes_per_token = per_token_bytes
+        self.num_blocks = max(2, kv_cache_bytes // (per_token_bytes * block_size))
+        slots = self.num_blocks * block_size
+        self.k_cache = [torch.empty(slots, p.kv_heads, p.k_dim, dtype=p.dtype, device=self.device)
+                        for p in probes]
+        self.v_cache = [torch.empty(slots, p.kv_heads, p.v_dim, dtype=p.dtype, device=self.device)
+                        for p in probes]
+        for cache in (*self.k_cache, *self.v_cache):
+            cache[:block_size].zero_()
+
+        # LoRA: every Linear-like module of the decoder layers that sees every token.
+        self._plan: LoraPlan | None = None
+        targets = self._lora_targets(container)
+        dims = {name: d for name, (d, _) in targets.items()}
+        self.lora = LoraBank(dims, self.num_layers, max_adapters, dtype=self.dtype,
+                             device=self.device,
+                             module_layers={name: set(ls) for name, (_, ls) in targets.items()})
+        self._hooks = []
+        for name, (_, per_layer) in targets.items():
+            for li, module in per_layer.items():
+                self._hooks.append(module.register_forward_hook(self._lora_hook(li, name)))
+
+        weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        self.info = ModelInfo(
+            model_id=model_id,
+            architecture=(getattr(config, "architectures", None) or [type(model).__name__])[0],
+            dtype=str(self.dtype).replace("torch.", ""),
+            device=str(self.device),
+            max_model_len=self.max_model_len,
+            vocab_size=int(model.get_output_embeddings().weight.shape[0]
+                           if model.get_output_embeddings() is not None else config.vocab_size),
+            num_parameters=sum(p.numel() for p in model.parameters()),
+            weight_bytes=weight_bytes,
+            quantization=quantization,
+            extra={"runner": self.tier},
+        )
+        self._self_check(model_type)
+
+    # --- set-up ---------------------------------------------------------------------
+
+    def _plain_forward(self, tokens: int) -> list[_Probe]:
+        """A forward of ``tokens`` tokens with plain causal attention (no cache): returns
+        every attention call's module and shapes."""
+        probes: list[_Probe] = []
+        _local.probe = probes
+        try:
+            with torch.inference_mode():
+                ids = (torch.arange(tokens, device=self.device) % 97 + 1).unsqueeze(0)
+                pos = torch.arange(tokens, device=self.device).unsqueeze(0)
+                self.model(input_ids=ids, position_ids=pos, use_cache=False)
+        finally:
+            _local.probe = None
+        return probes
+
+    def _probe(self, model_type: str) -> list[_Probe]:
+        """One small forward that records every attention call's module and shapes."""
+        try:
+            probes = self._plain_forward(4)
+        except Exception as exc:  # the model's own code failed on a plain forward
+            raise ModelLoadError(f"model type {model_type!r}: a forward with paged attention "
+                                 f"failed ({type(exc).__name__}: {exc})") from exc
+        if not probes:
+            raise ModelLoadError(
+                f"model type {model_type!r}: no attention layer goes through transformers' "
+                "AttentionInterface (its attention calls its own kernels, or it is a state-space "
+                "or recurrent model); no runner can serve it")
+        if len({id(p.module) for p in probes}) != len(probes):
+            raise ModelLoadError(f"model type {model_type!r} calls one attention module twice per "
+                                 "forward; no runner can serve it")
+        return probes
+
+    def _decoder_layers(self, probes: list[_Probe], model_type: str) -> tuple[str, list[Any]]:
+        """The ModuleList of decoder layers that holds the attention modules."""
+        names = {id(m): n for n, m in self.model.named_modules()}
+        containers = set()
+        for p in probes:
+            match = _LAYER_PATH.match(names.get(id(p.module), ""))
+            if match is None:
+                raise ModelLoadError(f"model type {model_type!r}: cannot find the decoder layer "
+                                     f"of attention module {names.get(id(p.module))!r}")
+            containers.add(match["container"])
+        if len(containers) != 1:
+            raise ModelLoadError(f"model type {model_type!r}: attention modules in several layer "
+                                 f"lists {sorted(containers)}; no runner can serve it")
+        container = containers.pop()
+        layers = list(self.model.get_submodule(container))
+        return container, layers
+
+    def _lora_targets(self, container: str) -> dict[str, tuple[tuple[int, int], dict[int, Any]]]:
+        """Module path inside a decoder layer -> (dims, {layer: module}).
+
+        A path whose dims differ between layers, or whose module sees only some tokens
+        (MoE experts), is left out: an adapter targeting it is refused at validation.
+        """
+        found: dict[str, tuple[tuple[int, int], dict[int, Any]]] = {}
+        mixed: set[str] = set()
+        for li, layer in enumerate(self.layers):
+            for name, module in layer.named_modules():
+                if not name or "experts" in name.split("."):
+                    continue
+                dims = linear_dims(module)
+                if dims is None:
+                    continue
+                if name in found and found[name][0] != dims:
+                    mixed.add(name)
+                found.setdefault(name, (dims, {}))[1][li] = module
+        seen: dict[int, int] = {}
+        tokens = 16
+        handles = [m.register_forward_hook(_count_tokens(seen, id(m)))
+                   for _, per_layer in found.values() for m in per_layer.values()]
+        try:
+            self._plain_forward(tokens)
+        finally:
+            for h in handles:
+                h.remove()
+        partial = {name for name, (dims, per_layer) in found.items()
+                   if any(seen.get(id(m), tokens) != tokens for m in per_layer.values())}
+        for name in sorted(mixed | partial):
+            logger.info("adapters cannot target %s.*.%s (%s)", container, name,
+                        "its shape differs between layers" if name in mixed else "it sees only routed tokens")
+        return {n: v for n, v in found.items() if n not in mixed and n not in partial}
+
+    def _self_check(self, model_type: str) -> None:
+        """The paged path must compute what the model computes with its eager attention."""
+        vocab = self.info.vocab_size
+        n = _CHECK_PREFILL + _CHECK_DECODE
+        ids = [(7 * i + 3) % max(vocab - 1, 1) + 1 for i in range(n)]
+        with torch.inference_mode():
+            self.model.set_attn_implementation("eager")
+            try:
+                kwargs: dict[str, Any] = {"use_cache": False}
+                ref = self.model(input_ids=torch.tensor([ids], device=self.device),
+                                 position_ids=torch.arange(n, device=self.device).unsqueeze(0),
+                                 **kwargs).logits[0, _CHECK_PREFILL - 1:].float().cpu()
+            finally:
+                self.model.set_attn_implementation(ATTENTION_NAME)
+            blocks = list(range(1, 1 + -(-n // self.block_size)))
+            if blocks[-1] >= self.num_blocks:
+                return  # a pool too small to check in: nothing would fit anyway
+            got = [self.step([StepRow(ids[:_CHECK_PREFILL], 0, blocks)])[0]]
+            for i in range(_CHECK_PREFILL, n - 1):
+                got.append(self.step([StepRow([ids[i]], i, blocks)])[0])
+        ours = torch.stack(got).float()
+        scale = ref.abs().max().clamp_min(1e-6)
+        err = float((ours - ref[: len(got)]).abs().max() / scale)
+        limit = 1e-3 if self.dtype == torch.float32 and self.info.quantization is None else 0.08
+        if not err <= limit:
+            raise ModelLoadError(
+                f"model type {model_type!r}: run one token at a time over the paged KV cache, the "
+                f"model does not compute what its own forward computes (relative error {err:.3g}); "
+                "it keeps state outside attention (state-space or convolution layers) or biases "
+                "attention itself (ALiBi), which no runner here supports")
+        logger.info("generic runner self-check passed (relative error %.2g)", err)
+
+    # --- the step -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _stepping(self) -> Iterator[None]:
+        previous = _local.runner
+        _local.runner = self
+        try:
+            yield
+        finally:
+            _local.runner = previous
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one KV block in every layer (copy-on-write for forked samples)."""
+        bs = self.block_size
+        for cache in (*self.k_cache, *self.v_cache):
+            cache[dst * bs:(dst + 1) * bs].copy_(cache[src * bs:(src + 1) * bs])
+
+    @property
+    def compiled(self) -> bool:
+        """The generic runner has no compiled step."""
+        return False
+
+    @property
+    def compiled_buckets(self) -> list[int]:
+        """No compiled buckets."""
+        return []
+
+    def warmup(self) -> None:
+        """Nothing to compile."""
+
+    @torch.inference_mode()
+    def step(self, rows: list[StepRow]) -> torch.Tensor:
+        """One forward over packed rows; fp32 logits for rows with ``need_logits``."""
+        if not rows:
+            return torch.empty(0, self.info.vocab_size)
+        with self._stepping():
+            return self._forward_rows(rows)
+
+    def _forward_rows(self, rows: list[StepRow]) -> torch.Tensor:
+        # Single-token rows first: they share one batched attention call.
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i].token_ids) > 1)
+        ordered = [rows[i] for i in order]
+        num_decode = sum(1 for r in ordered if len(r.token_ids) == 1)
+        bs = self.block_size
+        dev = self.device
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        lengths: list[int] = []
+        for row in ordered:
+            n = len(row.token_ids)
+            ids.extend(row.token_ids)
+            lengths.append(n)
+            for pos in range(row.start_pos, row.start_pos + n):
+                positions.append(pos)
+                slots.append(row.block_table[pos // bs] * bs + pos % bs)
+        state = _StepState(slots=torch.tensor(slots, device=dev), num_decode=num_decode,
+                           decode_idx=None, decode_ctx=None, prefill=[])
+        if num_decode:
+            ctx = [r.start_pos + 1 for r in ordered[:num_decode]]
+            state.decode_idx = self._slot_table(ordered[:num_decode], ctx)
+            state.decode_ctx = torch.tensor(ctx, device=dev)
+        offset = num_decode
+        for row in ordered[num_decode:]:
+            n = len(row.token_ids)
+            ctx_len = row.start_pos + n
+            state.prefill.append((offset, n, row.start_pos, self._slot_table([row], [ctx_len])[0]))
+            offset += n
+        want: list[int] = []
+        end = 0
+        for row in ordered:
+            end += len(row.token_ids)
+            if row.need_logits:
+                want.append(end - 1)
+        self._plan = self.lora.plan([r.adapter_slot for r in ordered], lengths)
+        self._state = state
+        try:
+            kwargs: dict[str, Any] = {"use_cache": False}
+            keep = torch.tensor(want or [0], device=dev)
+            if self._keep_takes_tensor:
+                kwargs["logits_to_keep"] = keep
+            out = self.model(input_ids=torch.tensor([ids], device=dev),
+                             position_ids=torch.tensor([positions], device=dev), **kwargs)
+        finally:
+            self._plan = None
+        logits = out.logits[0]
+        if not self._keep_takes_tensor:
+            logits = logits[keep]
+        if not want:
+            return torch.empty(0, self.info.vocab_size)
+        rank = {}
+        k = 0
+        for j, i in enumerate(order):
+            if ordered[j].need_logits:
+                rank[i] = k
+                k += 1
+        back = [rank[i] for i in range(len(rows)) if rows[i].need_logits]
+        return logits[torch.tensor(back, device=dev)].float().cpu()
+
+    def _slot_table(self, rows: list[StepRow], context: list[int]) -> torch.Tensor:
+        """Cache slots ``[len(rows), max(context)]``, padded with the null block's first slot."""
+        width = max(context)
+        nblocks = -(-width // self.block_size)
+        table = torch.full((len(rows), nblocks), NULL_BLOCK, dtype=torch.long)
+        for i, row in enumerate(rows):
+            used = -(-context[i] // self.block_size)
+            table[i, :used] = torch.tensor(row.block_table[:used])
+        flat = (table.unsqueeze(-1) * self.block_size + torch.arange(self.block_size)).view(len(rows), -1)
+        flat = flat[:, :width]
+        pad = torch.arange(width).unsqueeze(0) >= torch.tensor(context).unsqueeze(1)
+        return flat.masked_fill(pad, NULL_BLOCK * self.block_size).to(self.device)
+
+    def _paged(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+               window: int | None, softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+        """Write this layer's K/V into the pool, attend each row over its blocks."""
+        state = self._state
+        li = state.layer
+        state.layer = (li + 1) % self.attention_layers
+        k_cache, v_cache = self.k_cache[li], self.v_cache[li]
+        k_cache.index_copy_(0, state.slots, key[0].transpose(0, 1).to(k_cache.dtype))
+        v_cache.index_copy_(0, state.slots, value[0].transpose(0, 1).to(v_cache.dtype))
+        q = query[0]  # [H, T, D]
+        H, T = q.shape[0], q.shape[1]
+        out = torch.empty(T, H, value.shape[-1], dtype=query.dtype, device=query.device)
+        nd = state.num_decode
+        if nd:
+            assert state.decode_idx is not None and state.decode_ctx is not None
+            B, L = state.decode_idx.shape
+            flat = state.decode_idx.reshape(-1)
+            kd = k_cache.index_select(0, flat).view(B, L, *k_cache.shape[1:]).transpose(1, 2)
+            vd = v_cache.index_select(0, flat).view(B, L, *v_cache.shape[1:]).transpose(1, 2)
+            key_ = ("decode", window)
+            mask = state.masks.get(key_)
+            if mask is None:
+                ctx = state.decode_ctx
+                k_pos = torch.arange(L, device=q.device).unsqueeze(0)
+                mask = _window_mask((ctx - 1).unsqueeze(1), k_pos, window)
+                mask = state.masks[key_] = mask[:, None, None, :]
+            qd = q[:, :nd].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+            od = _attend(qd, kd.to(q.dtype), vd.to(q.dtype), mask, scaling, softcap, sinks)
+            out[:nd] = od.squeeze(2)
+        for i, (offset, n, start, idx) in enumerate(state.prefill):
+            kp = k_cache.index_select(0, idx).transpose(0, 1).unsqueeze(0)  # [1, KV, ctx, D]
+            vp = v_cache.index_select(0, idx).transpose(0, 1).unsqueeze(0)
+            key_ = ("prefill", i, window)
+            mask = state.masks.get(key_)
+            if mask is None:
+                q_pos = torch.arange(start, start + n, device=q.device).unsqueeze(1)
+                k_pos = torch.arange(idx.shape[0], device=q.device).unsqueeze(0)
+                mask = state.masks[key_] = _window_mask(q_pos, k_pos, window)
+            qp = q[:, offset:offset + n].unsqueeze(0)  # [1, H, n, D]
+            op = _attend(qp, kp.to(q.dtype), vp.to(q.dtype), mask, scaling, softcap, sinks)
+            out[offset:offset + n] = op[0].transpose(0, 1)
+        return out.unsqueeze(0)
+
+    def _lora_hook(self, layer: int, name: str) -> Any:
+        bank = self.lora
+
+        def hook(module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+            plan = self._plan
+            if plan is None or plan.empty:
+                return None
+            x = args[0]
+            y = output.reshape(-1, output.shape[-1])
+            return bank.apply(plan, layer, name, x.reshape(-1, x.shape[-1]), y).view(output.shape)
+
+        return hook
+
+
+def _count_tokens(seen: dict[int, int], key: int) -> Any:
+    def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
+        x = args[0] if args else None
+        if torch.is_tensor(x) and x.dim() >= 1:
+            seen[key] = min(seen.get(key, 1 << 30), int(x.numel() // max(x.shape[-1], 1)))
+
+    return hook
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.tensor([], dtype=dtype).element_size()
