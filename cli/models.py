@@ -29,7 +29,20 @@ def import_(
                 tag = import_model(source, name=name)
     except OpenLLMCloneError as exc:
         fail(exc.message)
+    if not adapter:
+        _warn_if_unservable(tag)
     out.print(tag)
+
+
+def _warn_if_unservable(tag: str) -> None:
+    """``import`` accepts any model folder; say at once when no runner can serve it."""
+    from openllm_clone.runners.support import check_model
+    from openllm_clone.settings import Settings
+    from openllm_clone.store import resolve_model
+
+    support = check_model(resolve_model(tag).path, Settings(model=tag))
+    if not support.ok:
+        console.print(f"[bold yellow]warning:[/] {support.line()}", soft_wrap=True)
 
 
 @app.command("quantize")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -9,7 +10,7 @@ import sys
 import typer
 
 from openllm_clone.errors import OpenLLMCloneError
-from openllm_clone.settings import Settings, parse_adapter_spec
+from openllm_clone.settings import FATAL_FILE_ENV, Settings, parse_adapter_spec
 
 from ._common import console, fail
 
@@ -151,6 +152,12 @@ def serve(settings: Settings) -> None:
         fail(exc.message)
     if resolved.tag:
         settings = settings.model_copy(update={"model": resolved.tag})
+    from openllm_clone.runners.support import check_model
+
+    with console.status("checking that a runner can serve the model"):
+        support = check_model(resolved.path, settings)
+    if not support.ok:
+        fail(support.line())
     os.environ.update(settings.to_env())
     url = f"http://{settings.host}:{settings.port}"
     if settings.backend == "ray":
@@ -160,6 +167,7 @@ def serve(settings: Settings) -> None:
     from openllm_clone.service import LLMService
 
     LLMService.config["workers"] = settings.workers
+    _exit_when_a_worker_cannot_load()
     console.print(f"[bold green]openllm-clone[/] serving [bold]{resolved.name}[/] on {url}")
     console.print(
         f"  try: openllm-clone query --endpoint {url} 'What is the capital of France?'\n"
@@ -182,3 +190,50 @@ def _serve_ray(settings: Settings, name: str, url: str) -> None:
     console.print(f"[bold green]openllm-clone[/] serving [bold]{name}[/] on {url} with "
                   f"{settings.replicas} Ray Serve replica(s) on {where} ({settings.routing} routing)")
     run(settings)
+
+
+def _exit_when_a_worker_cannot_load() -> None:
+    """End the whole server, non-zero, when a worker's model load fails.
+
+    BentoML restarts a worker whose ``__init__`` raised, again and again, and
+    ``/readyz`` never answers 200. The service writes the reason to the file named by
+    ``OPENLLM_CLONE_FATAL_FILE``; a thread here watches it, prints the reason, stops the
+    workers and exits with status 1.
+    """
+    import tempfile
+    import threading
+    import time
+
+    fd, path = tempfile.mkstemp(prefix="openllm-clone-fatal-")
+    os.close(fd)
+    os.environ[FATAL_FILE_ENV] = path
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.2)
+            try:
+                reason = open(path).read().strip()
+            except OSError:
+                continue
+            if reason:
+                break
+        console.print(f"[bold red]error:[/] the model could not be loaded: {reason}", soft_wrap=True)
+        _stop_children()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="openllm-clone-fatal-watch", daemon=True).start()
+
+
+def _stop_children() -> None:
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()

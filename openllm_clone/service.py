@@ -134,6 +134,19 @@ def _configure_logging(level: str) -> None:
     package.setLevel(level)
 
 
+def _report_fatal(exc: BaseException) -> None:
+    """Tell ``openllm-clone start`` (which watches this file) why the model cannot load."""
+    from openllm_clone.errors import OpenLLMCloneError
+    from openllm_clone.settings import FATAL_FILE_ENV
+
+    path = os.environ.get(FATAL_FILE_ENV)
+    reason = exc.message if isinstance(exc, OpenLLMCloneError) else f"{type(exc).__name__}: {exc}"
+    logger.error("cannot load the model: %s", reason)
+    if path:
+        with open(path, "a") as fh:
+            fh.write(reason.replace("\n", " ") + "\n")
+
+
 @bentoml.asgi_app(app, path="/v1")
 @bentoml.service(name="openllm-clone", workers=1, traffic={"timeout": 3600})
 class LLMService:
@@ -145,7 +158,11 @@ class LLMService:
         settings = Settings.from_env()
         _configure_logging(settings.log_level)
         observer = PrometheusObserver(log_prompts=settings.log_prompts)
-        self.llm = LLM.from_settings(settings, observer=observer)
+        try:
+            self.llm = LLM.from_settings(settings, observer=observer)
+        except Exception as exc:
+            _report_fatal(exc)
+            raise
         observer.tokenizer = self.llm.tokenizer
         _state["llm"] = self.llm
         logger.info("openllm-clone serving %s", self.llm.name)

@@ -13,9 +13,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["SETTINGS_ENV", "SETTINGS_FILE", "AdapterSpec", "Settings", "parse_adapter_spec"]
+__all__ = ["FATAL_FILE_ENV", "SETTINGS_ENV", "SETTINGS_FILE", "AdapterSpec", "Settings", "parse_adapter_spec"]
 
 SETTINGS_ENV = "OPENLLM_CLONE_SETTINGS"
+# A worker that cannot load its model writes the reason here (``start`` watches it).
+FATAL_FILE_ENV = "OPENLLM_CLONE_FATAL_FILE"
 # A built bento carries its settings in this file at the root of its src/ folder.
 SETTINGS_FILE = "openllm_clone_settings.json"
 

@@ -199,6 +199,12 @@ class GenericRunner:
         self.config = model.config
         config = self.config
         model_type = getattr(config, "model_type", type(model).__name__)
+        from .support import _accepts_attention_functions
+
+        if not _accepts_attention_functions(model):
+            raise ModelLoadError(
+                f"model type {model_type!r}: its attention does not go through transformers' "
+                "AttentionInterface (the modeling code calls its own kernels); no runner can serve it")
         try:
             model.set_attn_implementation(ATTENTION_NAME)
         except (ValueError, KeyError, AttributeError, NotImplementedError) as exc:

@@ -1,0 +1,140 @@
+"""Can a runner serve this model? Answered from its config in seconds, before a server starts.
+
+``start`` calls :func:`check_model` before it launches any worker, so a model no runner
+can serve ends the command at once with one line (model type, reason, what is
+supported) instead of a worker that fails its load again and again; ``import`` prints
+the same line as a warning. The check builds the model on PyTorch's ``meta`` device
+(no memory, no weights read) and runs one forward there through the generic runner's
+attention, counting the attention calls; the full self-check against the model's own
+eager attention happens at load (:class:`~.generic.GenericRunner`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from openllm_clone.errors import ModelLoadError
+from openllm_clone.settings import Settings
+
+__all__ = ["Support", "check_model", "supported_summary"]
+
+logger = logging.getLogger(__name__)
+
+# Layer kinds the paged attention computes exactly; anything else in ``layer_types``
+# (linear attention, mamba, conv, chunked attention) is not attention as it knows it.
+_ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "attention", "global", "local"}
+
+
+@dataclass
+class Support:
+    """The runner a model gets, or why it gets none."""
+
+    model_type: str
+    runner: str | None  # "fast", "generic", or None when nothing can serve it
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """True when some runner serves the model."""
+        return self.runner is not None
+
+    def line(self) -> str:
+        """One line for a person: the model type, the runner or the reason."""
+        if self.ok:
+            return f"model type {self.model_type!r}: served by the {self.runner} runner"
+        return f"model type {self.model_type!r} cannot be served: {self.reason}. {supported_summary()}"
+
+
+def supported_summary() -> str:
+    """What runs, in one sentence."""
+    from .torch_runner import SUPPORTED_MODEL_TYPES
+
+    return (f"Supported: the fast runner for {', '.join(SUPPORTED_MODEL_TYPES)}; the generic runner "
+            "for any transformers causal LM whose attention goes through AttentionInterface "
+            "(Qwen3, Gemma 1-3, Phi, GPT-2, GPT-NeoX, OPT, Mixtral, OLMo 2, Granite, StarCoder2, ...)")
+
+
+def check_model(path: Path, settings: Settings) -> Support:
+    """Which runner would serve the model folder at ``path`` under ``settings``."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as exc:
+        return Support("?", None, f"its config cannot be read ({exc})")
+    model_type = str(getattr(config, "model_type", "?"))
+    from .loader import choose_runner
+
+    try:
+        runner = choose_runner(config, settings)
+    except ModelLoadError as exc:
+        return Support(model_type, None, exc.message)
+    if runner == "fast":
+        return Support(model_type, "fast")
+    reason = _generic_refusal(config)
+    return Support(model_type, None if reason else "generic", reason or "")
+
+
+def _accepts_attention_functions(model: Any) -> bool:
+    """transformers' own test: does the modeling code dispatch through AttentionInterface?"""
+    probe = getattr(model, "_can_set_attn_implementation", None)
+    if probe is None:
+        return True
+    try:
+        return bool(probe())
+    except Exception:  # the probe reads source files; without them, let the load decide
+        return True
+
+
+def _generic_refusal(config: Any) -> str | None:
+    """Why the generic runner cannot serve ``config`` (None when it looks servable)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "transformers has no causal-LM class for it (AutoModelForCausalLM)"
+    kinds = set(getattr(config, "layer_types", None) or [])
+    other = sorted(str(k) for k in kinds - _ATTENTION_LAYER_TYPES)
+    if other:
+        return f"it has layers that are not attention ({', '.join(other)})"
+    if getattr(config, "attention_chunk_size", None):
+        return "chunked attention is not implemented by the paged attention"
+    if getattr(config, "alibi", False) or getattr(config, "use_alibi", False):
+        return "ALiBi position biases are not implemented by the paged attention"
+    import torch
+
+    from .generic import ATTENTION_NAME, _local, _Probe, _register
+
+    _register()
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # the modeling code refuses the config
+        return f"transformers cannot build it ({type(exc).__name__}: {exc})"
+    if not _accepts_attention_functions(model):
+        return ("its attention does not go through transformers' AttentionInterface (the modeling "
+                "code calls its own kernels)")
+    try:
+        model.set_attn_implementation(ATTENTION_NAME)
+    except (ValueError, KeyError, AttributeError, NotImplementedError) as exc:
+        return f"its modeling code does not accept a custom attention function ({exc})"
+    probes: list[_Probe] = []
+    _local.probe = probes
+    try:
+        with torch.inference_mode():
+            ids = torch.ones(1, 4, dtype=torch.long, device="meta")
+            pos = torch.arange(4, device="meta").unsqueeze(0)
+            model(input_ids=ids, position_ids=pos, use_cache=False)
+    except Exception as exc:  # data-dependent ops (MoE routing) do not run on meta: load decides
+        logger.debug("meta forward of %s did not run (%s); the load-time check decides", model_type, exc)
+        return None
+    finally:
+        _local.probe = None
+    if not probes:
+        return ("no attention layer goes through transformers' AttentionInterface (its attention "
+                "calls its own kernels, or it is a state-space or recurrent model)")
+    return None
