@@ -1,0 +1,145 @@
+"""Many model families through the real server: fp32 greedy tokens equal transformers'
+``generate``, alone, 8 at once, and staggered (each request starts when the one before
+it has streamed its first token, so requests join a running batch mid-decode)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from openllm_clone.testing import free_port, run_server
+from tests.families import FAMILIES, make_family_model, reference_greedy
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog and",
+    "Once upon a time, in a land far away, there lived",
+    "def fibonacci(n):\n    return",
+    "Paris is the capital of",
+]
+NEW_TOKENS = 16
+
+
+def _generate(url: str, prompt: str) -> dict[str, Any]:
+    body = {"prompt": prompt, "max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}
+    r = httpx.post(f"{url}/v1/generate", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _stream(url: str, prompt: str, first: threading.Event) -> list[int]:
+    body = {"prompt": prompt, "max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}
+    tokens: list[int] = []
+    with httpx.stream("POST", f"{url}/v1/generate_stream", json=body, timeout=300) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                event = json.loads(line[6:])
+                for out in event["outputs"]:
+                    tokens.extend(out["token_ids"])
+                if tokens:
+                    first.set()
+    first.set()
+    return tokens
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_matches_generate(family: str, tokenizer: Any, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    folder = make_family_model(family, tmp_path / family, tokenizer)
+    # The folder's own AutoTokenizer, as the server uses it.
+    prompt_ids = [AutoTokenizer.from_pretrained(str(folder))(p)["input_ids"] for p in PROMPTS]
+    ref = reference_greedy(folder, prompt_ids, NEW_TOKENS)
+    assert any(len(set(r)) > 2 for r in ref), f"degenerate reference for {family}: {ref}"
+    args = [str(folder), "--dtype", "float32", "--kv-cache-mb", "16", "--max-batch-size", "8"]
+    with run_server(args, {}, tmp_path / "server.log") as server:
+        meta = httpx.get(f"{server.url}/v1/metadata", timeout=30).json()
+        assert meta["runner"] == ("fast" if family == "llama" else "generic")
+        # Alone.
+        for ids, want, prompt in zip(prompt_ids, ref, PROMPTS, strict=True):
+            got = _generate(server.url, prompt)
+            assert got["prompt_token_ids"] == ids
+            assert got["outputs"][0]["token_ids"] == want, f"{family} alone"
+        # Eight at once.
+        with ThreadPoolExecutor(8) as pool:
+            outs = list(pool.map(lambda i: _generate(server.url, PROMPTS[i % 4]), range(8)))
+        assert [o["outputs"][0]["token_ids"] for o in outs] == [ref[i % 4] for i in range(8)], \
+            f"{family} concurrent"
+        # Staggered: each request joins while the previous ones are decoding.
+        results: list[list[int]] = [[] for _ in range(6)]
+        threads = []
+        for i in range(6):
+            first = threading.Event()
+
+            def run(i: int = i, first: threading.Event = first) -> None:
+                results[i] = _stream(server.url, PROMPTS[i % 4], first)
+
+            t = threading.Thread(target=run)
+            t.start()
+            threads.append(t)
+            assert first.wait(300)
+        for t in threads:
+            t.join(300)
+        assert results == [ref[i % 4] for i in range(6)], f"{family} staggered"
+
+
+def _start(args: list[str], tmp_path: Path, timeout: float = 120) -> tuple[int, str, float]:
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "openllm_clone", "start", *args,
+                           "--port", str(free_port())], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "COLUMNS": "250"})
+    return done.returncode, done.stdout + done.stderr, time.monotonic() - started
+
+
+def _tiny_config_model(family: str, folder: Path, tokenizer: Any, **extra: Any) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(family, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  vocab_size=len(tokenizer), **extra)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize(("family", "reason"), [
+    ("falcon", "AttentionInterface"),   # calls SDPA itself
+    ("mamba", "not attention"),         # a state-space model
+])
+def test_start_refuses_unservable_model_at_once(family: str, reason: str, tokenizer: Any,
+                                                tmp_path: Path) -> None:
+    folder = _tiny_config_model(family, tmp_path / family, tokenizer)
+    code, output, seconds = _start([str(folder)], tmp_path)
+    assert code != 0
+    assert seconds < 30, f"took {seconds:.0f} s to refuse"
+    assert f"model type '{family}' cannot be served" in output and reason in output
+    assert "Supported:" in output
+    imported = subprocess.run([sys.executable, "-m", "openllm_clone", "import", str(folder),
+                               "--name", f"bad-{family}"], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "COLUMNS": "250"})
+    assert imported.returncode == 0
+    assert "warning" in imported.stderr and f"model type '{family}' cannot be served" in imported.stderr
+
+
+def test_start_exits_when_the_worker_cannot_load(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A config the pre-start check accepts, with weights that do not load: the worker's
+    failure ends `start` with the reason instead of a restart loop."""
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    code, output, seconds = _start([str(folder), "--dtype", "float32"], tmp_path, timeout=240)
+    assert code == 1
+    assert "the model could not be loaded" in output and "cannot load the model" in output
