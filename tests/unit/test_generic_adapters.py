@@ -1,0 +1,101 @@
+"""Adapters on the generic runner: families whose modules have other names and shapes
+(GPT-2's fused Conv1D ``c_attn``, Phi-3's fused ``qkv_proj``, GPT-NeoX's
+``query_key_value``, Gemma 3's sliding layers). Mixed batches of base rows and two
+random peft adapters equal peft's ``merge_and_unload`` model, each row alone."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from openllm_clone.errors import AdapterIncompatibleError
+from openllm_clone.llm import LLM
+from openllm_clone.protocol import SamplingParams
+from openllm_clone.settings import Settings
+from tests.families import make_family_model
+
+pytestmark = pytest.mark.slow
+
+NEW_TOKENS = 12
+PROMPTS = ["The weather today is", "A story about a cat who", "Numbers: one two three"]
+
+
+def _adapter(base: Path, out: Path, seed: int, rank: int) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
+                        init_lora_weights=False, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+def _merged_greedy(base: Path, adapter: Path | None, prompts: list[list[int]]) -> list[list[int]]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    out = []
+    for ids in prompts:
+        gen = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                             eos_token_id=None, pad_token_id=0,
+                             attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+        out.append(gen[0, len(ids):].tolist())
+    return out
+
+
+@pytest.mark.parametrize(("family", "per_token_from"), [
+    ("gpt2", 8), ("phi3", 8), ("gpt_neox", 8), ("gemma3_text", 8), ("qwen3", 8),
+    # Decode steps through the per-token LoRA path too (normally from 8 distinct adapters).
+    ("gpt2", 1), ("gemma3_text", 1),
+])
+async def test_mixed_adapters_equal_merged(family: str, per_token_from: int, tokenizer: Any,
+                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from openllm_clone.runners import lora as lora_mod
+
+    monkeypatch.setattr(lora_mod, "_PER_TOKEN_MIN_ADAPTERS", per_token_from)
+    base = make_family_model(family, tmp_path / family, tokenizer)
+    adapters = {"one": _adapter(base, tmp_path / "one", seed=1, rank=8),
+                "two": _adapter(base, tmp_path / "two", seed=2, rank=4)}
+    llm = LLM.from_settings(Settings(model=str(base), dtype="float32", kv_cache_mb=16,
+                                     max_adapters=2))
+    try:
+        assert llm.runner.tier == "generic"
+        prompts = [llm.tokenize(p) for p in PROMPTS]
+        want = {None: _merged_greedy(base, None, prompts)}
+        for name, path in adapters.items():
+            await llm.adapters.load(name, str(path))
+            want[name] = _merged_greedy(base, path, prompts)
+        assert want["one"] != want[None] and want["two"] != want[None], "adapters change nothing"
+        params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        cases = [(a, i) for i in range(len(prompts)) for a in (None, "one", "two")]
+        outs = await asyncio.gather(*(llm.complete(prompts[i], params, adapter=a) for a, i in cases))
+        for (a, i), out in zip(cases, outs, strict=True):
+            assert out.token_ids[0] == want[a][i], f"{family} adapter={a} prompt={i}"
+    finally:
+        llm.shutdown()
+
+
+async def test_adapter_for_a_missing_module_is_refused(tokenizer: Any, tmp_path: Path,
+                                                       tiny_model_dir: Path) -> None:
+    """An adapter made for Llama names q_proj; GPT-2 has no such module: 422, nothing loaded."""
+    from tests.helpers import make_adapter
+
+    base = make_family_model("gpt2", tmp_path / "gpt2", tokenizer)
+    llama_adapter = make_adapter(tiny_model_dir, tmp_path / "llama-adapter", seed=1, rank=4)
+    llm = LLM.from_settings(Settings(model=str(base), dtype="float32", kv_cache_mb=16))
+    try:
+        with pytest.raises(AdapterIncompatibleError, match="does not exist in the base model"):
+            await llm.adapters.load("llama", str(llama_adapter), force=True)
+        assert "llama" not in llm.adapters.names()
+    finally:
+        llm.shutdown()
