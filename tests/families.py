@@ -44,8 +44,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
 
 
 def make_family_model(family: str, path: Path, tokenizer: Any, *, seed: int = 0,
-                      scale: float = 3.0) -> Path:
-    """Save a tiny random ``family`` model with ``tokenizer`` into ``path``."""
+                      scale: float = 3.0, **overrides: Any) -> Path:
+    """Save a tiny random ``family`` model with ``tokenizer`` into ``path`` (``overrides``
+    replace config arguments)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -56,7 +57,7 @@ def make_family_model(family: str, path: Path, tokenizer: Any, *, seed: int = 0,
         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.eos_token_id,
     }
-    config = AutoConfig.for_model(family, **{**common, **FAMILIES[family]})
+    config = AutoConfig.for_model(family, **{**common, **FAMILIES[family], **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():

@@ -39,9 +39,11 @@ def _check_4bit_dims(config: Any) -> None:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
-    dims = {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+    dims = {"hidden_size": config.hidden_size,
+            "intermediate_size": getattr(config, "intermediate_size", None)
+            or getattr(config, "n_inner", None) or getattr(config, "ffn_dim", None),
             "attention width": heads * head_dim, "key/value width": kv}
-    bad = {k: v for k, v in dims.items() if v % 64}
+    bad = {k: v for k, v in dims.items() if isinstance(v, int) and v % 64}
     if bad:
         raise ModelLoadError(
             f"4-bit bitsandbytes on CPU needs every Linear dimension divisible by 64; this "
@@ -73,7 +75,8 @@ def four_bit_config(mode: str, *, dtype: Any, keep_layers: list[int]) -> Any:
         load_in_4bit=True,
         bnb_4bit_quant_type="fp4" if mode == "fp4" else "nf4",
         bnb_4bit_compute_dtype=dtype,
-        llm_int8_skip_modules=["lm_head", *_layer_patterns(keep_layers)],
+        # The output head stays in the model dtype (GPT-NeoX calls it embed_out).
+        llm_int8_skip_modules=["lm_head", "embed_out", *_layer_patterns(keep_layers)],
     )
 
 

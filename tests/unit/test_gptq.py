@@ -140,3 +140,33 @@ def test_quantize_refuses_bad_arguments_clearly(fp_model: Path, tmp_path: Path) 
     assert missing.returncode != 0 and "calibration" in missing.stderr + missing.stdout
     method = run_cli("quantize", str(fp_model), "--method", "awq")
     assert method.returncode != 0 and "unknown quantization method" in method.stderr + method.stdout
+
+
+def test_gptq_on_a_generic_family_serves_adapters(tokenizer: Any, tmp_path: Path) -> None:
+    """GPTQ 8-bit of a Qwen3 model (the generic runner): close, smaller, adapter on top."""
+    from tests.families import make_family_model
+    from tests.unit.test_generic_adapters import _adapter
+
+    fp = make_family_model("qwen3", tmp_path / "qwen3", tokenizer, scale=1.0, hidden_size=128,
+                           intermediate_size=256, num_key_value_heads=4, head_dim=32)
+    result = run_cli("quantize", str(fp), "--method", "gptq", "--bits", "8", "--group-size", "64",
+                     "--calibration", "builtin", "--name", "qwen3-gptq8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    tag = result.stdout.strip().splitlines()[-1]
+    adapter = _adapter(fp, tmp_path / "qwen3-adapter", seed=3, rank=8)
+    prompts = [tokenizer(f"Sentence number {i} about topic {i * 7}.")["input_ids"] for i in range(8)]
+    ref = _llm(str(fp))
+    try:
+        ref_logits, ref_bytes = _last_logits(ref, prompts), ref.runner.info.weight_bytes
+    finally:
+        ref.shutdown()
+    llm = _llm(tag)
+    try:
+        assert llm.runner.tier == "generic" and llm.runner.info.quantization == "gptq"
+        assert llm.runner.info.weight_bytes < ref_bytes
+        cosine, top1 = closeness(_last_logits(llm, prompts), ref_logits)
+        assert cosine >= THRESHOLDS[8][0] and top1 >= THRESHOLDS[8][1], (cosine, top1)
+        alone, base, mixed = asyncio.run(alone_base_mixed(llm, "qa", prompts[0], load=str(adapter)))
+        assert alone != base and mixed == [base, alone, base, alone]
+    finally:
+        llm.shutdown()

@@ -117,3 +117,47 @@ def test_gptq_without_gptqmodel_fails_clearly(tiny_model_dir: Path, monkeypatch:
     (ckpt / "config.json").write_text(json.dumps(config))
     with pytest.raises(MissingDependencyError, match="gptqmodel"):
         _llm(ckpt, None)
+
+
+@pytest.fixture(scope="module")
+def neox_model(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Path:
+    """A GPT-NeoX (generic runner): fused query_key_value, every Linear dim a multiple of 64."""
+    from tests.families import make_family_model
+
+    return make_family_model("gpt_neox", tmp_path_factory.mktemp("neox") / "neox", tokenizer, scale=1.0,
+                             num_key_value_heads=4)
+
+
+@pytest.mark.parametrize("mode", [*MODES, pytest.param("nf4", marks=pytest.mark.skipif(
+    not HAS_BNB, reason="bitsandbytes missing")), pytest.param("fp4", marks=pytest.mark.skipif(
+        not HAS_BNB, reason="bitsandbytes missing"))])
+def test_quantized_generic_family_serves_adapters(mode: str, neox_model: Path, tokenizer: Any,
+                                                  tmp_path: Path) -> None:
+    """Each load-time mode on a non-Llama family, through the generic runner, with an
+    adapter trained on the unquantized model on top."""
+    from tests.unit.test_generic_adapters import _adapter
+
+    adapter = _adapter(neox_model, tmp_path / "neox-adapter", seed=5, rank=8)
+    prompts = [tokenizer(f"Sentence number {i} about topic {i * 7}.")["input_ids"] for i in range(8)]
+    ref = _llm(neox_model, None)
+    try:
+        ref_logits = _last_logits(ref, prompts)
+        ref_bytes = ref.runner.info.weight_bytes
+    finally:
+        ref.shutdown()
+    llm = _llm(neox_model, mode)
+    try:
+        assert llm.runner.tier == "generic" and llm.runner.info.quantization == mode
+        assert llm.runner.info.weight_bytes < ref_bytes
+        cosine, top1 = closeness(_last_logits(llm, prompts), ref_logits)
+        min_cos, min_top1 = THRESHOLDS[mode]
+        assert cosine >= min_cos and top1 >= min_top1, (cosine, top1)
+        alone, base, mixed = asyncio.run(alone_base_mixed(llm, "neox-adapter", prompts[0],
+                                                          load=str(adapter)))
+        assert alone != base
+        if mode == "int8":  # outlier columns depend on the whole batch (see above)
+            assert mixed[0] == mixed[2] and mixed[1] == mixed[3] and mixed[0] != mixed[1]
+        else:
+            assert mixed == [base, alone, base, alone]
+    finally:
+        llm.shutdown()
