@@ -43,10 +43,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from openllm_clone.errors import ModelLoadError
 
+from .attention import attend, decode_attention, window_mask
 from .base import ModelInfo, StepRow
 from .lora import LoraBank, LoraPlan
 
@@ -118,47 +118,13 @@ def _paged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
         _local.probe.append(_Probe(module, key.shape[1], key.shape[-1], value.shape[-1], key.dtype))
         T = query.shape[2]
         pos = torch.arange(T, device=query.device)
-        mask = _window_mask(pos.unsqueeze(1), pos.unsqueeze(0), sliding_window)
-        out = _attend(query, key, value, mask, scaling, softcap, sinks)
+        mask = window_mask(pos.unsqueeze(1), pos.unsqueeze(0), sliding_window)
+        out = attend(query, key, value, mask, scaling, softcap, sinks)
         return out.transpose(1, 2), None
     runner = _local.runner
     if runner is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention called outside a runner step")
     return runner._paged(query, key, value, scaling, sliding_window, softcap, sinks), None
-
-
-def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Causal mask (True = attend), limited to the last ``window`` tokens when given
-    (transformers' convention: a query sees ``window`` keys, itself included)."""
-    mask = k_pos <= q_pos
-    if window is not None:
-        mask = mask & (k_pos > q_pos - window)
-    return mask
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float,
-            softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
-    """``q [B, H, Lq, D]`` over ``k [B, KV, Lk, D]``, ``v [B, KV, Lk, Dv]`` -> ``[B, H, Lq, Dv]``.
-
-    SDPA when it can; soft-capping and sinks need the scores, so those run in float32.
-    """
-    if softcap is None and sinks is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
-                                              enable_gqa=k.shape[1] != q.shape[1])
-    groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1)
-    v = v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask, float("-inf"))
-    if sinks is not None:  # one extra logit per head that takes probability but no value
-        sink = sinks.float().reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
-        combined = torch.cat([scores, sink], dim=-1)
-        probs = torch.softmax(combined - combined.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
-    else:
-        probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, v.float()).to(q.dtype)
 
 
 def linear_dims(module: Any) -> tuple[int, int] | None:
@@ -251,6 +217,8 @@ class GenericRunner:
                 self._hooks.append(module.register_forward_hook(self._lora_hook(li, name)))
 
         weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        num_parameters = sum(p.numel() for p in model.parameters())
+        self.packed_linears = self._pack_linears()
         self.info = ModelInfo(
             model_id=model_id,
             architecture=(getattr(config, "architectures", None) or [type(model).__name__])[0],
@@ -259,10 +227,10 @@ class GenericRunner:
             max_model_len=self.max_model_len,
             vocab_size=int(model.get_output_embeddings().weight.shape[0]
                            if model.get_output_embeddings() is not None else config.vocab_size),
-            num_parameters=sum(p.numel() for p in model.parameters()),
+            num_parameters=num_parameters,
             weight_bytes=weight_bytes,
             quantization=quantization,
-            extra={"runner": self.tier},
+            extra={"runner": self.tier, "packed_linears": self.packed_linears},
         )
         self._self_check(model_type)
 
@@ -381,6 +349,31 @@ class GenericRunner:
                 "it keeps state outside attention (state-space or convolution layers) or biases "
                 "attention itself (ALiBi), which no runner here supports")
         logger.info("generic runner self-check passed (relative error %.2g)", err)
+
+    def _pack_linears(self) -> int:
+        """Run plain bf16 Linear modules through oneDNN-prepacked weights (CPU): about 1.5x
+        faster than ``F.linear``, as in the fast runner. A weight no other module shares is
+        released (the packed copy replaces it); quantized layers keep their own modules."""
+        from .torch_runner import _PackedLinear, _packed_linears_work
+
+        if self.device.type != "cpu" or self.dtype != torch.bfloat16 or not _packed_linears_work():
+            return 0
+        owners: dict[int, int] = {}
+        for module in self.model.modules():
+            for param in module.parameters(recurse=False):
+                owners[param.data_ptr()] = owners.get(param.data_ptr(), 0) + 1
+        count = 0
+        for module in self.model.modules():
+            weight = getattr(module, "weight", None)
+            if (type(module) is not torch.nn.Linear or weight is None or type(weight.data) is not torch.Tensor
+                    or weight.dtype != torch.bfloat16):
+                continue
+            packed = _PackedLinear(weight, module.bias)
+            module.forward = _packed_forward(packed)
+            if owners.get(weight.data_ptr(), 0) == 1:
+                module.weight = torch.nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=False)
+            count += 1
+        return count
 
     # --- the step -------------------------------------------------------------------
 
@@ -518,11 +511,9 @@ class GenericRunner:
             if mask is None:
                 ctx = state.decode_ctx
                 k_pos = torch.arange(L, device=q.device).unsqueeze(0)
-                mask = _window_mask((ctx - 1).unsqueeze(1), k_pos, window)
-                mask = state.masks[key_] = mask[:, None, None, :]
-            qd = q[:, :nd].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
-            od = _attend(qd, kd.to(q.dtype), vd.to(q.dtype), mask, scaling, softcap, sinks)
-            out[:nd] = od.squeeze(2)
+                mask = state.masks[key_] = window_mask((ctx - 1).unsqueeze(1), k_pos, window)
+            qd = q[:, :nd].transpose(0, 1)  # [B, H, D]
+            out[:nd] = decode_attention(qd, kd.to(q.dtype), vd.to(q.dtype), mask, scaling, softcap, sinks)
         for i, (offset, n, start, idx) in enumerate(state.prefill):
             kp = k_cache.index_select(0, idx).transpose(0, 1).unsqueeze(0)  # [1, KV, ctx, D]
             vp = v_cache.index_select(0, idx).transpose(0, 1).unsqueeze(0)
@@ -531,9 +522,9 @@ class GenericRunner:
             if mask is None:
                 q_pos = torch.arange(start, start + n, device=q.device).unsqueeze(1)
                 k_pos = torch.arange(idx.shape[0], device=q.device).unsqueeze(0)
-                mask = state.masks[key_] = _window_mask(q_pos, k_pos, window)
+                mask = state.masks[key_] = window_mask(q_pos, k_pos, window)
             qp = q[:, offset:offset + n].unsqueeze(0)  # [1, H, n, D]
-            op = _attend(qp, kp.to(q.dtype), vp.to(q.dtype), mask, scaling, softcap, sinks)
+            op = attend(qp, kp.to(q.dtype), vp.to(q.dtype), mask, scaling, softcap, sinks)
             out[offset:offset + n] = op[0].transpose(0, 1)
         return out.unsqueeze(0)
 
@@ -549,6 +540,16 @@ class GenericRunner:
             return bank.apply(plan, layer, name, x.reshape(-1, x.shape[-1]), y).view(output.shape)
 
         return hook
+
+
+def _packed_forward(packed: Any) -> Any:
+    out_features = packed.out_features
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        return packed(x.reshape(-1, shape[-1])).view(*shape[:-1], out_features)
+
+    return forward
 
 
 def _count_tokens(seen: dict[int, int], key: int) -> Any:

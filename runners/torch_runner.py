@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from openllm_clone.errors import ModelLoadError
 
+from .attention import decode_attention
 from .base import ModelInfo, StepRow
 from .compiled import CompiledDecoder, DecodeGraph, check_compilable, rms_norm, rope
 from .lora import LoraBank, LoraPlan
@@ -506,11 +507,9 @@ class TorchRunner:
                                                                     self.head_dim)
             kd = kv[:, :, 0].transpose(1, 2)  # [B, kv, L, D]
             vd = kv[:, :, 1].transpose(1, 2)
-            qd = q[:num_decode].unsqueeze(2)  # [B, H, 1, D]
-            od = F.scaled_dot_product_attention(
-                qd, kd, vd, attn_mask=decode_mask, scale=self.scaling, enable_gqa=True
-            )
-            out[:num_decode] = od.squeeze(2)
+            assert decode_mask is not None
+            out[:num_decode] = decode_attention(q[:num_decode], kd, vd, decode_mask[:, 0, 0, :],
+                                                self.scaling)
         for offset, n, idx, mask in prefill:
             kv = cache.index_select(0, idx)
             kp = kv[:, 0].transpose(0, 1).unsqueeze(0)  # [1, kv, L, D]
