@@ -13,8 +13,9 @@ forward loop around them:
 - each row's LoRA adapter is added by :class:`~openllm_clone.runners.lora.LoraBank`;
 - logits are computed only for the rows that need them, at their last token.
 
-Supported families: Llama, Mistral and Qwen2 (their decoder layers share the same
-module names), without a sliding window shorter than the context. Everything else runs
+Supported families: Llama, Mistral, Qwen2 and Qwen3 (their decoder layers share the
+same module names; Qwen3 adds per-head RMSNorm on queries and keys), without a sliding
+window shorter than the context. Everything else runs
 on the generic runner (:mod:`.generic`); :func:`fast_refusal` says why a model does not
 fit here.
 """
@@ -38,7 +39,9 @@ __all__ = ["SUPPORTED_MODEL_TYPES", "TorchRunner", "fast_refusal"]
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Families whose queries and keys are RMS-normalised per head before rotary (Qwen3).
+QK_NORM_MODEL_TYPES = ("qwen3",)
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 NULL_BLOCK = 0  # a zeroed block that padded attention reads point at
@@ -157,7 +160,19 @@ class TorchRunner:
         )
         self._packed_head: _PackedLinear | None = None
         self._compiled: CompiledDecoder | None = None
+        # Qwen3: one [H + KV, D] weight normalises queries and keys in a single call.
+        self._qk_norm: list[torch.Tensor] | None = None
+        self._qk_eps = 0.0
+        if config.model_type in QK_NORM_MODEL_TYPES:
+            attn0 = self.layers[0].self_attn
+            self._qk_eps = float(attn0.q_norm.variance_epsilon)
+            self._qk_norm = [torch.cat([layer.self_attn.q_norm.weight.expand(self.num_heads, -1),
+                                        layer.self_attn.k_norm.weight.expand(self.num_kv_heads, -1)])
+                             for layer in self.layers]
         if compile:
+            if self._qk_norm is not None:
+                raise ModelLoadError(f"--compile covers {', '.join(SUPPORTED_MODEL_TYPES[:3])}; "
+                                     f"{config.model_type} runs the eager fast step (start without --compile)")
             check_compilable(model, self.device, self.dtype, quantization)
             graph = DecodeGraph(model, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                                 head_dim=self.head_dim, scaling=self.scaling)
@@ -492,6 +507,9 @@ class TorchRunner:
                              self._linear(li, attn.v_proj, "self_attn.v_proj", h, plan)], dim=-1)
         # Rotary embedding on queries and keys together: one set of ops, not two.
         qk = qkv[:, : q_out + kv_out].reshape(T, self.num_heads + self.num_kv_heads, self.head_dim)
+        if self._qk_norm is not None:  # per head, in float32, scaled after rounding (as HF)
+            qk = F.rms_norm(qk.float(), (self.head_dim,), None, self._qk_eps).to(qk.dtype)
+            qk = qk * self._qk_norm[li]
         qk = rope(qk, cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, q_out + kv_out :].reshape(T, self.num_kv_heads, self.head_dim)
