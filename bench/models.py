@@ -114,8 +114,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args()
     import torch
-
     from openllm_clone.runners.loader import choose_runner
+
     from openllm_clone.settings import Settings
     from openllm_clone.store import import_model, resolve_model
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import adapters_cmd, build, models, query, serve
+from . import adapters_cmd, build, check, models, query, serve
 
 __all__ = ["app", "main"]
 
@@ -18,6 +18,7 @@ app.add_typer(serve.app)
 app.add_typer(query.app)
 app.add_typer(models.app)
 app.add_typer(build.app)
+app.add_typer(check.app)
 app.add_typer(adapters_cmd.app, name="adapters")
 
 

@@ -36,13 +36,11 @@ def import_(
 
 def _warn_if_unservable(tag: str) -> None:
     """``import`` accepts any model folder; say at once when no runner can serve it."""
-    from openllm_clone.runners.support import check_model
-    from openllm_clone.settings import Settings
-    from openllm_clone.store import resolve_model
+    import bentoml
 
-    support = check_model(resolve_model(tag).path, Settings(model=tag))
-    if not support.ok:
-        console.print(f"[bold yellow]warning:[/] {support.line()}", soft_wrap=True)
+    meta = bentoml.models.get(tag).info.metadata
+    if meta.get("runner") == "none":
+        console.print(f"[bold yellow]warning:[/] {meta.get('runner_reason')}", soft_wrap=True)
 
 
 @app.command("quantize")
@@ -101,14 +99,15 @@ def _default_name(source: str) -> str:
 
 @app.command("models")
 def models() -> None:
-    """List models and adapters in the store (tag, architecture, parameters, size, dtype,
-    quantization)."""
+    """List models and adapters in the store (tag, architecture, the runner that serves it,
+    parameters, size, dtype, quantization)."""
     from openllm_clone.store import list_models
 
-    table = Table("tag", "kind", "architecture", "parameters", "size", "dtype", "quantization", "source")
+    table = Table("tag", "kind", "architecture", "runner", "parameters", "size", "dtype", "quantization",
+                  "source")
     for m in list_models():
         params = f"{m.parameters / 1e6:.1f} M" if m.parameters else "-"
         quant = "-" if m.kind == "adapter" else m.quantization
-        table.add_row(m.tag, m.kind, m.architecture, params, human_bytes(m.size_bytes), m.dtype,
-                      quant, m.source)
+        table.add_row(m.tag, m.kind, m.architecture, m.runner, params, human_bytes(m.size_bytes),
+                      m.dtype, quant, m.source)
     out.print(table)

@@ -212,7 +212,8 @@ def _exit_when_a_worker_cannot_load() -> None:
         while True:
             time.sleep(0.2)
             try:
-                reason = open(path).read().strip()
+                with open(path) as fh:
+                    reason = fh.read().strip()
             except OSError:
                 continue
             if reason:

@@ -58,6 +58,7 @@ class StoredModel:
     size_bytes: int
     source: str
     quantization: str = "none"
+    runner: str = "?"  # fast, generic or none (adapters: -)
 
 
 def _folder_size(path: Path) -> int:
@@ -98,6 +99,20 @@ def describe_model(path: Path) -> dict[str, Any]:
     }
 
 
+def runner_facts(path: Path) -> dict[str, str]:
+    """Which runner serves the model folder at ``path`` with default settings (``fast``,
+    ``generic`` or ``none``) and, for ``none``, the one-line reason; kept in the store's
+    metadata so that ``models`` lists it and ``import`` can warn."""
+    from openllm_clone.runners.support import check_model
+    from openllm_clone.settings import Settings
+
+    support = check_model(path, Settings(model=str(path)))
+    facts = {"runner": support.runner or "none"}
+    if not support.ok:
+        facts["runner_reason"] = support.line()
+    return facts
+
+
 def _save_to_store(name: str, fill: Any, *, labels: dict[str, str], metadata: dict[str, Any]) -> str:
     import bentoml
 
@@ -133,10 +148,15 @@ def import_model(source: str = DEFAULT_MODEL, *, name: str | None = None) -> str
             for key in st.keys():  # noqa: SIM118 - safe_open has no __iter__
                 params += _numel(st.get_slice(key).get_shape())
     store_name = name or _store_name(path.name if path.is_dir() else source)
+
+    def fill(dst: Path) -> dict[str, str]:
+        shutil.copytree(path, dst, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(".git*", "*.bin.index.json"))
+        return runner_facts(dst)
+
     return _save_to_store(
         store_name,
-        lambda dst: shutil.copytree(path, dst, dirs_exist_ok=True,
-                                    ignore=shutil.ignore_patterns(".git*", "*.bin.index.json")),
+        fill,
         labels={"kind": MODEL_LABEL},
         metadata={**info, "parameters": params, "source": origin, "aliases": [origin, source]},
     )
@@ -198,7 +218,7 @@ def quantize_model(source: str, *, method: str = "gptq", bits: int = 4, group_si
                                     keep_layers=keep_layers, seqlen=seqlen, progress=progress)
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from exc
-        return {kind: {**done, "calibration": calibration}}
+        return {kind: {**done, "calibration": calibration}, **runner_facts(dst)}
 
     origin = resolved.tag or str(resolved.path)
     stored = _get_stored(resolved.tag) if resolved.tag else None
@@ -233,9 +253,10 @@ def _import_embedded(key: str, name: str) -> str:
     model.config.name_or_path = spec.hub_id
     params = sum(p.numel() for p in model.parameters())
 
-    def fill(dst: Path) -> None:
+    def fill(dst: Path) -> dict[str, str]:
         model.save_pretrained(str(dst), safe_serialization=True)
         tokenizer.save_pretrained(str(dst))
+        return runner_facts(dst)
 
     return _save_to_store(
         name,
@@ -334,6 +355,7 @@ def list_models() -> list[StoredModel]:
                 size_bytes=_folder_size(Path(model.path)),
                 source=str(meta.get("source", "")),
                 quantization=str(meta.get("quantization", "none")),
+                runner="-" if kind == ADAPTER_LABEL else str(meta.get("runner", "?")),
             )
         )
     return out

@@ -354,7 +354,7 @@ class GenericRunner:
         """Run plain bf16 Linear modules through oneDNN-prepacked weights (CPU): about 1.5x
         faster than ``F.linear``, as in the fast runner. A weight no other module shares is
         released (the packed copy replaces it); quantized layers keep their own modules."""
-        from .torch_runner import _PackedLinear, _packed_linears_work
+        from .torch_runner import _packed_linears_work, _PackedLinear
 
         if self.device.type != "cpu" or self.dtype != torch.bfloat16 or not _packed_linears_work():
             return 0

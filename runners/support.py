@@ -105,6 +105,8 @@ def _generic_refusal(config: Any) -> str | None:
         return "chunked attention is not implemented by the paged attention"
     if getattr(config, "alibi", False) or getattr(config, "use_alibi", False):
         return "ALiBi position biases are not implemented by the paged attention"
+    if getattr(config, "quantization_config", None) is not None:
+        return None  # quantized layers are not built on meta: the load-time check decides
     import torch
 
     from .generic import ATTENTION_NAME, _local, _Probe, _register

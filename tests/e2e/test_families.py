@@ -143,3 +143,21 @@ def test_start_exits_when_the_worker_cannot_load(tiny_model_dir: Path, tmp_path:
     code, output, seconds = _start([str(folder), "--dtype", "float32"], tmp_path, timeout=240)
     assert code == 1
     assert "the model could not be loaded" in output and "cannot load the model" in output
+
+
+def test_check_command_and_models_column(tokenizer: Any, tmp_path: Path) -> None:
+    """`check` compares a user's folder with transformers' generate; `models` says the runner."""
+    folder = make_family_model("gemma2", tmp_path / "gemma2", tokenizer)
+    done = subprocess.run([sys.executable, "-m", "openllm_clone", "check", str(folder),
+                           "--max-new-tokens", "12"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "COLUMNS": "250"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "4 of 4 prompts equal transformers' generate on the generic runner" in done.stderr
+    assert done.stdout.count("same: ") == 4
+    imported = subprocess.run([sys.executable, "-m", "openllm_clone", "import", str(folder),
+                               "--name", "tiny-gemma2"], capture_output=True, text=True, timeout=300)
+    assert imported.returncode == 0 and "warning" not in imported.stderr
+    listed = subprocess.run([sys.executable, "-m", "openllm_clone", "models"], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "COLUMNS": "250"})
+    row = next(line for line in listed.stdout.splitlines() if "tiny-gemma2:" in line)
+    assert "generic" in [cell.strip() for cell in row.split("│")], row
