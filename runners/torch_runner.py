@@ -14,8 +14,9 @@ forward loop around them:
 - logits are computed only for the rows that need them, at their last token.
 
 Supported families: Llama, Mistral, Qwen2 and Qwen3 (their decoder layers share the
-same module names; Qwen3 adds per-head RMSNorm on queries and keys), without a sliding
-window shorter than the context. Everything else runs
+same module names; Qwen3 adds per-head RMSNorm on queries and keys) without a sliding
+window shorter than the context, and Gemma 3 (norms that scale by 1 + weight, four
+norms a layer, local layers with their own rotary base and a sliding window). Everything else runs
 on the generic runner (:mod:`.generic`); :func:`fast_refusal` says why a model does not
 fit here.
 """
@@ -39,9 +40,13 @@ __all__ = ["SUPPORTED_MODEL_TYPES", "TorchRunner", "fast_refusal"]
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-# Families whose queries and keys are RMS-normalised per head before rotary (Qwen3).
-QK_NORM_MODEL_TYPES = ("qwen3",)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+# Families whose queries and keys are RMS-normalised per head before rotary.
+QK_NORM_MODEL_TYPES = ("qwen3", "gemma3_text")
+# Gemma 3: norms scale by (1 + weight) in float32, four norms a layer (the attention and
+# MLP outputs are normalised too), local and global layers with their own rotary tables
+# and a sliding window on the local ones.
+GEMMA_MODEL_TYPES = ("gemma3_text",)
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 NULL_BLOCK = 0  # a zeroed block that padded attention reads point at
@@ -77,6 +82,10 @@ def fast_refusal(config: Any, max_model_len: int | None = None) -> str | None:
     if model_type not in SUPPORTED_MODEL_TYPES:
         return (f"model type {model_type!r} has no fast path (fast: "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)})")
+    if model_type in GEMMA_MODEL_TYPES:
+        if getattr(config, "final_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None):
+            return "logit soft-capping has no fast path"
+        return None  # its sliding layers are windowed here
     window = getattr(config, "sliding_window", None)
     if window is not None and getattr(config, "use_sliding_window", True):
         context = min(max_model_len or 1 << 62, int(getattr(config, "max_position_embeddings", 2048)))
@@ -160,15 +169,32 @@ class TorchRunner:
         )
         self._packed_head: _PackedLinear | None = None
         self._compiled: CompiledDecoder | None = None
-        # Qwen3: one [H + KV, D] weight normalises queries and keys in a single call.
+        self.gemma = config.model_type in GEMMA_MODEL_TYPES
+        # Per-layer sliding windows (Gemma 3's local layers), else None.
+        self.windows = [getattr(layer.self_attn, "sliding_window", None) if self.gemma else None
+                        for layer in self.layers]
+        self.layer_types = list(getattr(config, "layer_types", None) or []) if self.gemma else []
+        # Gemma's norms scale by (1 + weight) in float32: precomputed once per norm.
+        self._gemma_scale: dict[int, torch.Tensor] = {}
+        if self.gemma:
+            for module in model.modules():
+                if type(module).__name__.endswith("RMSNorm"):
+                    self._gemma_scale[id(module)] = 1.0 + module.weight.float()
+        # Qwen3 / Gemma 3: one [H + KV, D] weight normalises queries and keys in one call.
         self._qk_norm: list[torch.Tensor] | None = None
         self._qk_eps = 0.0
         if config.model_type in QK_NORM_MODEL_TYPES:
             attn0 = self.layers[0].self_attn
-            self._qk_eps = float(attn0.q_norm.variance_epsilon)
-            self._qk_norm = [torch.cat([layer.self_attn.q_norm.weight.expand(self.num_heads, -1),
-                                        layer.self_attn.k_norm.weight.expand(self.num_kv_heads, -1)])
-                             for layer in self.layers]
+            self._qk_eps = float(getattr(attn0.q_norm, "variance_epsilon", None) or attn0.q_norm.eps)
+            self._qk_norm = []
+            for layer in self.layers:
+                qn, kn = layer.self_attn.q_norm, layer.self_attn.k_norm
+                if self.gemma:
+                    qw, kw = self._gemma_scale[id(qn)], self._gemma_scale[id(kn)]
+                else:
+                    qw, kw = qn.weight, kn.weight
+                self._qk_norm.append(torch.cat([qw.expand(self.num_heads, -1),
+                                                kw.expand(self.num_kv_heads, -1)]))
         if compile:
             if self._qk_norm is not None:
                 raise ModelLoadError(f"--compile covers {', '.join(SUPPORTED_MODEL_TYPES[:3])}; "
@@ -294,10 +320,14 @@ class TorchRunner:
                 rows = [StepRow([0], 1, [NULL_BLOCK]) for _ in range(b)]
                 self._run_compiled(rows, scratch=True)
 
-    def _rope_tables(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope_tables(self, pos: torch.Tensor, layer_type: str | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin, ``[T, 1, head_dim]`` in the model dtype (see ``rope``)."""
         probe = torch.empty(1, dtype=self.dtype, device=self.device)
-        cos, sin = self.rotary(probe, pos.unsqueeze(0))
+        if layer_type is None:
+            cos, sin = self.rotary(probe, pos.unsqueeze(0))
+        else:  # Gemma 3: local and global layers rotate with different bases
+            cos, sin = self.rotary(probe, pos.unsqueeze(0), layer_type)
         cos = cos[0].unsqueeze(1).to(self.dtype)
         sin = sin[0].unsqueeze(1).to(self.dtype)
         sin[..., : self.head_dim // 2].neg_()  # rotate_half's sign, see compiled.rope
@@ -375,20 +405,33 @@ class TorchRunner:
         slot_t = torch.tensor(slot_map, device=dev)
 
         hidden = self.embed(tok)  # [T, H]
-        cos, sin = self._rope_tables(pos_t)  # [T, 1, D]
+        if self.layer_types:
+            tables = {t: self._rope_tables(pos_t, t) for t in set(self.layer_types)}
+        else:
+            tables = {None: self._rope_tables(pos_t)}  # [T, 1, D] each
         plan = self.lora.plan([r.adapter_slot for r in ordered], lengths)
         decode_idx, decode_mask = self._decode_gather(ordered[:num_decode])
         prefill = self._prefill_gathers(ordered, num_decode)
+        self._windowed: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._decode_ctx = torch.tensor([r.start_pos + 1 for r in ordered[:num_decode]], device=dev)
 
         for li, layer in enumerate(self.layers):
+            cos, sin = tables[self.layer_types[li] if self.layer_types else None]
             residual = hidden
             h = self._norm(layer.input_layernorm, hidden)
             attn_out = self._attention(li, layer.self_attn, h, cos, sin, slot_t, plan,
                                        num_decode, decode_idx, decode_mask, prefill)
+            if self.gemma:
+                attn_out = self._norm(layer.post_attention_layernorm, attn_out)
             hidden = attn_out.add_(residual)
             residual = hidden
-            h = self._norm(layer.post_attention_layernorm, hidden)
-            hidden = self._mlp(li, layer.mlp, h, plan).add_(residual)
+            if self.gemma:
+                h = self._norm(layer.pre_feedforward_layernorm, hidden)
+                out = self._norm(layer.post_feedforward_layernorm, self._mlp(li, layer.mlp, h, plan))
+                hidden = out.add_(residual)
+            else:
+                h = self._norm(layer.post_attention_layernorm, hidden)
+                hidden = self._mlp(li, layer.mlp, h, plan).add_(residual)
 
         want = []
         offset = 0
@@ -411,9 +454,12 @@ class TorchRunner:
         back = [rank_in_want[i] for i in range(len(rows)) if rows[i].need_logits]
         return logits[torch.tensor(back, device=dev)].cpu()
 
-    @staticmethod
-    def _norm(module: Any, x: torch.Tensor) -> torch.Tensor:
-        """The model's RMSNorm through :func:`rms_norm`; other norms run their module."""
+    def _norm(self, module: Any, x: torch.Tensor) -> torch.Tensor:
+        """The model's RMSNorm through :func:`rms_norm` (Gemma's (1 + w) form in float32, as
+        its module computes it); other norms run their module."""
+        scale = self._gemma_scale.get(id(module))
+        if scale is not None:
+            return (F.rms_norm(x.float(), (x.shape[-1],), None, module.eps) * scale).to(x.dtype)
         eps = getattr(module, "variance_epsilon", None)
         if eps is None:
             return module(x)
@@ -477,6 +523,28 @@ class TorchRunner:
             offset += n
         return out
 
+    def _window(self, li: int, kind: Any, mask: torch.Tensor) -> torch.Tensor:
+        """``mask`` limited to layer ``li``'s sliding window (unchanged for global layers).
+
+        Decode masks are ``[B, L]`` over positions 0..L-1 of rows whose query sits at
+        ``context - 1``; prompt-chunk masks are ``[n, ctx]`` for queries ``ctx - n .. ctx - 1``.
+        """
+        window = self.windows[li]
+        if window is None:
+            return mask
+        key = (kind, window)
+        cached = self._windowed.get(key)
+        if cached is not None:
+            return cached
+        k_pos = torch.arange(mask.shape[-1], device=mask.device).unsqueeze(0)
+        if kind == "decode":
+            q_pos = (self._decode_ctx - 1).unsqueeze(1)
+        else:
+            ctx = mask.shape[-1]
+            q_pos = torch.arange(ctx - mask.shape[0], ctx, device=mask.device).unsqueeze(1)
+        out = self._windowed[key] = mask & (k_pos > q_pos - window)
+        return out
+
     def _attention(
         self,
         li: int,
@@ -507,7 +575,10 @@ class TorchRunner:
                              self._linear(li, attn.v_proj, "self_attn.v_proj", h, plan)], dim=-1)
         # Rotary embedding on queries and keys together: one set of ops, not two.
         qk = qkv[:, : q_out + kv_out].reshape(T, self.num_heads + self.num_kv_heads, self.head_dim)
-        if self._qk_norm is not None:  # per head, in float32, scaled after rounding (as HF)
+        if self._qk_norm is not None and self.gemma:  # per head, scaled in float32 (as HF)
+            qk = (F.rms_norm(qk.float(), (self.head_dim,), None, self._qk_eps)
+                  * self._qk_norm[li]).to(qk.dtype)
+        elif self._qk_norm is not None:  # per head, in float32, scaled after rounding (as HF)
             qk = F.rms_norm(qk.float(), (self.head_dim,), None, self._qk_eps).to(qk.dtype)
             qk = qk * self._qk_norm[li]
         qk = rope(qk, cos, sin)
@@ -526,7 +597,8 @@ class TorchRunner:
             kd = kv[:, :, 0].transpose(1, 2)  # [B, kv, L, D]
             vd = kv[:, :, 1].transpose(1, 2)
             assert decode_mask is not None
-            out[:num_decode] = decode_attention(q[:num_decode], kd, vd, decode_mask[:, 0, 0, :],
+            out[:num_decode] = decode_attention(q[:num_decode], kd, vd,
+                                                self._window(li, "decode", decode_mask[:, 0, 0, :]),
                                                 self.scaling)
         for offset, n, idx, mask in prefill:
             kv = cache.index_select(0, idx)
@@ -534,7 +606,8 @@ class TorchRunner:
             vp = kv[:, 1].transpose(0, 1).unsqueeze(0)
             qp = q[offset : offset + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
             op = F.scaled_dot_product_attention(
-                qp, kp, vp, attn_mask=mask, scale=self.scaling, enable_gqa=True
+                qp, kp, vp, attn_mask=self._window(li, ("prefill", offset), mask), scale=self.scaling,
+                enable_gqa=True
             )
             out[offset : offset + n] = op[0].transpose(0, 1)
         o = out.view(T, self.num_heads * self.head_dim)

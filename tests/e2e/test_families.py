@@ -66,7 +66,7 @@ def test_family_matches_generate(family: str, tokenizer: Any, tmp_path: Path) ->
     args = [str(folder), "--dtype", "float32", "--kv-cache-mb", "16", "--max-batch-size", "8"]
     with run_server(args, {}, tmp_path / "server.log") as server:
         meta = httpx.get(f"{server.url}/v1/metadata", timeout=30).json()
-        assert meta["runner"] == ("fast" if family in ("llama", "qwen3") else "generic")
+        assert meta["runner"] == ("fast" if family in ("llama", "qwen3", "gemma3_text") else "generic")
         # Alone.
         for ids, want, prompt in zip(prompt_ids, ref, PROMPTS, strict=True):
             got = _generate(server.url, prompt)
