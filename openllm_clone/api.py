@@ -7,6 +7,8 @@ carries; bad input is a 4xx and never reaches the engine.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -17,11 +19,14 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from openllm_clone.errors import (
     AuthenticationError,
     CapacityError,
     InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
     OpenLLMCloneError,
 )
 from openllm_clone.protocol import (
@@ -38,7 +43,7 @@ from openllm_clone.protocol import (
     unix_time,
 )
 
-from .engine.sequence import RequestOutput
+from .engine.sequence import RequestOutput, SeqDelta
 from .llm import LLM
 from .structured import parse_tool_output, plan_tools
 
@@ -115,6 +120,11 @@ async def _adapter_for(llm: LLM, adapter: str | None, merged: MergedAdapters | N
     return await llm.adapters.merged(merged.ids, merged.weights)
 
 
+def _served_name(llm: LLM, asked: str, adapter: str | None) -> str:
+    """The ``model`` a response names: what the client asked for, else what served it."""
+    return asked or adapter or llm.name
+
+
 def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
     """The FastAPI app for ``/v1``; ``get_llm`` returns the process's LLM.
 
@@ -131,6 +141,21 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _error_response(_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Unknown routes and methods answer JSON in OpenAI's error shape, like every error."""
+        if exc.status_code == 404:
+            return _error_response(NotFoundError(f"no route {request.method} {request.url.path}"))
+        if exc.status_code == 405:
+            response = _error_response(MethodNotAllowedError(
+                f"{request.method} is not allowed on {request.url.path}"))
+            if exc.headers and "allow" in {k.lower() for k in exc.headers}:
+                response.headers.update(exc.headers)
+            return response
+        error = OpenLLMCloneError(str(exc.detail))
+        error.status_code = exc.status_code
+        return _error_response(error)
 
     @app.exception_handler(Exception)
     async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -207,16 +232,25 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
 
     # --- OpenAI routes -------------------------------------------------------------
 
-    @router.get("/models")
-    async def models() -> dict[str, Any]:
-        llm = get_llm()
+    def _model_cards(llm: LLM) -> list[dict[str, Any]]:
         created = unix_time()
         data = [{"id": llm.name, "object": "model", "created": created, "owned_by": "openllm-clone",
                  "root": llm.runner.info.model_id, "parent": None}]
         for info in llm.adapters.list():
             data.append({"id": info.name, "object": "model", "created": created,
                          "owned_by": "openllm-clone", "root": info.source, "parent": llm.name})
-        return {"object": "list", "data": data}
+        return data
+
+    @router.get("/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": _model_cards(get_llm())}
+
+    @router.get("/models/{model_id:path}")
+    async def model_card(model_id: str) -> dict[str, Any]:
+        for card in _model_cards(get_llm()):
+            if card["id"] == model_id:
+                return card
+        raise NotFoundError(f"model {model_id!r} does not exist", param="model")
 
     @router.post("/completions")
     async def completions(request: Request) -> Any:
@@ -224,25 +258,47 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
         body = _parse(CompletionRequest, await _json_body(request))
         adapter = await _adapter_for(llm, llm.resolve_model_name(body.model), body.merged_adapters)
         params = _sampling(body.sampling_params)
-        try:
-            prompt = body.prompt_text()
-        except ValueError as exc:
-            raise InvalidRequestError(str(exc), param="prompt") from exc
-        ids = llm.tokenize(prompt)
+        prompts = body.prompt_list()
+        ids = [llm.tokenize(p) if isinstance(p, str) else p for p in prompts]
+        texts = [p if isinstance(p, str) else llm.tokenizer.decode(p) for p in prompts]
         constraint = llm.constraint_for(body.response_format)
         rid = new_request_id("cmpl")
-        base = {"id": rid, "object": "text_completion", "created": unix_time(), "model": body.model}
+        base = {"id": rid, "object": "text_completion", "created": unix_time(),
+                "model": _served_name(llm, body.model, adapter)}
+        n = params.n
         if body.stream:
-            stream = await _open_stream(llm, ids, params, adapter, rid, constraint)
+            streams = []
+            try:
+                for i, x in enumerate(ids):
+                    streams.append(await _open_stream(llm, x, params, adapter,
+                                                      rid if len(ids) == 1 else f"{rid}-{i}", constraint))
+            except BaseException:
+                for opened in streams:
+                    await opened.aclose()  # type: ignore[attr-defined]
+                raise
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _openai_stream(stream, base, include_usage, lambda d: {
-                "index": d.index, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason})
-        result = await llm.complete(ids, params, adapter=adapter, request_id=rid,
-                                                     constraint=constraint)
-        return {**base, "choices": [
-            {"index": i, "text": (prompt + t) if body.echo else t, "logprobs": None,
-             "finish_reason": result.finish_reasons[i]} for i, t in enumerate(result.texts)],
-            "usage": _usage(result.prompt_tokens, result.completion_tokens)}
+            echoed: set[int] = set()
+
+            def choice(d: Any) -> dict[str, Any]:
+                text = d.text
+                if body.echo and d.index not in echoed:
+                    echoed.add(d.index)
+                    text = texts[d.index // n] + text
+                return {"index": d.index, "text": text, "logprobs": None, "finish_reason": d.finish_reason}
+
+            merged = streams[0] if len(streams) == 1 else _merge_streams(streams, n)
+            return _openai_stream(merged, base, include_usage, choice)
+        results = await asyncio.gather(*(
+            llm.complete(x, params, adapter=adapter, request_id=rid if len(ids) == 1 else f"{rid}-{i}",
+                         constraint=constraint) for i, x in enumerate(ids)))
+        choices = []
+        for p, result in enumerate(results):
+            for i, t in enumerate(result.texts):
+                choices.append({"index": p * n + i, "text": (texts[p] + t) if body.echo else t,
+                                "logprobs": None, "finish_reason": result.finish_reasons[i]})
+        return {**base, "choices": choices,
+                "usage": _usage(sum(r.prompt_tokens for r in results),
+                                sum(r.completion_tokens for r in results))}
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request) -> Any:
@@ -261,7 +317,8 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
         default_max = max(1, llm.runner.info.max_model_len - len(ids))
         params = _sampling(lambda: body.sampling_params(min(default_max, 4096)))
         rid = new_request_id("chatcmpl")
-        base = {"id": rid, "object": "chat.completion", "created": unix_time(), "model": body.model}
+        base = {"id": rid, "object": "chat.completion", "created": unix_time(),
+                "model": _served_name(llm, body.model, adapter)}
         if body.stream and tool_plan is not None:
             result = await llm.complete(ids, params, adapter=adapter, request_id=rid,
                                                          constraint=constraint)
@@ -408,6 +465,44 @@ def _tool_stream(base: dict[str, Any], result: Any, include_usage: bool) -> Stre
 def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
+
+
+async def _merge_streams(streams: list[AsyncIterator[RequestOutput]], n: int
+                         ) -> AsyncIterator[RequestOutput]:
+    """Several prompts' streams as one: choice ``i`` of prompt ``p`` becomes index ``p * n + i``;
+    usage is the sum over the prompts. An error in one ends all of them."""
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(p: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                await queue.put((p, out))
+        except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
+            await queue.put((p, exc))
+            return
+        await queue.put((p, None))
+
+    tasks = [asyncio.create_task(pump(p, s)) for p, s in enumerate(streams)]
+    usage = [(0, 0)] * len(streams)
+    live = len(streams)
+    try:
+        while live:
+            p, item = await queue.get()
+            if item is None:
+                live -= 1
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            usage[p] = (item.prompt_tokens, item.completion_tokens)
+            deltas = [SeqDelta(p * n + d.index, d.text, d.token_ids, d.finish_reason) for d in item.deltas]
+            yield RequestOutput(item.request_id, deltas, sum(u[0] for u in usage),
+                                sum(u[1] for u in usage), finished=live == 1 and item.finished)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            with contextlib.suppress(Exception):
+                await stream.aclose()  # type: ignore[attr-defined]
 
 
 def _openai_stream(

@@ -6,6 +6,8 @@ typed ones also inherit the builtin that callers already catch::
     OpenLLMCloneError                      500
       InvalidRequestError (ValueError)     400
       AuthenticationError                  401
+      NotFoundError (LookupError)          404  (an unknown route or model)
+      MethodNotAllowedError                405
       AdapterError                         500
         AdapterNotFoundError (LookupError) 404
         AdapterIncompatibleError (ValueError) 422
@@ -32,8 +34,10 @@ __all__ = [
     "AuthenticationError",
     "CapacityError",
     "InvalidRequestError",
+    "MethodNotAllowedError",
     "MissingDependencyError",
     "ModelLoadError",
+    "NotFoundError",
     "OpenLLMCloneError",
     "RequestTimeoutError",
     "UnavailableError",
@@ -75,6 +79,20 @@ class AuthenticationError(OpenLLMCloneError):
 
     status_code = 401
     error_type = "authentication_error"
+
+
+class NotFoundError(OpenLLMCloneError, LookupError):
+    """An unknown route or model."""
+
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class MethodNotAllowedError(OpenLLMCloneError):
+    """A known route asked with a method it does not answer."""
+
+    status_code = 405
+    error_type = "method_not_allowed"
 
 
 class AdapterError(OpenLLMCloneError):

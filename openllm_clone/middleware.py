@@ -1,4 +1,4 @@
-"""ASGI middleware for the whole server: API keys and request body limits.
+"""ASGI middleware for the whole server: API keys, request body limits, JSON 404s.
 
 It wraps BentoML's app, so it covers every route: the /v1 API, /metrics, the docs
 and schema. Only the probes (/livez, /readyz, /healthz) stay open, because
@@ -92,10 +92,33 @@ class GuardMiddleware:
             return message
 
         try:
-            await self.app(scope, bounded_receive, send)
+            await self.app(scope, bounded_receive, _json_not_found(scope, send))
         except _TooLarge as exc:
             await _reply(send, 413, "request_too_large",
                          f"request body exceeds the limit of {exc.limit} bytes")
+
+
+def _json_not_found(scope: Scope, send: Send) -> Send:
+    """``send`` that turns a plain-text 404 (a route nobody serves) into a JSON error body in
+    OpenAI's shape, like every other error of the server."""
+    replacing = False
+
+    async def wrapped(message: dict[str, Any]) -> None:
+        nonlocal replacing
+        if message["type"] == "http.response.start" and message.get("status") == 404:
+            kind = dict(message.get("headers") or []).get(b"content-type", b"")
+            if kind.startswith(b"text/plain"):
+                replacing = True
+                from openllm_clone.errors import NotFoundError
+
+                await _reply(send, 404, NotFoundError.error_type,
+                             f"no route {scope.get('method', '')} {scope.get('path', '')}")
+                return
+        if replacing and message["type"] == "http.response.body":
+            return  # the plain "Not Found" text
+        await send(message)
+
+    return wrapped
 
 
 class _TooLarge(Exception):

@@ -30,6 +30,7 @@ __all__ = [
 ]
 
 MAX_N = 16
+MAX_PROMPTS = 64  # prompts in one completions request (each with n choices)
 MAX_STOP = 16
 MAX_STOP_LEN = 256
 
@@ -67,6 +68,27 @@ class SamplingParams(BaseModel):
     ignore_eos: bool = Field(
         default=False, description="Keep generating past end-of-sequence (benchmarks)."
     )
+    frequency_penalty: float = Field(
+        default=0.0, ge=-2.0, le=2.0,
+        description="OpenAI's: subtracted from a token's logit once per time it was generated.")
+    presence_penalty: float = Field(
+        default=0.0, ge=-2.0, le=2.0,
+        description="OpenAI's: subtracted once from the logit of every token generated so far.")
+    logit_bias: dict[int, float] | None = Field(
+        default=None, max_length=1024,
+        description="Token id -> bias in [-100, 100] added to its logit before sampling.")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, value: dict[int, float] | None) -> dict[int, float] | None:
+        if not value:
+            return None
+        for token, bias in value.items():
+            if token < 0:
+                raise ValueError(f"logit_bias token ids must be >= 0, got {token}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must lie in [-100, 100], got {bias}")
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -226,9 +248,18 @@ class _OpenAISampling(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] | None = None
     user: str | None = None
     ignore_eos: bool = False
     merged_adapters: MergedAdapters | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """OpenAI reads an explicit ``null`` as "not given": drop it, so the default applies."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
     def _sampling(self, max_tokens: int | None) -> SamplingParams:
         return SamplingParams(
@@ -241,13 +272,18 @@ class _OpenAISampling(BaseModel):
             seed=self.seed,
             n=self.n,
             ignore_eos=self.ignore_eos,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            logit_bias=self.logit_bias,
         )
 
 
 class CompletionRequest(_OpenAISampling):
     """Body of ``POST /v1/completions``."""
 
-    prompt: str | list[str] = Field(description="One prompt (a list of one is accepted).")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A prompt, a list of prompts, a list of token ids, or a list of token-id lists; "
+        "each prompt gets n choices, indexed prompt * n + i as OpenAI does.")
     max_tokens: int | None = Field(default=16, ge=1)
     echo: bool = False
     response_format: dict[str, Any] | None = Field(
@@ -256,17 +292,26 @@ class CompletionRequest(_OpenAISampling):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and len(value) != 1:
-            raise ValueError("exactly one prompt per request is supported")
+    def _some_prompt(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("prompt must not be an empty list")
+            if len(value) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
+            if any(isinstance(v, list) and not v for v in value):
+                raise ValueError("a token-id prompt must not be empty")
+        elif not value:
+            raise ValueError("prompt must not be empty")
         return value
 
-    def prompt_text(self) -> str:
-        """The single prompt."""
-        text = self.prompt[0] if isinstance(self.prompt, list) else self.prompt
-        if not text:
-            raise ValueError("prompt must not be empty")
-        return text
+    def prompt_list(self) -> list[str | list[int]]:
+        """Each prompt, as text or as token ids."""
+        value = self.prompt
+        if isinstance(value, str):
+            return [value]
+        if all(isinstance(v, int) for v in value):
+            return [list(value)]  # type: ignore[arg-type]
+        return list(value)  # type: ignore[arg-type]
 
     def sampling_params(self) -> SamplingParams:
         """Validated sampling parameters."""

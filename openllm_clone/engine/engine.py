@@ -134,6 +134,12 @@ class Engine:
         """Raise InvalidRequestError if the prompt and output cannot fit the context."""
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty after tokenization", param="prompt")
+        vocab = self.runner.info.vocab_size
+        if max(prompt_ids) >= vocab or min(prompt_ids) < 0:
+            raise InvalidRequestError(f"prompt token ids must lie in 0..{vocab - 1}", param="prompt")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise InvalidRequestError(f"logit_bias token id {max(params.logit_bias)} is outside the "
+                                      f"vocabulary (0..{vocab - 1})", param="logit_bias")
         total = len(prompt_ids) + params.max_new_tokens
         if total > self.max_model_len:
             raise InvalidRequestError(
@@ -501,6 +507,7 @@ class Engine:
             [s.params for s in expanded],
             [s.generator for s in expanded],
             [s.tokens if s.params.repetition_penalty != 1.0 else [] for s in expanded],
+            [s.output_ids for s in expanded],
         )
         now = time.perf_counter()
         per_group: dict[str, list[SeqDelta]] = {}

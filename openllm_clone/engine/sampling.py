@@ -8,7 +8,7 @@ import torch
 
 from openllm_clone.protocol import SamplingParams
 
-__all__ = ["apply_repetition_penalty", "sample_rows"]
+__all__ = ["apply_logit_bias", "apply_openai_penalties", "apply_repetition_penalty", "sample_rows"]
 
 # Below this, dividing by the temperature overflows for ordinary logits: decode greedily,
 # which is the limit of sampling as the temperature goes to zero.
@@ -23,6 +23,26 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: flo
     score = logits.index_select(0, idx)
     score = torch.where(score < 0, score * penalty, score / penalty)
     logits.index_copy_(0, idx, score)
+
+
+def apply_openai_penalties(logits: torch.Tensor, output_ids: list[int], frequency: float,
+                           presence: float) -> None:
+    """OpenAI's frequency and presence penalties, in place, over the generated tokens:
+    ``logit[t] -= frequency * count[t] + presence * (count[t] > 0)``."""
+    if (frequency == 0.0 and presence == 0.0) or not output_ids:
+        return
+    ids, counts = torch.unique(torch.tensor(output_ids, dtype=torch.long), return_counts=True)
+    keep = ids < logits.shape[-1]
+    ids, counts = ids[keep], counts[keep].to(logits.dtype)
+    logits.index_add_(0, ids, -(frequency * counts + presence))
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float] | None) -> None:
+    """OpenAI's ``logit_bias``, in place: each listed token's bias added to its logit."""
+    if not bias:
+        return
+    ids = torch.tensor(list(bias), dtype=torch.long)
+    logits.index_add_(0, ids, torch.tensor(list(bias.values()), dtype=logits.dtype))
 
 
 def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -45,10 +65,18 @@ def sample_rows(
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
     seen_tokens: Sequence[list[int]],
+    output_tokens: Sequence[list[int]] | None = None,
 ) -> list[int]:
-    """Pick one token per row of ``logits`` (fp32, ``[rows, vocab]``)."""
+    """Pick one token per row of ``logits`` (fp32, ``[rows, vocab]``).
+
+    ``seen_tokens`` (prompt and output) feed the repetition penalty, ``output_tokens``
+    OpenAI's frequency and presence penalties; ``logit_bias`` is added after them.
+    """
     for i, p in enumerate(params):
         apply_repetition_penalty(logits[i], seen_tokens[i], p.repetition_penalty)
+        if output_tokens is not None:
+            apply_openai_penalties(logits[i], output_tokens[i], p.frequency_penalty, p.presence_penalty)
+        apply_logit_bias(logits[i], p.logit_bias)
     # Extreme penalties can overflow: keep every logit finite or -inf.
     logits.nan_to_num_(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max / 4)
     greedy = logits.argmax(dim=-1).tolist()

@@ -53,12 +53,15 @@ def _merged_greedy(base: Path, adapter: Path | None, prompts: list[list[int]]) -
     return out
 
 
-@pytest.mark.parametrize(("family", "per_token_from"), [
-    ("gpt2", 8), ("phi3", 8), ("gpt_neox", 8), ("gemma3_text", 8), ("qwen3", 8),
+@pytest.mark.parametrize(("family", "runner", "per_token_from"), [
+    ("gpt2", "generic", 8), ("phi3", "generic", 8), ("gpt_neox", "generic", 8),
+    ("gemma3_text", "generic", 8), ("qwen3", "generic", 8),
+    # Qwen3 and Gemma 3 also have a fast path: the same adapters on it.
+    ("gemma3_text", "fast", 8), ("qwen3", "fast", 8),
     # Decode steps through the per-token LoRA path too (normally from 8 distinct adapters).
-    ("gpt2", 1), ("gemma3_text", 1),
+    ("gpt2", "generic", 1), ("gemma3_text", "generic", 1), ("gemma3_text", "fast", 1),
 ])
-async def test_mixed_adapters_equal_merged(family: str, per_token_from: int, tokenizer: Any,
+async def test_mixed_adapters_equal_merged(family: str, runner: str, per_token_from: int, tokenizer: Any,
                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from openllm_clone.runners import lora as lora_mod
 
@@ -67,9 +70,9 @@ async def test_mixed_adapters_equal_merged(family: str, per_token_from: int, tok
     adapters = {"one": _adapter(base, tmp_path / "one", seed=1, rank=8),
                 "two": _adapter(base, tmp_path / "two", seed=2, rank=4)}
     llm = LLM.from_settings(Settings(model=str(base), dtype="float32", kv_cache_mb=16,
-                                     max_adapters=2))
+                                     max_adapters=2, runner=runner))  # type: ignore[arg-type]
     try:
-        assert llm.runner.tier == "generic"
+        assert llm.runner.tier == runner
         prompts = [llm.tokenize(p) for p in PROMPTS]
         want = {None: _merged_greedy(base, None, prompts)}
         for name, path in adapters.items():

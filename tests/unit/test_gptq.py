@@ -62,8 +62,9 @@ def gptq_tag(fp_model: Path) -> str:
     return _quantize(fp_model, 4)
 
 
-def _llm(model: str, dtype: str = "float32") -> LLM:
-    return LLM.from_settings(Settings(model=model, dtype=dtype, device="cpu", kv_cache_mb=64))  # type: ignore[arg-type]
+def _llm(model: str, dtype: str = "float32", runner: str = "auto") -> LLM:
+    return LLM.from_settings(Settings(model=model, dtype=dtype, device="cpu", kv_cache_mb=64,  # type: ignore[arg-type]
+                                      runner=runner))  # type: ignore[arg-type]
 
 
 def _last_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
@@ -143,7 +144,7 @@ def test_quantize_refuses_bad_arguments_clearly(fp_model: Path, tmp_path: Path) 
 
 
 def test_gptq_on_a_generic_family_serves_adapters(tokenizer: Any, tmp_path: Path) -> None:
-    """GPTQ 8-bit of a Qwen3 model (the generic runner): close, smaller, adapter on top."""
+    """GPTQ 8-bit of a Qwen3 model on the generic runner: close, smaller, adapter on top."""
     from tests.families import make_family_model
     from tests.unit.test_generic_adapters import _adapter
 
@@ -155,12 +156,12 @@ def test_gptq_on_a_generic_family_serves_adapters(tokenizer: Any, tmp_path: Path
     tag = result.stdout.strip().splitlines()[-1]
     adapter = _adapter(fp, tmp_path / "qwen3-adapter", seed=3, rank=8)
     prompts = [tokenizer(f"Sentence number {i} about topic {i * 7}.")["input_ids"] for i in range(8)]
-    ref = _llm(str(fp))
+    ref = _llm(str(fp), runner="generic")
     try:
         ref_logits, ref_bytes = _last_logits(ref, prompts), ref.runner.info.weight_bytes
     finally:
         ref.shutdown()
-    llm = _llm(tag)
+    llm = _llm(tag, runner="generic")
     try:
         assert llm.runner.tier == "generic" and llm.runner.info.quantization == "gptq"
         assert llm.runner.info.weight_bytes < ref_bytes
