@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["ModelInfo", "ModelRunner", "StepRow"]
+__all__ = ["ModelInfo", "ModelRunner", "PackedRows", "StepRow", "pack_rows"]
 
 
 @dataclass
@@ -27,6 +27,51 @@ class StepRow:
     block_table: list[int]
     adapter_slot: int = 0
     need_logits: bool = True
+
+
+@dataclass
+class PackedRows:
+    """A step's rows as one packed sequence, single-token (decode) rows first.
+
+    ``ids``, ``positions`` and ``slots`` (each token's KV cache slot) run over every
+    token of every row in that order; ``wanted`` are the packed indices of the last
+    tokens of rows that need logits, and ``back`` puts those logits back into the
+    caller's row order.
+    """
+
+    rows: list[StepRow]
+    num_decode: int
+    ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    lengths: list[int]
+    wanted: list[int]
+    back: list[int]
+
+
+def pack_rows(rows: list[StepRow], block_size: int) -> PackedRows:
+    """Order and flatten ``rows`` for one forward (see :class:`PackedRows`)."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].token_ids) > 1)
+    ordered = [rows[i] for i in order]
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    lengths: list[int] = []
+    wanted: list[int] = []
+    rank: dict[int, int] = {}
+    for i, row in zip(order, ordered, strict=True):
+        n = len(row.token_ids)
+        ids.extend(row.token_ids)
+        lengths.append(n)
+        for pos in range(row.start_pos, row.start_pos + n):
+            positions.append(pos)
+            slots.append(row.block_table[pos // block_size] * block_size + pos % block_size)
+        if row.need_logits:
+            rank[i] = len(wanted)
+            wanted.append(len(ids) - 1)
+    back = [rank[i] for i in range(len(rows)) if rows[i].need_logits]
+    num_decode = sum(1 for r in ordered if len(r.token_ids) == 1)
+    return PackedRows(ordered, num_decode, ids, positions, slots, lengths, wanted, back)
 
 
 @dataclass

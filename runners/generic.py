@@ -47,7 +47,7 @@ import torch
 from openllm_clone.errors import ModelLoadError
 
 from .attention import attend, decode_attention, window_mask
-from .base import ModelInfo, StepRow
+from .base import ModelInfo, StepRow, pack_rows
 from .lora import LoraBank, LoraPlan
 
 __all__ = ["ATTENTION_NAME", "GenericRunner", "linear_dims"]
@@ -414,24 +414,9 @@ class GenericRunner:
             return self._forward_rows(rows)
 
     def _forward_rows(self, rows: list[StepRow]) -> torch.Tensor:
-        # Single-token rows first: they share one batched attention call.
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i].token_ids) > 1)
-        ordered = [rows[i] for i in order]
-        num_decode = sum(1 for r in ordered if len(r.token_ids) == 1)
-        bs = self.block_size
-        dev = self.device
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        lengths: list[int] = []
-        for row in ordered:
-            n = len(row.token_ids)
-            ids.extend(row.token_ids)
-            lengths.append(n)
-            for pos in range(row.start_pos, row.start_pos + n):
-                positions.append(pos)
-                slots.append(row.block_table[pos // bs] * bs + pos % bs)
-        state = _StepState(slots=torch.tensor(slots, device=dev), num_decode=num_decode,
+        packed = pack_rows(rows, self.block_size)
+        ordered, num_decode, dev = packed.rows, packed.num_decode, self.device
+        state = _StepState(slots=torch.tensor(packed.slots, device=dev), num_decode=num_decode,
                            decode_idx=None, decode_ctx=None, prefill=[])
         if num_decode:
             ctx = [r.start_pos + 1 for r in ordered[:num_decode]]
@@ -440,39 +425,26 @@ class GenericRunner:
         offset = num_decode
         for row in ordered[num_decode:]:
             n = len(row.token_ids)
-            ctx_len = row.start_pos + n
-            state.prefill.append((offset, n, row.start_pos, self._slot_table([row], [ctx_len])[0]))
+            state.prefill.append((offset, n, row.start_pos,
+                                  self._slot_table([row], [row.start_pos + n])[0]))
             offset += n
-        want: list[int] = []
-        end = 0
-        for row in ordered:
-            end += len(row.token_ids)
-            if row.need_logits:
-                want.append(end - 1)
-        self._plan = self.lora.plan([r.adapter_slot for r in ordered], lengths)
+        self._plan = self.lora.plan([r.adapter_slot for r in ordered], packed.lengths)
         self._state = state
         try:
             kwargs: dict[str, Any] = {"use_cache": False}
-            keep = torch.tensor(want or [0], device=dev)
+            keep = torch.tensor(packed.wanted or [0], device=dev)
             if self._keep_takes_tensor:
                 kwargs["logits_to_keep"] = keep
-            out = self.model(input_ids=torch.tensor([ids], device=dev),
-                             position_ids=torch.tensor([positions], device=dev), **kwargs)
+            out = self.model(input_ids=torch.tensor([packed.ids], device=dev),
+                             position_ids=torch.tensor([packed.positions], device=dev), **kwargs)
         finally:
             self._plan = None
+        if not packed.wanted:
+            return torch.empty(0, self.info.vocab_size)
         logits = out.logits[0]
         if not self._keep_takes_tensor:
             logits = logits[keep]
-        if not want:
-            return torch.empty(0, self.info.vocab_size)
-        rank = {}
-        k = 0
-        for j, i in enumerate(order):
-            if ordered[j].need_logits:
-                rank[i] = k
-                k += 1
-        back = [rank[i] for i in range(len(rows)) if rows[i].need_logits]
-        return logits[torch.tensor(back, device=dev)].float().cpu()
+        return logits[torch.tensor(packed.back, device=dev)].float().cpu()
 
     def _slot_table(self, rows: list[StepRow], context: list[int]) -> torch.Tensor:
         """Cache slots ``[len(rows), max(context)]``, padded with the null block's first slot."""

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from openllm_clone.errors import ModelLoadError
 
 from .attention import decode_attention
-from .base import ModelInfo, StepRow
+from .base import ModelInfo, StepRow, pack_rows
 from .compiled import CompiledDecoder, DecodeGraph, check_compilable, rms_norm, rope
 from .lora import LoraBank, LoraPlan
 
@@ -383,23 +383,9 @@ class TorchRunner:
 
     def _eager_step(self, rows: list[StepRow]) -> torch.Tensor:
         # Single-token rows first: they share one batched attention call.
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i].token_ids) > 1)
-        ordered = [rows[i] for i in order]
-        num_decode = sum(1 for r in ordered if len(r.token_ids) == 1)
-        bs = self.block_size
-        dev = self.device
-
-        ids: list[int] = []
-        positions: list[int] = []
-        slot_map: list[int] = []
-        lengths: list[int] = []
-        for row in ordered:
-            n = len(row.token_ids)
-            ids.extend(row.token_ids)
-            lengths.append(n)
-            for pos in range(row.start_pos, row.start_pos + n):
-                positions.append(pos)
-                slot_map.append(row.block_table[pos // bs] * bs + pos % bs)
+        packed = pack_rows(rows, self.block_size)
+        ordered, num_decode, dev = packed.rows, packed.num_decode, self.device
+        ids, positions, slot_map, lengths = packed.ids, packed.positions, packed.slots, packed.lengths
         tok = torch.tensor(ids, device=dev)
         pos_t = torch.tensor(positions, device=dev)
         slot_t = torch.tensor(slot_map, device=dev)
@@ -433,26 +419,12 @@ class TorchRunner:
                 h = self._norm(layer.post_attention_layernorm, hidden)
                 hidden = self._mlp(li, layer.mlp, h, plan).add_(residual)
 
-        want = []
-        offset = 0
-        for row in ordered:
-            offset += len(row.token_ids)
-            if row.need_logits:
-                want.append(offset - 1)
-        if not want:
+        if not packed.wanted:
             return torch.empty(0, self.info.vocab_size)
-        last = self._norm(self.norm, hidden[torch.tensor(want, device=dev)])
+        last = self._norm(self.norm, hidden[torch.tensor(packed.wanted, device=dev)])
         head = self._packed_head if self._fused is not None else self.lm_head
         logits = head(last).float()
-        # Back to the caller's row order.
-        rank_in_want = {}
-        k = 0
-        for j, i in enumerate(order):
-            if ordered[j].need_logits:
-                rank_in_want[i] = k
-                k += 1
-        back = [rank_in_want[i] for i in range(len(rows)) if rows[i].need_logits]
-        return logits[torch.tensor(back, device=dev)].cpu()
+        return logits[torch.tensor(packed.back, device=dev)].cpu()  # the caller's row order
 
     def _norm(self, module: Any, x: torch.Tensor) -> torch.Tensor:
         """The model's RMSNorm through :func:`rms_norm` (Gemma's (1 + w) form in float32, as

@@ -69,12 +69,18 @@ def make_family_model(family: str, path: Path, tokenizer: Any, *, seed: int = 0,
     return path
 
 
-def reference_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """transformers ``generate(do_sample=False)`` in fp32, one prompt at a time, EOS ignored."""
+def reference_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int, *,
+                     adapter: Path | None = None) -> list[list[int]]:
+    """transformers ``generate(do_sample=False)`` in fp32, one prompt at a time, EOS ignored;
+    with ``adapter``, on peft's ``merge_and_unload`` of it."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
     out = []
     with torch.inference_mode():
         for ids in prompts:

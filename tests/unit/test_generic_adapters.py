@@ -16,7 +16,7 @@ from openllm_clone.errors import AdapterIncompatibleError
 from openllm_clone.llm import LLM
 from openllm_clone.protocol import SamplingParams
 from openllm_clone.settings import Settings
-from tests.families import make_family_model
+from tests.families import make_family_model, reference_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -34,22 +34,6 @@ def _adapter(base: Path, out: Path, seed: int, rank: int) -> Path:
                         init_lora_weights=False, task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
     peft_model.save_pretrained(str(out))
-    return out
-
-
-def _merged_greedy(base: Path, adapter: Path | None, prompts: list[list[int]]) -> list[list[int]]:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    out = []
-    for ids in prompts:
-        gen = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                             eos_token_id=None, pad_token_id=0,
-                             attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-        out.append(gen[0, len(ids):].tolist())
     return out
 
 
@@ -74,10 +58,10 @@ async def test_mixed_adapters_equal_merged(family: str, runner: str, per_token_f
     try:
         assert llm.runner.tier == runner
         prompts = [llm.tokenize(p) for p in PROMPTS]
-        want = {None: _merged_greedy(base, None, prompts)}
+        want = {None: reference_greedy(base, prompts, NEW_TOKENS)}
         for name, path in adapters.items():
             await llm.adapters.load(name, str(path))
-            want[name] = _merged_greedy(base, path, prompts)
+            want[name] = reference_greedy(base, prompts, NEW_TOKENS, adapter=path)
         assert want["one"] != want[None] and want["two"] != want[None], "adapters change nothing"
         params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
         cases = [(a, i) for i in range(len(prompts)) for a in (None, "one", "two")]
