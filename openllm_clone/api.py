@@ -260,7 +260,9 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
         params = _sampling(body.sampling_params)
         prompts = body.prompt_list()
         ids = [llm.tokenize(p) if isinstance(p, str) else p for p in prompts]
-        texts = [p if isinstance(p, str) else llm.tokenizer.decode(p) for p in prompts]
+        for x in ids:  # out-of-vocabulary ids are a 400 before anything decodes them
+            llm.engine.check_prompt(x, params)
+        texts = [p if isinstance(p, str) else llm.tokenizer.decode(p) for p in prompts] if body.echo else []
         constraint = llm.constraint_for(body.response_format)
         rid = new_request_id("cmpl")
         base = {"id": rid, "object": "text_completion", "created": unix_time(),

@@ -84,8 +84,8 @@ class SamplingParams(BaseModel):
         if not value:
             return None
         for token, bias in value.items():
-            if token < 0:
-                raise ValueError(f"logit_bias token ids must be >= 0, got {token}")
+            if not 0 <= token < 2**31:
+                raise ValueError(f"logit_bias token ids must lie in 0..2**31-1, got {token}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values must lie in [-100, 100], got {bias}")
         return value
@@ -300,6 +300,9 @@ class CompletionRequest(_OpenAISampling):
                 raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
             if any(isinstance(v, list) and not v for v in value):
                 raise ValueError("a token-id prompt must not be empty")
+            flat = [t for v in value for t in (v if isinstance(v, list) else [v]) if isinstance(t, int)]
+            if any(not 0 <= t < 2**31 for t in flat):
+                raise ValueError("token ids must lie in 0..2**31-1")
         elif not value:
             raise ValueError("prompt must not be empty")
         return value

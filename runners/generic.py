@@ -218,15 +218,16 @@ class GenericRunner:
 
         weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         num_parameters = sum(p.numel() for p in model.parameters())
-        self.packed_linears = self._pack_linears()
+        head = model.get_output_embeddings()
+        vocab_size = int(head.weight.shape[0] if head is not None else config.vocab_size)
+        self.packed_linears = self._pack_linears()  # after reading shapes: it frees weights
         self.info = ModelInfo(
             model_id=model_id,
             architecture=(getattr(config, "architectures", None) or [type(model).__name__])[0],
             dtype=str(self.dtype).replace("torch.", ""),
             device=str(self.device),
             max_model_len=self.max_model_len,
-            vocab_size=int(model.get_output_embeddings().weight.shape[0]
-                           if model.get_output_embeddings() is not None else config.vocab_size),
+            vocab_size=vocab_size,
             num_parameters=num_parameters,
             weight_bytes=weight_bytes,
             quantization=quantization,

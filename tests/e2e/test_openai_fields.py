@@ -163,3 +163,14 @@ def test_many_prompts_and_token_prompts_one_choice_each(tiny_server: Server) -> 
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
     empty = httpx.post(f"{tiny_server.url}/v1/completions", timeout=60, json={"model": "tiny-llama", "prompt": []})
     assert empty.status_code == 400
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": [[1, 2 ** 70]]},                          # once an OverflowError (500) in decode
+    {"prompt": [-1, 5]},
+    {"prompt": "hi", "echo": True, "logit_bias": {str(2 ** 70): 1}},
+])
+def test_huge_or_negative_token_ids_are_400(tiny_server: Server, body: dict[str, Any]) -> None:
+    r = httpx.post(f"{tiny_server.url}/v1/completions", timeout=60, json={"model": "tiny-llama", **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error"
