@@ -1,0 +1,38 @@
+"""Families beyond the server matrix of tests/e2e/test_families.py, in-process: the engine's
+fp32 greedy tokens on the generic runner equal transformers' ``generate``, alone and
+batched (Cohere, StableLM, OLMoE, gpt-oss with attention sinks and sliding layers,
+EXAONE 4, Granite MoE)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from openllm_clone.llm import LLM
+from openllm_clone.protocol import SamplingParams
+from openllm_clone.settings import Settings
+from tests.families import MORE_FAMILIES, make_family_model, reference_greedy
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["The quick brown fox jumps over the lazy dog and", "Once upon a time, in a land far away",
+           "Paris is the capital of"]
+
+
+@pytest.mark.parametrize("family", sorted(MORE_FAMILIES))
+async def test_more_families_match_generate(family: str, tokenizer: Any, tmp_path: Path) -> None:
+    folder = make_family_model(family, tmp_path / family, tokenizer)
+    llm = LLM.from_settings(Settings(model=str(folder), dtype="float32", kv_cache_mb=16))
+    try:
+        assert llm.runner.tier == "generic"
+        ids = [llm.tokenize(p) for p in PROMPTS]
+        want = reference_greedy(folder, ids, 16)
+        params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+        alone = [(await llm.complete(x, params)).token_ids[0] for x in ids]
+        batched = [c.token_ids[0] for c in await asyncio.gather(*(llm.complete(x, params) for x in ids))]
+        assert alone == want and batched == want
+    finally:
+        llm.shutdown()
