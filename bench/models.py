@@ -3,8 +3,8 @@
 For SmolLM2-135M (Llama family) and Gemma-3-270M (``gemma3_text``, when its wheels are
 installed), in bf16, in one process: transformers ``generate`` at batch 1 and as a
 padded batch of 16 (the baseline), then the engine on each runner tier that can serve
-the model (``fast``: the hand-written decoder step; ``generic``: the model's own
-modeling code with paged attention) at batch 1, 16 concurrent requests, and 16
+the model (``fast``: the hand-written decoder step, eager and with ``--compile``;
+``generic``: the model's own modeling code with paged attention) at batch 1, 16 concurrent requests, and 16
 concurrent requests over 8 rank-8 adapters. Prints one table with the ratios to
 ``generate`` measured in the same run.
 
@@ -74,14 +74,14 @@ def make_adapters(path: Path, root: Path, count: int) -> list[Path]:
 
 
 async def engine_rates(model: str, runner: str, dtype: str, prompts: list[list[int]], new_tokens: int,
-                       adapters: list[Path]) -> tuple[float, float, float]:
+                       adapters: list[Path], compile: bool = False) -> tuple[float, float, float]:
     """(batch 1, 16 concurrent, 16 concurrent over the adapters) tok/s on one runner tier."""
     from openllm_clone.llm import LLM
     from openllm_clone.protocol import SamplingParams
     from openllm_clone.settings import Settings
 
     llm = LLM.from_settings(Settings(model=model, dtype=dtype, runner=runner, kv_cache_mb=512,  # type: ignore[arg-type]
-                                     max_adapters=len(adapters), max_batch_size=16))
+                                     max_adapters=len(adapters), max_batch_size=16, compile=compile))
     try:
         await llm.start()
         names = []
@@ -139,19 +139,19 @@ def main() -> None:
         print(table(["model", "runner", "b=1 tok/s", "x HF", "16 tok/s", "x HF b16",
                      "16 over 8 adapters", "x own 16"], rows), flush=True)
         config = AutoConfig.from_pretrained(str(resolved.path))
-        tiers = ["generic"]
+        tiers: list[tuple[str, bool]] = [("generic", False)]
         try:
             if choose_runner(config, Settings(runner="fast")) == "fast":
-                tiers.insert(0, "fast")
+                tiers[:0] = [("fast", False), ("fast", True)]  # eager, then --compile
         except Exception:  # no fast path for this family
             pass
         with tempfile.TemporaryDirectory() as tmp:
             adapters = make_adapters(resolved.path, Path(tmp), 8)
-            for tier in tiers:
+            for tier, compile in tiers:
                 one, sixteen, mixed = asyncio.run(engine_rates(name, tier, args.dtype, prompts,
-                                                               args.new_tokens, adapters))
-                rows.append([name, tier, one, one / hf1, sixteen, sixteen / hf16, mixed,
-                             mixed / sixteen])
+                                                               args.new_tokens, adapters, compile))
+                rows.append([name, f"{tier} --compile" if compile else tier, one, one / hf1, sixteen,
+                             sixteen / hf16, mixed, mixed / sixteen])
                 print(table(["model", "runner", "b=1 tok/s", "x HF", "16 tok/s", "x HF b16",
                              "16 over 8 adapters", "x own 16"], rows), flush=True)
     print()

@@ -230,6 +230,9 @@ class LLM:
     def _compiled_stats(self) -> dict[str, Any] | None:
         """``--compile``: the batch buckets and how many decode steps ran compiled."""
         compiled = getattr(self.runner, "_compiled", None)
+        head = getattr(self.runner, "_compiled_head", None)
+        if head is not None:
+            return {"buckets": [], "head_steps": head.steps}
         if compiled is None:
             return None
         return {"buckets": list(compiled.buckets), "steps": compiled.steps}

@@ -33,7 +33,7 @@ from openllm_clone.errors import ModelLoadError
 
 from .attention import decode_attention
 from .base import ModelInfo, StepRow, pack_rows
-from .compiled import CompiledDecoder, DecodeGraph, check_compilable, rms_norm, rope
+from .compiled import CompiledDecoder, CompiledHead, DecodeGraph, check_compilable, rms_norm, rope
 from .lora import LoraBank, LoraPlan
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "TorchRunner", "fast_refusal"]
@@ -195,17 +195,18 @@ class TorchRunner:
                     qw, kw = qn.weight, kn.weight
                 self._qk_norm.append(torch.cat([qw.expand(self.num_heads, -1),
                                                 kw.expand(self.num_kv_heads, -1)]))
+        self._compiled_head: CompiledHead | None = None
         if compile:
-            if self._qk_norm is not None:
-                raise ModelLoadError(f"--compile covers {', '.join(SUPPORTED_MODEL_TYPES[:3])}; "
-                                     f"{config.model_type} runs the eager fast step (start without --compile)")
             check_compilable(model, self.device, self.dtype, quantization)
-            graph = DecodeGraph(model, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                                head_dim=self.head_dim, scaling=self.scaling)
-            self._compiled = CompiledDecoder(graph, max_batch_size=max_batch_size,
-                                             scratch_slot=self.scratch_slot)
+            if self._qk_norm is None:
+                graph = DecodeGraph(model, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                                    head_dim=self.head_dim, scaling=self.scaling)
+                self._compiled = CompiledDecoder(graph, max_batch_size=max_batch_size,
+                                                 scratch_slot=self.scratch_slot)
+            else:  # Qwen3, Gemma 3: no decode graph yet; the output head of one-row steps
+                self._compiled_head = CompiledHead(self.lm_head)
         # The compiled graph prepacks its own copy; the eager path then keeps plain Linears.
-        self._fused = None if compile else self._pack_layers()
+        self._fused = None if self._compiled is not None else self._pack_layers()
         self.info = ModelInfo(
             model_id=model_id,
             architecture=(getattr(config, "architectures", None) or [type(model).__name__])[0],
@@ -303,8 +304,8 @@ class TorchRunner:
 
     @property
     def compiled(self) -> bool:
-        """True when decode steps run through the compiled graph (``--compile``)."""
-        return self._compiled is not None
+        """True when decode steps (or, for Qwen3/Gemma 3, their output head) run compiled."""
+        return self._compiled is not None or self._compiled_head is not None
 
     @property
     def compiled_buckets(self) -> list[int]:
@@ -313,6 +314,10 @@ class TorchRunner:
 
     def warmup(self) -> None:
         """Compile the decode graph for every bucket now (a no-op without ``--compile``)."""
+        if self._compiled_head is not None:
+            with torch.inference_mode():
+                self._compiled_head(torch.zeros(1, self.config.hidden_size, dtype=self.dtype,
+                                                device=self.device))
         if self._compiled is None:
             return
         with torch.inference_mode():
@@ -423,6 +428,8 @@ class TorchRunner:
             return torch.empty(0, self.info.vocab_size)
         last = self._norm(self.norm, hidden[torch.tensor(packed.wanted, device=dev)])
         head = self._packed_head if self._fused is not None else self.lm_head
+        if self._compiled_head is not None and last.shape[0] == 1:
+            head = self._compiled_head
         logits = head(last).float()
         return logits[torch.tensor(packed.back, device=dev)].cpu()  # the caller's row order
 

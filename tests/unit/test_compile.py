@@ -125,3 +125,25 @@ def test_clear_errors_where_compile_cannot_run(tiny_model_dir: Path, monkeypatch
         check_compilable(model, torch.device("cpu"), torch.bfloat16, None)
     with pytest.raises(ModelLoadError, match="C\\+\\+ compiler"):
         make_llm(tiny_model_dir, compile=True)
+
+def test_compiled_head_on_gemma3_equals_generate(tokenizer: Any, tmp_path: Path) -> None:
+    """--compile on Gemma 3 (no decode graph yet) compiles the output head of one-row steps;
+    fp32 greedy tokens still equal transformers' generate."""
+    from tests.families import make_family_model, reference_greedy
+
+    folder = make_family_model("gemma3_text", tmp_path / "gemma3", tokenizer)
+    llm = LLM.from_settings(Settings(model=str(folder), dtype="float32", kv_cache_mb=16, compile=True))
+    try:
+        llm.runner.warmup()
+        assert llm.runner.tier == "fast" and llm.runner.compiled
+        ids = [llm.tokenize("The quick brown fox"), llm.tokenize("Once upon a time")]
+        want = reference_greedy(folder, ids, 12)
+        params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+
+        async def run() -> list[list[int]]:
+            return [(await llm.complete(x, params)).token_ids[0] for x in ids]
+
+        assert asyncio.run(run()) == want
+        assert llm.metadata()["compiled"]["head_steps"] >= 20
+    finally:
+        llm.shutdown()
