@@ -260,7 +260,7 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
         params = _sampling(body.sampling_params)
         prompts = body.prompt_list()
         ids = [llm.tokenize(p) if isinstance(p, str) else p for p in prompts]
-        for x in ids:  # out-of-vocabulary ids are a 400 before anything decodes them
+        for x in ids:  # every prompt is checked before any of them starts generating
             llm.engine.check_prompt(x, params)
         texts = [p if isinstance(p, str) else llm.tokenizer.decode(p) for p in prompts] if body.echo else []
         constraint = llm.constraint_for(body.response_format)

@@ -50,7 +50,8 @@ from .attention import attend, decode_attention, window_mask
 from .base import ModelInfo, StepRow, pack_rows
 from .lora import LoraBank, LoraPlan
 
-__all__ = ["ATTENTION_NAME", "GenericRunner", "linear_dims"]
+__all__ = ["ATTENTION_NAME", "NO_ATTENTION", "GenericRunner", "accepts_attention_functions",
+           "install_paged_attention", "linear_dims", "probe_attention"]
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,49 @@ def _paged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     return runner._paged(query, key, value, scaling, sliding_window, softcap, sinks), None
 
 
+NO_ATTENTION = ("no attention layer goes through transformers' AttentionInterface (its attention "
+                "calls its own kernels, or it is a state-space or recurrent model)")
+
+
+def accepts_attention_functions(model: Any) -> bool:
+    """transformers' own test: does the modeling code dispatch through AttentionInterface?"""
+    probe = getattr(model, "_can_set_attn_implementation", None)
+    if probe is None:
+        return True
+    try:
+        return bool(probe())
+    except Exception:  # the probe reads source files; without them, let the load decide
+        return True
+
+
+def install_paged_attention(model: Any) -> str | None:
+    """Switch ``model`` to the paged attention; the reason it cannot be, or None."""
+    _register()
+    if not accepts_attention_functions(model):
+        return ("its attention does not go through transformers' AttentionInterface (the modeling "
+                "code calls its own kernels)")
+    try:
+        model.set_attn_implementation(ATTENTION_NAME)
+    except (ValueError, KeyError, AttributeError, NotImplementedError) as exc:
+        return f"its modeling code does not accept a custom attention function ({exc})"
+    return None
+
+
+def probe_attention(model: Any, tokens: int, device: Any) -> list[_Probe]:
+    """A forward of ``tokens`` tokens with plain causal attention (no cache, any device,
+    ``meta`` included): every attention call's module and shapes, in call order."""
+    probes: list[_Probe] = []
+    _local.probe = probes
+    try:
+        with torch.inference_mode():
+            ids = (torch.arange(tokens, device=device) % 97 + 1).unsqueeze(0)
+            pos = torch.arange(tokens, device=device).unsqueeze(0)
+            model(input_ids=ids, position_ids=pos, use_cache=False)
+    finally:
+        _local.probe = None
+    return probes
+
+
 def linear_dims(module: Any) -> tuple[int, int] | None:
     """``(in_features, out_features)`` of a Linear-like module (plain, quantized, or GPT-2's
     ``Conv1D``), or None for anything else."""
@@ -160,23 +204,13 @@ class GenericRunner:
         max_adapters: int = 8,
         quantization: str | None = None,
     ) -> None:
-        _register()
         self.model = model.eval()
         self.config = model.config
         config = self.config
         model_type = getattr(config, "model_type", type(model).__name__)
-        from .support import _accepts_attention_functions
-
-        if not _accepts_attention_functions(model):
-            raise ModelLoadError(
-                f"model type {model_type!r}: its attention does not go through transformers' "
-                "AttentionInterface (the modeling code calls its own kernels); no runner can serve it")
-        try:
-            model.set_attn_implementation(ATTENTION_NAME)
-        except (ValueError, KeyError, AttributeError, NotImplementedError) as exc:
-            raise ModelLoadError(
-                f"model type {model_type!r}: its modeling code does not accept a custom attention "
-                f"function ({exc}); no runner can serve it") from exc
+        refusal = install_paged_attention(model)
+        if refusal is not None:
+            raise ModelLoadError(f"model type {model_type!r}: {refusal}; no runner can serve it")
         self._keep_takes_tensor = "logits_to_keep" in inspect.signature(model.forward).parameters
         embed = model.get_input_embeddings()
         self.device = embed.weight.device
@@ -237,32 +271,15 @@ class GenericRunner:
 
     # --- set-up ---------------------------------------------------------------------
 
-    def _plain_forward(self, tokens: int) -> list[_Probe]:
-        """A forward of ``tokens`` tokens with plain causal attention (no cache): returns
-        every attention call's module and shapes."""
-        probes: list[_Probe] = []
-        _local.probe = probes
-        try:
-            with torch.inference_mode():
-                ids = (torch.arange(tokens, device=self.device) % 97 + 1).unsqueeze(0)
-                pos = torch.arange(tokens, device=self.device).unsqueeze(0)
-                self.model(input_ids=ids, position_ids=pos, use_cache=False)
-        finally:
-            _local.probe = None
-        return probes
-
     def _probe(self, model_type: str) -> list[_Probe]:
         """One small forward that records every attention call's module and shapes."""
         try:
-            probes = self._plain_forward(4)
+            probes = probe_attention(self.model, 4, self.device)
         except Exception as exc:  # the model's own code failed on a plain forward
             raise ModelLoadError(f"model type {model_type!r}: a forward with paged attention "
                                  f"failed ({type(exc).__name__}: {exc})") from exc
         if not probes:
-            raise ModelLoadError(
-                f"model type {model_type!r}: no attention layer goes through transformers' "
-                "AttentionInterface (its attention calls its own kernels, or it is a state-space "
-                "or recurrent model); no runner can serve it")
+            raise ModelLoadError(f"model type {model_type!r}: {NO_ATTENTION}; no runner can serve it")
         if len({id(p.module) for p in probes}) != len(probes):
             raise ModelLoadError(f"model type {model_type!r} calls one attention module twice per "
                                  "forward; no runner can serve it")
@@ -308,7 +325,7 @@ class GenericRunner:
         handles = [m.register_forward_hook(_count_tokens(seen, id(m)))
                    for _, per_layer in found.values() for m in per_layer.values()]
         try:
-            self._plain_forward(tokens)
+            probe_attention(self.model, tokens, self.device)
         finally:
             for h in handles:
                 h.remove()

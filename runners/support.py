@@ -78,17 +78,6 @@ def check_model(path: Path, settings: Settings) -> Support:
     return Support(model_type, None if reason else "generic", reason or "")
 
 
-def _accepts_attention_functions(model: Any) -> bool:
-    """transformers' own test: does the modeling code dispatch through AttentionInterface?"""
-    probe = getattr(model, "_can_set_attn_implementation", None)
-    if probe is None:
-        return True
-    try:
-        return bool(probe())
-    except Exception:  # the probe reads source files; without them, let the load decide
-        return True
-
-
 def _generic_refusal(config: Any) -> str | None:
     """Why the generic runner cannot serve ``config`` (None when it looks servable)."""
     from transformers import AutoModelForCausalLM
@@ -109,34 +98,19 @@ def _generic_refusal(config: Any) -> str | None:
         return None  # quantized layers are not built on meta: the load-time check decides
     import torch
 
-    from .generic import ATTENTION_NAME, _local, _Probe, _register
+    from .generic import NO_ATTENTION, install_paged_attention, probe_attention
 
-    _register()
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except Exception as exc:  # the modeling code refuses the config
         return f"transformers cannot build it ({type(exc).__name__}: {exc})"
-    if not _accepts_attention_functions(model):
-        return ("its attention does not go through transformers' AttentionInterface (the modeling "
-                "code calls its own kernels)")
+    refusal = install_paged_attention(model)
+    if refusal is not None:
+        return refusal
     try:
-        model.set_attn_implementation(ATTENTION_NAME)
-    except (ValueError, KeyError, AttributeError, NotImplementedError) as exc:
-        return f"its modeling code does not accept a custom attention function ({exc})"
-    probes: list[_Probe] = []
-    _local.probe = probes
-    try:
-        with torch.inference_mode():
-            ids = torch.ones(1, 4, dtype=torch.long, device="meta")
-            pos = torch.arange(4, device="meta").unsqueeze(0)
-            model(input_ids=ids, position_ids=pos, use_cache=False)
+        probes = probe_attention(model, 4, "meta")
     except Exception as exc:  # data-dependent ops (MoE routing) do not run on meta: load decides
         logger.debug("meta forward of %s did not run (%s); the load-time check decides", model_type, exc)
         return None
-    finally:
-        _local.probe = None
-    if not probes:
-        return ("no attention layer goes through transformers' AttentionInterface (its attention "
-                "calls its own kernels, or it is a state-space or recurrent model)")
-    return None
+    return NO_ATTENTION if not probes else None

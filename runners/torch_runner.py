@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from openllm_clone.errors import ModelLoadError
 
-from .attention import decode_attention
+from .attention import decode_attention, window_mask
 from .base import ModelInfo, StepRow, pack_rows
 from .compiled import CompiledDecoder, CompiledHead, DecodeGraph, check_compilable, rms_norm, rope
 from .lora import LoraBank, LoraPlan
@@ -521,7 +521,7 @@ class TorchRunner:
         else:
             ctx = mask.shape[-1]
             q_pos = torch.arange(ctx - mask.shape[0], ctx, device=mask.device).unsqueeze(1)
-        out = self._windowed[key] = mask & (k_pos > q_pos - window)
+        out = self._windowed[key] = mask & window_mask(q_pos, k_pos, window)
         return out
 
     def _attention(
