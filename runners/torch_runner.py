@@ -164,9 +164,11 @@ class TorchRunner:
             dims, self.num_layers, max_adapters, dtype=self.dtype, device=self.device
         )
 
+        # Read before packing, which releases the original Linear weights.
         weight_bytes = sum(
             t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
         )
+        num_parameters = sum(p.numel() for p in model.parameters())
         self._packed_head: _PackedLinear | None = None
         self._compiled: CompiledDecoder | None = None
         self.gemma = config.model_type in GEMMA_MODEL_TYPES
@@ -214,7 +216,7 @@ class TorchRunner:
             device=str(self.device),
             max_model_len=self.max_model_len,
             vocab_size=int(config.vocab_size),
-            num_parameters=sum(p.numel() for p in model.parameters()),
+            num_parameters=num_parameters,
             weight_bytes=weight_bytes,
             quantization=quantization,
             extra={"runner": self.tier},

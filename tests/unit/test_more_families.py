@@ -36,3 +36,21 @@ async def test_more_families_match_generate(family: str, tokenizer: Any, tmp_pat
         assert alone == want and batched == want
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("runner", ["fast", "generic"])
+def test_parameter_count_survives_weight_prepacking(runner: str, tiny_model_dir: Path) -> None:
+    """bf16 prepacking releases the original Linear weights; the reported size must not shrink."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    llm = LLM.from_settings(Settings(model=str(tiny_model_dir), dtype="bfloat16", kv_cache_mb=16,
+                                     runner=runner))  # type: ignore[arg-type]
+    try:
+        packed = llm.runner.packed if runner == "fast" else llm.runner.packed_linears > 0
+        if not packed:
+            pytest.skip("no oneDNN bf16 prepacking on this CPU")
+        assert llm.runner.info.num_parameters == sum(p.numel() for p in hf.parameters())
+        assert llm.runner.info.vocab_size == hf.config.vocab_size
+    finally:
+        llm.shutdown()
