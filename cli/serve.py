@@ -167,7 +167,7 @@ def serve(settings: Settings) -> None:
     from openllm_clone.service import LLMService
 
     LLMService.config["workers"] = settings.workers
-    _exit_when_a_worker_cannot_load()
+    fatal_file = _exit_when_a_worker_cannot_load()
     console.print(f"[bold green]openllm-clone[/] serving [bold]{resolved.name}[/] on {url}")
     console.print(
         f"  try: openllm-clone query --endpoint {url} 'What is the capital of France?'\n"
@@ -179,6 +179,9 @@ def serve(settings: Settings) -> None:
         LLMService.serve_http(host=settings.host, port=settings.port)
     except KeyboardInterrupt:
         console.print("stopped")
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(fatal_file)
 
 
 def _serve_ray(settings: Settings, name: str, url: str) -> None:
@@ -192,13 +195,13 @@ def _serve_ray(settings: Settings, name: str, url: str) -> None:
     run(settings)
 
 
-def _exit_when_a_worker_cannot_load() -> None:
+def _exit_when_a_worker_cannot_load() -> str:
     """End the whole server, non-zero, when a worker's model load fails.
 
     BentoML restarts a worker whose ``__init__`` raised, again and again, and
     ``/readyz`` never answers 200. The service writes the reason to the file named by
     ``OPENLLM_CLONE_FATAL_FILE``; a thread here watches it, prints the reason, stops the
-    workers and exits with status 1.
+    workers and exits with status 1. Returns the file's path (the caller removes it).
     """
     import tempfile
     import threading
@@ -225,6 +228,7 @@ def _exit_when_a_worker_cannot_load() -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="openllm-clone-fatal-watch", daemon=True).start()
+    return path
 
 
 def _stop_children() -> None:
