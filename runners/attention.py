@@ -38,15 +38,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     KV = k.shape[1]
     qg = q.reshape(B, KV, H // KV, D)
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scaling  # [B, KV, G, L]
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-    if sinks is not None:  # one extra logit per head that takes probability but no value
-        sink = sinks.float().reshape(1, KV, H // KV, 1).expand(B, -1, -1, 1)
-        combined = torch.cat([scores, sink], dim=-1)
-        probs = torch.softmax(combined, dim=-1)[..., :-1]
-    else:
-        probs = torch.softmax(scores, dim=-1)
+    sink = None if sinks is None else sinks.float().reshape(1, KV, H // KV, 1)
+    probs = _probabilities(scores, mask[:, None, None, :], softcap, sink)
     out = torch.matmul(probs.to(v.dtype), v)  # [B, KV, G, Dv]
     return out.reshape(B, H, v.shape[-1])
 
@@ -65,13 +58,20 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling
+    sink = None if sinks is None else sinks.float().reshape(1, -1, 1, 1)
+    probs = _probabilities(scores, mask, softcap, sink)
+    return torch.matmul(probs, v.float()).to(q.dtype)
+
+
+def _probabilities(scores: torch.Tensor, mask: torch.Tensor, softcap: float | None,
+                   sink: torch.Tensor | None) -> torch.Tensor:
+    """float32 ``scores`` -> attention probabilities: soft-capped, masked (True = attend),
+    with one extra logit per head (``sink``, broadcastable to ``scores[..., :1]``) that takes
+    probability but contributes no value."""
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf"))
-    if sinks is not None:
-        sink = sinks.float().reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
-        combined = torch.cat([scores, sink], dim=-1)
-        probs = torch.softmax(combined, dim=-1)[..., :-1]
-    else:
-        probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, v.float()).to(q.dtype)
+    if sink is None:
+        return torch.softmax(scores, dim=-1)
+    combined = torch.cat([scores, sink.expand(*scores.shape[:-1], 1)], dim=-1)
+    return torch.softmax(combined, dim=-1)[..., :-1]
