@@ -33,6 +33,7 @@ MAX_N = 16
 MAX_PROMPTS = 64  # prompts in one completions request (each with n choices)
 MAX_STOP = 16
 MAX_STOP_LEN = 256
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI allows 20 on chat, 5 on completions)
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -47,7 +48,9 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_new_tokens: int = Field(default=128, ge=1, description="Most tokens to generate.")
+    max_new_tokens: int = Field(
+        default=128, ge=0,
+        description="Most tokens to generate; 0 only scores the prompt (with prompt_logprobs).")
     temperature: float = Field(
         default=0.0, ge=0.0, le=5.0, description="0 means greedy decoding."
     )
@@ -77,6 +80,14 @@ class SamplingParams(BaseModel):
     logit_bias: dict[int, float] | None = Field(
         default=None, max_length=1024,
         description="Token id -> bias in [-100, 100] added to its logit before sampling.")
+    logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_LOGPROBS,
+        description="Return each generated token's log-probability and this many most likely "
+        "alternatives (log_softmax of the model's logits, before penalties and temperature).")
+    prompt_logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_LOGPROBS,
+        description="Return each prompt token's log-probability (the first has none) and this "
+        "many alternatives; the prompt is then computed whole, not taken from the prefix cache.")
 
     @field_validator("logit_bias")
     @classmethod

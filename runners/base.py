@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["ModelInfo", "ModelRunner", "PackedRows", "StepRow", "pack_rows"]
+__all__ = ["ModelInfo", "ModelRunner", "PackedRows", "StepRow", "logit_rows", "pack_rows"]
 
 
 @dataclass
@@ -19,7 +19,8 @@ class StepRow:
     ``token_ids`` are the tokens whose KV this step computes (a prompt chunk, or the
     last sampled token); ``start_pos`` is how many tokens of the sequence are
     already in the KV cache; ``block_table`` lists the KV blocks the sequence owns,
-    enough for ``start_pos + len(token_ids)`` tokens.
+    enough for ``start_pos + len(token_ids)`` tokens. ``all_logits`` asks for the logits
+    of every token of the row (prompt logprobs), not only of its last.
     """
 
     token_ids: list[int]
@@ -27,6 +28,7 @@ class StepRow:
     block_table: list[int]
     adapter_slot: int = 0
     need_logits: bool = True
+    all_logits: bool = False
 
 
 @dataclass
@@ -34,9 +36,10 @@ class PackedRows:
     """A step's rows as one packed sequence, single-token (decode) rows first.
 
     ``ids``, ``positions`` and ``slots`` (each token's KV cache slot) run over every
-    token of every row in that order; ``wanted`` are the packed indices of the last
-    tokens of rows that need logits, and ``back`` puts those logits back into the
-    caller's row order.
+    token of every row in that order; ``wanted`` are the packed indices of the tokens
+    whose logits are asked for (the last token of a row with ``need_logits``, every token
+    of one with ``all_logits``), and ``back`` puts those logits back into the caller's row
+    order (see :func:`logit_rows`).
     """
 
     rows: list[StepRow]
@@ -49,6 +52,14 @@ class PackedRows:
     back: list[int]
 
 
+def logit_rows(row: StepRow) -> int:
+    """How many logit rows ``step`` returns for ``row``: every token's with ``all_logits``,
+    the last token's with ``need_logits``, else none."""
+    if row.all_logits:
+        return len(row.token_ids)
+    return 1 if row.need_logits else 0
+
+
 def pack_rows(rows: list[StepRow], block_size: int) -> PackedRows:
     """Order and flatten ``rows`` for one forward (see :class:`PackedRows`)."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].token_ids) > 1)
@@ -58,7 +69,7 @@ def pack_rows(rows: list[StepRow], block_size: int) -> PackedRows:
     slots: list[int] = []
     lengths: list[int] = []
     wanted: list[int] = []
-    rank: dict[int, int] = {}
+    rank: dict[int, list[int]] = {}
     for i, row in zip(order, ordered, strict=True):
         n = len(row.token_ids)
         ids.extend(row.token_ids)
@@ -66,10 +77,11 @@ def pack_rows(rows: list[StepRow], block_size: int) -> PackedRows:
         for pos in range(row.start_pos, row.start_pos + n):
             positions.append(pos)
             slots.append(row.block_table[pos // block_size] * block_size + pos % block_size)
-        if row.need_logits:
-            rank[i] = len(wanted)
-            wanted.append(len(ids) - 1)
-    back = [rank[i] for i in range(len(rows)) if rows[i].need_logits]
+        k = logit_rows(row)
+        if k:
+            rank[i] = list(range(len(wanted), len(wanted) + k))
+            wanted.extend(range(len(ids) - k, len(ids)))
+    back = [j for i in range(len(rows)) for j in rank.get(i, ())]
     num_decode = sum(1 for r in ordered if len(r.token_ids) == 1)
     return PackedRows(ordered, num_decode, ids, positions, slots, lengths, wanted, back)
 
@@ -98,5 +110,5 @@ class ModelRunner(Protocol):
     num_blocks: int
 
     def step(self, rows: list[StepRow]) -> Any:
-        """Run one forward; return fp32 logits, one row per row with ``need_logits``."""
+        """Run one forward; return fp32 logits, :func:`logit_rows` rows per row, in order."""
         ...

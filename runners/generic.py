@@ -425,7 +425,7 @@ class GenericRunner:
 
     @torch.inference_mode()
     def step(self, rows: list[StepRow]) -> torch.Tensor:
-        """One forward over packed rows; fp32 logits for rows with ``need_logits``."""
+        """One forward over packed rows; fp32 logits as :func:`~.base.logit_rows` says."""
         if not rows:
             return torch.empty(0, self.info.vocab_size)
         with self._stepping():

@@ -291,7 +291,7 @@ class TorchRunner:
 
     @torch.inference_mode()
     def step(self, rows: list[StepRow]) -> torch.Tensor:
-        """One forward over packed rows; fp32 logits for rows with ``need_logits``."""
+        """One forward over packed rows; fp32 logits as :func:`~.base.logit_rows` says."""
         if not rows:
             return torch.empty(0, self.info.vocab_size)
         if self.device.type != "cuda":
@@ -361,7 +361,7 @@ class TorchRunner:
         return self._compiled(ids, cos, sin, slots, gather, lens, self.kv_cache)
 
     def _step(self, rows: list[StepRow]) -> torch.Tensor:
-        if self._compiled is not None and all(r.adapter_slot == 0 for r in rows):
+        if self._compiled is not None and all(r.adapter_slot == 0 and not r.all_logits for r in rows):
             decode = [i for i, r in enumerate(rows) if len(r.token_ids) == 1]
             if decode and self._compiled.bucket(len(decode)) is not None:
                 return self._split_step(rows, decode)

@@ -18,6 +18,12 @@ step stays on the thread that serves the loop. Every step:
 
 A request with ``n > 1`` prefills its prompt once; its samples then share the
 prompt's full KV blocks and copy only the last partial one.
+
+Log-probabilities are ``log_softmax`` of the logits the model gave the row (its adapter
+included), before penalties, biases, grammar masks and temperature, as vLLM's default
+``raw_logprobs``. Only rows that ask pay: a generated token's costs one ``log_softmax`` of
+its row; prompt logprobs make the runner return every prompt position's logits for that
+request alone (its prompt then bypasses the prefix cache, whose blocks have no logits).
 """
 
 from __future__ import annotations
@@ -42,11 +48,11 @@ from openllm_clone.errors import (
     RequestTimeoutError,
 )
 from openllm_clone.protocol import SamplingParams, new_request_id
-from openllm_clone.runners.base import StepRow
+from openllm_clone.runners.base import StepRow, logit_rows
 
 from .kv_cache import BlockAllocator, block_hash, blocks_for
 from .sampling import sample_rows
-from .sequence import RequestGroup, RequestOutput, SeqDelta, SeqStatus, Sequence
+from .sequence import RequestGroup, RequestOutput, SeqDelta, SeqStatus, Sequence, TokenLogprob
 
 __all__ = ["Engine", "EngineConfig", "EngineObserver"]
 
@@ -330,6 +336,9 @@ class Engine:
             if not group.params.greedy:
                 gen = torch.Generator().manual_seed((int(seed or 0) + i) % 2**63)
             group.seqs.append(Sequence(group, i, self.tokenizer, gen))
+        if group.params.max_new_tokens == 0 and group.params.prompt_logprobs is None:
+            self._finish_scoring(group)  # nothing to compute
+            return
         self._waiting.append(group.seqs[0])
 
     def _schedule(self) -> list[tuple[Sequence, list[int], bool]]:
@@ -395,7 +404,7 @@ class Engine:
         The block holding the last known token is never taken: that token is computed
         again, for its logits, into a block of the sequence's own.
         """
-        if seq.block_table or not self.blocks.prefix_caching:
+        if seq.block_table or not self.blocks.prefix_caching or seq.group.wants_prompt_logits:
             return 0
         usable = (seq.num_tokens - 1) // self.blocks.block_size
         if usable <= 0:
@@ -461,23 +470,66 @@ class Engine:
                 block_table=seq.block_table,
                 adapter_slot=seq.group.adapter_slot,
                 need_logits=need,
+                all_logits=seq.group.wants_prompt_logits and seq.num_cached < len(seq.group.prompt_ids) - 1,
             )
             for seq, todo, need in rows
         ]
         logits = self.runner.step(step_rows)
         self.steps += 1
-        sampled = [(seq, todo) for seq, todo, need in rows if need]
         for seq, todo, _ in rows:
             seq.num_cached += len(todo)
             self._register(seq)
+        sampled: list[Sequence] = []
+        last_rows: list[int] = []  # each sampled row's logits: the last of the row's share
+        at = 0
+        for (seq, _, need), row in zip(rows, step_rows, strict=True):
+            k = logit_rows(row)
+            if row.all_logits:
+                self._prompt_logprobs(seq, row.start_pos, logits[at : at + k])
+            if need:
+                if seq.params.max_new_tokens == 0:
+                    self._finish_scoring(seq.group)
+                else:
+                    sampled.append(seq)
+                    last_rows.append(at + k - 1)
+            at += k
         if sampled:
+            if len(last_rows) != logits.shape[0]:
+                logits = logits[torch.tensor(last_rows)]
             # Logits are inference tensors: penalties and grammar masks edit them in place.
             with torch.inference_mode():
-                self._sample_and_emit(logits, [s for s, _ in sampled])
+                self._sample_and_emit(logits, sampled)
         self.observer.on_step(
             len(self._running), len(self._waiting), self.blocks.num_used, self.blocks.num_blocks - 1
         )
         return True
+
+    def _prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
+        """Record the prompt tokens' logprobs from a chunk's logits (row ``j`` is position
+        ``start + j`` and predicts the token after it); positions already recorded (before a
+        preemption) are skipped."""
+        group = seq.group
+        prompt = group.prompt_ids
+        first = len(group.prompt_lp) - start
+        last = min(logits.shape[0], len(prompt) - 1 - start)
+        if first >= last:
+            return
+        lp = torch.log_softmax(logits[first:last].float(), dim=-1)
+        targets = torch.tensor(prompt[start + first + 1 : start + last + 1])
+        chosen = lp.gather(1, targets.unsqueeze(1))[:, 0].tolist()
+        tops = _top(lp, group.params.prompt_logprobs or 0)
+        for j, token in enumerate(targets.tolist()):
+            group.prompt_lp.append(TokenLogprob(token, chosen[j], tops[j]))
+
+    def _finish_scoring(self, group: RequestGroup) -> None:
+        """End a ``max_new_tokens=0`` request: its prompt is scored, nothing is generated."""
+        for seq in group.seqs:
+            self._retire(seq, "length")
+        deltas = [SeqDelta(index=s.index, text="", token_ids=[], finish_reason="length",
+                           logprobs=[] if group.params.logprobs is not None else None)
+                  for s in group.seqs]
+        self._finish_group(group, "ok")
+        self._push(group, deltas, finished=True)
 
     def _sample_and_emit(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         # A group whose prompt just finished forks its other samples from these logits.
@@ -494,6 +546,9 @@ class Engine:
                     expanded.append(child)
                     rows.append(i)
         batch_logits = logits[torch.tensor(rows)] if len(rows) != len(seqs) else logits
+        # Logprobs of the model's own distribution: taken before anything edits the logits.
+        asking = [i for i, s in enumerate(expanded) if s.params.logprobs is not None]
+        logprobs = torch.log_softmax(batch_logits[asking].float(), dim=-1) if asking else None
         constrained = [i for i, s in enumerate(expanded) if s.matcher is not None]
         if constrained:
             try:
@@ -509,9 +564,16 @@ class Engine:
             [s.tokens if s.params.repetition_penalty != 1.0 else [] for s in expanded],
             [s.output_ids for s in expanded],
         )
+        token_lp: dict[int, TokenLogprob] = {}
+        if logprobs is not None:
+            picked = logprobs.gather(1, torch.tensor([tokens[i] for i in asking]).unsqueeze(1))
+            tops = _top(logprobs, max(expanded[i].params.logprobs or 0 for i in asking))
+            for k, i in enumerate(asking):
+                want = expanded[i].params.logprobs or 0
+                token_lp[i] = TokenLogprob(tokens[i], float(picked[k, 0]), tops[k][:want])
         now = time.perf_counter()
         per_group: dict[str, list[SeqDelta]] = {}
-        for seq, token in zip(expanded, tokens):
+        for i, (seq, token) in enumerate(zip(expanded, tokens)):
             group = seq.group
             if group.request_id not in self._groups:
                 continue  # failed earlier in this loop
@@ -520,6 +582,8 @@ class Engine:
                 self.observer.on_first_token(group, now - group.arrival)
             try:
                 delta = self._append(seq, token)
+                if i in token_lp:
+                    delta.logprobs = [token_lp[i]]
             except Exception as exc:  # one request's fault ends that request only
                 logger.exception("request %s failed", group.request_id)
                 per_group.pop(group.request_id, None)
@@ -628,6 +692,10 @@ class Engine:
             error=error,
             error_status=error_status,
         )
+        if (error is None and not group.prompt_lp_sent and group.params.prompt_logprobs is not None
+                and not group.wants_prompt_logits):
+            group.prompt_lp_sent = True
+            out.prompt_logprobs = [None, *group.prompt_lp]
         group.queue.put_nowait(out)
 
     def _finish_group(self, group: RequestGroup, status: str) -> None:
@@ -646,3 +714,11 @@ class Engine:
         if group.request_id in self._groups:
             self._finish_group(group, "timeout" if status == 504 else "error")
             self._push(group, [], finished=True, error=message, error_status=status)
+
+
+def _top(logprobs: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """Each row's ``k`` most likely tokens, most likely first: ``(token id, logprob)``."""
+    if k <= 0:
+        return [[] for _ in range(logprobs.shape[0])]
+    values, ids = torch.topk(logprobs, min(k, logprobs.shape[-1]), dim=-1)
+    return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]

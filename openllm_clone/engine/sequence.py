@@ -14,7 +14,7 @@ from openllm_clone.protocol import SamplingParams
 
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 
-__all__ = ["RequestGroup", "RequestOutput", "SeqDelta", "SeqStatus", "Sequence"]
+__all__ = ["RequestGroup", "RequestOutput", "SeqDelta", "SeqStatus", "Sequence", "TokenLogprob"]
 
 
 class SeqStatus(enum.Enum):
@@ -26,13 +26,24 @@ class SeqStatus(enum.Enum):
 
 
 @dataclass
+class TokenLogprob:
+    """A token's log-probability and the ``top`` most likely tokens at its position
+    (``(token id, logprob)``, most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class SeqDelta:
-    """What one sequence produced in one step."""
+    """What one sequence produced in one step (``logprobs``: one per token, when asked)."""
 
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -46,6 +57,9 @@ class RequestOutput:
     finished: bool
     error: str | None = None
     error_status: int = 500
+    # Once per request, with the first output after the prompt is computed, when asked:
+    # one entry per prompt token, the first None (nothing predicts it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -65,6 +79,14 @@ class RequestGroup:
     forked: bool = False
     constraint: Any = None  # a structured.Constraint: every sequence gets a matcher
     deadline: float | None = None  # perf_counter time after which the request is failed
+    prompt_lp: list[TokenLogprob] = field(default_factory=list)  # for prompt tokens 1, 2, ...
+    prompt_lp_sent: bool = False
+
+    @property
+    def wants_prompt_logits(self) -> bool:
+        """True while prompt logprobs are asked for and not all computed yet."""
+        return (self.params.prompt_logprobs is not None
+                and len(self.prompt_lp) < len(self.prompt_ids) - 1)
 
     @property
     def finished(self) -> bool:
