@@ -45,6 +45,12 @@ from openllm_clone.protocol import (
 
 from .engine.sequence import RequestOutput, SeqDelta
 from .llm import LLM
+from .logprobs import (
+    chat_logprobs,
+    completion_logprobs,
+    merge_completion_logprobs,
+    prompt_completion_logprobs,
+)
 from .structured import parse_tool_output, plan_tools
 
 __all__ = ["build_app", "sse"]
@@ -280,13 +286,21 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
                 raise
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             echoed: set[int] = set()
+            offsets: dict[int, int] = {}
 
-            def choice(d: Any) -> dict[str, Any]:
+            def choice(out: RequestOutput, d: SeqDelta) -> dict[str, Any]:
                 text = d.text
+                prompt_lp = None
                 if body.echo and d.index not in echoed:
                     echoed.add(d.index)
                     text = texts[d.index // n] + text
-                return {"index": d.index, "text": text, "logprobs": None, "finish_reason": d.finish_reason}
+                    prompt_lp = out.prompt_logprobs
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs, offsets[d.index] = _completion_logprobs(
+                        llm, params, prompt_lp, ids[d.index // n], d.logprobs, offsets.get(d.index, 0))
+                return {"index": d.index, "text": text, "logprobs": logprobs,
+                        "finish_reason": d.finish_reason}
 
             merged = streams[0] if len(streams) == 1 else _merge_streams(streams, n)
             return _openai_stream(merged, base, include_usage, choice)
@@ -296,8 +310,13 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
         choices = []
         for p, result in enumerate(results):
             for i, t in enumerate(result.texts):
+                logprobs = None
+                if body.logprobs is not None and result.logprobs is not None:
+                    logprobs, _ = _completion_logprobs(
+                        llm, params, result.prompt_logprobs if body.echo else None, ids[p],
+                        result.logprobs[i], 0)
                 choices.append({"index": p * n + i, "text": (texts[p] + t) if body.echo else t,
-                                "logprobs": None, "finish_reason": result.finish_reasons[i]})
+                                "logprobs": logprobs, "finish_reason": result.finish_reasons[i]})
         return {**base, "choices": choices,
                 "usage": _usage(sum(r.prompt_tokens for r in results),
                                 sum(r.completion_tokens for r in results))}
@@ -325,19 +344,25 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
             result = await llm.complete(ids, params, adapter=adapter, request_id=rid,
                                                          constraint=constraint)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _tool_stream({**base, "object": "chat.completion.chunk"}, result, include_usage)
+            return _tool_stream({**base, "object": "chat.completion.chunk"}, result, include_usage,
+                                lambda i: _chat_logprobs(llm, params, result, i, body.logprobs))
         if body.stream:
             stream = await _open_stream(llm, ids, params, adapter, rid, constraint)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             chunk_base = {**base, "object": "chat.completion.chunk"}
             first: set[int] = set()
 
-            def choice(d: Any) -> dict[str, Any]:
+            def choice(out: RequestOutput, d: SeqDelta) -> dict[str, Any]:
                 delta: dict[str, Any] = {"content": d.text} if d.text or d.finish_reason is None else {}
                 if d.index not in first:
                     first.add(d.index)
                     delta = {"role": "assistant", "content": d.text}
-                return {"index": d.index, "delta": delta, "logprobs": None,
+                logprobs = None
+                if body.logprobs:
+                    logprobs = {"content": chat_logprobs(llm.token_strings,
+                                                         llm.visible_logprobs(d.logprobs, params)),
+                                "refusal": None}
+                return {"index": d.index, "delta": delta, "logprobs": logprobs,
                         "finish_reason": d.finish_reason}
 
             return _openai_stream(stream, chunk_base, include_usage, choice)
@@ -353,7 +378,8 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
                 if calls:
                     message["tool_calls"] = calls
                     reason = "tool_calls"
-            choices.append({"index": i, "message": message, "logprobs": None,
+            logprobs = _chat_logprobs(llm, params, result, i, body.logprobs)
+            choices.append({"index": i, "message": message, "logprobs": logprobs,
                             "finish_reason": reason})
         return {**base, "choices": choices,
                 "usage": _usage(result.prompt_tokens, result.completion_tokens)}
@@ -440,15 +466,26 @@ def _with_system(messages: list[ChatMessage], text: str) -> list[ChatMessage]:
     return [ChatMessage(role="system", content=text), *messages]
 
 
-def _tool_stream(base: dict[str, Any], result: Any, include_usage: bool) -> StreamingResponse:
-    """Stream a finished tool-calling answer as OpenAI chunks (calls arrive whole)."""
+def _chat_logprobs(llm: LLM, params: SamplingParams, result: Any, i: int, asked: bool
+                   ) -> dict[str, Any] | None:
+    """Chat ``logprobs`` of a finished choice (None unless asked)."""
+    if not asked or result.logprobs is None:
+        return None
+    return {"content": chat_logprobs(llm.token_strings, llm.visible_logprobs(result.logprobs[i], params)),
+            "refusal": None}
+
+
+def _tool_stream(base: dict[str, Any], result: Any, include_usage: bool,
+                 logprobs_of: Callable[[int], dict[str, Any] | None]) -> StreamingResponse:
+    """Stream a finished tool-calling answer as OpenAI chunks (calls arrive whole; the first
+    chunk of a choice carries all its logprobs, when asked)."""
 
     async def events() -> AsyncIterator[str]:
         for i, text in enumerate(result.texts):
             content, calls = parse_tool_output(text)
             yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": content
                                                                   if not calls else None},
-                                            "logprobs": None, "finish_reason": None}]})
+                                            "logprobs": logprobs_of(i), "finish_reason": None}]})
             if calls:
                 delta = {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}
                 yield sse({**base, "choices": [{"index": i, "delta": delta, "logprobs": None,
@@ -462,6 +499,20 @@ def _tool_stream(base: dict[str, Any], result: Any, include_usage: bool) -> Stre
         yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _completion_logprobs(llm: LLM, params: SamplingParams, prompt_lp: list[Any] | None,
+                         prompt_ids: list[int], entries: list[Any] | None, offset: int
+                         ) -> tuple[dict[str, Any], int]:
+    """A completions choice's ``logprobs`` (the echoed prompt's first, when given), and the
+    text offset after it."""
+    strings = llm.token_strings
+    tail_lp = llm.visible_logprobs(entries, params)
+    if prompt_lp is None:
+        return completion_logprobs(strings, tail_lp, offset)
+    head, offset = prompt_completion_logprobs(strings, prompt_lp, prompt_ids)
+    tail, offset = completion_logprobs(strings, tail_lp, offset)
+    return merge_completion_logprobs(head, tail), offset
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
@@ -496,9 +547,11 @@ async def _merge_streams(streams: list[AsyncIterator[RequestOutput]], n: int
             if isinstance(item, BaseException):
                 raise item
             usage[p] = (item.prompt_tokens, item.completion_tokens)
-            deltas = [SeqDelta(p * n + d.index, d.text, d.token_ids, d.finish_reason) for d in item.deltas]
+            deltas = [SeqDelta(p * n + d.index, d.text, d.token_ids, d.finish_reason, d.logprobs)
+                      for d in item.deltas]
             yield RequestOutput(item.request_id, deltas, sum(u[0] for u in usage),
-                                sum(u[1] for u in usage), finished=live == 1 and item.finished)
+                                sum(u[1] for u in usage), finished=live == 1 and item.finished,
+                                prompt_logprobs=item.prompt_logprobs)
     finally:
         for task in tasks:
             task.cancel()
@@ -511,7 +564,7 @@ def _openai_stream(
     stream: AsyncIterator[RequestOutput],
     base: dict[str, Any],
     include_usage: bool,
-    choice: Callable[[Any], dict[str, Any]],
+    choice: Callable[[RequestOutput, SeqDelta], dict[str, Any]],
 ) -> StreamingResponse:
     async def events() -> AsyncIterator[str]:
         last: RequestOutput | None = None
@@ -519,7 +572,7 @@ def _openai_stream(
             async for out in stream:
                 last = out
                 if out.deltas:
-                    yield sse({**base, "choices": [choice(d) for d in out.deltas],
+                    yield sse({**base, "choices": [choice(out, d) for d in out.deltas],
                                **({"usage": None} if include_usage else {})})
         except OpenLLMCloneError as exc:
             yield sse(exc.to_dict())

@@ -15,7 +15,7 @@ from openllm_clone.errors import AdapterNotFoundError, InvalidRequestError
 from openllm_clone.protocol import ChatMessage, SamplingParams, new_request_id
 
 from .engine.engine import Engine, EngineConfig, EngineObserver
-from .engine.sequence import RequestOutput
+from .engine.sequence import RequestOutput, TokenLogprob
 from .settings import Settings
 
 __all__ = ["LLM", "Completion"]
@@ -35,6 +35,8 @@ class Completion:
     completion_tokens: int
     adapter: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    logprobs: list[list[TokenLogprob]] | None = None  # per choice, when asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class LLM:
@@ -55,6 +57,7 @@ class LLM:
         self.runner = runner
         self.tokenizer = tokenizer
         self.settings = settings
+        self._token_strings: Any = None
         self.name = settings.model_name or name
         self.engine = Engine(
             runner,
@@ -162,6 +165,25 @@ class LLM:
         lines = [f"{m['role']}: {m['content']}" for m in plain]
         return "\n".join([*lines, "assistant:"])
 
+    @property
+    def token_strings(self) -> Any:
+        """Text and bytes of token ids (:class:`~openllm_clone.logprobs.TokenStrings`)."""
+        if self._token_strings is None:
+            from .logprobs import TokenStrings
+
+            self._token_strings = TokenStrings(self.tokenizer)
+        return self._token_strings
+
+    def visible_logprobs(self, entries: list[TokenLogprob] | None, params: SamplingParams
+                         ) -> list[TokenLogprob]:
+        """Generated tokens' logprobs as the text shows them: without an end-of-sequence
+        token that ended generation (it is not part of the text)."""
+        if not entries:
+            return []
+        if params.ignore_eos:
+            return list(entries)
+        return [e for e in entries if e.token_id not in self.engine.eos_ids]
+
     def chat_prompt_text(self, text: str) -> str:
         """A single user message rendered with the chat template."""
         return self.chat_prompt([ChatMessage(role="user", content=text)])
@@ -216,6 +238,10 @@ class LLM:
         texts = [""] * params.n
         tokens: list[list[int]] = [[] for _ in range(params.n)]
         reasons: list[str | None] = [None] * params.n
+        logprobs: list[list[TokenLogprob]] | None = None
+        if params.logprobs is not None:
+            logprobs = [[] for _ in range(params.n)]
+        prompt_logprobs = None
         prompt_tokens = completion_tokens = 0
         async for out in self.stream(prompt_ids, params, adapter=adapter, request_id=rid,
                                      constraint=constraint):
@@ -224,8 +250,13 @@ class LLM:
                 tokens[delta.index].extend(delta.token_ids)
                 if delta.finish_reason:
                     reasons[delta.index] = delta.finish_reason
+                if logprobs is not None and delta.logprobs:
+                    logprobs[delta.index].extend(delta.logprobs)
+            if out.prompt_logprobs is not None:
+                prompt_logprobs = out.prompt_logprobs
             prompt_tokens, completion_tokens = out.prompt_tokens, out.completion_tokens
-        return Completion(rid, texts, tokens, reasons, prompt_tokens, completion_tokens, adapter)
+        return Completion(rid, texts, tokens, reasons, prompt_tokens, completion_tokens, adapter,
+                          logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     def _compiled_stats(self) -> dict[str, Any] | None:
         """``--compile``: the batch buckets and how many decode steps ran compiled."""

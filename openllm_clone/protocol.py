@@ -272,9 +272,12 @@ class _OpenAISampling(BaseModel):
             return {k: v for k, v in data.items() if v is not None}
         return data
 
-    def _sampling(self, max_tokens: int | None) -> SamplingParams:
+    def _sampling(self, max_tokens: int | None, logprobs: int | None = None,
+                  prompt_logprobs: int | None = None) -> SamplingParams:
         return SamplingParams(
             max_new_tokens=max_tokens if max_tokens is not None else 16,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=max(self.top_k or 0, 0),
@@ -295,8 +298,13 @@ class CompletionRequest(_OpenAISampling):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="A prompt, a list of prompts, a list of token ids, or a list of token-id lists; "
         "each prompt gets n choices, indexed prompt * n + i as OpenAI does.")
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(
+        default=16, ge=0, description="0 with echo and logprobs scores the prompt only.")
     echo: bool = False
+    logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_LOGPROBS,
+        description="Logprobs of the chosen tokens and this many alternatives (of the prompt's "
+        "too with echo).")
     response_format: dict[str, Any] | None = Field(
         default=None, description="text, json_object, or json_schema (constrained decoding)."
     )
@@ -329,7 +337,8 @@ class CompletionRequest(_OpenAISampling):
 
     def sampling_params(self) -> SamplingParams:
         """Validated sampling parameters."""
-        return self._sampling(self.max_tokens)
+        return self._sampling(self.max_tokens, self.logprobs,
+                              self.logprobs if self.echo else None)
 
 
 class ChatCompletionRequest(_OpenAISampling):
@@ -343,17 +352,23 @@ class ChatCompletionRequest(_OpenAISampling):
     )
     tools: list[dict[str, Any]] | None = Field(default=None, max_length=128)
     tool_choice: str | dict[str, Any] | None = None
+    logprobs: bool = Field(default=False, description="Return the chosen tokens' logprobs.")
+    top_logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_LOGPROBS,
+        description="Alternatives per token (needs logprobs: true).")
 
     @model_validator(mode="after")
     def _text_only(self) -> ChatCompletionRequest:
         for message in self.messages:
             message.text()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         return self
 
     def sampling_params(self, default_max: int) -> SamplingParams:
         """Validated sampling parameters; ``default_max`` when no limit is given."""
         limit = self.max_completion_tokens or self.max_tokens or default_max
-        return self._sampling(limit)
+        return self._sampling(limit, (self.top_logprobs or 0) if self.logprobs else None)
 
 
 class LoadAdapterRequest(BaseModel):

@@ -174,3 +174,131 @@ def test_huge_or_negative_token_ids_are_400(tiny_server: Server, body: dict[str,
     r = httpx.post(f"{tiny_server.url}/v1/completions", timeout=60, json={"model": "tiny-llama", **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+# --- logprobs ---------------------------------------------------------------------------
+
+
+def _forward_logprobs(model_dir: Path, tokens: list[int]) -> Any:
+    """Row ``p``: transformers' fp32 log_softmax for the token after position ``p``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return torch.log_softmax(model(torch.tensor([tokens])).logits[0].float(), dim=-1)
+
+
+def _tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def _check_top(ref_row: Any, got: dict[str, float], k: int, tok: Any) -> None:
+    """``got`` (text -> logprob) holds the k most likely tokens with their logprobs."""
+    import torch
+
+    values, ids = torch.topk(ref_row, k)
+    for token, value in zip(ids.tolist(), values.tolist(), strict=True):
+        assert abs(got[tok.decode([token])] - value) < 1e-4
+
+
+def test_completion_logprobs_equal_a_forward(tiny_server: Server, tiny_model_dir: Path) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{tiny_server.url}/v1", api_key="unused")
+    tok = _tokenizer(tiny_model_dir)
+    ids = tok(PROMPT)["input_ids"]
+    r = client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=8, temperature=0,
+                                  logprobs=3, extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert lp is not None and len(lp.tokens) == 8
+    out = _generate(tiny_server)["outputs"][0]["token_ids"][:8]  # the same greedy tokens
+    ref = _forward_logprobs(tiny_model_dir, ids + out)
+    for j, token in enumerate(out):
+        assert lp.tokens[j] == tok.decode([token])
+        assert abs(lp.token_logprobs[j] - float(ref[len(ids) - 1 + j, token])) < 1e-4
+        _check_top(ref[len(ids) - 1 + j], lp.top_logprobs[j], 3, tok)
+        assert len(lp.top_logprobs[j]) <= 4  # the alternatives and the chosen token
+    assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
+    if not any("\ufffd" in t for t in lp.tokens):  # no character split across tokens
+        assert "".join(lp.tokens) == r.choices[0].text
+
+    # echo + max_tokens=0 scores the prompt only (what lm-eval's loglikelihood sends).
+    scored = client.completions.create(model="tiny-llama", prompt=[ids, ids[:5]], max_tokens=0,
+                                       echo=True, logprobs=1, temperature=0)
+    assert [c.index for c in scored.choices] == [0, 1]
+    assert scored.usage is not None and scored.usage.completion_tokens == 0
+    prompt_ref = _forward_logprobs(tiny_model_dir, ids)
+    for choice, prompt in zip(scored.choices, [ids, ids[:5]], strict=True):
+        assert choice.text == tok.decode(prompt) and choice.finish_reason == "length"
+        got = choice.logprobs
+        assert got is not None and len(got.token_logprobs) == len(prompt)
+        assert got.token_logprobs[0] is None and got.top_logprobs[0] is None
+        for p in range(1, len(prompt)):
+            assert abs(got.token_logprobs[p] - float(prompt_ref[p - 1, prompt[p]])) < 1e-4
+            _check_top(prompt_ref[p - 1], got.top_logprobs[p], 1, tok)
+
+    # echo with generation: the prompt's entries, then the completion's, in one list; the
+    # stream carries the same logprobs.
+    both = client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=4, temperature=0,
+                                     echo=True, logprobs=2, extra_body={"ignore_eos": True})
+    whole = both.choices[0].logprobs
+    assert whole is not None and len(whole.tokens) == len(ids) + 4
+    assert whole.token_logprobs[1:len(ids)] == pytest.approx(
+        [float(prompt_ref[p - 1, ids[p]]) for p in range(1, len(ids))], abs=1e-4)
+    assert whole.token_logprobs[len(ids):] == pytest.approx(lp.token_logprobs[:4], abs=1e-5)
+    streamed: list[float | None] = []
+    offsets: list[int] = []
+    for chunk in client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=4, temperature=0,
+                                           echo=True, logprobs=2, stream=True,
+                                           extra_body={"ignore_eos": True}):
+        for c in chunk.choices:
+            if c.logprobs is not None:
+                streamed += c.logprobs.token_logprobs
+                offsets += c.logprobs.text_offset
+    assert streamed[0] is None and streamed[1:] == pytest.approx(whole.token_logprobs[1:], abs=1e-5)
+    assert offsets == whole.text_offset
+
+
+def test_chat_logprobs_equal_a_forward(tiny_server: Server, tiny_model_dir: Path) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{tiny_server.url}/v1", api_key="unused")
+    tok = _tokenizer(tiny_model_dir)
+    messages = [{"role": "user", "content": "Say something."}]
+    r = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=6, temperature=0,
+                                       logprobs=True, top_logprobs=4, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == 6
+    prompt = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))["input_ids"]
+    tokens = list(prompt)  # greedy continuation, one forward per token, as the reference
+    for entry in content:
+        ref = _forward_logprobs(tiny_model_dir, tokens)[-1]
+        best = int(ref.argmax())
+        assert entry.token == tok.decode([best])
+        assert abs(entry.logprob - float(ref[best])) < 1e-4
+        top = ref.topk(4)
+        assert [t.token for t in entry.top_logprobs] == [tok.decode([i]) for i in top.indices.tolist()]
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+        if "\ufffd" not in entry.token:  # a whole character: its bytes are its UTF-8
+            assert bytes(entry.bytes or []).decode() == entry.token
+        tokens.append(best)
+    if not any("\ufffd" in e.token for e in content):
+        assert "".join(e.token for e in content) == r.choices[0].message.content
+    streamed = []
+    for chunk in client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=6,
+                                                temperature=0, logprobs=True, top_logprobs=4, stream=True,
+                                                extra_body={"ignore_eos": True}):
+        for c in chunk.choices:
+            if c.logprobs is not None and c.logprobs.content:
+                streamed += [(e.token, e.logprob) for e in c.logprobs.content]
+    assert [t for t, _ in streamed] == [e.token for e in content]
+    assert [v for _, v in streamed] == pytest.approx([e.logprob for e in content], abs=1e-5)
+    bad = httpx.post(f"{tiny_server.url}/v1/chat/completions", timeout=60, json={
+        "model": "tiny-llama", "messages": messages, "top_logprobs": 2})
+    assert bad.status_code == 400 and "logprobs" in bad.json()["error"]["message"]
+    bad = httpx.post(f"{tiny_server.url}/v1/completions", timeout=60, json={
+        "model": "tiny-llama", "prompt": PROMPT, "logprobs": 21})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "logprobs"
