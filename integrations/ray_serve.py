@@ -69,9 +69,9 @@ _HOP_HEADERS = {b"host", b"content-length", b"transfer-encoding", b"connection"}
 
 def _error_message(exc: OpenLLMCloneError) -> dict[str, Any]:
     """The API's own error response (status, JSON body, Retry-After...) as plain parts."""
-    from openllm_clone.api import _error_response
+    from openllm_clone.api import error_response
 
-    response = _error_response(exc)
+    response = error_response(exc)
     headers = {k: v for k, v in response.headers.items() if k != "content-length"}
     return {"status": response.status_code, "headers": headers, "body": bytes(response.body)}
 
@@ -503,13 +503,13 @@ class Router:
 
     @router_app.post("/v1/adapters")
     async def load_adapter(self, request: Request) -> Response:
-        from openllm_clone.api import _error_response, _json_body, _parse
+        from openllm_clone.api import error_response, json_body, parse_body
         from openllm_clone.protocol import LoadAdapterRequest
 
         try:
-            body = _parse(LoadAdapterRequest, await _json_body(request))
+            body = parse_body(LoadAdapterRequest, await json_body(request))
         except OpenLLMCloneError as exc:
-            return _error_response(exc)
+            return error_response(exc)
         spec = {"name": body.name, "source": body.source, "pinned": body.pinned, "force": body.force}
         current = self.specs.get(body.name) or next(
             (a for a in self._startup if a["name"] == body.name and body.name not in self.unloaded), None)

@@ -53,7 +53,7 @@ from .logprobs import (
 )
 from .structured import parse_tool_output, plan_tools
 
-__all__ = ["build_app", "sse"]
+__all__ = ["build_app", "error_response", "json_body", "parse_body", "sse", "validation_error"]
 
 logger = logging.getLogger("openllm_clone.access")
 
@@ -65,7 +65,7 @@ def sse(payload: Any) -> str:
     return f"data: {data}\n\n"
 
 
-def _error_response(exc: OpenLLMCloneError) -> JSONResponse:
+def error_response(exc: OpenLLMCloneError) -> JSONResponse:
     headers = {}
     if isinstance(exc, CapacityError):
         headers["Retry-After"] = str(max(1, int(round(exc.retry_after))))
@@ -74,7 +74,7 @@ def _error_response(exc: OpenLLMCloneError) -> JSONResponse:
     return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
 
 
-def _validation_error(exc: ValidationError | RequestValidationError) -> InvalidRequestError:
+def validation_error(exc: ValidationError | RequestValidationError) -> InvalidRequestError:
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
@@ -83,23 +83,23 @@ def _validation_error(exc: ValidationError | RequestValidationError) -> InvalidR
     return InvalidRequestError(f"{field}: {msg}" if field else str(msg), param=field)
 
 
-def _parse(model: type[Any], body: Any) -> Any:
+def parse_body(model: type[Any], body: Any) -> Any:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        raise _validation_error(exc) from exc
+        raise validation_error(exc) from exc
 
 
 def _sampling(fn: Callable[[], SamplingParams]) -> SamplingParams:
     try:
         return fn()
     except ValidationError as exc:
-        raise _validation_error(exc) from exc
+        raise validation_error(exc) from exc
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from exc
 
 
-async def _json_body(request: Request) -> Any:
+async def json_body(request: Request) -> Any:
     try:
         return await request.json()
     except (ValueError, UnicodeDecodeError) as exc:
@@ -110,7 +110,7 @@ async def _openllm_request(
     llm: LLM, request: Request
 ) -> tuple[GenerateRequest, SamplingParams, str | None, list[int]]:
     """Body, sampling parameters, adapter and prompt tokens of an OpenLLM-route request."""
-    body = _parse(GenerateRequest, await _json_body(request))
+    body = parse_body(GenerateRequest, await json_body(request))
     params = _sampling(body.sampling_params)
     adapter = await _adapter_for(llm, body.adapter_name, body.merged_adapters)
     return body, params, adapter, llm.tokenize(body.prompt)
@@ -142,31 +142,31 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
 
     @app.exception_handler(OpenLLMCloneError)
     async def _on_error(_: Request, exc: OpenLLMCloneError) -> JSONResponse:
-        return _error_response(exc)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error_response(_validation_error(exc))
+        return error_response(validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         """Unknown routes and methods answer JSON in OpenAI's error shape, like every error."""
         if exc.status_code == 404:
-            return _error_response(NotFoundError(f"no route {request.method} {request.url.path}"))
+            return error_response(NotFoundError(f"no route {request.method} {request.url.path}"))
         if exc.status_code == 405:
-            response = _error_response(MethodNotAllowedError(
+            response = error_response(MethodNotAllowedError(
                 f"{request.method} is not allowed on {request.url.path}"))
             if exc.headers and "allow" in {k.lower() for k in exc.headers}:
                 response.headers.update(exc.headers)
             return response
         error = OpenLLMCloneError(str(exc.detail))
         error.status_code = exc.status_code
-        return _error_response(error)
+        return error_response(error)
 
     @app.exception_handler(Exception)
     async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error")
-        return _error_response(OpenLLMCloneError(f"internal error: {type(exc).__name__}"))
+        return error_response(OpenLLMCloneError(f"internal error: {type(exc).__name__}"))
 
     @app.middleware("http")
     async def _access_log(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
@@ -261,7 +261,7 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
     @router.post("/completions")
     async def completions(request: Request) -> Any:
         llm = get_llm()
-        body = _parse(CompletionRequest, await _json_body(request))
+        body = parse_body(CompletionRequest, await json_body(request))
         adapter = await _adapter_for(llm, llm.resolve_model_name(body.model), body.merged_adapters)
         params = _sampling(body.sampling_params)
         prompts = body.prompt_list()
@@ -324,7 +324,7 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
     @router.post("/chat/completions")
     async def chat_completions(request: Request) -> Any:
         llm = get_llm()
-        body = _parse(ChatCompletionRequest, await _json_body(request))
+        body = parse_body(ChatCompletionRequest, await json_body(request))
         adapter = await _adapter_for(llm, llm.resolve_model_name(body.model), body.merged_adapters)
         tool_plan = plan_tools(body.tools or [], body.tool_choice)
         messages = body.messages
@@ -393,7 +393,7 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
     @router.post("/adapters")
     async def load_adapter(request: Request) -> JSONResponse:
         llm = get_llm()
-        body = _parse(LoadAdapterRequest, await _json_body(request))
+        body = parse_body(LoadAdapterRequest, await json_body(request))
         record = await llm.adapters.load(body.name, body.source, pinned=body.pinned, force=body.force)
         return JSONResponse(record.info().model_dump(), status_code=200)
 

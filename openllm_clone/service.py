@@ -1,7 +1,9 @@
 """The BentoML service: one LLM per worker process, the /v1 routes, Prometheus metrics.
 
 BentoML provides ``/livez``, ``/readyz``, ``/metrics`` and ``/healthz``; the
-OpenLLM, OpenAI and adapter routes are a FastAPI app mounted under ``/v1``.
+OpenLLM, OpenAI and adapter routes are a FastAPI app mounted under ``/v1``; the TGI/LoRAX
+and tokenizer routes (:mod:`openllm_clone.compat`) a second one at the root, which BentoML
+mounts passively (only paths it serves reach it).
 Settings arrive through ``OPENLLM_CLONE_SETTINGS`` (set by ``openllm-clone start``
 or baked into a bento) and are read in ``__init__``, never at import time.
 """
@@ -16,6 +18,7 @@ from typing import Any
 import bentoml
 
 from openllm_clone.api import build_app
+from openllm_clone.compat import build_root_app
 from openllm_clone.engine.engine import EngineObserver
 from openllm_clone.engine.sequence import RequestGroup
 from openllm_clone.middleware import GuardMiddleware
@@ -39,6 +42,7 @@ def _llm() -> Any:
 
 
 app = build_app(_llm)
+root_app = build_root_app(_llm)  # TGI/LoRAX and tokenizer routes: only its own paths match
 
 
 class PrometheusObserver(EngineObserver):
@@ -147,6 +151,7 @@ def _report_fatal(exc: BaseException) -> None:
             fh.write(reason.replace("\n", " ") + "\n")
 
 
+@bentoml.asgi_app(root_app, path="/", name="compat")
 @bentoml.asgi_app(app, path="/v1")
 @bentoml.service(name="openllm-clone", workers=1, traffic={"timeout": 3600})
 class LLMService:

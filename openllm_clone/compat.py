@@ -1,0 +1,404 @@
+"""Routes at the server's root for clients written for other servers.
+
+- TGI and LoRAX (``text-generation``, ``lorax-client``): ``POST /`` (what both clients
+  call: a list of one answer, or a stream when ``stream`` is true), ``POST /generate``,
+  ``POST /generate_stream`` and ``GET /info``, with their request shape (``inputs``,
+  ``parameters``), answers (``generated_text``, ``details``), SSE events (``token``,
+  ``generated_text``, ``details``) and error shape (``{"error", "error_type"}``).
+  ``adapter_id`` names an adapter as our other routes do (loaded, registered, or
+  just-in-time from the model store); ``adapter_source="local"`` loads a folder under
+  ``--adapter-root``. A parameter we cannot honour is refused (422), never ignored.
+- vLLM's ``POST /tokenize``, ``POST /detokenize`` and ``GET /tokenizer_info`` (what
+  lm-eval's remote tokenizer calls).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .api import json_body, sse, validation_error
+from .errors import CapacityError, InvalidRequestError, OpenLLMCloneError
+from .llm import LLM
+from .protocol import MAX_LOGPROBS, MAX_N, ChatMessage, SamplingParams, new_request_id
+
+__all__ = ["build_root_app"]
+
+class TGIMergedAdapters(BaseModel):
+    """LoRAX's ``merged_adapters`` (only the linear strategy: an exact weighted sum)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[str] = Field(min_length=2, max_length=8)
+    weights: list[float] = Field(min_length=2, max_length=8)
+    merge_strategy: Literal["linear"] | None = None
+    density: float = Field(default=1.0, ge=0.0, le=1.0, description="Unused by 'linear'.")
+    majority_sign_method: None = None
+
+
+class TGIParameters(BaseModel):
+    """``parameters`` of a TGI / LoRAX request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapter_id: str | None = Field(default=None, max_length=4096)
+    adapter_source: Literal["hub", "local"] | None = None
+    merged_adapters: TGIMergedAdapters | None = None
+    api_token: None = Field(default=None, description="Adapters are never downloaded here.")
+    do_sample: bool = False
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    ignore_eos_token: bool = False
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    return_full_text: bool = False
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    temperature: float | None = Field(default=None, ge=0.0, le=5.0)
+    top_k: int | None = Field(default=None, gt=0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    truncate: int | None = Field(default=None, gt=0)
+    typical_p: None = Field(default=None, description="Typical sampling is not implemented.")
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
+    watermark: Literal[False] = False
+    details: bool = False
+    decoder_input_details: bool = False
+    top_n_tokens: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    return_k_alternatives: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    grammar: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+    @property
+    def sampling(self) -> bool:
+        """TGI samples when asked to or when any warper is set."""
+        if self.temperature == 0.0:
+            return False
+        return self.do_sample or any(v is not None for v in (self.temperature, self.top_k, self.top_p))
+
+
+class TGIRequest(BaseModel):
+    """Body of ``POST /``, ``/generate`` and ``/generate_stream``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: str = Field(min_length=1)
+    parameters: TGIParameters = Field(default_factory=TGIParameters)
+    stream: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_parameters(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("parameters") is None:
+            data = {k: v for k, v in data.items() if k != "parameters"}
+        return data
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's ``/tokenize`` body: a prompt, or chat messages rendered by the template."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's ``/detokenize`` body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1_000_000)
+
+
+def _tgi_error(exc: OpenLLMCloneError) -> JSONResponse:
+    """TGI's error shape; bad input is its 422 ``validation``."""
+    if isinstance(exc, InvalidRequestError):
+        return JSONResponse({"error": exc.message, "error_type": "validation"}, status_code=422)
+    kind = "overloaded" if isinstance(exc, CapacityError) else (
+        "generation" if exc.status_code >= 500 else exc.error_type)
+    headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if isinstance(exc, CapacityError) else {}
+    return JSONResponse({"error": exc.message, "error_type": kind}, status_code=exc.status_code,
+                        headers=headers)
+
+
+def _parse(model: type[Any], body: Any) -> Any:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from exc
+
+
+class _Plan:
+    """What a TGI request asks of the engine."""
+
+    def __init__(self, llm: LLM, body: TGIRequest) -> None:
+        p = body.parameters
+        if p.grammar is not None and p.response_format is not None:
+            raise InvalidRequestError("give grammar or response_format, not both", param="grammar")
+        if p.adapter_id and p.merged_adapters:
+            raise InvalidRequestError("give adapter_id or merged_adapters, not both", param="adapter_id")
+        if (p.best_of or 1) > 1:
+            if body.stream:
+                raise InvalidRequestError("best_of > 1 cannot stream", param="best_of")
+            if not p.sampling:
+                raise InvalidRequestError("best_of > 1 needs sampling (do_sample or a temperature)",
+                                          param="best_of")
+        self.ids = llm.tokenize(body.inputs)
+        if p.truncate is not None:
+            self.ids = self.ids[-p.truncate:]  # TGI keeps the prompt's last tokens
+        self.top = p.top_n_tokens if p.top_n_tokens is not None else (p.return_k_alternatives or 0)
+        remaining = max(1, llm.runner.info.max_model_len - len(self.ids))
+        try:
+            self.params = SamplingParams(
+                # LoRAX's default: up to the context's end (capped as chat's default is).
+                max_new_tokens=p.max_new_tokens or min(remaining, 4096),
+                temperature=(p.temperature if p.temperature is not None else 1.0) if p.sampling else 0.0,
+                top_p=p.top_p or 1.0,
+                top_k=p.top_k or 0,
+                repetition_penalty=p.repetition_penalty or 1.0,
+                frequency_penalty=p.frequency_penalty or 0.0,
+                stop=p.stop,
+                seed=p.seed,
+                n=p.best_of or 1,
+                ignore_eos=p.ignore_eos_token,
+                logprobs=self.top,  # every token carries its logprob in TGI's answers
+                prompt_logprobs=self.top if p.decoder_input_details else None,
+            )
+        except ValidationError as exc:
+            raise validation_error(exc) from exc
+        self.constraint = llm.constraint_for(self._response_format(p))
+        self.details = p.details
+        self.decoder_input_details = p.decoder_input_details
+        self.return_full_text = p.return_full_text
+        self.body = body
+
+    @staticmethod
+    def _response_format(p: TGIParameters) -> dict[str, Any] | None:
+        if p.response_format is not None:  # LoRAX: {"type": "json_object", "schema": {...}}
+            schema = p.response_format.get("schema")
+            if p.response_format.get("type") != "json_object":
+                raise InvalidRequestError("response_format.type must be json_object",
+                                          param="response_format")
+            if schema is None:
+                return {"type": "json_object"}
+            return {"type": "json_schema", "json_schema": {"schema": schema}}
+        if p.grammar is not None:  # TGI: {"type": "json", "value": schema}
+            if p.grammar.get("type") != "json":
+                raise InvalidRequestError("only JSON grammars are supported (regex grammars are not)",
+                                          param="grammar")
+            value = p.grammar.get("value")
+            return {"type": "json_schema", "json_schema": {"schema": value}}
+        return None
+
+
+async def _adapter(llm: LLM, p: TGIParameters) -> str | None:
+    """The adapter a TGI request names (None: the base model)."""
+    if p.merged_adapters is not None:
+        m = p.merged_adapters
+        if len(m.ids) != len(m.weights):
+            raise InvalidRequestError("merged_adapters ids and weights differ in length",
+                                      param="merged_adapters")
+        return await llm.adapters.merged(m.ids, m.weights)
+    name = p.adapter_id
+    if not name or name in (llm.name, llm.runner.info.model_id):
+        return None
+    if p.adapter_source == "local":
+        if not llm.adapters.roots:
+            raise InvalidRequestError(
+                "adapter_source='local' needs the server started with --adapter-root (the "
+                "folders requests may load adapters from)", param="adapter_source")
+        if llm.adapters.get(name) is None:
+            await llm.adapters.load(name, name)  # the path is checked against the roots
+    return name  # a loaded or registered name, or one in the model store (loaded on use)
+
+
+def _finish(llm: LLM, reason: str | None, tokens: list[int], params: SamplingParams) -> str:
+    if reason == "length":
+        return "length"
+    if tokens and tokens[-1] in llm.engine.eos_ids and not params.ignore_eos:
+        return "eos_token"
+    return "stop_sequence"
+
+
+def _token(llm: LLM, entry: Any, plan: _Plan) -> dict[str, Any]:
+    strings = llm.token_strings
+    out: dict[str, Any] = {"id": entry.token_id, "text": strings.text(entry.token_id),
+                           "logprob": entry.logprob, "special": strings.special(entry.token_id)}
+    if plan.top:
+        out["alternative_tokens"] = [{"id": t, "text": strings.text(t), "logprob": v} for t, v in entry.top]
+    return out
+
+
+def _top_tokens(llm: LLM, entry: Any) -> list[dict[str, Any]]:
+    strings = llm.token_strings
+    return [{"id": t, "text": strings.text(t), "logprob": v, "special": strings.special(t)}
+            for t, v in entry.top]
+
+
+def _prefill(llm: LLM, plan: _Plan, prompt_lp: list[Any] | None) -> list[dict[str, Any]]:
+    if not plan.decoder_input_details or prompt_lp is None:
+        return []
+    strings = llm.token_strings
+    return [{"id": t, "text": strings.text(t), "logprob": None if e is None else e.logprob}
+            for t, e in zip(plan.ids, prompt_lp, strict=True)]
+
+
+def build_root_app(get_llm: Callable[[], LLM]) -> FastAPI:
+    """The FastAPI app served at the root (see the module's docstring)."""
+    app = FastAPI(title="openllm-clone (TGI/LoRAX and tokenizer routes)", version="0.1.0",
+                  docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(OpenLLMCloneError)
+    async def _on_error(_: Request, exc: OpenLLMCloneError) -> JSONResponse:
+        return _tgi_error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _tgi_error(validation_error(exc))
+
+    async def _plan(request: Request) -> tuple[LLM, _Plan, str | None]:
+        llm = get_llm()
+        body = _parse(TGIRequest, await json_body(request))
+        plan = _Plan(llm, body)
+        adapter = await _adapter(llm, body.parameters)
+        llm.engine.check_prompt(plan.ids, plan.params)
+        return llm, plan, adapter
+
+    async def _answer(llm: LLM, plan: _Plan, adapter: str | None) -> dict[str, Any]:
+        result = await llm.complete(plan.ids, plan.params, adapter=adapter, constraint=plan.constraint)
+        assert result.logprobs is not None
+        n = len(result.texts)
+
+        def total(i: int) -> float:
+            return sum(e.logprob for e in result.logprobs[i])  # type: ignore[index]
+
+        order = sorted(range(n), key=total, reverse=True)  # best_of: the likeliest sample wins
+        prefix = plan.body.inputs if plan.return_full_text else ""
+
+        def sequence(i: int) -> dict[str, Any]:
+            tokens = result.token_ids[i]
+            return {
+                "generated_text": prefix + result.texts[i],
+                "finish_reason": _finish(llm, result.finish_reasons[i], tokens, plan.params),
+                "generated_tokens": len(tokens),
+                "seed": plan.params.seed,
+                "prefill": _prefill(llm, plan, result.prompt_logprobs),
+                "tokens": [_token(llm, e, plan) for e in result.logprobs[i]],  # type: ignore[index]
+                **({"top_tokens": [_top_tokens(llm, e) for e in result.logprobs[i]]}  # type: ignore[index]
+                   if plan.top else {}),
+            }
+
+        best = sequence(order[0])
+        answer: dict[str, Any] = {"generated_text": best.pop("generated_text")}
+        if plan.details:
+            best["prompt_tokens"] = result.prompt_tokens
+            if n > 1:
+                best["best_of_sequences"] = [sequence(i) for i in order[1:]]
+            answer["details"] = best
+        return answer
+
+    def _stream(llm: LLM, plan: _Plan, adapter: str | None) -> StreamingResponse:
+        async def events() -> AsyncIterator[str]:
+            text = plan.body.inputs if plan.return_full_text else ""
+            tokens: list[int] = []
+            try:
+                async for out in llm.stream(plan.ids, plan.params, adapter=adapter,
+                                            request_id=new_request_id("tgi"), constraint=plan.constraint):
+                    for d in out.deltas:
+                        text += d.text
+                        tokens.extend(d.token_ids)
+                        for k, entry in enumerate(d.logprobs or []):
+                            last = d.finish_reason is not None and k == len(d.logprobs or []) - 1
+                            event: dict[str, Any] = {"token": _token(llm, entry, plan),
+                                                     "generated_text": text if last else None,
+                                                     "details": None}
+                            if plan.top:
+                                event["top_tokens"] = _top_tokens(llm, entry)
+                            if last:
+                                event["details"] = {
+                                    "finish_reason": _finish(llm, d.finish_reason, tokens, plan.params),
+                                    "generated_tokens": len(tokens), "prompt_tokens": out.prompt_tokens,
+                                    "seed": plan.params.seed}
+                            yield sse(event)
+            except OpenLLMCloneError as exc:
+                yield sse({"error": exc.message, "error_type": "generation"})
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/")
+    async def compat(request: Request) -> Any:
+        llm, plan, adapter = await _plan(request)
+        if plan.body.stream:
+            return _stream(llm, plan, adapter)
+        return [await _answer(llm, plan, adapter)]
+
+    @app.post("/generate")
+    async def generate(request: Request) -> Any:
+        llm, plan, adapter = await _plan(request)
+        return await _answer(llm, plan, adapter)
+
+    @app.post("/generate_stream")
+    async def generate_stream(request: Request) -> Any:
+        llm, plan, adapter = await _plan(request)
+        return _stream(llm, plan, adapter)
+
+    @app.get("/info")
+    async def info() -> dict[str, Any]:
+        llm = get_llm()
+        meta = llm.runner.info
+        return {"model_id": meta.model_id, "model_dtype": meta.dtype, "model_device_type": meta.device,
+                "max_input_length": meta.max_model_len - 1, "max_total_tokens": meta.max_model_len,
+                "max_concurrent_requests": llm.settings.max_batch_size + llm.settings.max_queue,
+                "max_best_of": MAX_N, "max_stop_sequences": 16, "router": "openllm-clone",
+                "version": "0.1.0", "adapters": llm.adapters.names()}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        llm = get_llm()
+        body = _parse(TokenizeRequest, await json_body(request))
+        text = body.prompt if body.prompt is not None else llm.chat_prompt(body.messages or [])
+        ids = list(llm.tokenizer(text, add_special_tokens=body.add_special_tokens)["input_ids"])
+        return {"count": len(ids), "max_model_len": llm.runner.info.max_model_len, "tokens": ids,
+                "token_strs": llm.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        llm = get_llm()
+        body = _parse(DetokenizeRequest, await json_body(request))
+        vocab = llm.runner.info.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise InvalidRequestError(f"token ids must lie in 0..{vocab - 1}", param="tokens")
+        return {"prompt": llm.tokenizer.decode(body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        llm = get_llm()
+        tok = llm.tokenizer
+        return {"tokenizer_class": type(tok).__name__, "model_max_length": llm.runner.info.max_model_len,
+                "vocab_size": len(tok), "eos_token": tok.eos_token, "bos_token": tok.bos_token,
+                "pad_token": tok.pad_token, "unk_token": tok.unk_token,
+                "chat_template": getattr(tok, "chat_template", None)}
+
+    return app

@@ -1,0 +1,135 @@
+"""Clients written for other servers, unchanged, against ours: TGI's ``text-generation``,
+LoRAX's ``lorax-client`` (generate and generate_stream, with adapters and details), and
+vLLM's tokenizer routes as lm-eval's remote tokenizer calls them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.families import reference_greedy
+from tests.helpers import Server
+
+pytestmark = pytest.mark.e2e
+
+PROMPT = "The weather today is"
+
+
+def _forward_logprobs(model_dir: Path, tokens: list[int], adapter: Path | None = None) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
+    with torch.inference_mode():
+        return torch.log_softmax(model(torch.tensor([tokens])).logits[0].float(), dim=-1)
+
+
+def _prompt_ids(server: Server) -> list[int]:
+    r = httpx.post(f"{server.url}/tokenize", json={"prompt": PROMPT}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()["tokens"]
+
+
+def test_text_generation_client(tiny_server: Server, tiny_model_dir: Path) -> None:
+    from text_generation import Client
+    from text_generation.errors import ValidationError
+
+    client = Client(tiny_server.url, timeout=120)
+    ids = _prompt_ids(tiny_server)
+    want = reference_greedy(tiny_model_dir, [ids], 8)[0]
+    r = client.generate(PROMPT, max_new_tokens=8, decoder_input_details=True, top_n_tokens=2)
+    details = r.details
+    assert [t.id for t in details.tokens] == want
+    assert details.finish_reason.value == "length" and details.generated_tokens == 8
+    ref = _forward_logprobs(tiny_model_dir, ids + want)
+    for j, token in enumerate(details.tokens):
+        assert abs(token.logprob - float(ref[len(ids) - 1 + j, token.id])) < 1e-4
+        assert [t.id for t in details.top_tokens[j]] == ref[len(ids) - 1 + j].topk(2).indices.tolist()
+    assert [t.id for t in details.prefill] == ids and details.prefill[0].logprob is None
+    for p in range(1, len(ids)):
+        assert abs(details.prefill[p].logprob - float(ref[p - 1, ids[p]])) < 1e-4
+    streamed = list(client.generate_stream(PROMPT, max_new_tokens=8))
+    assert [e.token.id for e in streamed] == want
+    assert streamed[-1].generated_text == r.generated_text
+    assert streamed[-1].details is not None and streamed[-1].details.generated_tokens == 8
+    assert all(e.generated_text is None for e in streamed[:-1])
+    full = client.generate(PROMPT, max_new_tokens=3, return_full_text=True)
+    assert full.generated_text.startswith(PROMPT)
+    # Refused, not ignored: a watermark this server cannot apply.
+    with pytest.raises(ValidationError):
+        client.generate(PROMPT, max_new_tokens=3, watermark=True)
+
+
+def test_lorax_client_with_adapters(tiny_server: Server, tiny_model_dir: Path,
+                                    tiny_adapters: dict[str, Path]) -> None:
+    from lorax import Client
+    from lorax.errors import NotFoundError, ValidationError
+
+    client = Client(tiny_server.url, timeout=120)
+    ids = _prompt_ids(tiny_server)
+    want = reference_greedy(tiny_model_dir, [ids], 8, adapter=tiny_adapters["alpha"])[0]
+    base = reference_greedy(tiny_model_dir, [ids], 8)[0]
+    assert want != base
+    r = client.generate(PROMPT, adapter_id="alpha", max_new_tokens=8, details=True,
+                        return_k_alternatives=2)
+    assert r.details is not None and [t.id for t in r.details.tokens] == want
+    assert r.details.prompt_tokens == len(ids)
+    ref = _forward_logprobs(tiny_model_dir, ids + want, tiny_adapters["alpha"])
+    for j, token in enumerate(r.details.tokens):
+        assert abs(token.logprob - float(ref[len(ids) - 1 + j, token.id])) < 1e-4
+        assert token.alternative_tokens is not None and len(token.alternative_tokens) == 2
+    stream = list(client.generate_stream(PROMPT, adapter_id="alpha", max_new_tokens=8))
+    assert [e.token.id for e in stream] == want
+    assert stream[-1].generated_text == r.generated_text
+    assert [t.id for t in client.generate(PROMPT, max_new_tokens=8, details=True).details.tokens] == base
+    merged = client.generate(PROMPT, max_new_tokens=4, details=True,
+                             merged_adapters={"ids": ["alpha", "beta"], "weights": [0.5, 0.5],
+                                              "merge_strategy": "linear", "density": 1.0})
+    assert merged.details is not None and len(merged.details.tokens) == 4
+    best = client.generate(PROMPT, max_new_tokens=4, details=True, do_sample=True, best_of=2)
+    assert best.details is not None and best.details.best_of_sequences is not None
+    runner_up = best.details.best_of_sequences[0]
+    assert sum(t.logprob for t in best.details.tokens) >= sum(t.logprob for t in runner_up.tokens)
+    with pytest.raises(NotFoundError):
+        client.generate(PROMPT, adapter_id="no-such-adapter", max_new_tokens=2)
+    with pytest.raises(ValidationError):
+        client.generate(PROMPT, adapter_id=str(tiny_adapters["beta"]), adapter_source="local",
+                        max_new_tokens=2)  # no --adapter-root: local folders are refused
+
+
+async def test_async_clients(tiny_server: Server) -> None:
+    from lorax import AsyncClient as LoraxAsync
+    from text_generation import AsyncClient as TGIAsync
+
+    tgi = await TGIAsync(tiny_server.url, timeout=120).generate(PROMPT, max_new_tokens=4)
+    lorax = await LoraxAsync(tiny_server.url, timeout=120).generate(PROMPT, max_new_tokens=4)
+    assert tgi.generated_text == lorax.generated_text
+    tokens = [e.token.id async for e in LoraxAsync(tiny_server.url, timeout=120).generate_stream(
+        PROMPT, adapter_id="beta", max_new_tokens=4)]
+    assert len(tokens) == 4
+
+
+def test_tokenizer_routes(tiny_server: Server, tiny_model_dir: Path) -> None:
+    from lm_eval.utils import RemoteTokenizer
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    remote = RemoteTokenizer(f"{tiny_server.url}/v1/completions")
+    text = "Tokenize me, please: héllo 日本"
+    assert remote.encode(text) == tok(text, add_special_tokens=False)["input_ids"]
+    assert remote.decode(remote.encode(text)) == text
+    assert remote.eos_token == tok.eos_token and remote.eos_token_id == tok.eos_token_id
+    chat = httpx.post(f"{tiny_server.url}/tokenize", timeout=30,
+                      json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["tokens"] == tok(tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                         add_generation_prompt=True))["input_ids"]
+    for bad in ({"tokens": [10**9]}, {"tokens": "x"}):
+        r = httpx.post(f"{tiny_server.url}/detokenize", json=bad, timeout=30)
+        assert r.status_code == 422 and "error" in r.json()
