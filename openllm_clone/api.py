@@ -95,6 +95,8 @@ def _sampling(fn: Callable[[], SamplingParams]) -> SamplingParams:
         return fn()
     except ValidationError as exc:
         raise validation_error(exc) from exc
+    except InvalidRequestError:
+        raise
     except ValueError as exc:
         raise InvalidRequestError(str(exc)) from exc
 

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from openllm_clone.errors import InvalidRequestError
+
 __all__ = [
     "AdapterInfo",
     "ChatCompletionRequest",
@@ -178,7 +180,13 @@ class GenerateRequest(BaseModel):
             value = getattr(self, key, None)
             if value is not None:
                 merged[key] = value
-        return SamplingParams.model_validate(merged)
+        params = SamplingParams.model_validate(merged)
+        if params.max_new_tokens < 1:  # no prompt scoring on this route: 0 would do nothing
+            raise InvalidRequestError("max_new_tokens: must be at least 1", param="max_new_tokens")
+        if params.logprobs is not None or params.prompt_logprobs is not None:
+            raise InvalidRequestError("logprobs are served on /v1/completions and "
+                                      "/v1/chat/completions", param="logprobs")
+        return params
 
 
 class CompletionOutput(BaseModel):

@@ -33,15 +33,27 @@ __all__ = ["Constraint", "GrammarFactory", "ToolPlan", "parse_tool_output", "pla
 # parses: at temperature 1 a small model can otherwise write digits or a string forever.
 TAIL_TOKENS = 24
 _CLOSER_TIERS = ('}]"', '}]",')
+# Inside a string, '}' and ']' are text, and a model can write them forever: where the
+# grammar allows letters (free text), tokens that end the string come first.
+_QUOTE_CLOSERS = '"}],'
 
 
 class Constraint:
     """A compiled grammar; ``matcher()`` makes the per-sequence state."""
 
-    def __init__(self, compiled: Any, vocab_size: int, closers: list[Any] | None = None) -> None:
+    def __init__(self, compiled: Any, vocab_size: int, closers: list[Any] | None = None,
+                 text_probe: Any = None, quote_closers: Any = None) -> None:
         self.compiled = compiled
         self.vocab_size = vocab_size
         self.closers = closers or []  # bool masks over the vocabulary, most closing first
+        self.text_probe = text_probe  # tokens of letters only: allowed inside strings alone
+        self.quote_closers = quote_closers  # tokens that end a string ('"', '"}', '",' ...)
+
+    def tail_tiers(self, allowed: Any) -> list[Any]:
+        """Closing tokens to prefer, most closing first, given the tokens ``allowed`` now."""
+        if self.text_probe is not None and bool((allowed & self.text_probe).any()):
+            return [self.quote_closers, *self.closers]
+        return self.closers
 
     def matcher(self) -> Any:
         import xgrammar as xgr
@@ -62,20 +74,25 @@ class GrammarFactory:
         self._closers: list[Any] | None = None
 
     def _closer_masks(self) -> list[Any]:
-        """Tokens made only of closing characters (one mask per tier)."""
+        """Tokens made only of closing characters (one mask per tier), then the letters-only
+        probe and the string-ending tokens (see :meth:`Constraint.tail_tiers`)."""
         if self._closers is None:
             import torch
 
             texts = [self.tokenizer.decode([i]) for i in range(min(len(self.tokenizer),
                                                                    self.vocab_size))]
-            tiers = []
-            for chars in _CLOSER_TIERS:
+
+            def mask_of(test: Any) -> Any:
                 mask = torch.zeros(self.vocab_size, dtype=torch.bool)
                 for i, text in enumerate(texts):
                     stripped = text.strip()
-                    if stripped and set(stripped) <= set(chars):
+                    if stripped and test(stripped):
                         mask[i] = True
-                tiers.append(mask)
+                return mask
+
+            tiers = [mask_of(lambda t, c=chars: set(t) <= set(c)) for chars in _CLOSER_TIERS]
+            tiers.append(mask_of(str.isalpha))
+            tiers.append(mask_of(lambda t: t[0] == '"' and set(t) <= set(_QUOTE_CLOSERS)))
             self._closers = tiers
         return self._closers
 
@@ -103,7 +120,8 @@ class GrammarFactory:
             except Exception as exc:  # xgrammar raises RuntimeError/ValueError on bad schemas
                 raise InvalidRequestError(f"unsupported JSON schema: {exc}",
                                           param="response_format") from exc
-            constraint = Constraint(compiled, self.vocab_size, self._closer_masks())
+            *closers, probe, quotes = self._closer_masks()
+            constraint = Constraint(compiled, self.vocab_size, closers, probe, quotes)
             self._cache[key] = constraint
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)

@@ -616,7 +616,7 @@ class Engine:
             if seq.params.max_new_tokens - len(seq.output_ids) > TAIL_TOKENS:
                 continue
             allowed = sub[k] > float("-inf")
-            for closers in seq.group.constraint.closers:
+            for closers in seq.group.constraint.tail_tiers(allowed):
                 pick = allowed & closers[:vocab]
                 if bool(pick.any()):
                     sub[k].masked_fill_(~pick, float("-inf"))
