@@ -361,8 +361,7 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
                     delta = {"role": "assistant", "content": d.text}
                 logprobs = None
                 if body.logprobs:
-                    logprobs = {"content": chat_logprobs(llm.token_strings,
-                                                         llm.visible_logprobs(d.logprobs, params)),
+                    logprobs = {"content": chat_logprobs(llm.token_strings, d.logprobs or []),
                                 "refusal": None}
                 return {"index": d.index, "delta": delta, "logprobs": logprobs,
                         "finish_reason": d.finish_reason}
@@ -473,8 +472,7 @@ def _chat_logprobs(llm: LLM, params: SamplingParams, result: Any, i: int, asked:
     """Chat ``logprobs`` of a finished choice (None unless asked)."""
     if not asked or result.logprobs is None:
         return None
-    return {"content": chat_logprobs(llm.token_strings, llm.visible_logprobs(result.logprobs[i], params)),
-            "refusal": None}
+    return {"content": chat_logprobs(llm.token_strings, result.logprobs[i]), "refusal": None}
 
 
 def _tool_stream(base: dict[str, Any], result: Any, include_usage: bool,
@@ -507,9 +505,11 @@ def _completion_logprobs(llm: LLM, params: SamplingParams, prompt_lp: list[Any] 
                          prompt_ids: list[int], entries: list[Any] | None, offset: int
                          ) -> tuple[dict[str, Any], int]:
     """A completions choice's ``logprobs`` (the echoed prompt's first, when given), and the
-    text offset after it."""
+    text offset after it. Every generated token has an entry, an end-of-sequence token
+    included (as vLLM does; lm-eval's loglikelihood drops the last entry as the generated
+    one)."""
     strings = llm.token_strings
-    tail_lp = llm.visible_logprobs(entries, params)
+    tail_lp = entries or []
     if prompt_lp is None:
         return completion_logprobs(strings, tail_lp, offset)
     head, offset = prompt_completion_logprobs(strings, prompt_lp, prompt_ids)

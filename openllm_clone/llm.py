@@ -174,16 +174,6 @@ class LLM:
             self._token_strings = TokenStrings(self.tokenizer)
         return self._token_strings
 
-    def visible_logprobs(self, entries: list[TokenLogprob] | None, params: SamplingParams
-                         ) -> list[TokenLogprob]:
-        """Generated tokens' logprobs as the text shows them: without an end-of-sequence
-        token that ended generation (it is not part of the text)."""
-        if not entries:
-            return []
-        if params.ignore_eos:
-            return list(entries)
-        return [e for e in entries if e.token_id not in self.engine.eos_ids]
-
     def chat_prompt_text(self, text: str) -> str:
         """A single user message rendered with the chat template."""
         return self.chat_prompt([ChatMessage(role="user", content=text)])
