@@ -41,11 +41,15 @@ OUT = Path(__file__).resolve().parent / "out"
 # --- the server side -----------------------------------------------------------------
 
 async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int,
-                      adapter: str | None = None, system: str | None = None) -> dict[str, Any]:
+                      adapter: str | None = None, system: str | None = None,
+                      logprobs: int | None = None) -> dict[str, Any]:
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": prompt})
-    body = {"model": adapter or "", "messages": messages,
-            "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}
+    body: dict[str, Any] = {"model": adapter or "", "messages": messages,
+                            "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                            "ignore_eos": True}
+    if logprobs is not None:
+        body.update(logprobs=True, top_logprobs=logprobs)
     start = time.perf_counter()
     stamps: list[float] = []
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
@@ -62,7 +66,7 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
 
 async def run_load(url: str, requests: list[tuple[str, int]], concurrency: int,
                    adapters: list[str] | None = None,
-                   systems: list[str] | None = None) -> dict[str, float]:
+                   systems: list[str] | None = None, logprobs: int | None = None) -> dict[str, float]:
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
@@ -70,7 +74,7 @@ async def run_load(url: str, requests: list[tuple[str, int]], concurrency: int,
             async with sem:
                 adapter = adapters[i % len(adapters)] if adapters else None
                 system = systems[i % len(systems)] if systems else None
-                return await one_request(client, url, prompt, n, adapter, system)
+                return await one_request(client, url, prompt, n, adapter, system, logprobs)
 
         t0 = time.perf_counter()
         results = await asyncio.gather(*(go(i, p, n) for i, (p, n) in enumerate(requests)))
@@ -193,6 +197,22 @@ def ct2_baseline(model_dir: str, prompts: list[str], new_tokens: int, batch: int
 
 # --- main ------------------------------------------------------------------------------
 
+def logprobs_row(url: str, requests: list[tuple[str, int]], concurrency: int,
+                 rounds: int = 3) -> dict[str, float]:
+    """The same batch with and without ``top_logprobs=5``, alternating rounds (this machine's
+    speed drifts between runs); prints the ratio of the medians."""
+    plain, with_lp = [], []
+    asyncio.run(run_load(url, requests[:2], 2, logprobs=5))  # warm-up
+    for _ in range(rounds):
+        plain.append(asyncio.run(run_load(url, requests, concurrency))["throughput"])
+        with_lp.append(asyncio.run(run_load(url, requests, concurrency, logprobs=5))["throughput"])
+    a, b = median(plain), median(with_lp)
+    print(f"logprobs: {concurrency} concurrent, top_logprobs=5: {b:.0f} tok/s vs {a:.0f} tok/s "
+          f"without (medians of {rounds} alternating rounds): {b / a:.2f}x "
+          f"(rounds: {', '.join(f'{x:.0f}' for x in plain)} / {', '.join(f'{x:.0f}' for x in with_lp)})")
+    return {"plain": a, "logprobs5": b, "ratio": b / a}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
@@ -204,6 +224,8 @@ def main() -> None:
     ap.add_argument("--skip-baselines", action="store_true")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="serve with the eager decode step instead of --compile")
+    ap.add_argument("--logprobs-only", action="store_true",
+                    help="only the logprobs row: batch-wide requests with and without top_logprobs=5")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
 
@@ -224,6 +246,9 @@ def main() -> None:
     # Compiling four batch buckets takes minutes on 2 cores the first time.
     with run_server(serve_args, {}, log, ready_timeout=900 if args.compile else 240) as server:
         url = server.url
+        if args.logprobs_only:
+            logprobs_row(url, fixed[: args.batch], args.batch)
+            return
         # KV memory first, while the block peak is fresh: 64 short requests at once.
         short = workload(64, seed=2, out_min=32, out_max=32)
         asyncio.run(run_load(url, short, 64))
@@ -248,6 +273,7 @@ def main() -> None:
                                                                  systems=distinct))
         server_results["prefix_hit_blocks"] = (after["prefix_cache_hits"]
                                                - before["prefix_cache_hits"])
+        server_results["logprobs"] = logprobs_row(url, fixed[: args.batch], args.batch)
         peak_rss = rss_peak_mb(server.proc.pid)
 
     base: dict[str, float] = {}
