@@ -53,14 +53,27 @@ def tiny_adapters(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
     }
 
 
+def _tiny_server_args(tiny_model_dir: Path, tiny_adapters: dict[str, Path]) -> list[str]:
+    return [str(tiny_model_dir), "--dtype", "float32", "--max-batch-size", "8",
+            "--adapter-id", f"alpha={tiny_adapters['alpha']}",
+            "--adapter-id", f"beta={tiny_adapters['beta']}",
+            "--max-adapters", "3", "--kv-cache-mb", "64"]
+
+
+@pytest.fixture(scope="session")
+def shared_tiny_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
+                       tiny_adapters: dict[str, Path]) -> Iterator[Server]:
+    """One server as ``tiny_server`` for the modules that only send requests (others'
+    clients and suites), so that each does not pay for a start of its own."""
+    log = tmp_path_factory.mktemp("logs") / "shared-tiny-server.log"
+    with run_server(_tiny_server_args(tiny_model_dir, tiny_adapters), {}, log) as server:
+        yield server
+
+
 @pytest.fixture(scope="module")
 def tiny_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
                 tiny_adapters: dict[str, Path]) -> Iterator[Server]:
     """A real server on the tiny model, with alpha and beta loaded at start-up."""
     log = tmp_path_factory.mktemp("logs") / "tiny-server.log"
-    args = [str(tiny_model_dir), "--dtype", "float32", "--max-batch-size", "8",
-            "--adapter-id", f"alpha={tiny_adapters['alpha']}",
-            "--adapter-id", f"beta={tiny_adapters['beta']}",
-            "--max-adapters", "3", "--kv-cache-mb", "64"]
-    with run_server(args, {}, log) as server:
+    with run_server(_tiny_server_args(tiny_model_dir, tiny_adapters), {}, log) as server:
         yield server

@@ -25,6 +25,12 @@ from tests.helpers import Server  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
+
+@pytest.fixture(scope="module")
+def tiny_server(shared_tiny_server: Server) -> Server:
+    """This module only sends requests: the session's shared server serves it."""
+    return shared_tiny_server
+
 _SERVER: dict[str, str] = {}
 
 

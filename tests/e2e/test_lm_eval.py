@@ -16,6 +16,12 @@ pytest.importorskip("lm_eval")
 
 pytestmark = pytest.mark.e2e
 
+
+@pytest.fixture(scope="module")
+def tiny_server(shared_tiny_server: Server) -> Server:
+    """This module only sends requests: the session's shared server serves it."""
+    return shared_tiny_server
+
 TASKS_DIR = Path(__file__).resolve().parent.parent / "lm_eval_tasks"
 TASKS = ["openllm_clone_choice", "openllm_clone_gen"]
 

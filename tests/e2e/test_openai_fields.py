@@ -14,6 +14,12 @@ from tests.helpers import Server
 
 pytestmark = pytest.mark.e2e
 
+
+@pytest.fixture(scope="module")
+def tiny_server(shared_tiny_server: Server) -> Server:
+    """This module only sends requests: the session's shared server serves it."""
+    return shared_tiny_server
+
 PROMPT = "The weather today is"
 N = 12
 

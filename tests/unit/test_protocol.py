@@ -41,7 +41,7 @@ def test_settings_reject_duplicate_adapter_names() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("max_new_tokens", 0), ("temperature", -1), ("top_p", 0), ("top_p", 1.5),
+    [("max_new_tokens", -1), ("temperature", -1), ("top_p", 0), ("top_p", 1.5),
      ("top_k", -2), ("repetition_penalty", 0), ("n", 0), ("n", 17), ("seed", -1)],
 )
 def test_sampling_bounds_name_the_field(field: str, value: float) -> None:
