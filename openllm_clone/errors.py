@@ -5,6 +5,7 @@ typed ones also inherit the builtin that callers already catch::
 
     OpenLLMCloneError                      500
       InvalidRequestError (ValueError)     400
+        RequestTooLargeError               413  (a body over --max-body-mb)
       AuthenticationError                  401
       NotFoundError (LookupError)          404  (an unknown route or model)
       MethodNotAllowedError                405
@@ -40,6 +41,7 @@ __all__ = [
     "NotFoundError",
     "OpenLLMCloneError",
     "RequestTimeoutError",
+    "RequestTooLargeError",
     "UnavailableError",
 ]
 
@@ -72,6 +74,13 @@ class InvalidRequestError(OpenLLMCloneError, ValueError):
 
     status_code = 400
     error_type = "invalid_request_error"
+
+
+class RequestTooLargeError(InvalidRequestError):
+    """The request body is over the server's limit."""
+
+    status_code = 413
+    error_type = "request_too_large"
 
 
 class AuthenticationError(OpenLLMCloneError):

@@ -12,7 +12,7 @@ import json
 import re
 from typing import Any
 
-from .engine.sequence import TokenLogprob
+from .protocol import TokenLogprob
 
 __all__ = ["TokenStrings", "chat_logprobs", "completion_logprobs", "merge_completion_logprobs",
            "prompt_completion_logprobs"]

@@ -13,6 +13,12 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from openllm_clone.errors import (
+    AuthenticationError,
+    NotFoundError,
+    OpenLLMCloneError,
+    RequestTooLargeError,
+)
 from openllm_clone.settings import Settings
 
 __all__ = ["PUBLIC_PATHS", "GuardMiddleware"]
@@ -31,11 +37,11 @@ def _matches(token: str, keys: list[str]) -> bool:
     return ok
 
 
-async def _reply(send: Send, status: int, error_type: str, message: str,
+async def _reply(send: Send, error: OpenLLMCloneError,
                  headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = json.dumps({"error": {"message": message, "type": error_type, "param": None,
-                                 "code": status}}).encode()
-    await send({"type": "http.response.start", "status": status,
+    """Answer with ``error``'s status and JSON body (the one builder, ``to_dict``)."""
+    body = json.dumps(error.to_dict()).encode()
+    await send({"type": "http.response.start", "status": error.status_code,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode()), *(headers or [])]})
     await send({"type": "http.response.body", "body": body})
@@ -68,17 +74,16 @@ class GuardMiddleware:
             keys = settings.admin_api_keys if admin_route and settings.admin_api_keys else (
                 settings.api_keys + settings.admin_api_keys)
             if scheme.lower() != "bearer" or not _matches(token, keys):
-                await _reply(send, 401, "authentication_error",
-                             "admin API key required" if admin_route and settings.admin_api_keys
-                             else "missing or invalid API key",
-                             [(b"www-authenticate", b"Bearer")])
+                await _reply(send, AuthenticationError(
+                    "admin API key required" if admin_route and settings.admin_api_keys
+                    else "missing or invalid API key"), [(b"www-authenticate", b"Bearer")])
                 return
         limit = settings.max_body_bytes
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _reply(send, 413, "request_too_large",
-                         f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
+            await _reply(send, RequestTooLargeError(
+                f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes"))
             return
         seen = 0
 
@@ -94,8 +99,8 @@ class GuardMiddleware:
         try:
             await self.app(scope, bounded_receive, _json_not_found(scope, send))
         except _TooLarge as exc:
-            await _reply(send, 413, "request_too_large",
-                         f"request body exceeds the limit of {exc.limit} bytes")
+            await _reply(send, RequestTooLargeError(
+                f"request body exceeds the limit of {exc.limit} bytes"))
 
 
 def _json_not_found(scope: Scope, send: Send) -> Send:
@@ -109,10 +114,8 @@ def _json_not_found(scope: Scope, send: Send) -> Send:
             kind = dict(message.get("headers") or []).get(b"content-type", b"")
             if kind.startswith(b"text/plain"):
                 replacing = True
-                from openllm_clone.errors import NotFoundError
-
-                await _reply(send, 404, NotFoundError.error_type,
-                             f"no route {scope.get('method', '')} {scope.get('path', '')}")
+                await _reply(send, NotFoundError(
+                    f"no route {scope.get('method', '')} {scope.get('path', '')}"))
                 return
         if replacing and message["type"] == "http.response.body":
             return  # the plain "Not Found" text

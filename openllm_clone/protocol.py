@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -27,7 +28,10 @@ __all__ = [
     "MAX_N",
     "MergedAdapters",
     "MAX_STOP",
+    "RequestOutput",
     "SamplingParams",
+    "SeqDelta",
+    "TokenLogprob",
     "new_request_id",
 ]
 
@@ -411,3 +415,43 @@ class AdapterInfo(BaseModel):
 def unix_time() -> int:
     """Seconds since the epoch (OpenAI ``created``)."""
     return int(time.time())
+
+
+# --- what the engine streams back (plain dataclasses: made once per step and token) ---
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability and the ``top`` most likely tokens at its position
+    (``(token id, logprob)``, most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class SeqDelta:
+    """What one sequence produced in one step (``logprobs``: one per token, when asked)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class RequestOutput:
+    """One streamed event of a request: deltas of its sequences, and usage so far."""
+
+    request_id: str
+    deltas: list[SeqDelta]
+    prompt_tokens: int
+    completion_tokens: int
+    finished: bool
+    error: str | None = None
+    error_status: int = 500
+    # Once per request, with the first output after the prompt is computed, when asked:
+    # one entry per prompt token, the first None (nothing predicts it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None

@@ -2,7 +2,7 @@
 
 BentoML provides ``/livez``, ``/readyz``, ``/metrics`` and ``/healthz``; the
 OpenLLM, OpenAI and adapter routes are a FastAPI app mounted under ``/v1``; the TGI/LoRAX
-and tokenizer routes (:mod:`openllm_clone.compat`) a second one at the root, which BentoML
+and tokenizer routes (:mod:`openllm_clone.api.tgi`, :mod:`openllm_clone.api.tokenizer`) a second one at the root, which BentoML
 mounts passively (only paths it serves reach it).
 Settings arrive through ``OPENLLM_CLONE_SETTINGS`` (set by ``openllm-clone start``
 or baked into a bento) and are read in ``__init__``, never at import time.
@@ -17,8 +17,7 @@ from typing import Any
 
 import bentoml
 
-from openllm_clone.api import build_app
-from openllm_clone.compat import build_root_app
+from openllm_clone.api import build_app, build_root_app
 from openllm_clone.engine.engine import EngineObserver
 from openllm_clone.engine.sequence import RequestGroup
 from openllm_clone.middleware import GuardMiddleware

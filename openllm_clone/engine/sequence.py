@@ -1,4 +1,8 @@
-"""Sequences (one per sample) and the request groups they belong to."""
+"""Sequences (one per sample) and the request groups they belong to.
+
+What a request streams back (:class:`RequestOutput`, :class:`SeqDelta`,
+:class:`TokenLogprob`) lives with the other schemas in :mod:`openllm_clone.protocol`.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,12 @@ import asyncio
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from openllm_clone.protocol import RequestOutput, SamplingParams, SeqDelta, TokenLogprob
 
-from openllm_clone.protocol import SamplingParams
+if TYPE_CHECKING:
+    import torch
 
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 
@@ -23,43 +28,6 @@ class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-@dataclass
-class TokenLogprob:
-    """A token's log-probability and the ``top`` most likely tokens at its position
-    (``(token id, logprob)``, most likely first)."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
-
-
-@dataclass
-class SeqDelta:
-    """What one sequence produced in one step (``logprobs``: one per token, when asked)."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None
-    logprobs: list[TokenLogprob] | None = None
-
-
-@dataclass
-class RequestOutput:
-    """One streamed event of a request: deltas of its sequences, and usage so far."""
-
-    request_id: str
-    deltas: list[SeqDelta]
-    prompt_tokens: int
-    completion_tokens: int
-    finished: bool
-    error: str | None = None
-    error_status: int = 500
-    # Once per request, with the first output after the prompt is computed, when asked:
-    # one entry per prompt token, the first None (nothing predicts it).
-    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass

@@ -138,4 +138,4 @@ def test_tokenizer_routes(tiny_server: Server, tiny_model_dir: Path) -> None:
                                                          add_generation_prompt=True))["input_ids"]
     for bad in ({"tokens": [10**9]}, {"tokens": "x"}):
         r = httpx.post(f"{tiny_server.url}/detokenize", json=bad, timeout=30)
-        assert r.status_code == 422 and "error" in r.json()
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"

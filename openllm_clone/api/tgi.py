@@ -1,33 +1,36 @@
-"""Routes at the server's root for clients written for other servers.
+"""TGI's and LoRAX's routes, at the server's root: ``POST /`` (what both clients call: a
+list of one answer, or a stream when ``stream`` is true), ``POST /generate``,
+``POST /generate_stream`` and ``GET /info``, with their request shape (``inputs``,
+``parameters``), answers (``generated_text``, ``details``), SSE events (``token``,
+``generated_text``, ``details``) and error shape (``{"error", "error_type"}``), so that
+``text-generation`` and ``lorax-client`` run unchanged.
 
-- TGI and LoRAX (``text-generation``, ``lorax-client``): ``POST /`` (what both clients
-  call: a list of one answer, or a stream when ``stream`` is true), ``POST /generate``,
-  ``POST /generate_stream`` and ``GET /info``, with their request shape (``inputs``,
-  ``parameters``), answers (``generated_text``, ``details``), SSE events (``token``,
-  ``generated_text``, ``details``) and error shape (``{"error", "error_type"}``).
-  ``adapter_id`` names an adapter as our other routes do (loaded, registered, or
-  just-in-time from the model store); ``adapter_source="local"`` loads a folder under
-  ``--adapter-root``. A parameter we cannot honour is refused (422), never ignored.
-- vLLM's ``POST /tokenize``, ``POST /detokenize`` and ``GET /tokenizer_info`` (what
-  lm-eval's remote tokenizer calls).
+``adapter_id`` names an adapter as the other routes do (loaded, registered, or
+just-in-time from the model store); ``adapter_source="local"`` loads a folder under
+``--adapter-root``. A parameter this server cannot honour is refused (422), never ignored.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .api import json_body, sse, validation_error
-from .errors import CapacityError, InvalidRequestError, OpenLLMCloneError
-from .llm import LLM
-from .protocol import MAX_LOGPROBS, MAX_N, ChatMessage, SamplingParams, new_request_id
+from openllm_clone.errors import CapacityError, InvalidRequestError, OpenLLMCloneError
+from openllm_clone.protocol import MAX_LOGPROBS, MAX_N, SamplingParams, new_request_id
 
-__all__ = ["build_root_app"]
+from .common import json_body, parse_body, sse, validation_error
+
+if TYPE_CHECKING:
+    from openllm_clone.llm import LLM
+
+__all__ = ["PATHS", "TGIParameters", "TGIRequest", "error_response", "router"]
+
+PATHS = frozenset({"/", "/generate", "/generate_stream", "/info"})
+
 
 class TGIMergedAdapters(BaseModel):
     """LoRAX's ``merged_adapters`` (only the linear strategy: an exact weighted sum)."""
@@ -104,35 +107,7 @@ class TGIRequest(BaseModel):
         return data
 
 
-class TokenizeRequest(BaseModel):
-    """vLLM's ``/tokenize`` body: a prompt, or chat messages rendered by the template."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
-    return_token_strs: bool = False
-
-    @model_validator(mode="after")
-    def _one_input(self) -> TokenizeRequest:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give either prompt or messages")
-        return self
-
-
-class DetokenizeRequest(BaseModel):
-    """vLLM's ``/detokenize`` body."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = None
-    tokens: list[int] = Field(max_length=1_000_000)
-
-
-def _tgi_error(exc: OpenLLMCloneError) -> JSONResponse:
+def error_response(exc: OpenLLMCloneError) -> JSONResponse:
     """TGI's error shape; bad input is its 422 ``validation``."""
     if isinstance(exc, InvalidRequestError):
         return JSONResponse({"error": exc.message, "error_type": "validation"}, status_code=422)
@@ -141,13 +116,6 @@ def _tgi_error(exc: OpenLLMCloneError) -> JSONResponse:
     headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if isinstance(exc, CapacityError) else {}
     return JSONResponse({"error": exc.message, "error_type": kind}, status_code=exc.status_code,
                         headers=headers)
-
-
-def _parse(model: type[Any], body: Any) -> Any:
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        raise validation_error(exc) from exc
 
 
 class _Plan:
@@ -265,22 +233,13 @@ def _prefill(llm: LLM, plan: _Plan, prompt_lp: list[Any] | None) -> list[dict[st
             for t, e in zip(plan.ids, prompt_lp, strict=True)]
 
 
-def build_root_app(get_llm: Callable[[], LLM]) -> FastAPI:
-    """The FastAPI app served at the root (see the module's docstring)."""
-    app = FastAPI(title="openllm-clone (TGI/LoRAX and tokenizer routes)", version="0.1.0",
-                  docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.exception_handler(OpenLLMCloneError)
-    async def _on_error(_: Request, exc: OpenLLMCloneError) -> JSONResponse:
-        return _tgi_error(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _tgi_error(validation_error(exc))
+def router(get_llm: Callable[[], LLM]) -> APIRouter:
+    """The TGI / LoRAX routes over the process's LLM."""
+    routes = APIRouter()
 
     async def _plan(request: Request) -> tuple[LLM, _Plan, str | None]:
         llm = get_llm()
-        body = _parse(TGIRequest, await json_body(request))
+        body = parse_body(TGIRequest, await json_body(request))
         plan = _Plan(llm, body)
         adapter = await _adapter(llm, body.parameters)
         llm.engine.check_prompt(plan.ids, plan.params)
@@ -347,24 +306,24 @@ def build_root_app(get_llm: Callable[[], LLM]) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @app.post("/")
+    @routes.post("/")
     async def compat(request: Request) -> Any:
         llm, plan, adapter = await _plan(request)
         if plan.body.stream:
             return _stream(llm, plan, adapter)
         return [await _answer(llm, plan, adapter)]
 
-    @app.post("/generate")
+    @routes.post("/generate")
     async def generate(request: Request) -> Any:
         llm, plan, adapter = await _plan(request)
         return await _answer(llm, plan, adapter)
 
-    @app.post("/generate_stream")
+    @routes.post("/generate_stream")
     async def generate_stream(request: Request) -> Any:
         llm, plan, adapter = await _plan(request)
         return _stream(llm, plan, adapter)
 
-    @app.get("/info")
+    @routes.get("/info")
     async def info() -> dict[str, Any]:
         llm = get_llm()
         meta = llm.runner.info
@@ -374,31 +333,4 @@ def build_root_app(get_llm: Callable[[], LLM]) -> FastAPI:
                 "max_best_of": MAX_N, "max_stop_sequences": 16, "router": "openllm-clone",
                 "version": "0.1.0", "adapters": llm.adapters.names()}
 
-    @app.post("/tokenize")
-    async def tokenize(request: Request) -> dict[str, Any]:
-        llm = get_llm()
-        body = _parse(TokenizeRequest, await json_body(request))
-        text = body.prompt if body.prompt is not None else llm.chat_prompt(body.messages or [])
-        ids = list(llm.tokenizer(text, add_special_tokens=body.add_special_tokens)["input_ids"])
-        return {"count": len(ids), "max_model_len": llm.runner.info.max_model_len, "tokens": ids,
-                "token_strs": llm.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None}
-
-    @app.post("/detokenize")
-    async def detokenize(request: Request) -> dict[str, Any]:
-        llm = get_llm()
-        body = _parse(DetokenizeRequest, await json_body(request))
-        vocab = llm.runner.info.vocab_size
-        if any(not 0 <= t < vocab for t in body.tokens):
-            raise InvalidRequestError(f"token ids must lie in 0..{vocab - 1}", param="tokens")
-        return {"prompt": llm.tokenizer.decode(body.tokens)}
-
-    @app.get("/tokenizer_info")
-    async def tokenizer_info() -> dict[str, Any]:
-        llm = get_llm()
-        tok = llm.tokenizer
-        return {"tokenizer_class": type(tok).__name__, "model_max_length": llm.runner.info.max_model_len,
-                "vocab_size": len(tok), "eos_token": tok.eos_token, "bos_token": tok.bos_token,
-                "pad_token": tok.pad_token, "unk_token": tok.unk_token,
-                "chat_template": getattr(tok, "chat_template", None)}
-
-    return app
+    return routes

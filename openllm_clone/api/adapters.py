@@ -1,0 +1,41 @@
+"""Adapter management: ``GET``/``POST /v1/adapters``, ``DELETE /v1/adapters/{name}``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from openllm_clone.protocol import LoadAdapterRequest
+
+from .common import json_body, parse_body
+
+if TYPE_CHECKING:
+    from openllm_clone.llm import LLM
+
+__all__ = ["router"]
+
+
+def router(get_llm: Callable[[], LLM]) -> APIRouter:
+    """List, load at run time, unload (after in-flight requests finish)."""
+    routes = APIRouter()
+
+    @routes.get("/adapters")
+    async def list_adapters() -> dict[str, Any]:
+        return {"object": "list", "data": [a.model_dump() for a in get_llm().adapters.list()]}
+
+    @routes.post("/adapters")
+    async def load_adapter(request: Request) -> JSONResponse:
+        llm = get_llm()
+        body = parse_body(LoadAdapterRequest, await json_body(request))
+        record = await llm.adapters.load(body.name, body.source, pinned=body.pinned, force=body.force)
+        return JSONResponse(record.info().model_dump(), status_code=200)
+
+    @routes.delete("/adapters/{name}")
+    async def unload_adapter(name: str) -> dict[str, Any]:
+        await get_llm().adapters.unload(name)
+        return {"name": name, "deleted": True}
+
+    return routes

@@ -1,0 +1,92 @@
+"""OpenLLM 0.4's routes: ``POST /v1/generate``, ``/v1/generate_stream``, ``/v1/metadata``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from openllm_clone.errors import OpenLLMCloneError
+from openllm_clone.protocol import (
+    CompletionOutput,
+    GenerateRequest,
+    GenerateResponse,
+    SamplingParams,
+)
+
+from .common import adapter_for, json_body, open_stream, parse_body, sampling, sse, usage
+
+if TYPE_CHECKING:
+    from openllm_clone.llm import LLM
+
+__all__ = ["router"]
+
+
+async def _request(llm: LLM, request: Request
+                   ) -> tuple[GenerateRequest, SamplingParams, str | None, list[int]]:
+    """Body, sampling parameters, adapter and prompt tokens of a request."""
+    body = parse_body(GenerateRequest, await json_body(request))
+    params = sampling(body.sampling_params)
+    adapter = await adapter_for(llm, body.adapter_name, body.merged_adapters)
+    return body, params, adapter, llm.tokenize(body.prompt)
+
+
+def router(get_llm: Callable[[], LLM]) -> APIRouter:
+    """The OpenLLM routes over the process's LLM."""
+    routes = APIRouter()
+
+    @routes.post("/generate")
+    async def generate(request: Request) -> JSONResponse:
+        llm = get_llm()
+        body, params, adapter, ids = await _request(llm, request)
+        result = await llm.complete(ids, params, adapter=adapter)
+        response = GenerateResponse(
+            request_id=result.request_id,
+            prompt=body.prompt,
+            adapter_name=adapter,
+            finished=True,
+            outputs=[
+                CompletionOutput(index=i, text=t, token_ids=result.token_ids[i],
+                                 finish_reason=result.finish_reasons[i])  # type: ignore[arg-type]
+                for i, t in enumerate(result.texts)
+            ],
+            prompt_token_ids=ids,
+            usage=usage(result.prompt_tokens, result.completion_tokens),
+        )
+        return JSONResponse(response.model_dump())
+
+    @routes.post("/generate_stream")
+    async def generate_stream(request: Request) -> StreamingResponse:
+        llm = get_llm()
+        _, params, adapter, ids = await _request(llm, request)
+        stream = await open_stream(llm, ids, params, adapter)
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for out in stream:
+                    yield sse(GenerateResponse(
+                        request_id=out.request_id,
+                        adapter_name=adapter,
+                        finished=out.finished,
+                        outputs=[CompletionOutput(index=d.index, text=d.text, token_ids=d.token_ids,
+                                                  finish_reason=d.finish_reason)  # type: ignore[arg-type]
+                                 for d in out.deltas],
+                        usage=usage(out.prompt_tokens, out.completion_tokens),
+                    ).model_dump(exclude_none=True))
+            except OpenLLMCloneError as exc:
+                yield sse(exc.to_dict())
+            yield sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @routes.get("/metadata")
+    async def metadata() -> dict[str, Any]:
+        return get_llm().metadata()
+
+    @routes.post("/metadata")
+    async def metadata_post() -> dict[str, Any]:
+        return get_llm().metadata()
+
+    return routes
