@@ -372,9 +372,9 @@ class GenericRunner:
         """Run plain bf16 Linear modules through oneDNN-prepacked weights (CPU): about 1.5x
         faster than ``F.linear``, as in the fast runner. A weight no other module shares is
         released (the packed copy replaces it); quantized layers keep their own modules."""
-        from .torch_runner import _packed_linears_work, _PackedLinear
+        from .packed import PackedLinear, packed_linears_work
 
-        if self.device.type != "cpu" or self.dtype != torch.bfloat16 or not _packed_linears_work():
+        if self.device.type != "cpu" or self.dtype != torch.bfloat16 or not packed_linears_work():
             return 0
         owners: dict[int, int] = {}
         for module in self.model.modules():
@@ -386,7 +386,7 @@ class GenericRunner:
             if (type(module) is not torch.nn.Linear or weight is None or type(weight.data) is not torch.Tensor
                     or weight.dtype != torch.bfloat16):
                 continue
-            packed = _PackedLinear(weight, module.bias)
+            packed = PackedLinear(weight, module.bias)
             module.forward = _packed_forward(packed)
             if owners.get(weight.data_ptr(), 0) == 1:
                 module.weight = torch.nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=False)

@@ -8,13 +8,15 @@ slower than from the main thread here (43 vs 23 tok/s at batch 1 on SmolLM2), so
 step stays on the thread that serves the loop. Every step:
 
 1. takes in new requests, cancellations and commands (adapter installs);
-2. admits waiting sequences into the running batch, bounded by ``max_batch_size``,
-   the per-step prefill token budget (long prompts are prefilled in chunks, so
-   running streams keep getting a token every step) and free KV blocks;
+2. asks the :class:`~.scheduler.Scheduler` for the step's rows: running sequences, then
+   waiting ones admitted under ``max_batch_size``, the per-step prefill token budget
+   (long prompts are prefilled in chunks, so running streams keep getting a token every
+   step) and free KV blocks; when the KV pool runs dry the newest sequence is preempted
+   and recomputed later, instead of failing. Block tables, the prefix cache and forks
+   are the :class:`~.block_manager.BlockManager`'s;
 3. runs one ``runner.step`` for all rows, each with its own adapter;
 4. samples, detokenizes, checks stops, streams each token, and retires finished
-   sequences at once, freeing their blocks. When the KV pool runs dry the newest
-   sequence is preempted and recomputed later, instead of failing.
+   sequences at once, freeing their blocks.
 
 A request with ``n > 1`` prefills its prompt once; its samples then share the
 prompt's full KV blocks and copy only the last partial one.
@@ -34,7 +36,6 @@ import logging
 import queue
 import random
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,8 +51,10 @@ from openllm_clone.errors import (
 from openllm_clone.protocol import SamplingParams, new_request_id
 from openllm_clone.runners.base import StepRow, logit_rows
 
-from .kv_cache import BlockAllocator, block_hash, blocks_for
+from .block_manager import BlockManager
+from .kv_cache import BlockAllocator, blocks_for
 from .sampling import sample_rows
+from .scheduler import Scheduler
 from .sequence import RequestGroup, RequestOutput, SeqDelta, SeqStatus, Sequence, TokenLogprob
 
 __all__ = ["Engine", "EngineConfig", "EngineObserver"]
@@ -104,8 +107,9 @@ class Engine:
         self.max_model_len = runner.info.max_model_len
         self.eos_ids = self._eos_ids(runner, tokenizer)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._waiting: deque[Sequence] = deque()
-        self._running: list[Sequence] = []
+        self.block_manager = BlockManager(self.blocks)
+        self.scheduler = Scheduler(self.block_manager, max_batch_size=self.config.max_batch_size,
+                                   max_prefill_tokens=self.config.max_prefill_tokens)
         self._groups: dict[str, RequestGroup] = {}
         self._pending = 0  # requests accepted but not yet finished
         self._stop = False
@@ -224,8 +228,8 @@ class Engine:
     def stats(self) -> dict[str, int]:
         """Queue, batch and KV usage now."""
         return {
-            "waiting": len(self._waiting),
-            "running": len(self._running),
+            "waiting": len(self.scheduler.waiting),
+            "running": len(self.scheduler.running),
             "pending": self._pending,
             "kv_blocks_used": self.blocks.num_used,
             "kv_blocks_total": self.blocks.num_blocks - 1,
@@ -274,7 +278,7 @@ class Engine:
         while not self._stop:
             self._drain_inbox()
             self._expire()
-            if not self._waiting and not self._running:
+            if not self.scheduler:
                 self._wake.clear()
                 if self._inbox.empty():
                     await self._wake.wait()
@@ -284,7 +288,7 @@ class Engine:
                 worked = self._step()
             except Exception as exc:  # a bug or a kernel failure: fail the batch, keep serving
                 logger.exception("engine step failed")
-                for seq in list(self._running) + list(self._waiting):
+                for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
                     self._fail(seq.group, f"internal error during generation: {exc}")
             # Let HTTP handlers run (and new requests arrive) between steps. One tick is
             # not enough: starting a stream takes a handful of callbacks in a row, and
@@ -327,6 +331,10 @@ class Engine:
 
     def _add(self, group: RequestGroup) -> None:
         self._groups[group.request_id] = group
+        lora = getattr(self.runner, "lora", None)
+        if lora is not None and group.adapter_slot:
+            # Which adapter (and which load of it) computes this request's keys and values.
+            group.adapter_key = (group.adapter_slot, lora.generation[group.adapter_slot])
         seed = group.params.seed
         if seed is None and not group.params.greedy:
             seed = self._seeds.getrandbits(63)
@@ -339,154 +347,39 @@ class Engine:
         if group.params.max_new_tokens == 0 and group.params.prompt_logprobs is None:
             self._finish_scoring(group)  # nothing to compute
             return
-        self._waiting.append(group.seqs[0])
-
-    def _schedule(self) -> list[tuple[Sequence, list[int], bool]]:
-        """Pick rows for this step: (sequence, tokens to compute, needs logits)."""
-        bs = self.blocks.block_size
-        budget = self.config.max_prefill_tokens
-        rows: list[tuple[Sequence, list[int], bool]] = []
-        scheduled: set[int] = set()
-        # Running sequences first: decode rows, then unfinished prompt chunks.
-        for seq in list(self._running):
-            if seq.status is not SeqStatus.RUNNING:
-                continue
-            todo = seq.tokens[seq.num_cached :]
-            if len(todo) > 1:
-                todo = todo[: max(budget, 0)]
-                if not todo:
-                    continue
-                budget -= len(todo)
-            if not self._reserve(seq, seq.num_cached + len(todo), scheduled):
-                continue
-            scheduled.add(id(seq))
-            rows.append((seq, todo, seq.num_cached + len(todo) == seq.num_tokens))
-        # Then admit waiting sequences while there is room.
-        while self._waiting and len(self._running) < self.config.max_batch_size and budget > 0:
-            seq = self._waiting[0]
-            matched = self._match_prefix(seq)
-            todo = seq.tokens[seq.num_cached :][:budget]
-            # Keep a block per running sequence free for their next tokens.
-            spare = self.blocks.num_free - len(self._running)
-            if blocks_for(seq.num_cached + len(todo), bs) - len(seq.block_table) > spare:
-                self._unmatch(seq, matched)
-                break
-            self._waiting.popleft()
-            if not self._reserve(seq, seq.num_cached + len(todo), scheduled):
-                self._unmatch(seq, matched)
-                self._waiting.appendleft(seq)
-                break
-            scheduled.add(id(seq))
-            seq.status = SeqStatus.RUNNING
-            self._running.append(seq)
-            budget -= len(todo)
-            rows.append((seq, todo, seq.num_cached + len(todo) == seq.num_tokens))
-        return rows
-
-    def _hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
-        """Prefix-cache keys of ``seq``'s first ``num_blocks`` full blocks (memoised)."""
-        keys = seq.block_hashes
-        if len(keys) < num_blocks:
-            bs = self.blocks.block_size
-            tokens = seq.tokens
-            lora = getattr(self.runner, "lora", None)
-            slot = seq.group.adapter_slot
-            # The adapter changes every key and value: the slot and which load of it.
-            extra = (slot, lora.generation[slot]) if lora is not None and slot else None
-            for j in range(len(keys), num_blocks):
-                keys.append(block_hash(keys[j - 1] if j else None, tokens[j * bs : (j + 1) * bs],
-                                       extra))
-        return keys[:num_blocks]
-
-    def _match_prefix(self, seq: Sequence) -> int:
-        """Start a fresh sequence on the cached blocks of its longest known prefix.
-
-        The block holding the last known token is never taken: that token is computed
-        again, for its logits, into a block of the sequence's own.
-        """
-        if seq.block_table or not self.blocks.prefix_caching or seq.group.wants_prompt_logits:
-            return 0
-        usable = (seq.num_tokens - 1) // self.blocks.block_size
-        if usable <= 0:
-            return 0
-        blocks = self.blocks.lookup(self._hashes(seq, usable))
-        seq.block_table = blocks
-        seq.num_registered = len(blocks)
-        seq.num_cached = len(blocks) * self.blocks.block_size
-        return len(blocks)
-
-    def _unmatch(self, seq: Sequence, matched: int) -> None:
-        """Give back blocks a sequence that stays waiting took from the prefix cache."""
-        if matched:
-            self.blocks.free(seq.block_table)
-            seq.block_table = []
-            seq.num_cached = seq.num_registered = 0
-
-    def _register(self, seq: Sequence) -> None:
-        """Record the sequence's newly completed full blocks in the prefix cache."""
-        full = seq.num_cached // self.blocks.block_size
-        if full <= seq.num_registered or not self.blocks.prefix_caching:
-            return
-        keys = self._hashes(seq, full)
-        for j in range(seq.num_registered, full):
-            self.blocks.register(seq.block_table[j], keys[j])
-        seq.num_registered = full
-
-    def _reserve(self, seq: Sequence, num_tokens: int, scheduled: set[int]) -> bool:
-        """Give ``seq`` blocks for ``num_tokens``; preempt newer sequences if needed."""
-        need = blocks_for(num_tokens, self.blocks.block_size) - len(seq.block_table)
-        while need > self.blocks.num_free:
-            victim = self._pick_victim(seq, scheduled)
-            if victim is None:
-                return False
-            self._preempt(victim)
-        for _ in range(need):
-            seq.block_table.append(self.blocks.allocate())
-        return True
-
-    def _pick_victim(self, seq: Sequence, scheduled: set[int]) -> Sequence | None:
-        """The newest running sequence not already in this step's rows."""
-        for other in reversed(self._running):
-            if other is not seq and id(other) not in scheduled and other.block_table:
-                return other
-        return None
-
-    def _preempt(self, seq: Sequence) -> None:
-        logger.info("KV cache full: preempting %s for recompute", seq.group.request_id)
-        self.blocks.free(seq.block_table)
-        seq.reset_for_recompute()
-        self._running.remove(seq)
-        self._waiting.appendleft(seq)
+        self.scheduler.add(group.seqs[0])
 
     def _step(self) -> bool:
         """Run one step; False when nothing could be scheduled."""
-        rows = self._schedule()
+        rows = self.scheduler.schedule()
         if not rows:
             return False
         step_rows = [
             StepRow(
-                token_ids=todo,
-                start_pos=seq.num_cached,
-                block_table=seq.block_table,
-                adapter_slot=seq.group.adapter_slot,
-                need_logits=need,
-                all_logits=seq.group.wants_prompt_logits and seq.num_cached < len(seq.group.prompt_ids) - 1,
+                token_ids=r.tokens,
+                start_pos=r.seq.num_cached,
+                block_table=r.seq.block_table,
+                adapter_slot=r.seq.group.adapter_slot,
+                need_logits=r.need_logits,
+                all_logits=(r.seq.group.wants_prompt_logits
+                            and r.seq.num_cached < len(r.seq.group.prompt_ids) - 1),
             )
-            for seq, todo, need in rows
+            for r in rows
         ]
         logits = self.runner.step(step_rows)
         self.steps += 1
-        for seq, todo, _ in rows:
-            seq.num_cached += len(todo)
-            self._register(seq)
+        for r in rows:
+            r.seq.num_cached += len(r.tokens)
+            self.block_manager.register(r.seq)
         sampled: list[Sequence] = []
         last_rows: list[int] = []  # each sampled row's logits: the last of the row's share
         at = 0
-        for (seq, _, need), row in zip(rows, step_rows, strict=True):
+        for r, row in zip(rows, step_rows, strict=True):
+            seq = r.seq
             k = logit_rows(row)
             if row.all_logits:
                 self._prompt_logprobs(seq, row.start_pos, logits[at : at + k])
-            if need:
+            if r.need_logits:
                 if seq.params.max_new_tokens == 0:
                     self._finish_scoring(seq.group)
                 else:
@@ -499,9 +392,8 @@ class Engine:
             # Logits are inference tensors: penalties and grammar masks edit them in place.
             with torch.inference_mode():
                 self._sample_and_emit(logits, sampled)
-        self.observer.on_step(
-            len(self._running), len(self._waiting), self.blocks.num_used, self.blocks.num_blocks - 1
-        )
+        self.observer.on_step(len(self.scheduler.running), len(self.scheduler.waiting),
+                              self.blocks.num_used, self.blocks.num_blocks - 1)
         return True
 
     def _prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
@@ -626,26 +518,17 @@ class Engine:
             logits[rows, vocab:] = float("-inf")
 
     def _fork(self, parent: Sequence, child: Sequence) -> None:
-        """Share the parent's full prompt blocks; copy the last partial one."""
-        bs = self.blocks.block_size
-        full = parent.num_cached // bs
-        child.block_table = [self.blocks.share(b) for b in parent.block_table[:full]]
-        if parent.num_cached % bs:
-            try:
-                block = self.blocks.allocate()
-            except MemoryError:
-                # No room to fork now: the child recomputes its prompt when admitted.
-                self.blocks.free(child.block_table)
-                child.reset_for_recompute()
-                self._waiting.append(child)
-                return
-            self.runner.copy_block(parent.block_table[full], block)
-            child.block_table.append(block)
-        child.num_cached = parent.num_cached
-        child.block_hashes = parent.block_hashes[:full]
-        child.num_registered = min(parent.num_registered, full)
-        child.status = SeqStatus.RUNNING
-        self._running.append(child)
+        """Start ``child`` on the parent's prompt blocks (the last partial one copied)."""
+        try:
+            copy = self.block_manager.fork(parent, child)
+        except MemoryError:
+            # No room to fork now: the child recomputes its prompt when admitted.
+            child.reset_for_recompute()
+            self.scheduler.add(child)
+            return
+        if copy is not None:
+            self.runner.copy_block(*copy)
+        self.scheduler.add_running(child)
 
     def _append(self, seq: Sequence, token: int) -> SeqDelta:
         seq.output_ids.append(token)
@@ -675,11 +558,8 @@ class Engine:
     def _retire(self, seq: Sequence, reason: str) -> None:
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
-        if seq.block_table:
-            self.blocks.free(seq.block_table)
-            seq.block_table = []
-        if seq in self._running:
-            self._running.remove(seq)
+        self.block_manager.release(seq)
+        self.scheduler.remove(seq)
 
     def _push(self, group: RequestGroup, deltas: list[SeqDelta], *, finished: bool,
               error: str | None = None, error_status: int = 500) -> None:
@@ -705,8 +585,7 @@ class Engine:
         for seq in group.seqs:
             if seq.status is not SeqStatus.FINISHED:
                 self._retire(seq, "abort")
-            if seq in self._waiting:
-                self._waiting.remove(seq)
+            self.scheduler.remove(seq)
         self._pending -= 1
         self.observer.on_finished(group, status, time.perf_counter() - group.arrival)
 

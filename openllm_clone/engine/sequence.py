@@ -47,6 +47,7 @@ class RequestGroup:
     forked: bool = False
     constraint: Any = None  # a structured.Constraint: every sequence gets a matcher
     deadline: float | None = None  # perf_counter time after which the request is failed
+    adapter_key: Any = None  # (slot, load generation) of the adapter: part of prefix-cache keys
     prompt_lp: list[TokenLogprob] = field(default_factory=list)  # for prompt tokens 1, 2, ...
     prompt_lp_sent: bool = False
 

@@ -1,0 +1,135 @@
+"""The scheduler and the block manager alone: no torch, no model, no runner (plain token
+ids; the detokenizer is never reached). Admission under the batch, prefill and KV-block
+budgets, preemption order, prefix matching (per adapter), and n > 1 forks."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+
+from openllm_clone.engine.block_manager import BlockManager
+from openllm_clone.engine.kv_cache import BlockAllocator
+from openllm_clone.engine.scheduler import Scheduler
+from openllm_clone.engine.sequence import RequestGroup, SeqStatus, Sequence
+from openllm_clone.protocol import SamplingParams
+
+BS = 4  # tokens per block
+
+
+def seq(prompt: list[int], *, adapter_key: object = None, n: int = 1) -> Sequence:
+    group = RequestGroup(request_id=f"r{id(prompt)}", prompt_ids=prompt,
+                         params=SamplingParams(max_new_tokens=8, n=n), adapter=None, adapter_slot=0,
+                         queue=asyncio.Queue())
+    group.adapter_key = adapter_key
+    s = Sequence(group, 0, tokenizer=None, generator=None)
+    group.seqs.append(s)
+    return s
+
+
+def make(num_blocks: int, *, batch: int = 8, prefill: int = 64) -> tuple[Scheduler, BlockManager]:
+    blocks = BlockManager(BlockAllocator(num_blocks, BS))
+    return Scheduler(blocks, max_batch_size=batch, max_prefill_tokens=prefill), blocks
+
+
+def step(sched: Scheduler, blocks: BlockManager) -> list[tuple[Sequence, int, bool]]:
+    """One step as the engine runs it, without a model: the rows' tokens become cached and
+    every finished prompt or decode row gets one new token."""
+    rows = sched.schedule()
+    for r in rows:
+        r.seq.num_cached += len(r.tokens)
+        blocks.register(r.seq)
+        if r.need_logits:
+            r.seq.output_ids.append(7)
+    return [(r.seq, len(r.tokens), r.need_logits) for r in rows]
+
+
+def test_imports_no_torch() -> None:
+    code = ("import sys; import openllm_clone.engine.scheduler, openllm_clone.engine.block_manager; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_admission_respects_the_batch_and_the_prefill_budget() -> None:
+    sched, blocks = make(64, batch=2, prefill=8)
+    a, b, c = seq(list(range(5))), seq(list(range(10, 15))), seq(list(range(20, 25)))
+    for s in (a, b, c):
+        sched.add(s)
+    # a whole, b's first 3 tokens (the budget), c waits: the batch holds two.
+    assert step(sched, blocks) == [(a, 5, True), (b, 3, False)]
+    assert list(sched.waiting) == [c] and c.status is SeqStatus.WAITING
+    # Next: a decodes one token, b finishes its prompt; c still waits.
+    assert step(sched, blocks) == [(a, 1, True), (b, 2, True)]
+    sched.remove(a)  # a finished
+    blocks.release(a)
+    rows = step(sched, blocks)
+    assert (c, 5, True) in rows and (b, 1, True) in rows
+
+
+def test_admission_keeps_a_block_per_running_sequence() -> None:
+    sched, blocks = make(5)  # 4 usable blocks
+    a = seq(list(range(12)))  # 3 blocks
+    b = seq(list(range(100, 104)))  # 1 block: would leave none for a's next token
+    sched.add(a)
+    sched.add(b)
+    assert step(sched, blocks) == [(a, 12, True)]
+    assert list(sched.waiting) == [b]
+
+
+def test_the_newest_running_sequence_is_preempted_first() -> None:
+    sched, blocks = make(5, prefill=64)  # 4 usable blocks
+    old, new = seq(list(range(7))), seq(list(range(50, 53)))
+    sched.add(old)
+    sched.add(new)
+    step(sched, blocks)  # old: 2 blocks, new: 1
+    assert blocks.num_free == 1
+    # Both grow; old (scheduled first) takes the last free block, new stalls; when old
+    # needs one more, new (the newest, not yet in that step) is preempted for it.
+    for _ in range(10):
+        step(sched, blocks)
+        if new.status is SeqStatus.WAITING:
+            break
+    assert new.status is SeqStatus.WAITING and new.block_table == [] and new.num_cached == 0
+    assert sched.waiting[0] is new and sched.running == [old] and len(old.block_table) == 4
+    assert old.num_cached == old.num_tokens - 1  # old kept computing
+
+
+def test_prefix_matching_reuses_full_blocks_of_the_same_adapter_only() -> None:
+    sched, blocks = make(32)
+    prompt = list(range(10))  # 2 full blocks + 2 tokens
+    first = seq(prompt)
+    sched.add(first)
+    step(sched, blocks)
+    again, other_adapter = seq(list(prompt)), seq(list(prompt), adapter_key=(1, 0))
+    assert blocks.match_prefix(again) == 2 and again.num_cached == 8
+    assert again.block_table == first.block_table[:2]
+    assert blocks.match_prefix(other_adapter) == 0
+    # The block of the last known token is never taken: its logits are needed.
+    exact = seq(list(range(8)))
+    assert blocks.match_prefix(exact) == 1
+    # A request that asks for its prompt's logprobs takes nothing.
+    scoring = seq(list(prompt))
+    scoring.group.params = SamplingParams(max_new_tokens=1, prompt_logprobs=0)
+    assert blocks.match_prefix(scoring) == 0
+
+
+def test_fork_shares_full_blocks_and_copies_the_partial_one() -> None:
+    alloc = BlockAllocator(5, BS)
+    blocks = BlockManager(alloc)
+    parent = seq(list(range(6)), n=2)  # one full block and a partial one
+    blocks.grow(parent, 6)
+    parent.num_cached = 6
+    child = Sequence(parent.group, 1, tokenizer=None, generator=None)
+    copy = blocks.fork(parent, child)
+    assert child.block_table[0] == parent.block_table[0] and alloc.refcount(parent.block_table[0]) == 2
+    assert copy == (parent.block_table[1], child.block_table[1]) and child.num_cached == 6
+    # No block left for the copy: MemoryError, and the child holds nothing.
+    alloc.allocate()
+    late = Sequence(parent.group, 2, tokenizer=None, generator=None)
+    with pytest.raises(MemoryError):
+        blocks.fork(parent, late)
+    assert late.block_table == [] and alloc.refcount(parent.block_table[0]) == 3 - 1
