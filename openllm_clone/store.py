@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from openllm_clone.adapters.source import ADAPTER_LABEL
-from openllm_clone.errors import ModelLoadError
+from openllm_clone.errors import ModelLoadError, OpenLLMCloneError
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -216,7 +216,9 @@ def quantize_model(source: str, *, method: str = "gptq", bits: int = 4, group_si
             else:
                 done = bnb.quantize(resolved.path, dst, mode=method, texts=texts,
                                     keep_layers=keep_layers, seqlen=seqlen, progress=progress)
-        except ValueError as exc:
+        except OpenLLMCloneError:
+            raise
+        except ValueError as exc:  # a library's own check: still a load failure, with its text
             raise ModelLoadError(str(exc)) from exc
         return {kind: {**done, "calibration": calibration}, **runner_facts(dst)}
 

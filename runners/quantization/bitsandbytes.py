@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from openllm_clone.errors import MissingDependencyError, ModelLoadError
+from openllm_clone.errors import InvalidRequestError, MissingDependencyError, ModelLoadError
 
 from . import QuantSpec, checkpoint_name, device_map, edge_layers
 
@@ -118,7 +118,7 @@ def _decoder_layers(model: Any) -> Any:
             obj = getattr(obj, attr, None)
         if obj is not None:
             return obj
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} to measure them")
+    raise ModelLoadError(f"cannot find the decoder layers of {type(model).__name__} to measure them")
 
 
 def layer_sensitivity(model: Any, batches: list[Any], mode: str,
@@ -191,10 +191,10 @@ def quantize(src: Path, dst: Path, *, mode: str, texts: list[str], keep_layers: 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if mode not in ("nf4", "fp4", "int4"):
-        raise ValueError(f"calibrated bitsandbytes quantization is 4-bit: nf4 or fp4, not {mode!r}")
+        raise InvalidRequestError(f"calibrated bitsandbytes quantization is 4-bit: nf4 or fp4, not {mode!r}")
     mode = checkpoint_name(mode)
     if not texts:
-        raise ValueError("layer sensitivity needs at least one calibration text")
+        raise InvalidRequestError("layer sensitivity needs at least one calibration text")
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -203,19 +203,19 @@ def quantize(src: Path, dst: Path, *, mode: str, texts: list[str], keep_layers: 
         try:
             _check_4bit_dims(config)
         except ModelLoadError as exc:
-            raise ValueError(exc.message) from exc
+            raise InvalidRequestError(exc.message) from exc
     num_layers = int(config.num_hidden_layers)
     if keep_layers is None:
         keep_layers = default_keep_layers(num_layers)
     if not 0 <= keep_layers < num_layers:
-        raise ValueError(f"--keep-layers must be between 0 and {num_layers - 1} for this "
+        raise InvalidRequestError(f"--keep-layers must be between 0 and {num_layers - 1} for this "
                          f"{num_layers}-layer model, not {keep_layers}")
     tokenizer = AutoTokenizer.from_pretrained(str(src))
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16).to(device).eval()
     batches = [tokenizer(t, return_tensors="pt")["input_ids"][:, :seqlen].to(device) for t in texts]
     batches = [b for b in batches if b.shape[1] > 1]
     if not batches:
-        raise ValueError("the calibration texts are too short (need two tokens or more)")
+        raise InvalidRequestError("the calibration texts are too short (need two tokens or more)")
     say(f"measuring {num_layers} layers on {sum(b.shape[1] for b in batches)} calibration tokens")
     sensitivity = layer_sensitivity(model, batches, mode, say)
     del model

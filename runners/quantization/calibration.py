@@ -8,6 +8,8 @@ These are written for this project, and differ from the perplexity text of
 
 from __future__ import annotations
 
+from openllm_clone.errors import InvalidRequestError
+
 __all__ = ["BUILTIN_TEXTS", "load_calibration"]
 
 BUILTIN_TEXTS = [
@@ -80,5 +82,5 @@ def load_calibration(source: str) -> list[str]:
     else:
         texts = [p.strip() for p in raw.split("\n\n") if p.strip()]
     if not texts:
-        raise ValueError(f"calibration file {source!r} has no text")
+        raise InvalidRequestError(f"calibration file {source!r} has no text")
     return texts

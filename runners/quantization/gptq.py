@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from openllm_clone.errors import MissingDependencyError, ModelLoadError
+from openllm_clone.errors import InvalidRequestError, MissingDependencyError, ModelLoadError
 
 from . import QuantSpec, device_map, edge_layers
 
@@ -84,9 +84,9 @@ def quantize(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if bits not in (2, 3, 4, 8):
-        raise ValueError(f"GPTQ bits must be 2, 3, 4 or 8, not {bits}")
+        raise InvalidRequestError(f"GPTQ bits must be 2, 3, 4 or 8, not {bits}")
     if not texts:
-        raise ValueError("GPTQ needs at least one calibration text")
+        raise InvalidRequestError("GPTQ needs at least one calibration text")
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(src))
@@ -95,7 +95,7 @@ def quantize(
     if group_size is None:
         group_size = default_group_size(in_features)
     if group_size > 0 and any(f % group_size for f in in_features):
-        raise ValueError(f"group size {group_size} does not divide every layer's input width "
+        raise InvalidRequestError(f"group size {group_size} does not divide every layer's input width "
                          f"({sorted(in_features)})")
     quantizer = GPTQQuantizer(bits=bits, group_size=group_size, dataset=texts, desc_act=desc_act,
                               sym=sym, act_group_aware=not desc_act, model_seqlen=seqlen, format="gptq")
