@@ -248,16 +248,6 @@ class LLM:
         return Completion(rid, texts, tokens, reasons, prompt_tokens, completion_tokens, adapter,
                           logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
-    def _compiled_stats(self) -> dict[str, Any] | None:
-        """``--compile``: the batch buckets and how many decode steps ran compiled."""
-        compiled = getattr(self.runner, "_compiled", None)
-        head = getattr(self.runner, "_compiled_head", None)
-        if head is not None:
-            return {"buckets": [], "head_steps": head.steps}
-        if compiled is None:
-            return None
-        return {"buckets": list(compiled.buckets), "steps": compiled.steps}
-
     def metadata(self) -> dict[str, Any]:
         """Model and server facts for ``/v1/metadata``."""
         info = self.runner.info
@@ -275,7 +265,7 @@ class LLM:
             "adapters": self.adapters.names(),
             "adapter_cache": self.adapters.cache_stats(),
             "engine": self.engine.stats(),
-            "compiled": self._compiled_stats(),
+            "compiled": self.runner.compiled_stats(),
             "config": {
                 "max_batch_size": self.settings.max_batch_size,
                 "max_queue": self.settings.max_queue,

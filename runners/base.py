@@ -103,12 +103,33 @@ class ModelInfo:
 
 
 class ModelRunner(Protocol):
-    """What the engine needs from a runner."""
+    """What the engine and the LLM need from a runner (both runners implement it)."""
 
     info: ModelInfo
     block_size: int
     num_blocks: int
+    kv_bytes_per_token: int
+    model: Any  # the transformers model (its generation_config holds end-of-sequence ids)
+    config: Any  # its config
+    lora: Any  # the LoraBank: adapter slots and which load of an adapter each slot holds
 
     def step(self, rows: list[StepRow]) -> Any:
         """Run one forward; return fp32 logits, :func:`logit_rows` rows per row, in order."""
+        ...
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one KV block's keys and values (a fork's last partial block)."""
+        ...
+
+    def warmup(self) -> None:
+        """Compile what ``--compile`` compiles, before the first request."""
+        ...
+
+    @property
+    def compiled(self) -> bool:
+        """True when some of the step runs compiled."""
+        ...
+
+    def compiled_stats(self) -> dict[str, Any] | None:
+        """What runs compiled and how often (``/v1/metadata``); None without ``--compile``."""
         ...

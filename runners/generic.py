@@ -415,6 +415,10 @@ class GenericRunner:
         """The generic runner has no compiled step."""
         return False
 
+    def compiled_stats(self) -> dict[str, Any] | None:
+        """Nothing runs compiled."""
+        return None
+
     @property
     def compiled_buckets(self) -> list[int]:
         """No compiled buckets."""

@@ -286,6 +286,15 @@ class TorchRunner:
         """True when decode steps (or, for Qwen3/Gemma 3, their output head) run compiled."""
         return self._compiled is not None or self._compiled_head is not None
 
+    def compiled_stats(self) -> dict[str, Any] | None:
+        """``--compile``: the batch buckets and how many decode steps ran compiled (for
+        Qwen3 and Gemma 3, how many one-row steps ran the compiled head)."""
+        if self._compiled_head is not None:
+            return {"buckets": [], "head_steps": self._compiled_head.steps}
+        if self._compiled is None:
+            return None
+        return {"buckets": list(self._compiled.buckets), "steps": self._compiled.steps}
+
     @property
     def compiled_buckets(self) -> list[int]:
         """Batch sizes the compiled graph is built for (empty without ``--compile``)."""

@@ -49,7 +49,7 @@ from openllm_clone.errors import (
     RequestTimeoutError,
 )
 from openllm_clone.protocol import SamplingParams, new_request_id
-from openllm_clone.runners.base import StepRow, logit_rows
+from openllm_clone.runners.base import ModelRunner, StepRow, logit_rows
 
 from .block_manager import BlockManager
 from .kv_cache import BlockAllocator, blocks_for
@@ -93,7 +93,7 @@ class Engine:
 
     def __init__(
         self,
-        runner: Any,
+        runner: ModelRunner,
         tokenizer: Any,
         config: EngineConfig | None = None,
         observer: EngineObserver | None = None,
@@ -120,7 +120,7 @@ class Engine:
         self.steps = 0
 
     @staticmethod
-    def _eos_ids(runner: Any, tokenizer: Any) -> set[int]:
+    def _eos_ids(runner: ModelRunner, tokenizer: Any) -> set[int]:
         ids: set[int] = set()
         for source in (
             getattr(tokenizer, "eos_token_id", None),
@@ -235,7 +235,7 @@ class Engine:
             "kv_blocks_total": self.blocks.num_blocks - 1,
             "kv_blocks_peak": self.blocks.peak_used,
             "block_size": self.blocks.block_size,
-            "kv_bytes_per_token": int(getattr(self.runner, "kv_bytes_per_token", 0)),
+            "kv_bytes_per_token": int(self.runner.kv_bytes_per_token),
             "prefix_cache_blocks": self.blocks.num_cached,
             "prefix_cache_hits": self.blocks.prefix_hits,
             "prefix_cache_queries": self.blocks.prefix_queries,
@@ -331,7 +331,7 @@ class Engine:
 
     def _add(self, group: RequestGroup) -> None:
         self._groups[group.request_id] = group
-        lora = getattr(self.runner, "lora", None)
+        lora = self.runner.lora
         if lora is not None and group.adapter_slot:
             # Which adapter (and which load of it) computes this request's keys and values.
             group.adapter_key = (group.adapter_slot, lora.generation[group.adapter_slot])
