@@ -28,6 +28,7 @@ __all__ = [
     "MAX_N",
     "MergedAdapters",
     "MAX_STOP",
+    "NullMeansDefault",
     "RequestOutput",
     "SamplingParams",
     "SeqDelta",
@@ -254,7 +255,19 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _OpenAISampling(BaseModel):
+class NullMeansDefault(BaseModel):
+    """A body where an explicit ``null`` means "not given" (OpenAI and TGI read it so): the
+    field's default applies."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+
+class _OpenAISampling(NullMeansDefault):
     """Fields the OpenAI completion and chat requests share."""
 
     model_config = ConfigDict(extra="ignore")
@@ -275,14 +288,6 @@ class _OpenAISampling(BaseModel):
     user: str | None = None
     ignore_eos: bool = False
     merged_adapters: MergedAdapters | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_default(cls, data: Any) -> Any:
-        """OpenAI reads an explicit ``null`` as "not given": drop it, so the default applies."""
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None}
-        return data
 
     def _sampling(self, max_tokens: int | None, logprobs: int | None = None,
                   prompt_logprobs: int | None = None) -> SamplingParams:

@@ -20,7 +20,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from openllm_clone.errors import CapacityError, InvalidRequestError, OpenLLMCloneError
-from openllm_clone.protocol import MAX_LOGPROBS, MAX_N, SamplingParams, new_request_id
+from openllm_clone.protocol import (
+    MAX_LOGPROBS,
+    MAX_N,
+    NullMeansDefault,
+    SamplingParams,
+    new_request_id,
+)
 
 from .common import json_body, parse_body, sse, validation_error
 
@@ -44,7 +50,7 @@ class TGIMergedAdapters(BaseModel):
     majority_sign_method: None = None
 
 
-class TGIParameters(BaseModel):
+class TGIParameters(NullMeansDefault):
     """``parameters`` of a TGI / LoRAX request."""
 
     model_config = ConfigDict(extra="forbid")
@@ -74,13 +80,6 @@ class TGIParameters(BaseModel):
     return_k_alternatives: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     grammar: dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_default(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None}
-        return data
 
     @property
     def sampling(self) -> bool:
