@@ -42,8 +42,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from openllm_clone.errors import (
+    AdapterIncompatibleError,
     AdapterNotFoundError,
-    InvalidRequestError,
     MissingDependencyError,
     OpenLLMCloneError,
     UnavailableError,
@@ -514,9 +514,10 @@ class Router:
         current = self.specs.get(body.name) or next(
             (a for a in self._startup if a["name"] == body.name and body.name not in self.unloaded), None)
         if current is not None and current["source"] != body.source:
-            err = InvalidRequestError(f"adapter {body.name!r} is already loaded from "
-                                      f"{current['source']!r}; unload it first", param="name")
-            return JSONResponse(err.to_dict(), status_code=422)
+            # The same fault answers the same error as a single server's registry.
+            return error_response(AdapterIncompatibleError(
+                f"adapter {body.name!r} is already loaded from {current['source']!r}; unload it "
+                "first to load another source under that name"))
         handle = self.replicas.options(multiplexed_model_id=body.name) \
             if self.settings.routing == "affinity" else self.replicas
         try:
@@ -534,8 +535,9 @@ class Router:
     async def unload_adapter(self, name: str) -> Response:
         known = name in self.specs or any(a["name"] == name for a in self._startup)
         if not known or name in self.unloaded:
-            err = AdapterNotFoundError(f"adapter {name!r} is not loaded")
-            return JSONResponse(err.to_dict(), status_code=err.status_code)
+            from openllm_clone.api import error_response
+
+            return error_response(AdapterNotFoundError(f"adapter {name!r} is not loaded"))
         self.specs.pop(name, None)
         self.unloaded[name] = time.time()
         # Replicas free it on their next request (in-flight requests finish first).
