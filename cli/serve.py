@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import sys
+from typing import Any
 
 import typer
 
@@ -17,98 +18,95 @@ from ._common import console, fail
 app = typer.Typer()
 
 
+# Flags, env vars, defaults and help texts all come from Settings (one source): the
+# option of field ``f`` is ``--f`` (dashes), its env var ``OPENLLM_CLONE_F``, its default
+# and help the field's. Where a flag reads better than the field's name, it is listed here
+# (parameter name -> field); tests/unit/test_cli_settings.py checks every field has one.
+PARAM_FIELDS = {"api_key": "api_keys", "admin_api_key": "admin_api_keys", "adapter_id": "adapters",
+                "adapter_root": "adapter_roots"}
+# Env vars named after the flag (the client reads OPENLLM_CLONE_API_KEY too), and Ray's own.
+ENV_VARS = {"api_keys": "OPENLLM_CLONE_API_KEY", "admin_api_keys": "OPENLLM_CLONE_ADMIN_API_KEY",
+            "adapters": "OPENLLM_CLONE_ADAPTER_ID", "adapter_roots": "OPENLLM_CLONE_ADAPTER_ROOT",
+            "ray_address": "RAY_ADDRESS"}
+
+
+def env_var(field: str) -> str:
+    """The environment variable of a Settings field."""
+    return ENV_VARS.get(field, f"OPENLLM_CLONE_{field.upper()}")
+
+
+def _opt(field: str, *decls: str, default: Any = ..., **kwargs: Any) -> Any:
+    info = Settings.model_fields[field]
+    if default is ...:
+        default = info.get_default(call_default_factory=True)
+    return typer.Option(default, *decls, envvar=env_var(field), help=info.description, **kwargs)
+
+
 @app.command("start")
 def start(
-    model: str = typer.Argument(
-        "smollm2", envvar="OPENLLM_CLONE_MODEL",
-        help="Model store tag, local Hugging Face folder, or hub id.",
-    ),
-    host: str = typer.Option("127.0.0.1", envvar="OPENLLM_CLONE_HOST", help="Address to listen on."),
-    port: int = typer.Option(3000, envvar="OPENLLM_CLONE_PORT", help="Port to listen on."),
-    dtype: str = typer.Option("auto", envvar="OPENLLM_CLONE_DTYPE",
-                              help="auto, float32, bfloat16 or float16."),
-    device: str = typer.Option("auto", envvar="OPENLLM_CLONE_DEVICE", help="cpu, cuda or auto."),
-    quantize: str | None = typer.Option(
-        None, envvar="OPENLLM_CLONE_QUANTIZE",
-        help="int8, int4, nf4, fp4 (bitsandbytes), gptq (a GPTQ checkpoint), torchao-int8.",
-    ),
-    runner: str = typer.Option("auto", envvar="OPENLLM_CLONE_RUNNER",
-                               help="auto, fast (Llama family) or generic (any causal LM)."),
-    compile: bool = typer.Option(False, "--compile", envvar="OPENLLM_CLONE_COMPILE",
-                                 help="torch.compile the decode step (CPU; minutes at first start)."),
-    max_batch_size: int = typer.Option(16, envvar="OPENLLM_CLONE_MAX_BATCH_SIZE",
-                                       help="Most sequences in the running batch."),
-    prefix_caching: bool = typer.Option(True, "--prefix-caching/--no-prefix-caching",
-                                        envvar="OPENLLM_CLONE_PREFIX_CACHING",
-                                        help="Reuse the KV of prompt prefixes seen before."),
-    max_queue: int = typer.Option(256, envvar="OPENLLM_CLONE_MAX_QUEUE",
-                                  help="Most waiting requests before 503."),
-    timeout: float = typer.Option(600.0, envvar="OPENLLM_CLONE_TIMEOUT",
-                                  help="Per-request timeout in seconds."),
-    workers: int = typer.Option(1, envvar="OPENLLM_CLONE_WORKERS",
-                                help="BentoML worker processes (backend bentoml)."),
-    backend: str = typer.Option("bentoml", envvar="OPENLLM_CLONE_BACKEND",
-                                help="bentoml (one server, --workers) or ray (Ray Serve replicas)."),
-    replicas: int = typer.Option(1, envvar="OPENLLM_CLONE_REPLICAS", help="Ray Serve replicas."),
-    max_replicas: int | None = typer.Option(
-        None, envvar="OPENLLM_CLONE_MAX_REPLICAS",
-        help="Autoscale Ray replicas up to this many on queue length."),
-    cpus_per_replica: float = typer.Option(1.0, help="CPUs Ray reserves for each replica."),
-    gpus_per_replica: float = typer.Option(0.0, help="GPUs Ray reserves for each replica."),
-    ray_address: str | None = typer.Option(
-        None, envvar="RAY_ADDRESS", help="Join this Ray cluster (auto or host:port); default: local."),
-    routing: str = typer.Option("affinity", envvar="OPENLLM_CLONE_ROUTING",
-                                help="Ray routing: affinity (by adapter) or random."),
-    api_key: list[str] = typer.Option(
-        [], "--api-key", envvar="OPENLLM_CLONE_API_KEY",
-        help="Accepted bearer key (repeatable; the env var takes a comma-separated list).",
-    ),
-    admin_api_key: list[str] = typer.Option(
-        [], "--admin-api-key", envvar="OPENLLM_CLONE_ADMIN_API_KEY",
-        help="Key required to load/unload adapters (repeatable or comma-separated).",
-    ),
-    max_body_bytes: int = typer.Option(4 * 2**20, envvar="OPENLLM_CLONE_MAX_BODY_BYTES",
-                                       help="Largest request body (413 beyond)."),
-    adapter_id: list[str] = typer.Option(
-        [], "--adapter-id", help="NAME=PATH or PATH of a peft LoRA adapter (repeatable)."
-    ),
-    max_adapters: int = typer.Option(8, envvar="OPENLLM_CLONE_MAX_ADAPTERS",
-                                     help="Adapters held in memory at once (LRU)."),
-    max_adapter_rank: int = typer.Option(64, envvar="OPENLLM_CLONE_MAX_ADAPTER_RANK",
-                                         help="Highest LoRA rank accepted."),
-    adapter_root: list[str] = typer.Option(
-        [], "--adapter-root", help="Run-time adapter paths must lie under one of these."
-    ),
-    allow_pickle_adapters: bool = typer.Option(False, help="Accept pickled adapter_model.bin."),
-    max_adapter_mb: int = typer.Option(1024, envvar="OPENLLM_CLONE_MAX_ADAPTER_MB",
-                                       help="Largest adapter weights file, MiB."),
-    max_model_len: int | None = typer.Option(None, envvar="OPENLLM_CLONE_MAX_MODEL_LEN",
-                                             help="Context limit (default: the model's)."),
-    kv_cache_mb: int = typer.Option(1024, envvar="OPENLLM_CLONE_KV_CACHE_MB",
-                                    help="KV-cache pool in MiB."),
-    model_name: str | None = typer.Option(None, help="Name to serve the base model under."),
-    log_level: str = typer.Option("INFO", envvar="OPENLLM_CLONE_LOG_LEVEL",
-                                  help="DEBUG, INFO, WARNING or ERROR."),
-    log_prompts: bool = typer.Option(False, help="Log prompt text in the per-request line."),
+    model: str = typer.Argument(Settings.model_fields["model"].default, envvar=env_var("model"),
+                                help=Settings.model_fields["model"].description),
+    host: str = _opt("host"),
+    port: int = _opt("port"),
+    dtype: str = _opt("dtype"),
+    device: str = _opt("device"),
+    quantize: str | None = _opt("quantize"),
+    runner: str = _opt("runner"),
+    compile: bool = _opt("compile", "--compile"),
+    max_batch_size: int = _opt("max_batch_size"),
+    max_prefill_tokens: int = _opt("max_prefill_tokens"),
+    block_size: int = _opt("block_size"),
+    prefix_caching: bool = _opt("prefix_caching", "--prefix-caching/--no-prefix-caching"),
+    max_queue: int = _opt("max_queue"),
+    timeout: float = _opt("timeout"),
+    seed: int = _opt("seed"),
+    workers: int = _opt("workers"),
+    backend: str = _opt("backend"),
+    replicas: int = _opt("replicas"),
+    max_replicas: int | None = _opt("max_replicas"),
+    cpus_per_replica: float = _opt("cpus_per_replica"),
+    gpus_per_replica: float = _opt("gpus_per_replica"),
+    ray_address: str | None = _opt("ray_address"),
+    routing: str = _opt("routing"),
+    api_key: list[str] = _opt("api_keys", "--api-key", default=[]),
+    admin_api_key: list[str] = _opt("admin_api_keys", "--admin-api-key", default=[]),
+    max_body_bytes: int = _opt("max_body_bytes"),
+    adapter_id: list[str] = _opt("adapters", "--adapter-id", default=[]),
+    max_adapters: int = _opt("max_adapters"),
+    max_adapter_rank: int = _opt("max_adapter_rank"),
+    adapter_root: list[str] = _opt("adapter_roots", "--adapter-root", default=[]),
+    allow_pickle_adapters: bool = _opt("allow_pickle_adapters"),
+    max_adapter_mb: int = _opt("max_adapter_mb"),
+    max_model_len: int | None = _opt("max_model_len"),
+    kv_cache_mb: int = _opt("kv_cache_mb"),
+    model_name: str | None = _opt("model_name"),
+    log_level: str = _opt("log_level"),
+    log_prompts: bool = _opt("log_prompts"),
 ) -> None:
-    """Serve MODEL (default: the embedded SmolLM2) with its adapters on HOST:PORT."""
-    keys = [k for raw in api_key for k in raw.split(",")]
-    admin_keys = [k for raw in admin_api_key for k in raw.split(",")]
+    """Serve MODEL (default: the embedded SmolLM2) with its adapters on HOST:PORT.
+
+    --api-key, --admin-api-key, --adapter-id and --adapter-root repeat; their environment
+    variables take comma-separated lists. --adapter-id takes NAME=PATH or PATH.
+    """
+    def split(values: list[str]) -> list[str]:
+        return [v for raw in values for v in raw.split(",") if v.strip()]
+
     try:
         settings = Settings(
             model=model, host=host, port=port, dtype=dtype,  # type: ignore[arg-type]
             device=device, quantize=quantize, compile=compile, prefix_caching=prefix_caching,
             runner=runner,  # type: ignore[arg-type]
-            max_batch_size=max_batch_size, max_queue=max_queue,
+            max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens,
+            block_size=block_size, max_queue=max_queue, seed=seed,
             timeout=timeout, workers=workers, backend=backend,  # type: ignore[arg-type]
             replicas=replicas, max_replicas=max_replicas, cpus_per_replica=cpus_per_replica,
             gpus_per_replica=gpus_per_replica, ray_address=ray_address,
             routing=routing,  # type: ignore[arg-type]
-            api_keys=keys, admin_api_keys=admin_keys,
+            api_keys=split(api_key), admin_api_keys=split(admin_api_key),
             max_body_bytes=max_body_bytes,
-            adapters=[parse_adapter_spec(a) for a in adapter_id],
+            adapters=[parse_adapter_spec(a) for a in split(adapter_id)],
             max_adapters=max_adapters, max_adapter_rank=max_adapter_rank,
-            adapter_roots=adapter_root, allow_pickle_adapters=allow_pickle_adapters,
+            adapter_roots=split(adapter_root), allow_pickle_adapters=allow_pickle_adapters,
             max_adapter_mb=max_adapter_mb,
             max_model_len=max_model_len, kv_cache_mb=kv_cache_mb, model_name=model_name,
             log_level=log_level.upper(), log_prompts=log_prompts,  # type: ignore[arg-type]
