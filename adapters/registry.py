@@ -10,6 +10,7 @@ step. A failed load leaves the registry as it was.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -98,8 +99,8 @@ class AdapterRegistry:
         host: AdapterHost,
         *,
         max_loaded: int,
-        base_model_aliases: list[str],
-        roots: list[str] | None = None,
+        base_model_aliases: builtins.list[str],
+        roots: builtins.list[str] | None = None,
         allow_pickle: bool = False,
         load_timeout: float = 60.0,
         max_bytes: int | None = None,
@@ -125,7 +126,7 @@ class AdapterRegistry:
 
     # --- queries -------------------------------------------------------------------------
 
-    def list(self) -> list[AdapterInfo]:
+    def list(self) -> builtins.list[AdapterInfo]:
         """Every known adapter."""
         return [r.info() for r in sorted(self._records.values(), key=lambda r: r.name)]
 
@@ -133,11 +134,11 @@ class AdapterRegistry:
         """The record of ``name``, if known."""
         return self._records.get(name)
 
-    def names(self) -> list[str]:
+    def names(self) -> builtins.list[str]:
         """Names of all known adapters."""
         return sorted(self._records)
 
-    def loaded(self) -> list[str]:
+    def loaded(self) -> builtins.list[str]:
         """Names of the adapters whose weights are in a slot now."""
         return sorted(n for n, r in self._records.items() if r.state == "ready")
 
@@ -229,7 +230,7 @@ class AdapterRegistry:
             components.append((await self._read(record.source), coeff))
         return merge_linear(components, path=recipe)
 
-    async def merged(self, names: list[str], weights: list[float]) -> str:
+    async def merged(self, names: builtins.list[str], weights: builtins.list[float]) -> str:
         """Register (once) the linear merge of ``names``; return its adapter name."""
         name = merge_name(names, weights)
         for component in names:

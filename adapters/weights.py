@@ -120,7 +120,7 @@ def read_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False,
     tensors = _read_tensors(folder, allow_pickle=allow_pickle)
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
-    default_alpha = float(config.get("lora_alpha", config.get("r", 8)))
+    default_alpha = float(config.get("lora_alpha") or config.get("r") or 8)
     use_rslora = bool(config.get("use_rslora"))
 
     pairs: dict[tuple[int, str], dict[str, Any]] = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 from rich.table import Table
 
@@ -38,7 +40,7 @@ def _warn_if_unservable(tag: str) -> None:
     """``import`` accepts any model folder; say at once when no runner can serve it."""
     import bentoml
 
-    meta = bentoml.models.get(tag).info.metadata
+    meta: dict[str, Any] = dict(bentoml.models.get(tag).info.metadata)
     if meta.get("runner") == "none":
         console.print(f"[bold yellow]warning:[/] {meta.get('runner_reason')}", soft_wrap=True)
 
@@ -84,7 +86,7 @@ def _say_what_was_done(tag: str) -> None:
     """One line on stderr: the time taken and the layers left unquantized."""
     import bentoml
 
-    meta = bentoml.models.get(tag).info.metadata
+    meta: dict[str, Any] = dict(bentoml.models.get(tag).info.metadata)
     facts = meta.get("gptq") or meta.get("bitsandbytes") or {}
     kept = facts.get("full_precision_layers")
     console.print(f"{tag}: {meta.get('quantization')} in {facts.get('seconds', '?')} s; decoder layers "

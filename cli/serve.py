@@ -94,7 +94,8 @@ def start(
     try:
         settings = Settings(
             model=model, host=host, port=port, dtype=dtype,  # type: ignore[arg-type]
-            device=device, quantize=quantize, compile=compile, prefix_caching=prefix_caching,
+            device=device, quantize=quantize,  # type: ignore[arg-type]
+            compile=compile, prefix_caching=prefix_caching,
             runner=runner,  # type: ignore[arg-type]
             max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens,
             block_size=block_size, max_queue=max_queue, seed=seed,
@@ -164,7 +165,7 @@ def serve(settings: Settings) -> None:
 
     from openllm_clone.service import LLMService
 
-    LLMService.config["workers"] = settings.workers
+    LLMService.config["workers"] = settings.workers  # type: ignore[attr-defined]  # a bentoml.Service
     fatal_file = _exit_when_a_worker_cannot_load()
     console.print(f"[bold green]openllm-clone[/] serving [bold]{resolved.name}[/] on {url}")
     console.print(
@@ -174,7 +175,7 @@ def serve(settings: Settings) -> None:
         f"\"content\": \"Hello\"}}]}}'"
     )
     try:
-        LLMService.serve_http(host=settings.host, port=settings.port)
+        LLMService.serve_http(host=settings.host, port=settings.port)  # type: ignore[attr-defined]
     except KeyboardInterrupt:
         console.print("stopped")
     finally:

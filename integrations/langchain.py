@@ -38,6 +38,7 @@ try:
         ToolMessage,
     )
     from langchain_core.messages.ai import UsageMetadata
+    from langchain_core.messages.tool import tool_call_chunk
     from langchain_core.outputs import (
         ChatGeneration,
         ChatGenerationChunk,
@@ -285,7 +286,7 @@ class ChatOpenLLMClone(BaseChatModel):
             params["ls_stop"] = stops
         return params
 
-    def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = None,
+    def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = None,  # type: ignore[override]
                    **kwargs: Any) -> Runnable[Any, BaseMessage]:
         """Offer tools to the model; the server constrains its output to valid calls."""
         formatted = [convert_to_openai_tool(tool) for tool in tools]
@@ -387,8 +388,8 @@ class ChatOpenLLMClone(BaseChatModel):
                                     "model_provider": "openllm_clone"} if reason else {}
         if choices[0].get("logprobs"):
             metadata["logprobs"] = choices[0]["logprobs"]
-        tool_chunks = [{"name": c["function"]["name"], "args": c["function"]["arguments"],
-                        "id": c.get("id"), "index": c.get("index", 0), "type": "tool_call_chunk"}
+        tool_chunks = [tool_call_chunk(name=c["function"]["name"], args=c["function"]["arguments"],
+                                       id=c.get("id"), index=c.get("index", 0))
                        for c in delta.get("tool_calls") or []]
         return ChatGenerationChunk(message=AIMessageChunk(content=delta.get("content") or "",
                                                           tool_call_chunks=tool_chunks,

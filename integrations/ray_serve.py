@@ -460,7 +460,7 @@ class Router:
         response = await self._forward(request, "/metadata")
         if response.status_code != 200:
             return response
-        data = json.loads(response.body)
+        data = json.loads(bytes(response.body))
         data["routing"] = self.routing_stats()
         return JSONResponse(data)
 
@@ -566,8 +566,9 @@ def build_application(settings: Settings) -> Any:
         }
     else:
         options["num_replicas"] = settings.replicas
-    replicas = LLMReplica.options(**options).bind(settings_json)
-    return Router.bind(replicas, settings_json)
+    # Ray Serve's decorators make these deployments (mypy sees the classes).
+    replicas = LLMReplica.options(**options).bind(settings_json)  # type: ignore[attr-defined]
+    return Router.bind(replicas, settings_json)  # type: ignore[attr-defined]
 
 
 def run(settings: Settings, *, block: bool = True) -> None:

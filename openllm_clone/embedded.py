@@ -100,7 +100,7 @@ def load_gguf(path: Path) -> tuple[Any, Any]:
     if hasattr(config, "quantization_config"):  # the dequantized weights are plain now
         del config.quantization_config
     config.architectures = [type(loaded).__name__]
-    fresh = type(loaded)(config).to(torch.float32)
+    fresh = type(loaded)(config).to(torch.float32)  # type: ignore[arg-type]
     missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
     # A tied head is not in the state dict of its own; anything else missing is a bug.
     missing = [k for k in missing if not (k.endswith("lm_head.weight") and config.tie_word_embeddings)]

@@ -7,7 +7,7 @@ knows nothing of HTTP.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,7 +199,7 @@ class LLM:
         adapter: str | None = None,
         request_id: str | None = None,
         constraint: Any = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Stream outputs for one request, holding its adapter for the request's life."""
         self.engine.check_prompt(prompt_ids, params)
         slot = await self.adapters.acquire(adapter) if adapter else 0

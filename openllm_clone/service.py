@@ -177,4 +177,4 @@ class LLMService:
         return True
 
 
-LLMService.add_asgi_middleware(GuardMiddleware)
+LLMService.add_asgi_middleware(GuardMiddleware)  # type: ignore[attr-defined]  # a bentoml.Service

@@ -320,7 +320,7 @@ def resolve_model(ref: str = DEFAULT_MODEL, *, auto_import: bool = True) -> Reso
     if stored is None and ref in EMBEDDED and auto_import:
         stored = _get_stored(import_model(ref))
     if stored is not None:
-        meta = stored.info.metadata
+        meta: dict[str, Any] = dict(stored.info.metadata)
         return ResolvedModel(
             path=Path(stored.path),
             name=stored.tag.name,
@@ -346,7 +346,7 @@ def list_models() -> list[StoredModel]:
         kind = model.info.labels.get("kind")
         if kind not in (MODEL_LABEL, ADAPTER_LABEL):
             continue
-        meta = model.info.metadata
+        meta: dict[str, Any] = dict(model.info.metadata)
         out.append(
             StoredModel(
                 tag=str(model.tag),

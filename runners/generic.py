@@ -387,7 +387,7 @@ class GenericRunner:
                     or weight.dtype != torch.bfloat16):
                 continue
             packed = PackedLinear(weight, module.bias)
-            module.forward = _packed_forward(packed)
+            module.forward = _packed_forward(packed)  # type: ignore[method-assign]
             if owners.get(weight.data_ptr(), 0) == 1:
                 module.weight = torch.nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=False)
             count += 1
@@ -511,12 +511,12 @@ class GenericRunner:
         for i, (offset, n, start, idx) in enumerate(state.prefill):
             kp = k_cache.index_select(0, idx).transpose(0, 1).unsqueeze(0)  # [1, KV, ctx, D]
             vp = v_cache.index_select(0, idx).transpose(0, 1).unsqueeze(0)
-            key_ = ("prefill", i, window)
-            mask = state.masks.get(key_)
+            pkey = ("prefill", i, window)
+            mask = state.masks.get(pkey)
             if mask is None:
                 q_pos = torch.arange(start, start + n, device=q.device).unsqueeze(1)
                 k_pos = torch.arange(idx.shape[0], device=q.device).unsqueeze(0)
-                mask = state.masks[key_] = window_mask(q_pos, k_pos, window)
+                mask = state.masks[pkey] = window_mask(q_pos, k_pos, window)
             qp = q[:, offset:offset + n].unsqueeze(0)  # [1, H, n, D]
             op = attend(qp, kp.to(q.dtype), vp.to(q.dtype), mask, scaling, softcap, sinks)
             out[offset:offset + n] = op[0].transpose(0, 1)

@@ -364,7 +364,7 @@ class TorchRunner:
         slow = self._eager_step([rows[i] for i in rest])
         out = []
         fast_at = {i: j for j, i in enumerate(decode)}
-        slow_rank = {}
+        slow_rank: dict[int, int] = {}
         for i in rest:
             if rows[i].need_logits:
                 slow_rank[i] = len(slow_rank)
@@ -415,7 +415,7 @@ class TorchRunner:
         if not packed.wanted:
             return torch.empty(0, self.info.vocab_size)
         last = self._norm(self.norm, hidden[torch.tensor(packed.wanted, device=dev)])
-        head = self._packed_head if self._fused is not None else self.lm_head
+        head: Any = self._packed_head if self._fused is not None else self.lm_head
         if self._compiled_head is not None and last.shape[0] == 1:
             head = self._compiled_head
         logits = head(last).float()

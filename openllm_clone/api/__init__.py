@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from openllm_clone.errors import MethodNotAllowedError, NotFoundError, OpenLLMCloneError
@@ -111,7 +112,7 @@ def build_root_app(get_llm: Callable[[], LLM]) -> FastAPI:
 
 # The routes parse their bodies themselves (so that every error is our JSON 400), which
 # hides the bodies from FastAPI's OpenAPI: describe them explicitly for clients and fuzzers.
-_BODIES = {"/generate": GenerateRequest, "/generate_stream": GenerateRequest,
+_BODIES: dict[str, type[BaseModel]] = {"/generate": GenerateRequest, "/generate_stream": GenerateRequest,
            "/completions": CompletionRequest, "/chat/completions": ChatCompletionRequest,
            "/adapters": LoadAdapterRequest}
 
@@ -124,7 +125,7 @@ def _document_bodies(app: FastAPI) -> None:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
                                  servers=app.servers)
-            models = sorted(set(_BODIES.values()), key=lambda m: m.__name__)
+            models: list[type[BaseModel]] = sorted(set(_BODIES.values()), key=lambda m: m.__name__)
             _, defs = models_json_schema([(m, "validation") for m in models],
                                          ref_template="#/components/schemas/{model}")
             schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])

@@ -250,7 +250,7 @@ def router(get_llm: Callable[[], LLM]) -> APIRouter:
         n = len(result.texts)
 
         def total(i: int) -> float:
-            return sum(e.logprob for e in result.logprobs[i])  # type: ignore[index]
+            return sum((e.logprob for e in result.logprobs[i]), 0.0)  # type: ignore[index]
 
         order = sorted(range(n), key=total, reverse=True)  # best_of: the likeliest sample wins
         prefix = plan.body.inputs if plan.return_full_text else ""

@@ -483,13 +483,13 @@ class Engine:
                 continue
             per_group.setdefault(group.request_id, []).append(delta)
         for request_id, deltas in per_group.items():
-            group = self._groups.get(request_id)
-            if group is None:
+            live = self._groups.get(request_id)
+            if live is None:
                 continue
-            done = group.finished
+            done = live.finished
             if done:
-                self._finish_group(group, "ok")
-            self._push(group, deltas, finished=done)
+                self._finish_group(live, "ok")
+            self._push(live, deltas, finished=done)
 
     @staticmethod
     def _mask(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
@@ -499,6 +499,7 @@ class Engine:
         vocab = seqs[0].group.constraint.vocab_size
         bitmask = xgr.allocate_token_bitmask(len(seqs), vocab)
         for k, seq in enumerate(seqs):
+            assert seq.matcher is not None  # only constrained rows come here
             seq.matcher.fill_next_token_bitmask(bitmask, k)
         sub = logits[rows, :vocab].contiguous()
         xgr.apply_token_bitmask_inplace(sub, bitmask)

@@ -211,7 +211,8 @@ def quantize(src: Path, dst: Path, *, mode: str, texts: list[str], keep_layers: 
         raise InvalidRequestError(f"--keep-layers must be between 0 and {num_layers - 1} for this "
                          f"{num_layers}-layer model, not {keep_layers}")
     tokenizer = AutoTokenizer.from_pretrained(str(src))
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16)
+    model = model.to(device).eval()  # type: ignore[arg-type]
     batches = [tokenizer(t, return_tensors="pt")["input_ids"][:, :seqlen].to(device) for t in texts]
     batches = [b for b in batches if b.shape[1] > 1]
     if not batches:
