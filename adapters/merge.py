@@ -26,11 +26,13 @@ _PART = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._\-]*)\*(?P<weight>-?[0-9.]
 def merge_name(names: list[str], weights: list[float]) -> str:
     """The canonical name of a merge recipe, e.g. ``merge:a*0.5+b*0.5``."""
     if len(names) != len(weights):
-        raise InvalidRequestError("merged_adapters: names and weights differ in length",
-                                  param="merged_adapters")
+        raise InvalidRequestError(
+            "merged_adapters: names and weights differ in length", param="merged_adapters"
+        )
     if len(set(names)) != len(names):
-        raise InvalidRequestError("merged_adapters: an adapter is named twice",
-                                  param="merged_adapters")
+        raise InvalidRequestError(
+            "merged_adapters: an adapter is named twice", param="merged_adapters"
+        )
     return MERGE_PREFIX + "+".join(f"{n}*{float(w):g}" for n, w in zip(names, weights))
 
 
@@ -51,8 +53,9 @@ def merge_linear(components: list[tuple[AdapterWeights, float]], *, path: str) -
     for weights, coeff in components:
         for key, module in weights.modules.items():
             modules.setdefault(key, []).append((module, coeff))
-    merged = AdapterWeights(path=path, config={"peft_type": "LORA", "merge": path,
-                                               "base_model_name_or_path": None})
+    merged = AdapterWeights(
+        path=path, config={"peft_type": "LORA", "merge": path, "base_model_name_or_path": None}
+    )
     for key, parts in modules.items():
         a = torch.cat([m.a.float() for m, _ in parts], dim=0)
         b = torch.cat([m.b.float() * (m.scale * c) for m, c in parts], dim=1)

@@ -71,10 +71,16 @@ class AdapterRecord:
     def info(self) -> AdapterInfo:
         """Public view for ``GET /v1/adapters``."""
         return AdapterInfo(
-            name=self.name, source=self.source, state=self.state,  # type: ignore[arg-type]
-            rank=self.rank, alpha=self.alpha, target_modules=list(self.target_modules),
-            size_bytes=self.size_bytes, pinned=self.pinned,
-            requests_served=self.requests_served, base_model=self.base_model,
+            name=self.name,
+            source=self.source,
+            state=self.state,  # type: ignore[arg-type]
+            rank=self.rank,
+            alpha=self.alpha,
+            target_modules=list(self.target_modules),
+            size_bytes=self.size_bytes,
+            pinned=self.pinned,
+            requests_served=self.requests_served,
+            base_model=self.base_model,
             error=self.error,
         )
 
@@ -145,13 +151,18 @@ class AdapterRegistry:
     def cache_stats(self) -> dict[str, float]:
         """Hits, misses, evictions and the hit rate of the adapter cache."""
         total = self.hits + self.misses
-        return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions,
-                "hit_rate": round(self.hits / total, 4) if total else 0.0}
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "evictions": self.evictions,
+            "hit_rate": round(self.hits / total, 4) if total else 0.0,
+        }
 
     # --- loading -------------------------------------------------------------------------
 
-    def register(self, name: str, source: str, *, pinned: bool = False,
-                 force: bool = False) -> AdapterRecord:
+    def register(
+        self, name: str, source: str, *, pinned: bool = False, force: bool = False
+    ) -> AdapterRecord:
         """Know an adapter by name without loading it (loaded on first use)."""
         record = self._records.get(name)
         if record is not None and record.source != source:
@@ -180,7 +191,9 @@ class AdapterRegistry:
                 return existing
             src = source or (existing.source if existing else None)
             if src is None:
-                raise AdapterNotFoundError(f"adapter {name!r} is not loaded and has no known source")
+                raise AdapterNotFoundError(
+                    f"adapter {name!r} is not loaded and has no known source"
+                )
             started = time.perf_counter()
             if src.startswith(MERGE_PREFIX):
                 weights = await self._read_merge(src)
@@ -209,14 +222,18 @@ class AdapterRegistry:
             self._records[name] = record
             logger.info(
                 "adapter %s ready in slot %d (rank %d, %.0f ms)",
-                name, slot, weights.rank, 1000 * (time.perf_counter() - started),
+                name,
+                slot,
+                weights.rank,
+                1000 * (time.perf_counter() - started),
             )
             return record
 
     async def _read(self, source: str) -> AdapterWeights:
         path = await asyncio.to_thread(resolve_adapter_source, source, roots=self.roots)
-        return await asyncio.to_thread(self._reader, path, allow_pickle=self.allow_pickle,
-                                       max_bytes=self.max_bytes)
+        return await asyncio.to_thread(
+            self._reader, path, allow_pickle=self.allow_pickle, max_bytes=self.max_bytes
+        )
 
     async def _read_merge(self, recipe: str) -> AdapterWeights:
         components = []
@@ -277,7 +294,8 @@ class AdapterRegistry:
 
     def _lru_victim(self) -> AdapterRecord | None:
         candidates = [
-            r for r in self._records.values()
+            r
+            for r in self._records.values()
             if r.state == "ready" and not r.pinned and r.in_use == 0
         ]
         return min(candidates, key=lambda r: r.last_used, default=None)
@@ -377,15 +395,18 @@ class AdapterRegistry:
 class EngineAdapterHost:
     """Connects the registry to a runner's LoRA bank through the engine's step gap."""
 
-    def __init__(self, runner: Any, call: Callable[[Callable[[], Any]], Awaitable[Any]],
-                 max_rank: int) -> None:
+    def __init__(
+        self, runner: Any, call: Callable[[Callable[[], Any]], Awaitable[Any]], max_rank: int
+    ) -> None:
         self.runner = runner
         self.call = call
         self.max_rank = max_rank
 
     def validate(self, weights: AdapterWeights) -> None:
         """Check rank, modules and shapes against the runner."""
-        parts = len(weights.config.get("merge", "").split("+")) if weights.config.get("merge") else 1
+        parts = (
+            len(weights.config.get("merge", "").split("+")) if weights.config.get("merge") else 1
+        )
         self.runner.lora.validate(weights, max_rank=self.max_rank * parts)
 
     async def install(self, slot: int, weights: AdapterWeights) -> None:

@@ -70,8 +70,7 @@ def _resolve(source: str, roots: list[str]) -> Path:
     if source.count("/") == 1 and ".." not in source:
         return _from_hub(source)
     raise AdapterNotFoundError(
-        f"adapter source {source!r} is not a folder, an adapter in the model store, "
-        "or a hub id"
+        f"adapter source {source!r} is not a folder, an adapter in the model store, or a hub id"
     )
 
 
@@ -84,7 +83,8 @@ def _from_hub(repo_id: str) -> Path:
         from huggingface_hub import snapshot_download
 
         path = snapshot_download(
-            repo_id, allow_patterns=["adapter_config.json", "adapter_model.safetensors"],
+            repo_id,
+            allow_patterns=["adapter_config.json", "adapter_model.safetensors"],
             etag_timeout=5,
         )
     except Exception as exc:

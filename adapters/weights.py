@@ -86,8 +86,9 @@ def _pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:
     return default
 
 
-def read_adapter(path: str | os.PathLike[str], *, allow_pickle: bool = False,
-                 max_bytes: int | None = None) -> AdapterWeights:
+def read_adapter(
+    path: str | os.PathLike[str], *, allow_pickle: bool = False, max_bytes: int | None = None
+) -> AdapterWeights:
     """Read a peft LoRA folder; raise a typed error for anything we cannot serve."""
     folder = Path(path)
     if max_bytes is not None:

@@ -39,8 +39,16 @@ def make_adapters(base_dir: str, root: Path, count: int, rank: int = 8) -> list[
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
-                                                  init_lora_weights=False, task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=rank,
+            lora_alpha=2 * rank,
+            target_modules=TARGETS,
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        ),
+    )
     first = root / "adapter-0"
     peft_model.save_pretrained(str(first))
     template = load_file(str(first / "adapter_model.safetensors"))
@@ -50,21 +58,28 @@ def make_adapters(base_dir: str, root: Path, count: int, rank: int = 8) -> list[
         folder = root / f"adapter-{i}"
         folder.mkdir()
         shutil.copy(first / "adapter_config.json", folder)
-        tensors = {k: torch.randn(v.shape, generator=gen) * (0.01 if "lora_B" in k else 0.05)
-                   for k, v in template.items()}
+        tensors = {
+            k: torch.randn(v.shape, generator=gen) * (0.01 if "lora_B" in k else 0.05)
+            for k, v in template.items()
+        }
         save_file(tensors, str(folder / "adapter_model.safetensors"))
         paths.append(folder)
     return paths
 
 
-async def run_engine(llm, prompts: list[list[int]], new_tokens: int,
-                     adapters: list[str | None]) -> float:
+async def run_engine(
+    llm, prompts: list[list[int]], new_tokens: int, adapters: list[str | None]
+) -> float:
     from openllm_clone.protocol import SamplingParams
 
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     t = time.perf_counter()
-    await asyncio.gather(*(llm.complete(p, params, adapter=adapters[i % len(adapters)])
-                           for i, p in enumerate(prompts)))
+    await asyncio.gather(
+        *(
+            llm.complete(p, params, adapter=adapters[i % len(adapters)])
+            for i, p in enumerate(prompts)
+        )
+    )
     return len(prompts) * new_tokens / (time.perf_counter() - t)
 
 
@@ -93,8 +108,14 @@ async def load_while_streaming(llm, prompt: list[int], path: Path) -> tuple[floa
     return t1 - t0, max(during), gaps[len(gaps) // 2]
 
 
-def naive_peft(base_dir: str, paths: list[Path], prompts: list[list[int]], new_tokens: int,
-               dtype: str, count: int) -> float:
+def naive_peft(
+    base_dir: str,
+    paths: list[Path],
+    prompts: list[list[int]],
+    new_tokens: int,
+    dtype: str,
+    count: int,
+) -> float:
     """peft set_adapter per request, requests one after another."""
     import torch
     from peft import PeftModel
@@ -109,13 +130,20 @@ def naive_peft(base_dir: str, paths: list[Path], prompts: list[list[int]], new_t
     with torch.no_grad():
         for i, ids in enumerate(prompts):
             peft_model.set_adapter(f"a{i % count}")
-            peft_model.generate(input_ids=torch.tensor([ids]), max_new_tokens=new_tokens,
-                                min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            peft_model.generate(
+                input_ids=torch.tensor([ids]),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
     return len(prompts) * new_tokens / (time.perf_counter() - t)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -133,8 +161,14 @@ def main() -> None:
     base_dir = str(resolve_model(args.model).path)
     root = Path(tempfile.mkdtemp())
     paths = make_adapters(base_dir, root, max(counts) + 1)
-    llm = LLM.from_settings(Settings(model=args.model, dtype=args.dtype, max_batch_size=args.requests,
-                                     max_adapters=max(counts) + 1))
+    llm = LLM.from_settings(
+        Settings(
+            model=args.model,
+            dtype=args.dtype,
+            max_batch_size=args.requests,
+            max_adapters=max(counts) + 1,
+        )
+    )
     prompts = [llm.tokenize(llm.chat_prompt_text(q)) for q, _ in workload(args.requests, seed=0)]
 
     async def go() -> dict[str, float]:
@@ -150,28 +184,52 @@ def main() -> None:
             # More adapters than concurrent requests: n requests, 16 at a time, so every
             # adapter is used and the batch's adapters change as requests finish.
             batch = (prompts * (n // len(prompts) + 1))[: max(len(prompts), n)]
-            res[f"n{n}"] = await run_engine(llm, batch, args.new_tokens, [f"a{i}" for i in range(n)])
+            res[f"n{n}"] = await run_engine(
+                llm, batch, args.new_tokens, [f"a{i}" for i in range(n)]
+            )
         res["load_s"], res["load_gap"], res["median_gap"] = await load_while_streaming(
-            llm, prompts[0], paths[max(counts)])
+            llm, prompts[0], paths[max(counts)]
+        )
         return res
 
     res = asyncio.run(go())
     llm.shutdown()
-    naive = naive_peft(base_dir, paths, prompts[: args.naive_requests], args.new_tokens, args.dtype,
-                       min(16, max(counts)))
+    naive = naive_peft(
+        base_dir,
+        paths,
+        prompts[: args.naive_requests],
+        args.new_tokens,
+        args.dtype,
+        min(16, max(counts)),
+    )
     rows = [["no adapters (baseline)", res["none"], "1.00x", f"{res['none'] / naive:.2f}x"]]
     for n in counts:
-        label = (f"{args.requests} requests over {n} adapter(s)" if n <= args.requests else
-                 f"{n} requests ({args.requests} at a time) over {n} adapters")
-        rows.append([label, res[f"n{n}"],
-                     f"{res[f'n{n}'] / res['none']:.2f}x", f"{res[f'n{n}'] / naive:.2f}x"])
-    rows.append(["naive: peft set_adapter, one at a time", naive, f"{naive / res['none']:.2f}x", "1.00x"])
-    print(f"\nmodel {args.model}, {args.dtype}, rank 8 on all 7 projections, {args.requests} "
-          f"concurrent requests x {args.new_tokens} tokens (greedy, ignore_eos)")
+        label = (
+            f"{args.requests} requests over {n} adapter(s)"
+            if n <= args.requests
+            else f"{n} requests ({args.requests} at a time) over {n} adapters"
+        )
+        rows.append(
+            [
+                label,
+                res[f"n{n}"],
+                f"{res[f'n{n}'] / res['none']:.2f}x",
+                f"{res[f'n{n}'] / naive:.2f}x",
+            ]
+        )
+    rows.append(
+        ["naive: peft set_adapter, one at a time", naive, f"{naive / res['none']:.2f}x", "1.00x"]
+    )
+    print(
+        f"\nmodel {args.model}, {args.dtype}, rank 8 on all 7 projections, {args.requests} "
+        f"concurrent requests x {args.new_tokens} tokens (greedy, ignore_eos)"
+    )
     print(table(["engine", "tok/s", "vs no adapters", "vs naive"], rows))
-    print(f"\nloading a rank-8 adapter into the running engine: {res['load_s'] * 1000:.0f} ms; "
-          f"longest gap between steps of 8 running streams meanwhile: {res['load_gap'] * 1000:.0f} ms "
-          f"(median step gap {res['median_gap'] * 1000:.0f} ms)")
+    print(
+        f"\nloading a rank-8 adapter into the running engine: {res['load_s'] * 1000:.0f} ms; "
+        f"longest gap between steps of 8 running streams meanwhile: {res['load_gap'] * 1000:.0f} ms "
+        f"(median step gap {res['median_gap'] * 1000:.0f} ms)"
+    )
     (OUT / "adapters.json").write_text(json.dumps({**res, "naive": naive}, indent=2))
     try:
         import matplotlib

@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import QUESTIONS, table  # noqa: E402
 
 
-def hf_generate(path: Path, dtype: Any, prompts: list[list[int]], new_tokens: int,
-                pad_id: int) -> tuple[float, float]:
+def hf_generate(
+    path: Path, dtype: Any, prompts: list[list[int]], new_tokens: int, pad_id: int
+) -> tuple[float, float]:
     """(batch-1 tok/s, padded batch-16 tok/s) of transformers generate, greedy."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -39,7 +40,9 @@ def hf_generate(path: Path, dtype: Any, prompts: list[list[int]], new_tokens: in
         ids = torch.tensor([prompts[0]])
         model.generate(ids, max_new_tokens=8, **kwargs)  # warm-up
         t = time.perf_counter()
-        model.generate(ids, max_new_tokens=new_tokens, attention_mask=torch.ones_like(ids), **kwargs)
+        model.generate(
+            ids, max_new_tokens=new_tokens, attention_mask=torch.ones_like(ids), **kwargs
+        )
         batch1 = new_tokens / (time.perf_counter() - t)
         width = max(len(p) for p in prompts)
         batch = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
@@ -62,8 +65,16 @@ def make_adapters(path: Path, root: Path, count: int) -> list[Path]:
     for i in range(count):
         torch.manual_seed(i)
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
-                                                      init_lora_weights=False, task_type="CAUSAL_LM"))
+        peft_model = get_peft_model(
+            model,
+            LoraConfig(
+                r=8,
+                lora_alpha=16,
+                target_modules="all-linear",
+                init_lora_weights=False,
+                task_type="CAUSAL_LM",
+            ),
+        )
         with torch.no_grad():
             for name, param in peft_model.named_parameters():
                 if "lora_B" in name:
@@ -73,15 +84,31 @@ def make_adapters(path: Path, root: Path, count: int) -> list[Path]:
     return out
 
 
-async def engine_rates(model: str, runner: str, dtype: str, prompts: list[list[int]], new_tokens: int,
-                       adapters: list[Path], compile: bool = False) -> tuple[float, float, float]:
+async def engine_rates(
+    model: str,
+    runner: str,
+    dtype: str,
+    prompts: list[list[int]],
+    new_tokens: int,
+    adapters: list[Path],
+    compile: bool = False,
+) -> tuple[float, float, float]:
     """(batch 1, 16 concurrent, 16 concurrent over the adapters) tok/s on one runner tier."""
     from openllm_clone.llm import LLM
     from openllm_clone.protocol import SamplingParams
     from openllm_clone.settings import Settings
 
-    llm = LLM.from_settings(Settings(model=model, dtype=dtype, runner=runner, kv_cache_mb=512,  # type: ignore[arg-type]
-                                     max_adapters=len(adapters), max_batch_size=16, compile=compile))
+    llm = LLM.from_settings(
+        Settings(
+            model=model,
+            dtype=dtype,
+            runner=runner,
+            kv_cache_mb=512,  # type: ignore[arg-type]
+            max_adapters=len(adapters),
+            max_batch_size=16,
+            compile=compile,
+        )
+    )
     try:
         await llm.start()
         names = []
@@ -92,11 +119,16 @@ async def engine_rates(model: str, runner: str, dtype: str, prompts: list[list[i
         warm = SamplingParams(max_new_tokens=8, ignore_eos=True)
 
         async def rate(batch: list[list[int]], which: list[str | None]) -> float:
-            await asyncio.gather(*(llm.complete(p, warm, adapter=which[i % len(which)])
-                                   for i, p in enumerate(batch)))
+            await asyncio.gather(
+                *(llm.complete(p, warm, adapter=which[i % len(which)]) for i, p in enumerate(batch))
+            )
             t = time.perf_counter()
-            await asyncio.gather(*(llm.complete(p, params, adapter=which[i % len(which)])
-                                   for i, p in enumerate(batch)))
+            await asyncio.gather(
+                *(
+                    llm.complete(p, params, adapter=which[i % len(which)])
+                    for i, p in enumerate(batch)
+                )
+            )
             return len(batch) * new_tokens / (time.perf_counter() - t)
 
         one = await rate(prompts[:1], [None])
@@ -108,7 +140,9 @@ async def engine_rates(model: str, runner: str, dtype: str, prompts: list[list[i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--models", default="smollm2,gemma3-270m")
     parser.add_argument("--dtype", default="bfloat16")
@@ -134,10 +168,26 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
         prompts = [tokenizer(q)["input_ids"] for q in QUESTIONS[:16]]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        hf1, hf16 = hf_generate(resolved.path, getattr(torch, args.dtype), prompts, args.new_tokens, pad)
+        hf1, hf16 = hf_generate(
+            resolved.path, getattr(torch, args.dtype), prompts, args.new_tokens, pad
+        )
         rows.append([name, "HF generate", hf1, 1.0, hf16, 1.0, "", ""])
-        print(table(["model", "runner", "b=1 tok/s", "x HF", "16 tok/s", "x HF b16",
-                     "16 over 8 adapters", "x own 16"], rows), flush=True)
+        print(
+            table(
+                [
+                    "model",
+                    "runner",
+                    "b=1 tok/s",
+                    "x HF",
+                    "16 tok/s",
+                    "x HF b16",
+                    "16 over 8 adapters",
+                    "x own 16",
+                ],
+                rows,
+            ),
+            flush=True,
+        )
         config = AutoConfig.from_pretrained(str(resolved.path))
         tiers: list[tuple[str, bool]] = [("generic", False)]
         try:
@@ -148,15 +198,55 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             adapters = make_adapters(resolved.path, Path(tmp), 8)
             for tier, compile in tiers:
-                one, sixteen, mixed = asyncio.run(engine_rates(name, tier, args.dtype, prompts,
-                                                               args.new_tokens, adapters, compile))
-                rows.append([name, f"{tier} --compile" if compile else tier, one, one / hf1, sixteen,
-                             sixteen / hf16, mixed, mixed / sixteen])
-                print(table(["model", "runner", "b=1 tok/s", "x HF", "16 tok/s", "x HF b16",
-                             "16 over 8 adapters", "x own 16"], rows), flush=True)
+                one, sixteen, mixed = asyncio.run(
+                    engine_rates(
+                        name, tier, args.dtype, prompts, args.new_tokens, adapters, compile
+                    )
+                )
+                rows.append(
+                    [
+                        name,
+                        f"{tier} --compile" if compile else tier,
+                        one,
+                        one / hf1,
+                        sixteen,
+                        sixteen / hf16,
+                        mixed,
+                        mixed / sixteen,
+                    ]
+                )
+                print(
+                    table(
+                        [
+                            "model",
+                            "runner",
+                            "b=1 tok/s",
+                            "x HF",
+                            "16 tok/s",
+                            "x HF b16",
+                            "16 over 8 adapters",
+                            "x own 16",
+                        ],
+                        rows,
+                    ),
+                    flush=True,
+                )
     print()
-    print(table(["model", "runner", "b=1 tok/s", "x HF", "16 tok/s", "x HF b16",
-                 "16 over 8 adapters", "x own 16"], rows))
+    print(
+        table(
+            [
+                "model",
+                "runner",
+                "b=1 tok/s",
+                "x HF",
+                "16 tok/s",
+                "x HF b16",
+                "16 over 8 adapters",
+                "x own 16",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -55,9 +55,28 @@ OTHER_TEXTS = (
 )
 
 
-HELDOUT_PACKAGES = ("torch", "transformers", "peft", "bentoml", "fastapi", "pydantic", "typer", "rich",
-                    "accelerate", "tokenizers", "openai", "torchao", "optimum", "uvicorn",
-                    "huggingface-hub", "tqdm", "regex", "fsspec", "sympy", "attrs")
+HELDOUT_PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "bentoml",
+    "fastapi",
+    "pydantic",
+    "typer",
+    "rich",
+    "accelerate",
+    "tokenizers",
+    "openai",
+    "torchao",
+    "optimum",
+    "uvicorn",
+    "huggingface-hub",
+    "tqdm",
+    "regex",
+    "fsspec",
+    "sympy",
+    "attrs",
+)
 
 
 @functools.cache
@@ -76,8 +95,11 @@ def heldout_texts() -> tuple[str, ...]:
         body = meta.get_payload() or meta.get("Description") or ""
         body = re.sub(r"```.*?```", "", str(body), flags=re.S)
         body = re.sub(r"<[^>]+>|\[!\[.*?\)\]\(.*?\)|!\[.*?\]\(.*?\)|https?://\S+", "", body)
-        lines = [line for line in body.splitlines() if len(line.split()) > 6
-                 and not line.startswith(("|", "    ", "#", ">>>", "$"))]
+        lines = [
+            line
+            for line in body.splitlines()
+            if len(line.split()) > 6 and not line.startswith(("|", "    ", "#", ">>>", "$"))
+        ]
         text = " ".join(lines)
         if len(text) > 2500:
             out.append(text[:4000])
@@ -98,8 +120,9 @@ def perplexity(model_dir: str, mode: str, dtype: str) -> list[float]:
     elif mode != "bf16":
         from transformers import AutoConfig
 
-        spec = dispatch(mode, dtype=kwargs["dtype"], device=device,
-                        config=AutoConfig.from_pretrained(model_dir))
+        spec = dispatch(
+            mode, dtype=kwargs["dtype"], device=device, config=AutoConfig.from_pretrained(model_dir)
+        )
         assert spec is not None
         kwargs.update(spec.load_kwargs, quantization_config=spec.quantization_config)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -128,8 +151,9 @@ async def speed(llm, batch: int, new_tokens: int, repeats: int) -> float:
 
     prompts = [llm.tokenize(q) for q in (QUESTIONS * 2)[:batch]]
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    await asyncio.gather(*(llm.complete(p, params.model_copy(update={"max_new_tokens": 4}))
-                           for p in prompts))
+    await asyncio.gather(
+        *(llm.complete(p, params.model_copy(update={"max_new_tokens": 4})) for p in prompts)
+    )
     rates = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -139,7 +163,9 @@ async def speed(llm, batch: int, new_tokens: int, repeats: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--modes", default="bf16,int8,nf4,fp4,torchao-int8,gptq4,gptq8,nf4-cal,fp4-cal")
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -163,15 +189,25 @@ def main() -> None:
 
                 t = time.perf_counter()
                 if mode.startswith("gptq"):
-                    model = quantize_model(args.model, bits=int(mode[4:] or 4), name=f"bench-{mode}")
+                    model = quantize_model(
+                        args.model, bits=int(mode[4:] or 4), name=f"bench-{mode}"
+                    )
                 else:
-                    model = quantize_model(args.model, method=mode.removesuffix("-cal"),
-                                           name=f"bench-{mode}")
+                    model = quantize_model(
+                        args.model, method=mode.removesuffix("-cal"), name=f"bench-{mode}"
+                    )
                 made = time.perf_counter() - t
                 mode_dir, quantize = str(resolve_model(model).path), None
             t = time.perf_counter()
-            llm = LLM.from_settings(Settings(model=model, dtype="bfloat16", device=args.device,
-                                             quantize=quantize, max_batch_size=16))
+            llm = LLM.from_settings(
+                Settings(
+                    model=model,
+                    dtype="bfloat16",
+                    device=args.device,
+                    quantize=quantize,
+                    max_batch_size=16,
+                )
+            )
             load = time.perf_counter() - t
         except OpenLLMCloneError as exc:
             print(f"{mode}: skipped ({exc})")
@@ -182,28 +218,69 @@ def main() -> None:
         embed = llm.runner.embed.weight
         embed_bytes = embed.numel() * embed.element_size()
         llm.shutdown()
-        results[mode] = {"bytes": weight_bytes, "embed": embed_bytes, "load": load, "b1": b1,
-                         "b16": b16, "ppl": perplexity(mode_dir, mode, "bfloat16")}
+        results[mode] = {
+            "bytes": weight_bytes,
+            "embed": embed_bytes,
+            "load": load,
+            "b1": b1,
+            "b16": b16,
+            "ppl": perplexity(mode_dir, mode, "bfloat16"),
+        }
         if made is not None:
-            print(f"{mode}: quantized in {made:.0f} s (openllm-clone quantize, builtin calibration)")
+            print(
+                f"{mode}: quantized in {made:.0f} s (openllm-clone quantize, builtin calibration)"
+            )
     base = results.get("bf16")
     rows = []
     for mode, r in results.items():
-        rows.append([mode, f"{r['bytes'] / 2**20:.0f} MiB", f"{r['bytes'] / base['bytes']:.2f}x" if base else "-",
-                     f"{(r['bytes'] - r['embed']) / (base['bytes'] - base['embed']):.2f}x" if base else "-",
-                          f"{r['load']:.1f} s", r["b1"], r["b16"], r["ppl"][0],
-                     f"{100 * (r['ppl'][0] / base['ppl'][0] - 1):+.1f}%" if base else "-",
-                     " / ".join(f"{100 * (p / b - 1):+.1f}%" for p, b in zip(r["ppl"][1:3], base["ppl"][1:3]))
-                     if base else "-",
-                     f"{100 * (r['ppl'][3] / base['ppl'][3] - 1):+.1f}%" if base else "-"])
-    print(f"\nmodel {args.model} on {args.device}; {args.new_tokens} new tokens, greedy; medians of {args.repeats}")
-    print(table(["mode", "weights", "vs bf16", "vs bf16 w/o tied embedding", "load", "tok/s b=1",
-                 "tok/s b=16", "perplexity", "ppl vs bf16", "2 short texts vs bf16",
-                 "held-out set vs bf16"], rows))
+        rows.append(
+            [
+                mode,
+                f"{r['bytes'] / 2**20:.0f} MiB",
+                f"{r['bytes'] / base['bytes']:.2f}x" if base else "-",
+                f"{(r['bytes'] - r['embed']) / (base['bytes'] - base['embed']):.2f}x"
+                if base
+                else "-",
+                f"{r['load']:.1f} s",
+                r["b1"],
+                r["b16"],
+                r["ppl"][0],
+                f"{100 * (r['ppl'][0] / base['ppl'][0] - 1):+.1f}%" if base else "-",
+                " / ".join(
+                    f"{100 * (p / b - 1):+.1f}%" for p, b in zip(r["ppl"][1:3], base["ppl"][1:3])
+                )
+                if base
+                else "-",
+                f"{100 * (r['ppl'][3] / base['ppl'][3] - 1):+.1f}%" if base else "-",
+            ]
+        )
+    print(
+        f"\nmodel {args.model} on {args.device}; {args.new_tokens} new tokens, greedy; medians of {args.repeats}"
+    )
+    print(
+        table(
+            [
+                "mode",
+                "weights",
+                "vs bf16",
+                "vs bf16 w/o tied embedding",
+                "load",
+                "tok/s b=1",
+                "tok/s b=16",
+                "perplexity",
+                "ppl vs bf16",
+                "2 short texts vs bf16",
+                "held-out set vs bf16",
+            ],
+            rows,
+        )
+    )
     docs = heldout_texts()
     print(f"held-out set: {len(docs)} package descriptions, the first 512 tokens of each")
     if base:
-        print(f"(the tied embedding / lm_head, {base['embed'] / 2**20:.0f} MiB in bf16, stays unquantized)")
+        print(
+            f"(the tied embedding / lm_head, {base['embed'] / 2**20:.0f} MiB in bf16, stays unquantized)"
+        )
 
 
 if __name__ == "__main__":

@@ -40,14 +40,26 @@ OUT = Path(__file__).resolve().parent / "out"
 
 # --- the server side -----------------------------------------------------------------
 
-async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int,
-                      adapter: str | None = None, system: str | None = None,
-                      logprobs: int | None = None) -> dict[str, Any]:
+
+async def one_request(
+    client: httpx.AsyncClient,
+    url: str,
+    prompt: str,
+    max_tokens: int,
+    adapter: str | None = None,
+    system: str | None = None,
+    logprobs: int | None = None,
+) -> dict[str, Any]:
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": prompt})
-    body: dict[str, Any] = {"model": adapter or "", "messages": messages,
-                            "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                            "ignore_eos": True}
+    body: dict[str, Any] = {
+        "model": adapter or "",
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
     if logprobs is not None:
         body.update(logprobs=True, top_logprobs=logprobs)
     start = time.perf_counter()
@@ -64,12 +76,18 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
     return {"start": start, "end": end, "stamps": stamps, "tokens": max_tokens}
 
 
-async def run_load(url: str, requests: list[tuple[str, int]], concurrency: int,
-                   adapters: list[str] | None = None,
-                   systems: list[str] | None = None, logprobs: int | None = None) -> dict[str, float]:
+async def run_load(
+    url: str,
+    requests: list[tuple[str, int]],
+    concurrency: int,
+    adapters: list[str] | None = None,
+    systems: list[str] | None = None,
+    logprobs: int | None = None,
+) -> dict[str, float]:
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
         async def go(i: int, prompt: str, n: int) -> dict[str, Any]:
             async with sem:
                 adapter = adapters[i % len(adapters)] if adapters else None
@@ -80,12 +98,20 @@ async def run_load(url: str, requests: list[tuple[str, int]], concurrency: int,
         results = await asyncio.gather(*(go(i, p, n) for i, (p, n) in enumerate(requests)))
         wall = time.perf_counter() - t0
     ttft = [r["stamps"][0] - r["start"] for r in results if r["stamps"]]
-    tpot = [(r["stamps"][-1] - r["stamps"][0]) / max(1, len(r["stamps"]) - 1) for r in results
-            if len(r["stamps"]) > 1]
+    tpot = [
+        (r["stamps"][-1] - r["stamps"][0]) / max(1, len(r["stamps"]) - 1)
+        for r in results
+        if len(r["stamps"]) > 1
+    ]
     tokens = sum(r["tokens"] for r in results)
-    return {"throughput": tokens / wall, "wall": wall, "ttft_p50": pct(ttft, 50),
-            "ttft_p99": pct(ttft, 99), "tpot_med": median(tpot),
-            "decode_tok_s": 1 / median(tpot) if tpot else float("nan")}
+    return {
+        "throughput": tokens / wall,
+        "wall": wall,
+        "ttft_p50": pct(ttft, 50),
+        "ttft_p99": pct(ttft, 99),
+        "tpot_med": median(tpot),
+        "decode_tok_s": 1 / median(tpot) if tpot else float("nan"),
+    }
 
 
 SYSTEM_TOKENS = 400
@@ -96,16 +122,34 @@ def system_prompt(seed: int) -> str:
     import random
 
     rng = random.Random(seed)
-    words = ["policy", "customer", "answer", "briefly", "order", "refund", "shipping", "account",
-             "polite", "escalate", "invoice", "product", "warranty", "delivery", "support", "team"]
+    words = [
+        "policy",
+        "customer",
+        "answer",
+        "briefly",
+        "order",
+        "refund",
+        "shipping",
+        "account",
+        "polite",
+        "escalate",
+        "invoice",
+        "product",
+        "warranty",
+        "delivery",
+        "support",
+        "team",
+    ]
     body = " ".join(rng.choice(words) for _ in range(SYSTEM_TOKENS - 20))
     return f"Agent {seed}: you are the support assistant of shop number {seed}. Rules: {body}."
 
 
 # --- baselines -------------------------------------------------------------------------
 
-def hf_baselines(model_dir: str, dtype: str, prompts: list[str], new_tokens: int,
-                 batch: int, sequential: int) -> dict[str, float]:
+
+def hf_baselines(
+    model_dir: str, dtype: str, prompts: list[str], new_tokens: int, batch: int, sequential: int
+) -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -113,14 +157,23 @@ def hf_baselines(model_dir: str, dtype: str, prompts: list[str], new_tokens: int
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
-    chats = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                     add_generation_prompt=True) for p in prompts]
+    chats = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in prompts
+    ]
 
     def gen(texts: list[str], n: int) -> float:
         enc = tok(texts, return_tensors="pt", padding=True)
         t = time.perf_counter()
-        model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                       pad_token_id=tok.eos_token_id)
+        model.generate(
+            **enc,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=tok.eos_token_id,
+        )
         return time.perf_counter() - t
 
     gen(chats[:1], 4)  # warm-up
@@ -138,8 +191,9 @@ def hf_baselines(model_dir: str, dtype: str, prompts: list[str], new_tokens: int
     return out
 
 
-def hf_static_mixed(model_dir: str, dtype: str, requests: list[tuple[str, int]],
-                    batch: int) -> float:
+def hf_static_mixed(
+    model_dir: str, dtype: str, requests: list[tuple[str, int]], batch: int
+) -> float:
     """Static batching with mixed output lengths: each batch runs to its longest output."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -151,18 +205,29 @@ def hf_static_mixed(model_dir: str, dtype: str, requests: list[tuple[str, int]],
     t = time.perf_counter()
     for i in range(0, len(requests), batch):
         chunk = requests[i : i + batch]
-        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                         add_generation_prompt=True) for p, _ in chunk]
+        texts = [
+            tok.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p, _ in chunk
+        ]
         longest = max(n for _, n in chunk)
         enc = tok(texts, return_tensors="pt", padding=True)
         with torch.no_grad():
-            model.generate(**enc, max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
-                           pad_token_id=tok.eos_token_id)
+            model.generate(
+                **enc,
+                max_new_tokens=longest,
+                min_new_tokens=longest,
+                do_sample=False,
+                pad_token_id=tok.eos_token_id,
+            )
         useful += sum(n for _, n in chunk)
     return useful / (time.perf_counter() - t)
 
 
-def ct2_baseline(model_dir: str, prompts: list[str], new_tokens: int, batch: int) -> dict[str, float]:
+def ct2_baseline(
+    model_dir: str, prompts: list[str], new_tokens: int, batch: int
+) -> dict[str, float]:
     try:
         import ctranslate2
     except ImportError:
@@ -175,16 +240,37 @@ def ct2_baseline(model_dir: str, prompts: list[str], new_tokens: int, batch: int
     out_dir = Path(tempfile.mkdtemp()) / "ct2"
     # The converter sits next to this interpreter (a venv's bin/ need not be on PATH).
     converter = Path(sys.executable).parent / "ct2-transformers-converter"
-    subprocess.run([str(converter) if converter.exists() else "ct2-transformers-converter",
-                    "--model", model_dir, "--output_dir",
-                    str(out_dir), "--quantization", "int8"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            str(converter) if converter.exists() else "ct2-transformers-converter",
+            "--model",
+            model_dir,
+            "--output_dir",
+            str(out_dir),
+            "--quantization",
+            "int8",
+        ],
+        check=True,
+        capture_output=True,
+    )
     tok = AutoTokenizer.from_pretrained(model_dir)
-    gen = ctranslate2.Generator(str(out_dir), device="cpu", compute_type="int8",
-                                intra_threads=os.cpu_count() or 2)
-    toks = [tok.convert_ids_to_tokens(tok.apply_chat_template(
-        [{"role": "user", "content": p}], add_generation_prompt=True)["input_ids"]) for p in prompts]
-    kw = {"max_length": new_tokens, "min_length": new_tokens, "include_prompt_in_result": False,
-          "sampling_topk": 1}
+    gen = ctranslate2.Generator(
+        str(out_dir), device="cpu", compute_type="int8", intra_threads=os.cpu_count() or 2
+    )
+    toks = [
+        tok.convert_ids_to_tokens(
+            tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)[
+                "input_ids"
+            ]
+        )
+        for p in prompts
+    ]
+    kw = {
+        "max_length": new_tokens,
+        "min_length": new_tokens,
+        "include_prompt_in_result": False,
+        "sampling_topk": 1,
+    }
     gen.generate_batch(toks[:1], max_length=4, include_prompt_in_result=False)
     t = time.perf_counter()
     gen.generate_batch(toks[:1], **kw)
@@ -197,8 +283,10 @@ def ct2_baseline(model_dir: str, prompts: list[str], new_tokens: int, batch: int
 
 # --- main ------------------------------------------------------------------------------
 
-def logprobs_row(url: str, requests: list[tuple[str, int]], concurrency: int,
-                 rounds: int = 3) -> dict[str, float]:
+
+def logprobs_row(
+    url: str, requests: list[tuple[str, int]], concurrency: int, rounds: int = 3
+) -> dict[str, float]:
     """The same batch with and without ``top_logprobs=5``, alternating rounds (this machine's
     speed drifts between runs); prints the ratio of the medians."""
     plain, with_lp = [], []
@@ -207,14 +295,18 @@ def logprobs_row(url: str, requests: list[tuple[str, int]], concurrency: int,
         plain.append(asyncio.run(run_load(url, requests, concurrency))["throughput"])
         with_lp.append(asyncio.run(run_load(url, requests, concurrency, logprobs=5))["throughput"])
     a, b = median(plain), median(with_lp)
-    print(f"logprobs: {concurrency} concurrent, top_logprobs=5: {b:.0f} tok/s vs {a:.0f} tok/s "
-          f"without (medians of {rounds} alternating rounds): {b / a:.2f}x "
-          f"(rounds: {', '.join(f'{x:.0f}' for x in plain)} / {', '.join(f'{x:.0f}' for x in with_lp)})")
+    print(
+        f"logprobs: {concurrency} concurrent, top_logprobs=5: {b:.0f} tok/s vs {a:.0f} tok/s "
+        f"without (medians of {rounds} alternating rounds): {b / a:.2f}x "
+        f"(rounds: {', '.join(f'{x:.0f}' for x in plain)} / {', '.join(f'{x:.0f}' for x in with_lp)})"
+    )
     return {"plain": a, "logprobs5": b, "ratio": b / a}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--concurrency", default="1,4,16")
@@ -222,10 +314,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--sequential", type=int, default=3, help="HF one-at-a-time requests to time")
     ap.add_argument("--skip-baselines", action="store_true")
-    ap.add_argument("--no-compile", dest="compile", action="store_false",
-                    help="serve with the eager decode step instead of --compile")
-    ap.add_argument("--logprobs-only", action="store_true",
-                    help="only the logprobs row: batch-wide requests with and without top_logprobs=5")
+    ap.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="serve with the eager decode step instead of --compile",
+    )
+    ap.add_argument(
+        "--logprobs-only",
+        action="store_true",
+        help="only the logprobs row: batch-wide requests with and without top_logprobs=5",
+    )
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
 
@@ -233,8 +332,9 @@ def main() -> None:
 
     model_dir = str(resolve_model(args.model).path)
     levels = [int(c) for c in args.concurrency.split(",")]
-    fixed = workload(max(args.batch, max(levels)), seed=0, out_min=args.new_tokens,
-                     out_max=args.new_tokens)
+    fixed = workload(
+        max(args.batch, max(levels)), seed=0, out_min=args.new_tokens, out_max=args.new_tokens
+    )
     mixed = workload(args.batch * 2, seed=1, out_min=16, out_max=256)
 
     rows: list[list[object]] = []
@@ -269,18 +369,23 @@ def main() -> None:
         before = httpx.get(f"{url}/v1/metadata", timeout=30).json()["engine"]
         server_results["prefix_shared"] = asyncio.run(run_load(url, questions, 4, systems=shared))
         after = httpx.get(f"{url}/v1/metadata", timeout=30).json()["engine"]
-        server_results["prefix_distinct"] = asyncio.run(run_load(url, questions, 4,
-                                                                 systems=distinct))
-        server_results["prefix_hit_blocks"] = (after["prefix_cache_hits"]
-                                               - before["prefix_cache_hits"])
+        server_results["prefix_distinct"] = asyncio.run(
+            run_load(url, questions, 4, systems=distinct)
+        )
+        server_results["prefix_hit_blocks"] = (
+            after["prefix_cache_hits"] - before["prefix_cache_hits"]
+        )
         server_results["logprobs"] = logprobs_row(url, fixed[: args.batch], args.batch)
         peak_rss = rss_peak_mb(server.proc.pid)
 
     base: dict[str, float] = {}
     if not args.skip_baselines:
         prompts = [p for p, _ in fixed]
-        base.update(hf_baselines(model_dir, args.dtype, prompts, args.new_tokens, args.batch,
-                                 args.sequential))
+        base.update(
+            hf_baselines(
+                model_dir, args.dtype, prompts, args.new_tokens, args.batch, args.sequential
+            )
+        )
         base["hf_static_mixed"] = hf_static_mixed(model_dir, args.dtype, mixed, args.batch)
         base.update(ct2_baseline(model_dir, prompts, args.new_tokens, args.batch))
 
@@ -289,47 +394,98 @@ def main() -> None:
 
     for c in levels:
         r = server_results[f"c{c}"]
-        rows.append([f"openllm-clone, {c} concurrent", r["throughput"], r["decode_tok_s"],
-                     r["ttft_p50"] * 1000, r["ttft_p99"] * 1000, r["tpot_med"] * 1000,
-                     ratio(r["decode_tok_s"], "hf_seq_decode_tok_s") if c == 1
-                     else ratio(r["throughput"], "hf_static_throughput"),
-                     ratio(r["throughput"], "ct2_batch_throughput") if c == args.batch else "-"])
+        rows.append(
+            [
+                f"openllm-clone, {c} concurrent",
+                r["throughput"],
+                r["decode_tok_s"],
+                r["ttft_p50"] * 1000,
+                r["ttft_p99"] * 1000,
+                r["tpot_med"] * 1000,
+                ratio(r["decode_tok_s"], "hf_seq_decode_tok_s")
+                if c == 1
+                else ratio(r["throughput"], "hf_static_throughput"),
+                ratio(r["throughput"], "ct2_batch_throughput") if c == args.batch else "-",
+            ]
+        )
     m = server_results["mixed"]
-    rows.append([f"openllm-clone, mixed 16-256, {args.batch} concurrent", m["throughput"],
-                 m["decode_tok_s"], m["ttft_p50"] * 1000, m["ttft_p99"] * 1000, m["tpot_med"] * 1000,
-                 ratio(m["throughput"], "hf_static_mixed"), "-"])
-    for key, label in [("hf_seq_decode_tok_s", "HF generate, one at a time (decode tok/s)"),
-                       ("hf_static_throughput", f"HF static padded batch {args.batch}"),
-                       ("hf_static_mixed", f"HF static batch {args.batch}, mixed 16-256"),
-                       ("ct2_b1_tok_s", "CTranslate2 int8, batch 1"),
-                       ("ct2_batch_throughput", f"CTranslate2 int8, batch {args.batch}")]:
+    rows.append(
+        [
+            f"openllm-clone, mixed 16-256, {args.batch} concurrent",
+            m["throughput"],
+            m["decode_tok_s"],
+            m["ttft_p50"] * 1000,
+            m["ttft_p99"] * 1000,
+            m["tpot_med"] * 1000,
+            ratio(m["throughput"], "hf_static_mixed"),
+            "-",
+        ]
+    )
+    for key, label in [
+        ("hf_seq_decode_tok_s", "HF generate, one at a time (decode tok/s)"),
+        ("hf_static_throughput", f"HF static padded batch {args.batch}"),
+        ("hf_static_mixed", f"HF static batch {args.batch}, mixed 16-256"),
+        ("ct2_b1_tok_s", "CTranslate2 int8, batch 1"),
+        ("ct2_batch_throughput", f"CTranslate2 int8, batch {args.batch}"),
+    ]:
         if key in base:
             rows.append([label, base[key], "", "", "", "", "baseline", ""])
-    print(f"\nmodel {args.model}, dtype {args.dtype}, {args.new_tokens} new tokens, greedy, "
-          f"{os.cpu_count()} cores, decode step {'compiled' if args.compile else 'eager'}")
-    print(table(["system", "tok/s", "decode tok/s (1 stream)", "TTFT p50 ms", "TTFT p99 ms",
-                 "TPOT ms", "vs HF", "vs CT2"], rows))
-    print(f"\nKV cache for 64 concurrent short requests: {kv_used / 2**20:.1f} MiB used at peak vs "
-          f"{kv_reserved / 2**20:.0f} MiB reserving max length ({meta['max_model_len']}) for each: "
-          f"{kv_used / kv_reserved:.3f}x")
+    print(
+        f"\nmodel {args.model}, dtype {args.dtype}, {args.new_tokens} new tokens, greedy, "
+        f"{os.cpu_count()} cores, decode step {'compiled' if args.compile else 'eager'}"
+    )
+    print(
+        table(
+            [
+                "system",
+                "tok/s",
+                "decode tok/s (1 stream)",
+                "TTFT p50 ms",
+                "TTFT p99 ms",
+                "TPOT ms",
+                "vs HF",
+                "vs CT2",
+            ],
+            rows,
+        )
+    )
+    print(
+        f"\nKV cache for 64 concurrent short requests: {kv_used / 2**20:.1f} MiB used at peak vs "
+        f"{kv_reserved / 2**20:.0f} MiB reserving max length ({meta['max_model_len']}) for each: "
+        f"{kv_used / kv_reserved:.3f}x"
+    )
     ps, pd = server_results["prefix_shared"], server_results["prefix_distinct"]
-    print(f"prefix caching, 16 questions 4 at a time after a ~{SYSTEM_TOKENS}-token system prompt: "
-          f"TTFT p50 {ps['ttft_p50'] * 1000:.0f} ms shared vs {pd['ttft_p50'] * 1000:.0f} ms with "
-          f"distinct system prompts ({pd['ttft_p50'] / ps['ttft_p50']:.2f}x); throughput "
-          f"{ps['throughput']:.0f} vs {pd['throughput']:.0f} tok/s; "
-          f"{server_results['prefix_hit_blocks']} KV blocks reused")
+    print(
+        f"prefix caching, 16 questions 4 at a time after a ~{SYSTEM_TOKENS}-token system prompt: "
+        f"TTFT p50 {ps['ttft_p50'] * 1000:.0f} ms shared vs {pd['ttft_p50'] * 1000:.0f} ms with "
+        f"distinct system prompts ({pd['ttft_p50'] / ps['ttft_p50']:.2f}x); throughput "
+        f"{ps['throughput']:.0f} vs {pd['throughput']:.0f} tok/s; "
+        f"{server_results['prefix_hit_blocks']} KV blocks reused"
+    )
     print(f"server peak RSS: {peak_rss:.0f} MiB")
-    (OUT / "serving.json").write_text(json.dumps({"server": server_results, "baselines": base,
-                                                  "kv_used": kv_used, "kv_reserved": kv_reserved},
-                                                 indent=2))
+    (OUT / "serving.json").write_text(
+        json.dumps(
+            {
+                "server": server_results,
+                "baselines": base,
+                "kv_used": kv_used,
+                "kv_reserved": kv_reserved,
+            },
+            indent=2,
+        )
+    )
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        plt.plot(levels, [server_results[f"c{c}"]["throughput"] for c in levels], "o-",
-                 label="openllm-clone")
+        plt.plot(
+            levels,
+            [server_results[f"c{c}"]["throughput"] for c in levels],
+            "o-",
+            label="openllm-clone",
+        )
         if "hf_static_throughput" in base:
             plt.axhline(base["hf_static_throughput"], ls="--", label="HF static batch")
         plt.xlabel("concurrent requests")

@@ -18,10 +18,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import QUESTIONS, table  # noqa: E402
 
-SCHEMA = {"type": "object", "properties": {
-    "topic": {"type": "string"}, "summary": {"type": "string"},
-    "facts": {"type": "array", "items": {"type": "string"}}, "confidence": {"type": "number"}},
-    "required": ["topic", "summary", "facts", "confidence"]}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "topic": {"type": "string"},
+        "summary": {"type": "string"},
+        "facts": {"type": "array", "items": {"type": "string"}},
+        "confidence": {"type": "number"},
+    },
+    "required": ["topic", "summary", "facts", "confidence"],
+}
 
 
 async def per_token(llm, prompts, constraint, new_tokens: int, repeats: int = 3) -> float:
@@ -31,8 +37,9 @@ async def per_token(llm, prompts, constraint, new_tokens: int, repeats: int = 3)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        results = await asyncio.gather(*(llm.complete(p, params, constraint=constraint)
-                                         for p in prompts))
+        results = await asyncio.gather(
+            *(llm.complete(p, params, constraint=constraint) for p in prompts)
+        )
         elapsed = time.perf_counter() - t
         tokens = max(len(r.token_ids[0]) for r in results)  # steps taken
         times.append(elapsed / tokens)
@@ -47,8 +54,10 @@ def main() -> None:
     constraint = llm.constraint_for({"type": "json_schema", "json_schema": {"schema": SCHEMA}})
     rows = []
     for batch in (1, 16):
-        prompts = [llm.tokenize(llm.chat_prompt_text(q + " Reply as JSON.")) for q in
-                   (QUESTIONS * 2)[:batch]]
+        prompts = [
+            llm.tokenize(llm.chat_prompt_text(q + " Reply as JSON."))
+            for q in (QUESTIONS * 2)[:batch]
+        ]
         asyncio.run(per_token(llm, prompts[:1], constraint, 8, 1))  # warm-up
         free = asyncio.run(per_token(llm, prompts, None, 64))
         constrained = asyncio.run(per_token(llm, prompts, constraint, 64))

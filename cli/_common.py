@@ -12,7 +12,10 @@ console = Console(stderr=True)
 out = Console()
 
 ENDPOINT_OPTION = typer.Option(
-    "http://127.0.0.1:3000", "--endpoint", "-e", envvar="OPENLLM_CLONE_ENDPOINT",
+    "http://127.0.0.1:3000",
+    "--endpoint",
+    "-e",
+    envvar="OPENLLM_CLONE_ENDPOINT",
     help="Server address.",
 )
 API_KEY_OPTION = typer.Option(

@@ -22,10 +22,16 @@ def list_(endpoint: str = ENDPOINT_OPTION, api_key: str | None = API_KEY_OPTION)
         fail(str(exc))
     table = Table("name", "state", "rank", "targets", "size", "pinned", "served", "source")
     for a in adapters:
-        table.add_row(a["name"], a["state"], str(a.get("rank") or "-"),
-                      ",".join(a.get("target_modules") or []) or "-",
-                      human_bytes(a["size_bytes"]) if a.get("size_bytes") else "-",
-                      "yes" if a["pinned"] else "", str(a["requests_served"]), a["source"])
+        table.add_row(
+            a["name"],
+            a["state"],
+            str(a.get("rank") or "-"),
+            ",".join(a.get("target_modules") or []) or "-",
+            human_bytes(a["size_bytes"]) if a.get("size_bytes") else "-",
+            "yes" if a["pinned"] else "",
+            str(a["requests_served"]),
+            a["source"],
+        )
     out.print(table)
 
 

@@ -31,16 +31,24 @@ def build(
     max_adapters: int = typer.Option(8, help="Baked serving setting."),
     containerize: bool = typer.Option(False, help="Also build a container image (needs Docker)."),
     dockerfile_only: Path | None = typer.Option(
-        None, "--dockerfile-only", help="Export the build context with its Dockerfile to DIR."),
+        None, "--dockerfile-only", help="Export the build context with its Dockerfile to DIR."
+    ),
 ) -> None:
     """Build a self-contained bento: model, adapters, settings, pinned requirements."""
     from openllm_clone.bento import build_bento
 
     try:
-        settings = Settings(model=model, quantize=quantize, dtype=dtype,  # type: ignore[arg-type]
-                            compile=compile,
-                            adapters=[parse_adapter_spec(a) for a in adapter_id],
-                            max_batch_size=max_batch_size, max_adapters=max_adapters)
+        settings = Settings.model_validate(
+            dict(
+                model=model,
+                quantize=quantize,
+                dtype=dtype,
+                compile=compile,
+                adapters=[parse_adapter_spec(a) for a in adapter_id],
+                max_batch_size=max_batch_size,
+                max_adapters=max_adapters,
+            )
+        )
     except ValueError as exc:
         fail(str(exc), 2)
     started = time.perf_counter()
@@ -49,23 +57,33 @@ def build(
             bento = build_bento(settings, flavour=flavour, version=bento_version)
     except (OpenLLMCloneError, ValueError) as exc:
         fail(str(exc))
-    out.print(f"[bold green]built[/] {bento.tag} ({human_bytes(bento.size_bytes)} with models) "
-              f"in {time.perf_counter() - started:.1f} s")
-    out.print(f"  serve it:       bentoml serve {bento.tag}   (or: openllm-clone start {bento.tag})")
+    out.print(
+        f"[bold green]built[/] {bento.tag} ({human_bytes(bento.size_bytes)} with models) "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
+    out.print(
+        f"  serve it:       bentoml serve {bento.tag}   (or: openllm-clone start {bento.tag})"
+    )
     out.print(f"  containerize:   bentoml containerize {bento.tag}")
     out.print(f"  Dockerfile:     {bento.dockerfile}")
     if dockerfile_only is not None:
         from openllm_clone.bento import export_build_context
 
         export_build_context(bento.tag, dockerfile_only)
-        out.print(f"  build context exported to {dockerfile_only} "
-                  f"(docker build -f {dockerfile_only}/env/docker/Dockerfile {dockerfile_only})")
+        out.print(
+            f"  build context exported to {dockerfile_only} "
+            f"(docker build -f {dockerfile_only}/env/docker/Dockerfile {dockerfile_only})"
+        )
     if containerize:
-        if shutil.which("docker") is None or subprocess.run(
-                ["docker", "info"], capture_output=True, timeout=20).returncode != 0:
-            fail("no Docker daemon is running here, so the image cannot be built; the bento is "
-                 f"built and its Dockerfile is {bento.dockerfile} (or use --dockerfile-only DIR "
-                 "with any builder: docker, buildah, kaniko)")
+        if (
+            shutil.which("docker") is None
+            or subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode != 0
+        ):
+            fail(
+                "no Docker daemon is running here, so the image cannot be built; the bento is "
+                f"built and its Dockerfile is {bento.dockerfile} (or use --dockerfile-only DIR "
+                "with any builder: docker, buildah, kaniko)"
+            )
         subprocess.run(["bentoml", "containerize", bento.tag], check=True)
 
 
@@ -77,9 +95,14 @@ def bentos() -> None:
     table = Table("tag", "model", "adapters", "flavour", "quantize", "created")
     for b in list_bentos():
         labels = b.info.labels
-        table.add_row(str(b.tag), labels.get("model", "?"), labels.get("adapters", ""),
-                      labels.get("flavour", ""), labels.get("quantize", ""),
-                      b.info.creation_time.strftime("%Y-%m-%d %H:%M"))
+        table.add_row(
+            str(b.tag),
+            labels.get("model", "?"),
+            labels.get("adapters", ""),
+            labels.get("flavour", ""),
+            labels.get("quantize", ""),
+            b.info.creation_time.strftime("%Y-%m-%d %H:%M"),
+        )
     out.print(table)
 
 

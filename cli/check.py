@@ -20,8 +20,12 @@ from ._common import console, fail, out
 
 app = typer.Typer()
 
-_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was",
-            "The three primary colours are"]
+_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, there was",
+    "The three primary colours are",
+]
 
 
 @app.command("check")
@@ -35,8 +39,14 @@ def check(
     from openllm_clone.settings import Settings
 
     try:
-        settings = Settings(model=model, dtype="float32", device="cpu", runner=runner,  # type: ignore[arg-type]
-                            kv_cache_mb=256, max_batch_size=max(4, len(prompt)))
+        settings = Settings(
+            model=model,
+            dtype="float32",
+            device="cpu",
+            runner=runner,  # type: ignore[arg-type]
+            kv_cache_mb=256,
+            max_batch_size=max(4, len(prompt)),
+        )
     except ValueError as exc:
         fail(str(exc), 2)
     try:
@@ -47,10 +57,16 @@ def check(
     for text, want, alone, batched in results:
         same = alone == want and batched == want
         bad += not same
-        where = "" if same else f" (first difference at token {_first_difference(want, alone, batched)})"
+        where = (
+            ""
+            if same
+            else f" (first difference at token {_first_difference(want, alone, batched)})"
+        )
         out.print(f"{'same' if same else 'DIFFERENT'}: {text!r}{where}", soft_wrap=True)
-    console.print(f"{len(results) - bad} of {len(results)} prompts equal transformers' generate "
-                  f"on the {tier} runner ({max_new_tokens} tokens, float32, greedy)")
+    console.print(
+        f"{len(results) - bad} of {len(results)} prompts equal transformers' generate "
+        f"on the {tier} runner ({max_new_tokens} tokens, float32, greedy)"
+    )
     if bad:
         raise typer.Exit(1)
 
@@ -77,7 +93,9 @@ async def _compare(settings: Any, prompts: list[str], n: int) -> tuple[list[Any]
         ids = [llm.tokenize(p) for p in prompts]
         params = SamplingParams(max_new_tokens=n, ignore_eos=True)
         alone = [(await llm.complete(x, params)).token_ids[0] for x in ids]
-        batched = [c.token_ids[0] for c in await asyncio.gather(*(llm.complete(x, params) for x in ids))]
+        batched = [
+            c.token_ids[0] for c in await asyncio.gather(*(llm.complete(x, params) for x in ids))
+        ]
         tier = str(llm.runner.info.extra.get("runner"))
     finally:
         llm.shutdown()
@@ -85,7 +103,13 @@ async def _compare(settings: Any, prompts: list[str], n: int) -> tuple[list[Any]
     want = []
     with torch.inference_mode():
         for x in ids:
-            gen = reference.generate(torch.tensor([x]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-                                     pad_token_id=0, attention_mask=torch.ones(1, len(x), dtype=torch.long))
-            want.append(gen[0, len(x):].tolist())
+            gen = reference.generate(
+                torch.tensor([x]),
+                max_new_tokens=n,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+                attention_mask=torch.ones(1, len(x), dtype=torch.long),
+            )
+            want.append(gen[0, len(x) :].tolist())
     return list(zip(prompts, want, alone, batched, strict=True)), tier

@@ -49,21 +49,33 @@ def _warn_if_unservable(tag: str) -> None:
 def quantize(
     model: str = typer.Argument("smollm2", help="Model store tag or local folder."),
     method: str = typer.Option(
-        "gptq", help="gptq, or nf4/fp4 (bitsandbytes 4-bit, unquantized layers chosen by "
-        "measured sensitivity). int8 and torchao-int8 quantize at load time."),
+        "gptq",
+        help="gptq, or nf4/fp4 (bitsandbytes 4-bit, unquantized layers chosen by "
+        "measured sensitivity). int8 and torchao-int8 quantize at load time.",
+    ),
     bits: int = typer.Option(4, help="GPTQ bits per weight: 2, 3, 4 or 8."),
     group_size: int | None = typer.Option(
-        None, help="GPTQ columns sharing one scale; default 128, or 32 for models narrower than "
-        "1024 (SmolLM2), falling back to 64/32/16 to divide every width; -1: one per row."),
+        None,
+        help="GPTQ columns sharing one scale; default 128, or 32 for models narrower than "
+        "1024 (SmolLM2), falling back to 64/32/16 to divide every width; -1: one per row.",
+    ),
     keep_edge_layers: bool | None = typer.Option(
-        None, "--keep-edge-layers/--no-keep-edge-layers",
-        help="GPTQ: keep the first and last decoder layers in full precision (default: at <= 4 bits)."),
+        None,
+        "--keep-edge-layers/--no-keep-edge-layers",
+        help="GPTQ: keep the first and last decoder layers in full precision (default: at <= 4 bits).",
+    ),
     keep_layers: int | None = typer.Option(
-        None, help="nf4/fp4: how many of the most sensitive decoder layers stay unquantized "
-        "(default: an eighth of the layers, rounded up)."),
-    calibration: str = typer.Option("builtin", help="builtin, or a text file (paragraphs) or .jsonl."),
+        None,
+        help="nf4/fp4: how many of the most sensitive decoder layers stay unquantized "
+        "(default: an eighth of the layers, rounded up).",
+    ),
+    calibration: str = typer.Option(
+        "builtin", help="builtin, or a text file (paragraphs) or .jsonl."
+    ),
     seqlen: int = typer.Option(512, help="Longest calibration sequence in tokens."),
-    name: str | None = typer.Option(None, help="Name in the store (default MODEL-gptq-4bit, MODEL-nf4, ...)."),
+    name: str | None = typer.Option(
+        None, help="Name in the store (default MODEL-gptq-4bit, MODEL-nf4, ...)."
+    ),
 ) -> None:
     """Quantize MODEL offline into the model store (GPTQ, or calibrated nf4/fp4); serve it
     with `start TAG`."""
@@ -72,10 +84,18 @@ def quantize(
     what = f"GPTQ {bits}-bit" if method == "gptq" else method
     try:
         with console.status(f"{what}: {model}") as status:
-            tag = quantize_model(model, method=method, bits=bits, group_size=group_size,
-                                 calibration=calibration, name=name, seqlen=seqlen,
-                                 keep_edge_layers=keep_edge_layers, keep_layers=keep_layers,
-                                 progress=lambda msg: status.update(f"{what}: {msg}"))
+            tag = quantize_model(
+                model,
+                method=method,
+                bits=bits,
+                group_size=group_size,
+                calibration=calibration,
+                name=name,
+                seqlen=seqlen,
+                keep_edge_layers=keep_edge_layers,
+                keep_layers=keep_layers,
+                progress=lambda msg: status.update(f"{what}: {msg}"),
+            )
     except OpenLLMCloneError as exc:
         fail(exc.message)
     _say_what_was_done(tag)
@@ -89,8 +109,11 @@ def _say_what_was_done(tag: str) -> None:
     meta: dict[str, Any] = dict(bentoml.models.get(tag).info.metadata)
     facts = meta.get("gptq") or meta.get("bitsandbytes") or {}
     kept = facts.get("full_precision_layers")
-    console.print(f"{tag}: {meta.get('quantization')} in {facts.get('seconds', '?')} s; decoder layers "
-                  f"kept in full precision: {kept if kept else 'none'}", soft_wrap=True)
+    console.print(
+        f"{tag}: {meta.get('quantization')} in {facts.get('seconds', '?')} s; decoder layers "
+        f"kept in full precision: {kept if kept else 'none'}",
+        soft_wrap=True,
+    )
 
 
 def _default_name(source: str) -> str:
@@ -105,11 +128,29 @@ def models() -> None:
     parameters, size, dtype, quantization)."""
     from openllm_clone.store import list_models
 
-    table = Table("tag", "kind", "architecture", "runner", "parameters", "size", "dtype", "quantization",
-                  "source")
+    table = Table(
+        "tag",
+        "kind",
+        "architecture",
+        "runner",
+        "parameters",
+        "size",
+        "dtype",
+        "quantization",
+        "source",
+    )
     for m in list_models():
         params = f"{m.parameters / 1e6:.1f} M" if m.parameters else "-"
         quant = "-" if m.kind == "adapter" else m.quantization
-        table.add_row(m.tag, m.kind, m.architecture, m.runner, params, human_bytes(m.size_bytes),
-                      m.dtype, quant, m.source)
+        table.add_row(
+            m.tag,
+            m.kind,
+            m.architecture,
+            m.runner,
+            params,
+            human_bytes(m.size_bytes),
+            m.dtype,
+            quant,
+            m.source,
+        )
     out.print(table)

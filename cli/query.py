@@ -17,8 +17,9 @@ def query(
     endpoint: str = ENDPOINT_OPTION,
     api_key: str | None = API_KEY_OPTION,
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they come."),
-    chat: bool = typer.Option(True, "--chat/--raw",
-                              help="Use the chat template (default) or send the raw prompt."),
+    chat: bool = typer.Option(
+        True, "--chat/--raw", help="Use the chat template (default) or send the raw prompt."
+    ),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, help="0 is greedy."),
     adapter_name: str | None = typer.Option(None, "--adapter-name", "-a", help="Adapter to use."),

@@ -22,12 +22,20 @@ app = typer.Typer()
 # option of field ``f`` is ``--f`` (dashes), its env var ``OPENLLM_CLONE_F``, its default
 # and help the field's. Where a flag reads better than the field's name, it is listed here
 # (parameter name -> field); tests/unit/test_cli_settings.py checks every field has one.
-PARAM_FIELDS = {"api_key": "api_keys", "admin_api_key": "admin_api_keys", "adapter_id": "adapters",
-                "adapter_root": "adapter_roots"}
+PARAM_FIELDS = {
+    "api_key": "api_keys",
+    "admin_api_key": "admin_api_keys",
+    "adapter_id": "adapters",
+    "adapter_root": "adapter_roots",
+}
 # Env vars named after the flag (the client reads OPENLLM_CLONE_API_KEY too), and Ray's own.
-ENV_VARS = {"api_keys": "OPENLLM_CLONE_API_KEY", "admin_api_keys": "OPENLLM_CLONE_ADMIN_API_KEY",
-            "adapters": "OPENLLM_CLONE_ADAPTER_ID", "adapter_roots": "OPENLLM_CLONE_ADAPTER_ROOT",
-            "ray_address": "RAY_ADDRESS"}
+ENV_VARS = {
+    "api_keys": "OPENLLM_CLONE_API_KEY",
+    "admin_api_keys": "OPENLLM_CLONE_ADMIN_API_KEY",
+    "adapters": "OPENLLM_CLONE_ADAPTER_ID",
+    "adapter_roots": "OPENLLM_CLONE_ADAPTER_ROOT",
+    "ray_address": "RAY_ADDRESS",
+}
 
 
 def env_var(field: str) -> str:
@@ -44,8 +52,11 @@ def _opt(field: str, *decls: str, default: Any = ..., **kwargs: Any) -> Any:
 
 @app.command("start")
 def start(
-    model: str = typer.Argument(Settings.model_fields["model"].default, envvar=env_var("model"),
-                                help=Settings.model_fields["model"].description),
+    model: str = typer.Argument(
+        Settings.model_fields["model"].default,
+        envvar=env_var("model"),
+        help=Settings.model_fields["model"].description,
+    ),
     host: str = _opt("host"),
     port: int = _opt("port"),
     dtype: str = _opt("dtype"),
@@ -88,29 +99,51 @@ def start(
     --api-key, --admin-api-key, --adapter-id and --adapter-root repeat; their environment
     variables take comma-separated lists. --adapter-id takes NAME=PATH or PATH.
     """
+
     def split(values: list[str]) -> list[str]:
         return [v for raw in values for v in raw.split(",") if v.strip()]
 
     try:
-        settings = Settings(
-            model=model, host=host, port=port, dtype=dtype,  # type: ignore[arg-type]
-            device=device, quantize=quantize,  # type: ignore[arg-type]
-            compile=compile, prefix_caching=prefix_caching,
-            runner=runner,  # type: ignore[arg-type]
-            max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens,
-            block_size=block_size, max_queue=max_queue, seed=seed,
-            timeout=timeout, workers=workers, backend=backend,  # type: ignore[arg-type]
-            replicas=replicas, max_replicas=max_replicas, cpus_per_replica=cpus_per_replica,
-            gpus_per_replica=gpus_per_replica, ray_address=ray_address,
-            routing=routing,  # type: ignore[arg-type]
-            api_keys=split(api_key), admin_api_keys=split(admin_api_key),
-            max_body_bytes=max_body_bytes,
-            adapters=[parse_adapter_spec(a) for a in split(adapter_id)],
-            max_adapters=max_adapters, max_adapter_rank=max_adapter_rank,
-            adapter_roots=split(adapter_root), allow_pickle_adapters=allow_pickle_adapters,
-            max_adapter_mb=max_adapter_mb,
-            max_model_len=max_model_len, kv_cache_mb=kv_cache_mb, model_name=model_name,
-            log_level=log_level.upper(), log_prompts=log_prompts,  # type: ignore[arg-type]
+        settings = Settings.model_validate(
+            dict(
+                model=model,
+                host=host,
+                port=port,
+                dtype=dtype,
+                device=device,
+                quantize=quantize,
+                compile=compile,
+                prefix_caching=prefix_caching,
+                runner=runner,
+                max_batch_size=max_batch_size,
+                max_prefill_tokens=max_prefill_tokens,
+                block_size=block_size,
+                max_queue=max_queue,
+                seed=seed,
+                timeout=timeout,
+                workers=workers,
+                backend=backend,
+                replicas=replicas,
+                max_replicas=max_replicas,
+                cpus_per_replica=cpus_per_replica,
+                gpus_per_replica=gpus_per_replica,
+                ray_address=ray_address,
+                routing=routing,
+                api_keys=split(api_key),
+                admin_api_keys=split(admin_api_key),
+                max_body_bytes=max_body_bytes,
+                adapters=[parse_adapter_spec(a) for a in split(adapter_id)],
+                max_adapters=max_adapters,
+                max_adapter_rank=max_adapter_rank,
+                adapter_roots=split(adapter_root),
+                allow_pickle_adapters=allow_pickle_adapters,
+                max_adapter_mb=max_adapter_mb,
+                max_model_len=max_model_len,
+                kv_cache_mb=kv_cache_mb,
+                model_name=model_name,
+                log_level=log_level.upper(),
+                log_prompts=log_prompts,
+            )
         )
     except ValueError as exc:
         fail(str(exc), 2)
@@ -136,14 +169,30 @@ def serve(settings: Settings) -> None:
     """Resolve the model once, then run the BentoML server in the foreground."""
     from openllm_clone.store import resolve_model
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     bento = _bento(settings.model)
     if bento is not None:
         # A built bento carries its own settings, adapters and code: serve it as is.
-        console.print(f"[bold green]openllm-clone[/] serving bento {bento} on "
-                      f"http://{settings.host}:{settings.port}")
-        os.execvp(sys.executable, [sys.executable, "-m", "bentoml", "serve", bento,
-                                   "--host", settings.host, "--port", str(settings.port)])
+        console.print(
+            f"[bold green]openllm-clone[/] serving bento {bento} on "
+            f"http://{settings.host}:{settings.port}"
+        )
+        os.execvp(
+            sys.executable,
+            [
+                sys.executable,
+                "-m",
+                "bentoml",
+                "serve",
+                bento,
+                "--host",
+                settings.host,
+                "--port",
+                str(settings.port),
+            ],
+        )
     try:
         with console.status(f"resolving model {settings.model!r}"):
             resolved = resolve_model(settings.model)
@@ -171,8 +220,8 @@ def serve(settings: Settings) -> None:
     console.print(
         f"  try: openllm-clone query --endpoint {url} 'What is the capital of France?'\n"
         f"  or:  curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
-        f"-d '{{\"model\": \"{resolved.name}\", \"messages\": [{{\"role\": \"user\", "
-        f"\"content\": \"Hello\"}}]}}'"
+        f'-d \'{{"model": "{resolved.name}", "messages": [{{"role": "user", '
+        f'"content": "Hello"}}]}}\''
     )
     try:
         LLMService.serve_http(host=settings.host, port=settings.port)  # type: ignore[attr-defined]
@@ -189,8 +238,10 @@ def _serve_ray(settings: Settings, name: str, url: str) -> None:
     except OpenLLMCloneError as exc:
         fail(exc.message)
     where = settings.ray_address or "a local Ray instance"
-    console.print(f"[bold green]openllm-clone[/] serving [bold]{name}[/] on {url} with "
-                  f"{settings.replicas} Ray Serve replica(s) on {where} ({settings.routing} routing)")
+    console.print(
+        f"[bold green]openllm-clone[/] serving [bold]{name}[/] on {url} with "
+        f"{settings.replicas} Ray Serve replica(s) on {where} ({settings.routing} routing)"
+    )
     run(settings)
 
 
@@ -220,7 +271,9 @@ def _exit_when_a_worker_cannot_load() -> str:
                 continue
             if reason:
                 break
-        console.print(f"[bold red]error:[/] the model could not be loaded: {reason}", soft_wrap=True)
+        console.print(
+            f"[bold red]error:[/] the model could not be loaded: {reason}", soft_wrap=True
+        )
         _stop_children()
         with contextlib.suppress(OSError):
             os.unlink(path)

@@ -23,8 +23,13 @@ from openllm_clone.errors import MissingDependencyError
 __all__ = ["smolagents_model"]
 
 
-def smolagents_model(endpoint: str | None = None, *, model: str | None = None,
-                     api_key: str | None = None, **kwargs: Any) -> Any:
+def smolagents_model(
+    endpoint: str | None = None,
+    *,
+    model: str | None = None,
+    api_key: str | None = None,
+    **kwargs: Any,
+) -> Any:
     """An ``OpenAIServerModel`` for the server at ``endpoint``.
 
     ``model`` is an adapter name, or the base model's name (default: the server's base
@@ -36,7 +41,9 @@ def smolagents_model(endpoint: str | None = None, *, model: str | None = None,
         raise MissingDependencyError.for_extra("smolagents", "agents") from exc
     from openllm_clone.client import HTTPClient
 
-    base = (endpoint or os.environ.get("OPENLLM_CLONE_ENDPOINT") or "http://127.0.0.1:3000").rstrip("/")
+    base = (endpoint or os.environ.get("OPENLLM_CLONE_ENDPOINT") or "http://127.0.0.1:3000").rstrip(
+        "/"
+    )
     key = api_key if api_key is not None else os.environ.get("OPENLLM_CLONE_API_KEY") or "unused"
     if model is None:
         with HTTPClient(base, api_key=key) as client:

@@ -61,8 +61,9 @@ class _Embedded:
         from openllm_clone.llm import LLM as Engine
 
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="openllm-clone-embedded",
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="openllm-clone-embedded", daemon=True
+        )
         self.thread.start()
         self.llm = Engine.from_settings(settings)
         self.run(self.llm.start())
@@ -81,7 +82,9 @@ class _Embedded:
 
         async def pump() -> None:
             try:
-                async for event in self.llm.stream(self.llm.tokenize(prompt), params, adapter=adapter):
+                async for event in self.llm.stream(
+                    self.llm.tokenize(prompt), params, adapter=adapter
+                ):
                     for delta in event.deltas:
                         if delta.text:
                             out.put(delta.text)
@@ -100,10 +103,14 @@ class _Embedded:
 class OpenLLMClone(LLM):
     """A LangChain LLM (text in, text out) backed by an openllm-clone server or engine."""
 
-    endpoint: str | None = Field(default_factory=lambda: os.environ.get("OPENLLM_CLONE_ENDPOINT"),
-                                 description="Server URL (default: OPENLLM_CLONE_ENDPOINT).")
-    api_key: str | None = Field(default_factory=lambda: os.environ.get("OPENLLM_CLONE_API_KEY"),
-                                description="Bearer key (default: OPENLLM_CLONE_API_KEY).")
+    endpoint: str | None = Field(
+        default_factory=lambda: os.environ.get("OPENLLM_CLONE_ENDPOINT"),
+        description="Server URL (default: OPENLLM_CLONE_ENDPOINT).",
+    )
+    api_key: str | None = Field(
+        default_factory=lambda: os.environ.get("OPENLLM_CLONE_API_KEY"),
+        description="Bearer key (default: OPENLLM_CLONE_API_KEY).",
+    )
     adapter_name: str | None = Field(default=None, description="Adapter for every call.")
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -113,8 +120,9 @@ class OpenLLMClone(LLM):
     timeout: float = 600.0
     embedded: bool = Field(default=False, description="Run the model in-process, no server.")
     model: str = Field(default="smollm2", description="Model for embedded mode.")
-    embedded_options: dict[str, Any] = Field(default_factory=dict,
-                                             description="More Settings fields for embedded mode.")
+    embedded_options: dict[str, Any] = Field(
+        default_factory=dict, description="More Settings fields for embedded mode."
+    )
     _engine: _Embedded | None = PrivateAttr(default=None)
 
     @property
@@ -123,15 +131,31 @@ class OpenLLMClone(LLM):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"endpoint": self.endpoint, "adapter_name": self.adapter_name,
-                "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
-                "embedded": self.embedded, "model": self.model if self.embedded else None}
+        return {
+            "endpoint": self.endpoint,
+            "adapter_name": self.adapter_name,
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "embedded": self.embedded,
+            "model": self.model if self.embedded else None,
+        }
 
     def _params(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-        params = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
-                  "top_p": self.top_p, "seed": self.seed, "stop": stop or self.stop}
-        params.update({k: v for k, v in kwargs.items() if k in (
-            "max_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty")})
+        params = {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "stop": stop or self.stop,
+        }
+        params.update(
+            {
+                k: v
+                for k, v in kwargs.items()
+                if k
+                in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty")
+            }
+        )
         return {k: v for k, v in params.items() if v is not None}
 
     def _adapter(self, kwargs: dict[str, Any]) -> str | None:
@@ -144,25 +168,39 @@ class OpenLLMClone(LLM):
             self._engine = _Embedded(Settings(model=self.model, **self.embedded_options))
         return self._engine
 
-    def _call(self, prompt: str, stop: list[str] | None = None,
-              run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> str:
+    def _call(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> str:
         return "".join(chunk.text for chunk in self._stream(prompt, stop, run_manager, **kwargs))
 
-    def _stream(self, prompt: str, stop: list[str] | None = None,
-                run_manager: CallbackManagerForLLMRun | None = None,
-                **kwargs: Any) -> Iterator[GenerationChunk]:
+    def _stream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[GenerationChunk]:
         params = self._params(stop, kwargs)
         adapter = self._adapter(kwargs)
         if self.embedded:
             from openllm_clone.protocol import SamplingParams
 
             pieces: Iterator[str] = self._embedded_engine().stream(
-                prompt, SamplingParams(**params), adapter)
+                prompt, SamplingParams(**params), adapter
+            )
         else:
             from openllm_clone.client import HTTPClient
 
-            pieces = self._http_pieces(HTTPClient(self.endpoint, api_key=self.api_key,
-                                                  timeout=self.timeout), prompt, adapter, params)
+            pieces = self._http_pieces(
+                HTTPClient(self.endpoint, api_key=self.api_key, timeout=self.timeout),
+                prompt,
+                adapter,
+                params,
+            )
         for text in pieces:
             chunk = GenerationChunk(text=text)
             if run_manager:
@@ -170,25 +208,37 @@ class OpenLLMClone(LLM):
             yield chunk
 
     @staticmethod
-    def _http_pieces(client: Any, prompt: str, adapter: str | None,
-                     params: dict[str, Any]) -> Iterator[str]:
+    def _http_pieces(
+        client: Any, prompt: str, adapter: str | None, params: dict[str, Any]
+    ) -> Iterator[str]:
         with client:
             for event in client.generate_stream(prompt, adapter_name=adapter, **params):
                 for output in event.outputs:
                     if output.text:
                         yield output.text
 
-    async def _acall(self, prompt: str, stop: list[str] | None = None,
-                     run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> str:
+    async def _acall(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> str:
         parts = [chunk.text async for chunk in self._astream(prompt, stop, run_manager, **kwargs)]
         return "".join(parts)
 
-    async def _astream(self, prompt: str, stop: list[str] | None = None,
-                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
-                       **kwargs: Any) -> AsyncIterator[GenerationChunk]:
+    async def _astream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[GenerationChunk]:
         if self.embedded:
             # The embedded engine lives on its own loop: bridge through a thread.
-            for chunk in await asyncio.to_thread(lambda: list(self._stream(prompt, stop, None, **kwargs))):
+            for chunk in await asyncio.to_thread(
+                lambda: list(self._stream(prompt, stop, None, **kwargs))
+            ):
                 if run_manager:
                     await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                 yield chunk
@@ -196,8 +246,12 @@ class OpenLLMClone(LLM):
         from openllm_clone.client import AsyncHTTPClient
 
         params = self._params(stop, kwargs)
-        async with AsyncHTTPClient(self.endpoint, api_key=self.api_key, timeout=self.timeout) as client:
-            async for event in client.generate_stream(prompt, adapter_name=self._adapter(kwargs), **params):
+        async with AsyncHTTPClient(
+            self.endpoint, api_key=self.api_key, timeout=self.timeout
+        ) as client:
+            async for event in client.generate_stream(
+                prompt, adapter_name=self._adapter(kwargs), **params
+            ):
                 for output in event.outputs:
                     if not output.text:
                         continue
@@ -209,10 +263,18 @@ class OpenLLMClone(LLM):
 
 def _role(message: BaseMessage) -> dict[str, Any]:
     if isinstance(message, AIMessage) and message.tool_calls:
-        return {"role": "assistant", "content": None, "tool_calls": [
-            {"id": c.get("id") or "call", "type": "function",
-             "function": {"name": c["name"], "arguments": json.dumps(c["args"])}}
-            for c in message.tool_calls]}
+        return {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": c.get("id") or "call",
+                    "type": "function",
+                    "function": {"name": c["name"], "arguments": json.dumps(c["args"])},
+                }
+                for c in message.tool_calls
+            ],
+        }
     if isinstance(message, HumanMessage):
         role = "user"
     elif isinstance(message, AIMessage):
@@ -225,16 +287,22 @@ def _role(message: BaseMessage) -> dict[str, Any]:
         role = message.role
     else:
         raise ValueError(f"unsupported message type {type(message).__name__}")
-    content = message.content if isinstance(message.content, str) else "".join(
-        p if isinstance(p, str) else p.get("text", "") for p in message.content)
+    content = (
+        message.content
+        if isinstance(message.content, str)
+        else "".join(p if isinstance(p, str) else p.get("text", "") for p in message.content)
+    )
     return {"role": role, "content": content}
 
 
 def _usage(usage: dict[str, int] | None) -> UsageMetadata | None:
     if not usage:
         return None
-    return UsageMetadata(input_tokens=usage["prompt_tokens"], output_tokens=usage["completion_tokens"],
-                         total_tokens=usage["total_tokens"])
+    return UsageMetadata(
+        input_tokens=usage["prompt_tokens"],
+        output_tokens=usage["completion_tokens"],
+        total_tokens=usage["total_tokens"],
+    )
 
 
 class ChatOpenLLMClone(BaseChatModel):
@@ -247,12 +315,19 @@ class ChatOpenLLMClone(BaseChatModel):
 
     model_config = ConfigDict(populate_by_name=True)
 
-    endpoint: str | None = Field(default_factory=lambda: os.environ.get("OPENLLM_CLONE_ENDPOINT"),
-                                 description="Server URL (default: OPENLLM_CLONE_ENDPOINT).")
-    api_key: str | None = Field(default_factory=lambda: os.environ.get("OPENLLM_CLONE_API_KEY"),
-                                description="Bearer key (default: OPENLLM_CLONE_API_KEY).")
-    model: str | None = Field(default=None, alias="model_name",
-                              description="Base model or adapter name (the OpenAI `model`).")
+    endpoint: str | None = Field(
+        default_factory=lambda: os.environ.get("OPENLLM_CLONE_ENDPOINT"),
+        description="Server URL (default: OPENLLM_CLONE_ENDPOINT).",
+    )
+    api_key: str | None = Field(
+        default_factory=lambda: os.environ.get("OPENLLM_CLONE_API_KEY"),
+        description="Bearer key (default: OPENLLM_CLONE_API_KEY).",
+    )
+    model: str | None = Field(
+        default=None,
+        alias="model_name",
+        description="Base model or adapter name (the OpenAI `model`).",
+    )
     adapter_name: str | None = Field(default=None, description="Adapter (same as `model`).")
     max_tokens: int = 256
     temperature: float = 0.0
@@ -267,27 +342,37 @@ class ChatOpenLLMClone(BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"endpoint": self.endpoint, "model": self.model or self.adapter_name,
-                "max_tokens": self.max_tokens, "temperature": self.temperature}
+        return {
+            "endpoint": self.endpoint,
+            "model": self.model or self.adapter_name,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+        }
 
     def _model_for(self, kwargs: dict[str, Any]) -> str | None:
         """The call's ``model`` (or ``adapter_name``), else the instance's."""
-        return (kwargs.get("model") or kwargs.get("adapter_name") or self.model
-                or self.adapter_name)
+        return kwargs.get("model") or kwargs.get("adapter_name") or self.model or self.adapter_name
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(
-            ls_provider="openllm_clone", ls_model_type="chat",
+            ls_provider="openllm_clone",
+            ls_model_type="chat",
             ls_model_name=self._model_for(kwargs) or "default",
             ls_temperature=kwargs.get("temperature", self.temperature),
-            ls_max_tokens=kwargs.get("max_tokens", self.max_tokens))
+            ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
+        )
         stops = stop or kwargs.get("stop") or self.stop
         if stops:
             params["ls_stop"] = stops
         return params
 
-    def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = None,  # type: ignore[override]
-                   **kwargs: Any) -> Runnable[Any, BaseMessage]:
+    def bind_tools(  # type: ignore[override]
+        self,
+        tools: Sequence[Any],
+        *,
+        tool_choice: Any = None,
+        **kwargs: Any,
+    ) -> Runnable[Any, BaseMessage]:
         """Offer tools to the model; the server constrains its output to valid calls."""
         formatted = [convert_to_openai_tool(tool) for tool in tools]
         if tool_choice in ("any", True):
@@ -296,18 +381,47 @@ class ChatOpenLLMClone(BaseChatModel):
             tool_choice = {"type": "function", "function": {"name": tool_choice}}
         return self.bind(tools=formatted, tool_choice=tool_choice, **kwargs)
 
-    def _body(self, messages: list[BaseMessage], stop: list[str] | None,
-              kwargs: dict[str, Any]) -> tuple[str | None, list[dict[str, Any]], dict[str, Any]]:
-        params = {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                  "seed": self.seed, "stop": stop or self.stop}
-        params.update({k: v for k, v in kwargs.items() if k in (
-            "max_tokens", "temperature", "top_p", "seed", "response_format", "tools", "tool_choice",
-            "logprobs", "top_logprobs")})
-        return self._model_for(kwargs), [_role(m) for m in messages], {
-            k: v for k, v in params.items() if v is not None}
+    def _body(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> tuple[str | None, list[dict[str, Any]], dict[str, Any]]:
+        params = {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "stop": stop or self.stop,
+        }
+        params.update(
+            {
+                k: v
+                for k, v in kwargs.items()
+                if k
+                in (
+                    "max_tokens",
+                    "temperature",
+                    "top_p",
+                    "seed",
+                    "response_format",
+                    "tools",
+                    "tool_choice",
+                    "logprobs",
+                    "top_logprobs",
+                )
+            }
+        )
+        return (
+            self._model_for(kwargs),
+            [_role(m) for m in messages],
+            {k: v for k, v in params.items() if v is not None},
+        )
 
-    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
         from openllm_clone.client import HTTPClient
 
         model, msgs, params = self._body(messages, stop, kwargs)
@@ -315,39 +429,63 @@ class ChatOpenLLMClone(BaseChatModel):
             reply = client.chat(msgs, model=model, **params)
         return self._result(reply)
 
-    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                         run_manager: AsyncCallbackManagerForLLMRun | None = None,
-                         **kwargs: Any) -> ChatResult:
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
         from openllm_clone.client import AsyncHTTPClient
 
         model, msgs, params = self._body(messages, stop, kwargs)
-        async with AsyncHTTPClient(self.endpoint, api_key=self.api_key, timeout=self.timeout) as client:
+        async with AsyncHTTPClient(
+            self.endpoint, api_key=self.api_key, timeout=self.timeout
+        ) as client:
             reply = await client.chat(msgs, model=model, **params)
         return self._result(reply)
 
     @staticmethod
     def _result(reply: dict[str, Any]) -> ChatResult:
         choice = reply["choices"][0]
-        calls = [{"name": c["function"]["name"], "args": json.loads(c["function"]["arguments"]),
-                  "id": c["id"], "type": "tool_call"}
-                 for c in choice["message"].get("tool_calls") or []]
-        metadata: dict[str, Any] = {"finish_reason": choice.get("finish_reason"),
-                                    "model_name": reply.get("model"), "model_provider": "openllm_clone"}
+        calls = [
+            {
+                "name": c["function"]["name"],
+                "args": json.loads(c["function"]["arguments"]),
+                "id": c["id"],
+                "type": "tool_call",
+            }
+            for c in choice["message"].get("tool_calls") or []
+        ]
+        metadata: dict[str, Any] = {
+            "finish_reason": choice.get("finish_reason"),
+            "model_name": reply.get("model"),
+            "model_provider": "openllm_clone",
+        }
         if choice.get("logprobs"):
             metadata["logprobs"] = choice["logprobs"]
-        message = AIMessage(content=choice["message"]["content"] or "", tool_calls=calls,
-                            usage_metadata=_usage(reply.get("usage")), response_metadata=metadata)
+        message = AIMessage(
+            content=choice["message"]["content"] or "",
+            tool_calls=calls,
+            usage_metadata=_usage(reply.get("usage")),
+            response_metadata=metadata,
+        )
         return ChatResult(generations=[ChatGeneration(message=message)])
 
-    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                run_manager: CallbackManagerForLLMRun | None = None,
-                **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
         from openllm_clone.client import HTTPClient
 
         model, msgs, params = self._body(messages, stop, kwargs)
         with HTTPClient(self.endpoint, api_key=self.api_key, timeout=self.timeout) as client:
-            for event in client.chat_stream(msgs, model=model, stream_options={"include_usage": True},
-                                            **params):
+            for event in client.chat_stream(
+                msgs, model=model, stream_options={"include_usage": True}, **params
+            ):
                 chunk = self._chunk(event)
                 if chunk is None:
                     continue
@@ -355,15 +493,22 @@ class ChatOpenLLMClone(BaseChatModel):
                     run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                 yield chunk
 
-    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
-                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
         from openllm_clone.client import AsyncHTTPClient
 
         model, msgs, params = self._body(messages, stop, kwargs)
-        async with AsyncHTTPClient(self.endpoint, api_key=self.api_key, timeout=self.timeout) as client:
-            async for event in client.chat_stream(msgs, model=model,
-                                                  stream_options={"include_usage": True}, **params):
+        async with AsyncHTTPClient(
+            self.endpoint, api_key=self.api_key, timeout=self.timeout
+        ) as client:
+            async for event in client.chat_stream(
+                msgs, model=model, stream_options={"include_usage": True}, **params
+            ):
                 chunk = self._chunk(event)
                 if chunk is None:
                     continue
@@ -374,8 +519,9 @@ class ChatOpenLLMClone(BaseChatModel):
     @staticmethod
     def _chunk(event: dict[str, Any]) -> ChatGenerationChunk | None:
         if event.get("usage") and not event.get("choices"):
-            return ChatGenerationChunk(message=AIMessageChunk(content="",
-                                                              usage_metadata=_usage(event["usage"])))
+            return ChatGenerationChunk(
+                message=AIMessageChunk(content="", usage_metadata=_usage(event["usage"]))
+            )
         choices = event.get("choices") or []
         if not choices:
             return None
@@ -384,14 +530,31 @@ class ChatOpenLLMClone(BaseChatModel):
         info = {"finish_reason": reason} if reason else None
         # Chunk metadata is merged by concatenating strings: the model's name goes on the
         # last chunk only, as ChatOpenAI does.
-        metadata: dict[str, Any] = {"finish_reason": reason, "model_name": event.get("model"),
-                                    "model_provider": "openllm_clone"} if reason else {}
+        metadata: dict[str, Any] = (
+            {
+                "finish_reason": reason,
+                "model_name": event.get("model"),
+                "model_provider": "openllm_clone",
+            }
+            if reason
+            else {}
+        )
         if choices[0].get("logprobs"):
             metadata["logprobs"] = choices[0]["logprobs"]
-        tool_chunks = [tool_call_chunk(name=c["function"]["name"], args=c["function"]["arguments"],
-                                       id=c.get("id"), index=c.get("index", 0))
-                       for c in delta.get("tool_calls") or []]
-        return ChatGenerationChunk(message=AIMessageChunk(content=delta.get("content") or "",
-                                                          tool_call_chunks=tool_chunks,
-                                                          response_metadata=metadata),
-                                   generation_info=info)
+        tool_chunks = [
+            tool_call_chunk(
+                name=c["function"]["name"],
+                args=c["function"]["arguments"],
+                id=c.get("id"),
+                index=c.get("index", 0),
+            )
+            for c in delta.get("tool_calls") or []
+        ]
+        return ChatGenerationChunk(
+            message=AIMessageChunk(
+                content=delta.get("content") or "",
+                tool_call_chunks=tool_chunks,
+                response_metadata=metadata,
+            ),
+            generation_info=info,
+        )

@@ -76,7 +76,9 @@ def _error_message(exc: OpenLLMCloneError) -> dict[str, Any]:
     return {"status": response.status_code, "headers": headers, "body": bytes(response.body)}
 
 
-async def _call_asgi(app: Any, req: dict[str, Any], extra_headers: dict[str, str]) -> AsyncIterator[Any]:
+async def _call_asgi(
+    app: Any, req: dict[str, Any], extra_headers: dict[str, str]
+) -> AsyncIterator[Any]:
     """Run one HTTP request through an ASGI app in this process.
 
     Yields the response start as ``{"status", "headers", "streaming"}``, then body
@@ -84,11 +86,18 @@ async def _call_asgi(app: Any, req: dict[str, Any], extra_headers: dict[str, str
     the client disconnected and cancels it, which aborts the engine request.
     """
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-        "method": req["method"], "scheme": "http", "path": req["path"],
-        "raw_path": req["path"].encode(), "query_string": req.get("query", b""),
-        "root_path": "", "headers": req.get("headers", []),
-        "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0),
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": req["method"],
+        "scheme": "http",
+        "path": req["path"],
+        "raw_path": req["path"].encode(),
+        "query_string": req.get("query", b""),
+        "root_path": "",
+        "headers": req.get("headers", []),
+        "client": ("127.0.0.1", 0),
+        "server": ("127.0.0.1", 0),
     }
     messages: asyncio.Queue[dict[str, Any] | BaseException | None] = asyncio.Queue()
     disconnected = asyncio.Event()
@@ -121,8 +130,11 @@ async def _call_asgi(app: Any, req: dict[str, Any], extra_headers: dict[str, str
             if isinstance(message, BaseException):
                 raise message
             if message["type"] == "http.response.start":
-                headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in message["headers"]
-                           if k.lower() not in _HOP_HEADERS}
+                headers = {
+                    k.decode("latin-1"): v.decode("latin-1")
+                    for k, v in message["headers"]
+                    if k.lower() not in _HOP_HEADERS
+                }
                 headers.update(extra_headers)
                 streaming = headers.get("content-type", "").startswith("text/event-stream")
                 yield {"status": message["status"], "headers": headers, "streaming": streaming}
@@ -153,11 +165,17 @@ class _HeldAdapter:
         self.released = True
         loop = self.replica.loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(lambda: loop.create_task(self.replica.llm.adapters.evict(self.name)))
+            loop.call_soon_threadsafe(
+                lambda: loop.create_task(self.replica.llm.adapters.evict(self.name))
+            )
 
 
-@serve.deployment(name="LLMReplica", health_check_period_s=5, health_check_timeout_s=30,
-                  graceful_shutdown_timeout_s=5)
+@serve.deployment(
+    name="LLMReplica",
+    health_check_period_s=5,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=5,
+)
 class LLMReplica:
     """One engine with its adapters; runs the ``/v1`` app for requests the router sends."""
 
@@ -201,8 +219,12 @@ class LLMReplica:
             if record is not None and record.source != spec["source"] and not record.in_use:
                 await registry.unload(name)  # replaced under the same name
             if registry.get(name) is None:
-                registry.register(name, spec["source"], pinned=spec.get("pinned", False),
-                                  force=spec.get("force", False))
+                registry.register(
+                    name,
+                    spec["source"],
+                    pinned=spec.get("pinned", False),
+                    force=spec.get("force", False),
+                )
             self._unloaded.discard(name)
 
     async def _forget(self, name: str) -> None:
@@ -218,14 +240,19 @@ class LLMReplica:
         extra = {REPLICA_HEADER: f"{self.replica_id}@{self.pid}"}
         if adapter:
             record = self.llm.adapters.get(adapter)
-            extra[CACHE_HEADER] = "hit" if record is not None and record.state == "ready" else "miss"
+            extra[CACHE_HEADER] = (
+                "hit" if record is not None and record.state == "ready" else "miss"
+            )
             try:
                 await self._hold(adapter)
             except OpenLLMCloneError as exc:
                 extra[LOADED_HEADER] = ",".join(self.llm.adapters.loaded())
                 message = _error_message(exc)
-                yield {"status": message["status"], "headers": {**message["headers"], **extra},
-                       "streaming": False}
+                yield {
+                    "status": message["status"],
+                    "headers": {**message["headers"], **extra},
+                    "streaming": False,
+                }
                 yield message["body"]
                 return
         extra[LOADED_HEADER] = ",".join(self.llm.adapters.loaded())
@@ -238,8 +265,12 @@ class LLMReplica:
         await self._prepare({})
         registry = self.llm.adapters
         try:
-            record = await registry.load(spec["name"], spec["source"], pinned=spec.get("pinned", False),
-                                         force=spec.get("force", False))
+            record = await registry.load(
+                spec["name"],
+                spec["source"],
+                pinned=spec.get("pinned", False),
+                force=spec.get("force", False),
+            )
             await self._hold(spec["name"])
         except OpenLLMCloneError as exc:
             return {"status": exc.status_code, "body": exc.to_dict()}
@@ -249,9 +280,12 @@ class LLMReplica:
     async def describe(self) -> dict[str, Any]:
         """Names the base model answers to, the start-up adapters, and this replica."""
         await self._prepare({})
-        return {"names": [self.llm.name, self.llm.runner.info.model_id],
-                "adapters": [a.model_dump() for a in self.llm.adapters.list()],
-                "replica": self.replica_id, "pid": self.pid}
+        return {
+            "names": [self.llm.name, self.llm.runner.info.model_id],
+            "adapters": [a.model_dump() for a in self.llm.adapters.list()],
+            "replica": self.replica_id,
+            "pid": self.pid,
+        }
 
     async def check_health(self) -> None:
         """Ray's health check: the engine must not have failed."""
@@ -300,8 +334,12 @@ def _unavailable(exc: BaseException) -> JSONResponse:
     logger.warning("replica call failed: %s: %s", type(exc).__name__, exc)
     error = UnavailableError(
         f"the replica serving this request failed ({type(exc).__name__}); nothing was "
-        "returned, retry the request", retry_after=1.0)
-    return JSONResponse(error.to_dict(), status_code=error.status_code, headers={"Retry-After": "1"})
+        "returned, retry the request",
+        retry_after=1.0,
+    )
+    return JSONResponse(
+        error.to_dict(), status_code=error.status_code, headers={"Retry-After": "1"}
+    )
 
 
 @serve.deployment(name="Router", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)
@@ -366,9 +404,12 @@ class Router:
             err = AdapterNotFoundError(f"adapter {adapter!r} was unloaded", param="model")
             return JSONResponse(err.to_dict(), status_code=err.status_code)
         req = {
-            "method": request.method, "path": path, "query": request.url.query.encode(),
+            "method": request.method,
+            "path": path,
+            "query": request.url.query.encode(),
             "headers": [(k, v) for k, v in request.headers.raw if k.lower() not in _HOP_HEADERS],
-            "body": body, "adapter": adapter,
+            "body": body,
+            "adapter": adapter,
             "specs": {n: self.specs[n] for n in needed if n in self.specs},
             "unloaded": list(self.unloaded),
         }
@@ -400,7 +441,9 @@ class Router:
                 # client library recognises as retryable.
                 self.stats["unavailable"] += 1
                 logger.warning("replica failed mid-stream: %s", exc)
-                error = UnavailableError("the replica serving this stream failed; retry the request")
+                error = UnavailableError(
+                    "the replica serving this stream failed; retry the request"
+                )
                 yield f"data: {json.dumps(error.to_dict())}\n\n".encode()
                 finished = True
             finally:
@@ -429,14 +472,18 @@ class Router:
 
     @router_app.get("/metrics")
     async def metrics(self) -> Response:
-        lines = ["# TYPE openllm_clone_router_requests_total counter",
-                 f"openllm_clone_router_requests_total {self.stats['requests']}",
-                 "# TYPE openllm_clone_router_unavailable_total counter",
-                 f"openllm_clone_router_unavailable_total {self.stats['unavailable']}",
-                 "# TYPE openllm_clone_adapter_cache_requests_total counter"]
+        lines = [
+            "# TYPE openllm_clone_router_requests_total counter",
+            f"openllm_clone_router_requests_total {self.stats['requests']}",
+            "# TYPE openllm_clone_router_unavailable_total counter",
+            f"openllm_clone_router_unavailable_total {self.stats['unavailable']}",
+            "# TYPE openllm_clone_adapter_cache_requests_total counter",
+        ]
         for result in ("hit", "miss"):
-            lines.append(f'openllm_clone_adapter_cache_requests_total{{result="{result}"}} '
-                         f"{self.stats[f'adapter_cache_{result}']}")
+            lines.append(
+                f'openllm_clone_adapter_cache_requests_total{{result="{result}"}} '
+                f"{self.stats[f'adapter_cache_{result}']}"
+            )
         lines.append("# TYPE openllm_clone_replica_requests_total counter")
         for replica, count in sorted(self.by_replica.items()):
             lines.append(f'openllm_clone_replica_requests_total{{replica="{replica}"}} {count}')
@@ -445,12 +492,17 @@ class Router:
     def routing_stats(self) -> dict[str, Any]:
         hits, misses = self.stats["adapter_cache_hit"], self.stats["adapter_cache_miss"]
         return {
-            "backend": "ray", "routing": self.settings.routing, "replicas": self.settings.replicas,
-            "max_replicas": self.settings.max_replicas, "requests": self.stats["requests"],
-            "unavailable": self.stats["unavailable"], "adapter_cache_hits": hits,
+            "backend": "ray",
+            "routing": self.settings.routing,
+            "replicas": self.settings.replicas,
+            "max_replicas": self.settings.max_replicas,
+            "requests": self.stats["requests"],
+            "unavailable": self.stats["unavailable"],
+            "adapter_cache_hits": hits,
             "adapter_cache_misses": misses,
             "adapter_cache_hit_rate": round(hits / (hits + misses), 4) if hits + misses else 0.0,
-            "requests_by_replica": dict(self.by_replica), "replica_pids": dict(self.pids),
+            "requests_by_replica": dict(self.by_replica),
+            "replica_pids": dict(self.pids),
             "adapter_loads": {a: dict(c) for a, c in self.loads.items()},
             "adapters_by_replica": {r: sorted(n) for r, n in self.holding.items()},
         }
@@ -469,7 +521,11 @@ class Router:
         for info in self._startup:
             listed[info["name"]] = dict(info)
         for name, spec in self.specs.items():
-            listed[name] = {"name": name, "source": spec["source"], "pinned": spec.get("pinned", False)}
+            listed[name] = {
+                "name": name,
+                "source": spec["source"],
+                "pinned": spec.get("pinned", False),
+            }
         for name in self.unloaded:
             if name not in self.specs:
                 listed.pop(name, None)
@@ -495,10 +551,27 @@ class Router:
         except Exception as exc:
             return _unavailable(exc)
         created = int(time.time())
-        data = [{"id": info["names"][0], "object": "model", "created": created,
-                 "owned_by": "openllm-clone", "root": info["names"][1], "parent": None}]
-        data += [{"id": a["name"], "object": "model", "created": created, "owned_by": "openllm-clone",
-                  "root": a.get("source"), "parent": info["names"][0]} for a in self._adapter_list()]
+        data = [
+            {
+                "id": info["names"][0],
+                "object": "model",
+                "created": created,
+                "owned_by": "openllm-clone",
+                "root": info["names"][1],
+                "parent": None,
+            }
+        ]
+        data += [
+            {
+                "id": a["name"],
+                "object": "model",
+                "created": created,
+                "owned_by": "openllm-clone",
+                "root": a.get("source"),
+                "parent": info["names"][0],
+            }
+            for a in self._adapter_list()
+        ]
         return JSONResponse({"object": "list", "data": data})
 
     @router_app.post("/v1/adapters")
@@ -510,16 +583,29 @@ class Router:
             body = parse_body(LoadAdapterRequest, await json_body(request))
         except OpenLLMCloneError as exc:
             return error_response(exc)
-        spec = {"name": body.name, "source": body.source, "pinned": body.pinned, "force": body.force}
+        spec = {
+            "name": body.name,
+            "source": body.source,
+            "pinned": body.pinned,
+            "force": body.force,
+        }
         current = self.specs.get(body.name) or next(
-            (a for a in self._startup if a["name"] == body.name and body.name not in self.unloaded), None)
+            (a for a in self._startup if a["name"] == body.name and body.name not in self.unloaded),
+            None,
+        )
         if current is not None and current["source"] != body.source:
             # The same fault answers the same error as a single server's registry.
-            return error_response(AdapterIncompatibleError(
-                f"adapter {body.name!r} is already loaded from {current['source']!r}; unload it "
-                "first to load another source under that name"))
-        handle = self.replicas.options(multiplexed_model_id=body.name) \
-            if self.settings.routing == "affinity" else self.replicas
+            return error_response(
+                AdapterIncompatibleError(
+                    f"adapter {body.name!r} is already loaded from {current['source']!r}; unload it "
+                    "first to load another source under that name"
+                )
+            )
+        handle = (
+            self.replicas.options(multiplexed_model_id=body.name)
+            if self.settings.routing == "affinity"
+            else self.replicas
+        )
         try:
             answer = await handle.load_adapter.remote(spec)
         except Exception as exc:
@@ -552,15 +638,18 @@ def build_application(settings: Settings) -> Any:
     """The Ray Serve application: the router in front of ``settings.replicas`` replicas."""
     settings_json = settings.model_dump_json()
     options: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": settings.cpus_per_replica,
-                              "num_gpus": settings.gpus_per_replica},
+        "ray_actor_options": {
+            "num_cpus": settings.cpus_per_replica,
+            "num_gpus": settings.gpus_per_replica,
+        },
         # Enough in flight per replica to fill its running batch and queue; beyond it
         # Ray sends the request to another replica even if that one lacks the adapter.
         "max_ongoing_requests": settings.max_batch_size * 4,
     }
     if settings.max_replicas and settings.max_replicas > settings.replicas:
         options["autoscaling_config"] = {
-            "min_replicas": settings.replicas, "max_replicas": settings.max_replicas,
+            "min_replicas": settings.replicas,
+            "max_replicas": settings.max_replicas,
             "initial_replicas": settings.replicas,
             "target_ongoing_requests": settings.max_batch_size,
         }
@@ -580,11 +669,20 @@ def run(settings: Settings, *, block: bool = True) -> None:
             ray.init(address=settings.ray_address, namespace=APP_NAME, log_to_driver=False)
         else:
             needed = settings.cpus_per_replica * (settings.max_replicas or settings.replicas)
-            ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), namespace=APP_NAME,
-                     include_dashboard=False, object_store_memory=256 * 2**20,
-                     log_to_driver=False,
-                     runtime_env={"env_vars": {k: v for k, v in os.environ.items()
-                                               if k.startswith(("BENTOML_", "HF_", "OPENLLM_CLONE_"))}})
+            ray.init(
+                num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
+                namespace=APP_NAME,
+                include_dashboard=False,
+                object_store_memory=256 * 2**20,
+                log_to_driver=False,
+                runtime_env={
+                    "env_vars": {
+                        k: v
+                        for k, v in os.environ.items()
+                        if k.startswith(("BENTOML_", "HF_", "OPENLLM_CLONE_"))
+                    }
+                },
+            )
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(build_application(settings), name=APP_NAME, route_prefix="/")
     if not block:

@@ -32,7 +32,9 @@ def discover_packages(root: str = ".") -> dict[str, str]:
     for name, folder in PACKAGE_ROOTS.items():
         base = os.path.join(root, folder)
         for dirpath, dirnames, filenames in os.walk(base):
-            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__" and not d.startswith("."))
+            dirnames[:] = sorted(
+                d for d in dirnames if d != "__pycache__" and not d.startswith(".")
+            )
             if "__init__.py" not in filenames:
                 dirnames[:] = []  # not a package: nothing below it is importable either
                 continue

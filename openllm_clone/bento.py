@@ -21,14 +21,38 @@ from typing import Any
 from openllm_clone.errors import ModelLoadError
 from openllm_clone.settings import SETTINGS_FILE, AdapterSpec, Settings
 
-__all__ = ["BENTO_LABEL", "BuiltBento", "build_bento", "export_build_context", "list_bentos",
-           "prune_bentos"]
+__all__ = [
+    "BENTO_LABEL",
+    "BuiltBento",
+    "build_bento",
+    "export_build_context",
+    "list_bentos",
+    "prune_bentos",
+]
 
 BENTO_LABEL = "openllm-clone"
-_CORE = ["torch", "transformers", "accelerate", "safetensors", "peft", "bentoml", "fastapi",
-         "httpx", "pydantic", "typer", "rich", "tokenizers"]
-_QUANTIZE = {"int8": ["bitsandbytes"], "int4": ["bitsandbytes"], "nf4": ["bitsandbytes"],
-             "fp4": ["bitsandbytes"], "torchao-int8": ["torchao"], "gptq": ["gptqmodel", "optimum"]}
+_CORE = [
+    "torch",
+    "transformers",
+    "accelerate",
+    "safetensors",
+    "peft",
+    "bentoml",
+    "fastapi",
+    "httpx",
+    "pydantic",
+    "typer",
+    "rich",
+    "tokenizers",
+]
+_QUANTIZE = {
+    "int8": ["bitsandbytes"],
+    "int4": ["bitsandbytes"],
+    "nf4": ["bitsandbytes"],
+    "fp4": ["bitsandbytes"],
+    "torchao-int8": ["torchao"],
+    "gptq": ["gptqmodel", "optimum"],
+}
 
 
 @dataclass
@@ -81,7 +105,9 @@ def _requirements(flavour: str, quantize: str | None) -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             if name in _CORE:
                 raise
-            raise ModelLoadError(f"--quantize {quantize} needs {name}, which is not installed") from None
+            raise ModelLoadError(
+                f"--quantize {quantize} needs {name}, which is not installed"
+            ) from None
         if name == "torch":
             version = version.split("+")[0]
         packages.append(f"{name}=={version}")
@@ -118,9 +144,15 @@ def build_bento(
             tag = import_adapter(spec.source, name=f"adapter-{spec.name}".lower())
         adapters.append(AdapterSpec(name=spec.name, source=tag, pinned=spec.pinned))
     needs = settings.quantize or _checkpoint_quantization(resolved.path)
-    baked = settings.model_copy(update={
-        "model": model_tag, "adapters": adapters, "adapter_roots": [], "host": "0.0.0.0",
-        "model_name": settings.model_name or resolved.name})
+    baked = settings.model_copy(
+        update={
+            "model": model_tag,
+            "adapters": adapters,
+            "adapter_roots": [],
+            "host": "0.0.0.0",
+            "model_name": settings.model_name or resolved.name,
+        }
+    )
 
     with tempfile.TemporaryDirectory(prefix="openllm-clone-build-") as tmp:
         ctx = Path(tmp)
@@ -137,10 +169,14 @@ def build_bento(
             version=version,
             build_ctx=str(ctx),
             include=["openllm_clone/**/*.py", SETTINGS_FILE],
-            labels={"kind": BENTO_LABEL, "model": model_tag, "flavour": flavour,
-                    "quantize": needs or "none",
-                    "compile": str(settings.compile).lower(),
-                    "adapters": ",".join(a.name for a in adapters) or "none"},
+            labels={
+                "kind": BENTO_LABEL,
+                "model": model_tag,
+                "flavour": flavour,
+                "quantize": needs or "none",
+                "compile": str(settings.compile).lower(),
+                "adapters": ",".join(a.name for a in adapters) or "none",
+            },
             models=[model_tag, *(a.source for a in adapters)],
             python=_requirements(flavour, needs),
             docker=docker,
@@ -151,8 +187,12 @@ def build_bento(
         sum(f.stat().st_size for f in Path(bentoml.models.get(t).path).rglob("*") if f.is_file())
         for t in [model_tag, *(a.source for a in adapters)]
     )
-    return BuiltBento(tag=str(bento.tag), path=path, size_bytes=size + models_size,
-                      dockerfile=path / "env" / "docker" / "Dockerfile")
+    return BuiltBento(
+        tag=str(bento.tag),
+        path=path,
+        size_bytes=size + models_size,
+        dockerfile=path / "env" / "docker" / "Dockerfile",
+    )
 
 
 def export_build_context(tag: str, dest: Path) -> Path:

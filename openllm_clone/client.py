@@ -115,16 +115,24 @@ def _payload(prompt: str, adapter_name: str | None, params: dict[str, Any]) -> d
     return body
 
 
-def _chat_payload(messages: list[dict[str, Any]], model: str | None, stream: bool,
-                  params: dict[str, Any]) -> dict[str, Any]:
-    return {"model": model or "", "messages": messages, "stream": stream,
-            **{k: v for k, v in params.items() if v is not None}}
+def _chat_payload(
+    messages: list[dict[str, Any]], model: str | None, stream: bool, params: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "model": model or "",
+        "messages": messages,
+        "stream": stream,
+        **{k: v for k, v in params.items() if v is not None},
+    }
 
 
 class _Base:
-    def __init__(self, endpoint: str | None, api_key: str | None, timeout: float,
-                 max_retries: int) -> None:
-        self.endpoint = (endpoint or os.environ.get("OPENLLM_CLONE_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    def __init__(
+        self, endpoint: str | None, api_key: str | None, timeout: float, max_retries: int
+    ) -> None:
+        self.endpoint = (
+            endpoint or os.environ.get("OPENLLM_CLONE_ENDPOINT") or DEFAULT_ENDPOINT
+        ).rstrip("/")
         key = api_key if api_key is not None else os.environ.get("OPENLLM_CLONE_API_KEY")
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.timeout = timeout
@@ -168,8 +176,14 @@ class _Base:
 class HTTPClient(_Base):
     """Blocking client."""
 
-    def __init__(self, endpoint: str | None = None, *, api_key: str | None = None,
-                 timeout: float = 600.0, max_retries: int = 2) -> None:
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float = 600.0,
+        max_retries: int = 2,
+    ) -> None:
         super().__init__(endpoint, api_key, timeout, max_retries)
         self._http = httpx.Client(base_url=self.endpoint, headers=self.headers, timeout=timeout)
 
@@ -236,34 +250,43 @@ class HTTPClient(_Base):
         """Names the OpenAI routes accept: the base model and every adapter."""
         return [m["id"] for m in self._request("GET", "/v1/models")["data"]]
 
-    def generate(self, prompt: str, *, adapter_name: str | None = None, **params: Any) -> GenerateResponse:
+    def generate(
+        self, prompt: str, *, adapter_name: str | None = None, **params: Any
+    ) -> GenerateResponse:
         """Generate a completion (``max_new_tokens``, ``temperature``, ``stop``, ...)."""
         data = self._request("POST", "/v1/generate", json=_payload(prompt, adapter_name, params))
         return GenerateResponse.model_validate(data)
 
-    def generate_stream(self, prompt: str, *, adapter_name: str | None = None,
-                        **params: Any) -> Iterator[GenerateResponse]:
+    def generate_stream(
+        self, prompt: str, *, adapter_name: str | None = None, **params: Any
+    ) -> Iterator[GenerateResponse]:
         """Stream a completion, one event per step."""
         for event in self._stream("/v1/generate_stream", _payload(prompt, adapter_name, params)):
             yield GenerateResponse.model_validate(event)
 
-    def chat(self, messages: list[dict[str, Any]], *, model: str | None = None,
-             **params: Any) -> dict[str, Any]:
+    def chat(
+        self, messages: list[dict[str, Any]], *, model: str | None = None, **params: Any
+    ) -> dict[str, Any]:
         """OpenAI chat completion (``model`` is an adapter name or the base model's)."""
         return self._request(  # type: ignore[no-any-return]
-            "POST", "/v1/chat/completions", json=_chat_payload(messages, model, False, params))
+            "POST", "/v1/chat/completions", json=_chat_payload(messages, model, False, params)
+        )
 
-    def chat_stream(self, messages: list[dict[str, Any]], *, model: str | None = None,
-                    **params: Any) -> Iterator[dict[str, Any]]:
+    def chat_stream(
+        self, messages: list[dict[str, Any]], *, model: str | None = None, **params: Any
+    ) -> Iterator[dict[str, Any]]:
         """Streamed chat completion chunks."""
-        yield from self._stream("/v1/chat/completions", _chat_payload(messages, model, True, params))
+        yield from self._stream(
+            "/v1/chat/completions", _chat_payload(messages, model, True, params)
+        )
 
     def list_adapters(self) -> list[dict[str, Any]]:
         """Adapters known to the server."""
         return self._request("GET", "/v1/adapters")["data"]  # type: ignore[no-any-return]
 
-    def load_adapter(self, name: str, source: str, *, pinned: bool = False,
-                     force: bool = False) -> dict[str, Any]:
+    def load_adapter(
+        self, name: str, source: str, *, pinned: bool = False, force: bool = False
+    ) -> dict[str, Any]:
         """Load an adapter at run time."""
         body = {"name": name, "source": source, "pinned": pinned, "force": force}
         return self._request("POST", "/v1/adapters", json=body)  # type: ignore[no-any-return]
@@ -276,10 +299,18 @@ class HTTPClient(_Base):
 class AsyncHTTPClient(_Base):
     """asyncio client with the same methods as :class:`HTTPClient`."""
 
-    def __init__(self, endpoint: str | None = None, *, api_key: str | None = None,
-                 timeout: float = 600.0, max_retries: int = 2) -> None:
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float = 600.0,
+        max_retries: int = 2,
+    ) -> None:
         super().__init__(endpoint, api_key, timeout, max_retries)
-        self._http = httpx.AsyncClient(base_url=self.endpoint, headers=self.headers, timeout=timeout)
+        self._http = httpx.AsyncClient(
+            base_url=self.endpoint, headers=self.headers, timeout=timeout
+        )
 
     async def close(self) -> None:
         """Close the connection pool."""
@@ -344,37 +375,48 @@ class AsyncHTTPClient(_Base):
         """Names the OpenAI routes accept."""
         return [m["id"] for m in (await self._request("GET", "/v1/models"))["data"]]
 
-    async def generate(self, prompt: str, *, adapter_name: str | None = None,
-                       **params: Any) -> GenerateResponse:
+    async def generate(
+        self, prompt: str, *, adapter_name: str | None = None, **params: Any
+    ) -> GenerateResponse:
         """Generate a completion."""
-        data = await self._request("POST", "/v1/generate", json=_payload(prompt, adapter_name, params))
+        data = await self._request(
+            "POST", "/v1/generate", json=_payload(prompt, adapter_name, params)
+        )
         return GenerateResponse.model_validate(data)
 
-    async def generate_stream(self, prompt: str, *, adapter_name: str | None = None,
-                              **params: Any) -> AsyncIterator[GenerateResponse]:
+    async def generate_stream(
+        self, prompt: str, *, adapter_name: str | None = None, **params: Any
+    ) -> AsyncIterator[GenerateResponse]:
         """Stream a completion, one event per step."""
-        async for event in self._stream("/v1/generate_stream", _payload(prompt, adapter_name, params)):
+        async for event in self._stream(
+            "/v1/generate_stream", _payload(prompt, adapter_name, params)
+        ):
             yield GenerateResponse.model_validate(event)
 
-    async def chat(self, messages: list[dict[str, Any]], *, model: str | None = None,
-                   **params: Any) -> dict[str, Any]:
+    async def chat(
+        self, messages: list[dict[str, Any]], *, model: str | None = None, **params: Any
+    ) -> dict[str, Any]:
         """OpenAI chat completion."""
         return await self._request(  # type: ignore[no-any-return]
-            "POST", "/v1/chat/completions", json=_chat_payload(messages, model, False, params))
+            "POST", "/v1/chat/completions", json=_chat_payload(messages, model, False, params)
+        )
 
-    async def chat_stream(self, messages: list[dict[str, Any]], *, model: str | None = None,
-                          **params: Any) -> AsyncIterator[dict[str, Any]]:
+    async def chat_stream(
+        self, messages: list[dict[str, Any]], *, model: str | None = None, **params: Any
+    ) -> AsyncIterator[dict[str, Any]]:
         """Streamed chat completion chunks."""
-        async for event in self._stream("/v1/chat/completions",
-                                        _chat_payload(messages, model, True, params)):
+        async for event in self._stream(
+            "/v1/chat/completions", _chat_payload(messages, model, True, params)
+        ):
             yield event
 
     async def list_adapters(self) -> list[dict[str, Any]]:
         """Adapters known to the server."""
         return (await self._request("GET", "/v1/adapters"))["data"]  # type: ignore[no-any-return]
 
-    async def load_adapter(self, name: str, source: str, *, pinned: bool = False,
-                           force: bool = False) -> dict[str, Any]:
+    async def load_adapter(
+        self, name: str, source: str, *, pinned: bool = False, force: bool = False
+    ) -> dict[str, Any]:
         """Load an adapter at run time."""
         body = {"name": name, "source": source, "pinned": pinned, "force": force}
         return await self._request("POST", "/v1/adapters", json=body)  # type: ignore[no-any-return]

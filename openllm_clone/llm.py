@@ -106,8 +106,9 @@ class LLM:
             spec = response_format.get("json_schema") or {}
             schema = spec.get("schema")
             if not isinstance(schema, dict):
-                raise InvalidRequestError("response_format.json_schema.schema must be an object",
-                                          param="response_format")
+                raise InvalidRequestError(
+                    "response_format.json_schema.schema must be an object", param="response_format"
+                )
             return self.grammars.json_schema(schema)
         raise InvalidRequestError(f"unknown response_format type {kind!r}", param="response_format")
 
@@ -118,9 +119,17 @@ class LLM:
         from openllm_clone.store import resolve_model
 
         resolved = resolve_model(settings.model)
-        runner, tokenizer = load_runner(resolved.path, settings, model_id=resolved.tag or settings.model)
-        return cls(runner, tokenizer, settings, name=resolved.name, aliases=resolved.aliases,
-                   observer=observer)
+        runner, tokenizer = load_runner(
+            resolved.path, settings, model_id=resolved.tag or settings.model
+        )
+        return cls(
+            runner,
+            tokenizer,
+            settings,
+            name=resolved.name,
+            aliases=resolved.aliases,
+            observer=observer,
+        )
 
     async def start(self, *, eager: bool = True) -> None:
         """Load the start-up adapters (once); errors name the adapter.
@@ -158,8 +167,11 @@ class LLM:
             plain.append({"role": role, "content": content})
         if template:
             try:
-                return str(self.tokenizer.apply_chat_template(
-                    plain, tokenize=False, add_generation_prompt=True))
+                return str(
+                    self.tokenizer.apply_chat_template(
+                        plain, tokenize=False, add_generation_prompt=True
+                    )
+                )
             except Exception as exc:  # jinja errors on unexpected roles
                 raise InvalidRequestError(f"chat template failed: {exc}", param="messages") from exc
         lines = [f"{m['role']}: {m['content']}" for m in plain]
@@ -205,8 +217,12 @@ class LLM:
         slot = await self.adapters.acquire(adapter) if adapter else 0
         try:
             async for out in self.engine.generate(
-                prompt_ids, params, adapter=adapter, adapter_slot=slot,
-                request_id=request_id or new_request_id(), constraint=constraint,
+                prompt_ids,
+                params,
+                adapter=adapter,
+                adapter_slot=slot,
+                request_id=request_id or new_request_id(),
+                constraint=constraint,
                 timeout=self.settings.timeout,
             ):
                 yield out
@@ -233,8 +249,9 @@ class LLM:
             logprobs = [[] for _ in range(params.n)]
         prompt_logprobs = None
         prompt_tokens = completion_tokens = 0
-        async for out in self.stream(prompt_ids, params, adapter=adapter, request_id=rid,
-                                     constraint=constraint):
+        async for out in self.stream(
+            prompt_ids, params, adapter=adapter, request_id=rid, constraint=constraint
+        ):
             for delta in out.deltas:
                 texts[delta.index] += delta.text
                 tokens[delta.index].extend(delta.token_ids)
@@ -245,8 +262,17 @@ class LLM:
             if out.prompt_logprobs is not None:
                 prompt_logprobs = out.prompt_logprobs
             prompt_tokens, completion_tokens = out.prompt_tokens, out.completion_tokens
-        return Completion(rid, texts, tokens, reasons, prompt_tokens, completion_tokens, adapter,
-                          logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        return Completion(
+            rid,
+            texts,
+            tokens,
+            reasons,
+            prompt_tokens,
+            completion_tokens,
+            adapter,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
 
     def metadata(self) -> dict[str, Any]:
         """Model and server facts for ``/v1/metadata``."""

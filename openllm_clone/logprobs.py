@@ -14,16 +14,24 @@ from typing import Any
 
 from .protocol import TokenLogprob
 
-__all__ = ["TokenStrings", "chat_logprobs", "completion_logprobs", "merge_completion_logprobs",
-           "prompt_completion_logprobs"]
+__all__ = [
+    "TokenStrings",
+    "chat_logprobs",
+    "completion_logprobs",
+    "merge_completion_logprobs",
+    "prompt_completion_logprobs",
+]
 
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # SentencePiece byte fallback
 
 
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-to-unicode table, inverted (the alphabet of byte-level BPE)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes = printable[:]
     extra = 0
     for b in range(256):
@@ -89,8 +97,9 @@ class TokenStrings:
         return list(self.text(token).encode())
 
 
-def completion_logprobs(strings: TokenStrings, entries: list[TokenLogprob | None],
-                        offset: int) -> tuple[dict[str, Any], int]:
+def completion_logprobs(
+    strings: TokenStrings, entries: list[TokenLogprob | None], offset: int
+) -> tuple[dict[str, Any], int]:
     """OpenAI completions' ``logprobs`` object for ``entries`` (None: a prompt's first
     token, which has no logprob) whose text starts at character ``offset`` of the choice's
     text; also returns the offset after them. ``top_logprobs`` holds the alternatives and
@@ -107,19 +116,27 @@ def completion_logprobs(strings: TokenStrings, entries: list[TokenLogprob | None
         top = {strings.text(t): v for t, v in entry.top}
         top.setdefault(text, entry.logprob)
         tops.append(top)
-    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops,
-            "text_offset": offsets}, offset
+    return {
+        "tokens": tokens,
+        "token_logprobs": values,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }, offset
 
 
-def prompt_completion_logprobs(strings: TokenStrings, prompt: list[TokenLogprob | None],
-                               prompt_ids: list[int]) -> tuple[dict[str, Any], int]:
+def prompt_completion_logprobs(
+    strings: TokenStrings, prompt: list[TokenLogprob | None], prompt_ids: list[int]
+) -> tuple[dict[str, Any], int]:
     """The echoed prompt's share of a completions ``logprobs`` object: its first token has
     ``null`` logprob and alternatives, as OpenAI returns it."""
     first = strings.text(prompt_ids[0])
     rest, offset = completion_logprobs(strings, prompt[1:], len(first))
-    return {"tokens": [first, *rest["tokens"]], "token_logprobs": [None, *rest["token_logprobs"]],
-            "top_logprobs": [None, *rest["top_logprobs"]],
-            "text_offset": [0, *rest["text_offset"]]}, offset
+    return {
+        "tokens": [first, *rest["tokens"]],
+        "token_logprobs": [None, *rest["token_logprobs"]],
+        "top_logprobs": [None, *rest["top_logprobs"]],
+        "text_offset": [0, *rest["text_offset"]],
+    }, offset
 
 
 def merge_completion_logprobs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -133,5 +150,7 @@ def chat_logprobs(strings: TokenStrings, entries: list[TokenLogprob]) -> list[di
     def item(token: int, value: float) -> dict[str, Any]:
         return {"token": strings.text(token), "logprob": value, "bytes": strings.bytes(token)}
 
-    return [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, v) for t, v in e.top]}
-            for e in entries]
+    return [
+        {**item(e.token_id, e.logprob), "top_logprobs": [item(t, v) for t, v in e.top]}
+        for e in entries
+    ]

@@ -37,13 +37,22 @@ def _matches(token: str, keys: list[str]) -> bool:
     return ok
 
 
-async def _reply(send: Send, error: OpenLLMCloneError,
-                 headers: list[tuple[bytes, bytes]] | None = None) -> None:
+async def _reply(
+    send: Send, error: OpenLLMCloneError, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     """Answer with ``error``'s status and JSON body (the one builder, ``to_dict``)."""
     body = json.dumps(error.to_dict()).encode()
-    await send({"type": "http.response.start", "status": error.status_code,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()), *(headers or [])]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": error.status_code,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -70,20 +79,36 @@ class GuardMiddleware:
         if path not in PUBLIC_PATHS and (settings.api_keys or settings.admin_api_keys):
             headers = dict(scope.get("headers") or [])
             scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-            admin_route = path.startswith("/v1/adapters") and scope.get("method") in ("POST", "DELETE")
-            keys = settings.admin_api_keys if admin_route and settings.admin_api_keys else (
-                settings.api_keys + settings.admin_api_keys)
+            admin_route = path.startswith("/v1/adapters") and scope.get("method") in (
+                "POST",
+                "DELETE",
+            )
+            keys = (
+                settings.admin_api_keys
+                if admin_route and settings.admin_api_keys
+                else (settings.api_keys + settings.admin_api_keys)
+            )
             if scheme.lower() != "bearer" or not _matches(token, keys):
-                await _reply(send, AuthenticationError(
-                    "admin API key required" if admin_route and settings.admin_api_keys
-                    else "missing or invalid API key"), [(b"www-authenticate", b"Bearer")])
+                await _reply(
+                    send,
+                    AuthenticationError(
+                        "admin API key required"
+                        if admin_route and settings.admin_api_keys
+                        else "missing or invalid API key"
+                    ),
+                    [(b"www-authenticate", b"Bearer")],
+                )
                 return
         limit = settings.max_body_bytes
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _reply(send, RequestTooLargeError(
-                f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes"))
+            await _reply(
+                send,
+                RequestTooLargeError(
+                    f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes"
+                ),
+            )
             return
         seen = 0
 
@@ -99,8 +124,9 @@ class GuardMiddleware:
         try:
             await self.app(scope, bounded_receive, _json_not_found(scope, send))
         except _TooLarge as exc:
-            await _reply(send, RequestTooLargeError(
-                f"request body exceeds the limit of {exc.limit} bytes"))
+            await _reply(
+                send, RequestTooLargeError(f"request body exceeds the limit of {exc.limit} bytes")
+            )
 
 
 def _json_not_found(scope: Scope, send: Send) -> Send:
@@ -114,8 +140,10 @@ def _json_not_found(scope: Scope, send: Send) -> Send:
             kind = dict(message.get("headers") or []).get(b"content-type", b"")
             if kind.startswith(b"text/plain"):
                 replacing = True
-                await _reply(send, NotFoundError(
-                    f"no route {scope.get('method', '')} {scope.get('path', '')}"))
+                await _reply(
+                    send,
+                    NotFoundError(f"no route {scope.get('method', '')} {scope.get('path', '')}"),
+                )
                 return
         if replacing and message["type"] == "http.response.body":
             return  # the plain "Not Found" text

@@ -56,11 +56,11 @@ class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_new_tokens: int = Field(
-        default=128, ge=0,
-        description="Most tokens to generate; 0 only scores the prompt (with prompt_logprobs).")
-    temperature: float = Field(
-        default=0.0, ge=0.0, le=5.0, description="0 means greedy decoding."
+        default=128,
+        ge=0,
+        description="Most tokens to generate; 0 only scores the prompt (with prompt_logprobs).",
     )
+    temperature: float = Field(default=0.0, ge=0.0, le=5.0, description="0 means greedy decoding.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     top_k: int = Field(default=0, ge=0, le=100_000, description="0 means no top-k cut.")
     repetition_penalty: float = Field(
@@ -79,22 +79,36 @@ class SamplingParams(BaseModel):
         default=False, description="Keep generating past end-of-sequence (benchmarks)."
     )
     frequency_penalty: float = Field(
-        default=0.0, ge=-2.0, le=2.0,
-        description="OpenAI's: subtracted from a token's logit once per time it was generated.")
+        default=0.0,
+        ge=-2.0,
+        le=2.0,
+        description="OpenAI's: subtracted from a token's logit once per time it was generated.",
+    )
     presence_penalty: float = Field(
-        default=0.0, ge=-2.0, le=2.0,
-        description="OpenAI's: subtracted once from the logit of every token generated so far.")
+        default=0.0,
+        ge=-2.0,
+        le=2.0,
+        description="OpenAI's: subtracted once from the logit of every token generated so far.",
+    )
     logit_bias: dict[int, float] | None = Field(
-        default=None, max_length=1024,
-        description="Token id -> bias in [-100, 100] added to its logit before sampling.")
+        default=None,
+        max_length=1024,
+        description="Token id -> bias in [-100, 100] added to its logit before sampling.",
+    )
     logprobs: int | None = Field(
-        default=None, ge=0, le=MAX_LOGPROBS,
+        default=None,
+        ge=0,
+        le=MAX_LOGPROBS,
         description="Return each generated token's log-probability and this many most likely "
-        "alternatives (log_softmax of the model's logits, before penalties and temperature).")
+        "alternatives (log_softmax of the model's logits, before penalties and temperature).",
+    )
     prompt_logprobs: int | None = Field(
-        default=None, ge=0, le=MAX_LOGPROBS,
+        default=None,
+        ge=0,
+        le=MAX_LOGPROBS,
         description="Return each prompt token's log-probability (the first has none) and this "
-        "many alternatives; the prompt is then computed whole, not taken from the prefix cache.")
+        "many alternatives; the prompt is then computed whole, not taken from the prefix cache.",
+    )
 
     @field_validator("logit_bias")
     @classmethod
@@ -189,8 +203,9 @@ class GenerateRequest(BaseModel):
         if params.max_new_tokens < 1:  # no prompt scoring on this route: 0 would do nothing
             raise InvalidRequestError("max_new_tokens: must be at least 1", param="max_new_tokens")
         if params.logprobs is not None or params.prompt_logprobs is not None:
-            raise InvalidRequestError("logprobs are served on /v1/completions and "
-                                      "/v1/chat/completions", param="logprobs")
+            raise InvalidRequestError(
+                "logprobs are served on /v1/completions and /v1/chat/completions", param="logprobs"
+            )
         return params
 
 
@@ -289,8 +304,12 @@ class _OpenAISampling(NullMeansDefault):
     ignore_eos: bool = False
     merged_adapters: MergedAdapters | None = None
 
-    def _sampling(self, max_tokens: int | None, logprobs: int | None = None,
-                  prompt_logprobs: int | None = None) -> SamplingParams:
+    def _sampling(
+        self,
+        max_tokens: int | None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+    ) -> SamplingParams:
         return SamplingParams(
             max_new_tokens=max_tokens if max_tokens is not None else 16,
             logprobs=logprobs,
@@ -314,14 +333,19 @@ class CompletionRequest(_OpenAISampling):
 
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="A prompt, a list of prompts, a list of token ids, or a list of token-id lists; "
-        "each prompt gets n choices, indexed prompt * n + i as OpenAI does.")
+        "each prompt gets n choices, indexed prompt * n + i as OpenAI does."
+    )
     max_tokens: int | None = Field(
-        default=16, ge=0, description="0 with echo and logprobs scores the prompt only.")
+        default=16, ge=0, description="0 with echo and logprobs scores the prompt only."
+    )
     echo: bool = False
     logprobs: int | None = Field(
-        default=None, ge=0, le=MAX_LOGPROBS,
+        default=None,
+        ge=0,
+        le=MAX_LOGPROBS,
         description="Logprobs of the chosen tokens and this many alternatives (of the prompt's "
-        "too with echo).")
+        "too with echo).",
+    )
     response_format: dict[str, Any] | None = Field(
         default=None, description="text, json_object, or json_schema (constrained decoding)."
     )
@@ -336,7 +360,9 @@ class CompletionRequest(_OpenAISampling):
                 raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
             if any(isinstance(v, list) and not v for v in value):
                 raise ValueError("a token-id prompt must not be empty")
-            flat = [t for v in value for t in (v if isinstance(v, list) else [v]) if isinstance(t, int)]
+            flat = [
+                t for v in value for t in (v if isinstance(v, list) else [v]) if isinstance(t, int)
+            ]
             if any(not 0 <= t < 2**31 for t in flat):
                 raise ValueError("token ids must lie in 0..2**31-1")
         elif not value:
@@ -354,8 +380,7 @@ class CompletionRequest(_OpenAISampling):
 
     def sampling_params(self) -> SamplingParams:
         """Validated sampling parameters."""
-        return self._sampling(self.max_tokens, self.logprobs,
-                              self.logprobs if self.echo else None)
+        return self._sampling(self.max_tokens, self.logprobs, self.logprobs if self.echo else None)
 
 
 class ChatCompletionRequest(_OpenAISampling):
@@ -371,8 +396,11 @@ class ChatCompletionRequest(_OpenAISampling):
     tool_choice: str | dict[str, Any] | None = None
     logprobs: bool = Field(default=False, description="Return the chosen tokens' logprobs.")
     top_logprobs: int | None = Field(
-        default=None, ge=0, le=MAX_LOGPROBS,
-        description="Alternatives per token (needs logprobs: true).")
+        default=None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="Alternatives per token (needs logprobs: true).",
+    )
 
     @model_validator(mode="after")
     def _text_only(self) -> ChatCompletionRequest:
@@ -396,9 +424,7 @@ class LoadAdapterRequest(BaseModel):
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
     source: str = Field(min_length=1, max_length=4096)
     pinned: bool = False
-    force: bool = Field(
-        default=False, description="Accept an adapter made for another base model."
-    )
+    force: bool = Field(default=False, description="Accept an adapter made for another base model.")
 
 
 class AdapterInfo(BaseModel):

@@ -108,12 +108,16 @@ class PrometheusObserver(EngineObserver):
         generated = group.completion_tokens()
         # One structured line per request; never the prompt or the output text.
         line: dict[str, Any] = {
-            "request_id": group.request_id, "worker": os.getpid(), "adapter": group.adapter,
+            "request_id": group.request_id,
+            "worker": os.getpid(),
+            "adapter": group.adapter,
             "status": status,
-            "prompt_tokens": len(group.prompt_ids), "completion_tokens": generated,
+            "prompt_tokens": len(group.prompt_ids),
+            "completion_tokens": generated,
             "latency_ms": round(1000 * latency, 1),
             "ttft_ms": round(1000 * (group.first_token_at - group.arrival), 1)
-            if group.first_token_at is not None else None,
+            if group.first_token_at is not None
+            else None,
         }
         if self.log_prompts and self.tokenizer is not None:
             line["prompt"] = self.tokenizer.decode(group.prompt_ids)

@@ -13,7 +13,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["FATAL_FILE_ENV", "SETTINGS_ENV", "SETTINGS_FILE", "AdapterSpec", "Settings", "parse_adapter_spec"]
+__all__ = [
+    "FATAL_FILE_ENV",
+    "SETTINGS_ENV",
+    "SETTINGS_FILE",
+    "AdapterSpec",
+    "Settings",
+    "parse_adapter_spec",
+]
 
 SETTINGS_ENV = "OPENLLM_CLONE_SETTINGS"
 # A worker that cannot load its model writes the reason here (``start`` watches it).
@@ -94,9 +101,7 @@ class Settings(BaseModel):
         ge=1,
         description="Most requests waiting to join the batch; beyond it, 503.",
     )
-    timeout: float = Field(
-        default=600.0, gt=0, description="Per-request timeout in seconds."
-    )
+    timeout: float = Field(default=600.0, gt=0, description="Per-request timeout in seconds.")
     workers: int = Field(default=1, ge=1, le=64, description="BentoML worker processes.")
     backend: Literal["bentoml", "ray"] = Field(
         default="bentoml",
@@ -105,13 +110,16 @@ class Settings(BaseModel):
     )
     replicas: int = Field(default=1, ge=1, le=1024, description="Ray Serve replicas of the model.")
     max_replicas: int | None = Field(
-        default=None, ge=1, le=1024,
+        default=None,
+        ge=1,
+        le=1024,
         description="Autoscale Ray replicas between --replicas and this, on ongoing requests.",
     )
     cpus_per_replica: float = Field(default=1.0, gt=0, description="CPUs Ray reserves per replica.")
     gpus_per_replica: float = Field(default=0.0, ge=0, description="GPUs Ray reserves per replica.")
     ray_address: str | None = Field(
-        default=None, description="Join this Ray cluster (`auto` or host:port); default: start a local one."
+        default=None,
+        description="Join this Ray cluster (`auto` or host:port); default: start a local one.",
     )
     routing: Literal["affinity", "random"] = Field(
         default="affinity",

@@ -113,7 +113,9 @@ def runner_facts(path: Path) -> dict[str, str]:
     return facts
 
 
-def _save_to_store(name: str, fill: Any, *, labels: dict[str, str], metadata: dict[str, Any]) -> str:
+def _save_to_store(
+    name: str, fill: Any, *, labels: dict[str, str], metadata: dict[str, Any]
+) -> str:
     import bentoml
 
     with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
@@ -150,8 +152,12 @@ def import_model(source: str = DEFAULT_MODEL, *, name: str | None = None) -> str
     store_name = name or _store_name(path.name if path.is_dir() else source)
 
     def fill(dst: Path) -> dict[str, str]:
-        shutil.copytree(path, dst, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns(".git*", "*.bin.index.json"))
+        shutil.copytree(
+            path,
+            dst,
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns(".git*", "*.bin.index.json"),
+        )
         return runner_facts(dst)
 
     return _save_to_store(
@@ -165,10 +171,19 @@ def import_model(source: str = DEFAULT_MODEL, *, name: str | None = None) -> str
 QUANTIZE_METHODS = ("gptq", "nf4", "fp4", "int4")
 
 
-def quantize_model(source: str, *, method: str = "gptq", bits: int = 4, group_size: int | None = None,
-                   calibration: str = "builtin", name: str | None = None, seqlen: int = 512,
-                   keep_edge_layers: bool | None = None, keep_layers: int | None = None,
-                   progress: Any = None) -> str:
+def quantize_model(
+    source: str,
+    *,
+    method: str = "gptq",
+    bits: int = 4,
+    group_size: int | None = None,
+    calibration: str = "builtin",
+    name: str | None = None,
+    seqlen: int = 512,
+    keep_edge_layers: bool | None = None,
+    keep_layers: int | None = None,
+    progress: Any = None,
+) -> str:
     """Quantize a model (store tag or folder) and put the result in the store.
 
     ``gptq`` writes a GPTQ checkpoint of ``bits``; ``nf4``/``fp4`` (``int4`` = nf4) a
@@ -178,15 +193,19 @@ def quantize_model(source: str, *, method: str = "gptq", bits: int = 4, group_si
     check on the quantized one.
     """
     if method not in QUANTIZE_METHODS:
-        raise ModelLoadError(f"unknown quantization method {method!r}; `quantize` makes "
-                             f"{', '.join(QUANTIZE_METHODS)} checkpoints (int8 and torchao-int8 "
-                             "quantize at load time: `start --quantize int8`)")
+        raise ModelLoadError(
+            f"unknown quantization method {method!r}; `quantize` makes "
+            f"{', '.join(QUANTIZE_METHODS)} checkpoints (int8 and torchao-int8 "
+            "quantize at load time: `start --quantize int8`)"
+        )
     gptq = method == "gptq"
     if not gptq and bits != 4:
         raise ModelLoadError(f"{method} is 4-bit; drop --bits {bits} (or use --method gptq)")
     if not gptq and (group_size is not None or keep_edge_layers is not None):
-        raise ModelLoadError(f"--group-size and --keep-edge-layers are GPTQ options; {method} "
-                             "chooses its unquantized layers by measurement (--keep-layers)")
+        raise ModelLoadError(
+            f"--group-size and --keep-edge-layers are GPTQ options; {method} "
+            "chooses its unquantized layers by measurement (--keep-layers)"
+        )
     if gptq and keep_layers is not None:
         raise ModelLoadError("--keep-layers is for nf4/fp4; GPTQ takes --keep-edge-layers")
     from openllm_clone.runners.quantization import bitsandbytes as bnb
@@ -197,8 +216,10 @@ def quantize_model(source: str, *, method: str = "gptq", bits: int = 4, group_si
     resolved = resolve_model(source)
     info = describe_model(resolved.path)
     if info["quantization"] != "none":
-        raise ModelLoadError(f"{source} is already quantized ({info['quantization']}); quantize "
-                             "the full-precision model it came from")
+        raise ModelLoadError(
+            f"{source} is already quantized ({info['quantization']}); quantize "
+            "the full-precision model it came from"
+        )
     try:
         texts = load_calibration(calibration)
     except (OSError, ValueError, KeyError) as exc:
@@ -211,11 +232,25 @@ def quantize_model(source: str, *, method: str = "gptq", bits: int = 4, group_si
         try:
             if gptq:
                 done = gptq_backend.quantize(
-                    resolved.path, dst, bits=bits, group_size=group_size, texts=texts,
-                    seqlen=seqlen, keep_edge_layers=keep_edge_layers, progress=progress)
+                    resolved.path,
+                    dst,
+                    bits=bits,
+                    group_size=group_size,
+                    texts=texts,
+                    seqlen=seqlen,
+                    keep_edge_layers=keep_edge_layers,
+                    progress=progress,
+                )
             else:
-                done = bnb.quantize(resolved.path, dst, mode=method, texts=texts,
-                                    keep_layers=keep_layers, seqlen=seqlen, progress=progress)
+                done = bnb.quantize(
+                    resolved.path,
+                    dst,
+                    mode=method,
+                    texts=texts,
+                    keep_layers=keep_layers,
+                    seqlen=seqlen,
+                    progress=progress,
+                )
         except OpenLLMCloneError:
             raise
         except ValueError as exc:  # a library's own check: still a load failure, with its text
@@ -226,9 +261,16 @@ def quantize_model(source: str, *, method: str = "gptq", bits: int = 4, group_si
     stored = _get_stored(resolved.tag) if resolved.tag else None
     params = int(stored.info.metadata.get("parameters", 0)) if stored is not None else 0
     return _save_to_store(
-        store_name, fill, labels={"kind": MODEL_LABEL},
-        metadata={**info, "quantization": "gptq" if gptq else label, "parameters": params,
-                  "source": origin, "aliases": [origin, *resolved.aliases]},
+        store_name,
+        fill,
+        labels={"kind": MODEL_LABEL},
+        metadata={
+            **info,
+            "quantization": "gptq" if gptq else label,
+            "parameters": params,
+            "source": origin,
+            "aliases": [origin, *resolved.aliases],
+        },
     )
 
 
@@ -325,8 +367,12 @@ def resolve_model(ref: str = DEFAULT_MODEL, *, auto_import: bool = True) -> Reso
             path=Path(stored.path),
             name=stored.tag.name,
             tag=str(stored.tag),
-            aliases=[str(stored.tag), stored.tag.name, str(Path(stored.path).resolve()),
-                     *meta.get("aliases", [])],
+            aliases=[
+                str(stored.tag),
+                stored.tag.name,
+                str(Path(stored.path).resolve()),
+                *meta.get("aliases", []),
+            ],
         )
     if ref.count("/") == 1:
         downloaded = _hub_download(ref)

@@ -41,8 +41,14 @@ _QUOTE_CLOSERS = '"}],'
 class Constraint:
     """A compiled grammar; ``matcher()`` makes the per-sequence state."""
 
-    def __init__(self, compiled: Any, vocab_size: int, closers: list[Any] | None = None,
-                 text_probe: Any = None, quote_closers: Any = None) -> None:
+    def __init__(
+        self,
+        compiled: Any,
+        vocab_size: int,
+        closers: list[Any] | None = None,
+        text_probe: Any = None,
+        quote_closers: Any = None,
+    ) -> None:
         self.compiled = compiled
         self.vocab_size = vocab_size
         self.closers = closers or []  # bool masks over the vocabulary, most closing first
@@ -79,8 +85,9 @@ class GrammarFactory:
         if self._closers is None:
             import torch
 
-            texts = [self.tokenizer.decode([i]) for i in range(min(len(self.tokenizer),
-                                                                   self.vocab_size))]
+            texts = [
+                self.tokenizer.decode([i]) for i in range(min(len(self.tokenizer), self.vocab_size))
+            ]
 
             def mask_of(test: Any) -> Any:
                 mask = torch.zeros(self.vocab_size, dtype=torch.bool)
@@ -118,8 +125,9 @@ class GrammarFactory:
             try:
                 compiled = compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
             except Exception as exc:  # xgrammar raises RuntimeError/ValueError on bad schemas
-                raise InvalidRequestError(f"unsupported JSON schema: {exc}",
-                                          param="response_format") from exc
+                raise InvalidRequestError(
+                    f"unsupported JSON schema: {exc}", param="response_format"
+                ) from exc
             *closers, probe, quotes = self._closer_masks()
             constraint = Constraint(compiled, self.vocab_size, closers, probe, quotes)
             self._cache[key] = constraint
@@ -155,30 +163,46 @@ def plan_tools(tools: list[dict[str, Any]], tool_choice: Any) -> ToolPlan | None
         wanted = (tool_choice.get("function") or {}).get("name")
         functions = [f for f in functions if f["name"] == wanted]
         if not functions:
-            raise InvalidRequestError(f"tool_choice names unknown function {wanted!r}",
-                                      param="tool_choice")
+            raise InvalidRequestError(
+                f"tool_choice names unknown function {wanted!r}", param="tool_choice"
+            )
     elif tool_choice not in (None, "auto", "required"):
-        raise InvalidRequestError("tool_choice must be none, auto, required or a function",
-                                  param="tool_choice")
+        raise InvalidRequestError(
+            "tool_choice must be none, auto, required or a function", param="tool_choice"
+        )
     allow_answer = tool_choice in (None, "auto")
-    options = [{
-        "type": "object",
-        "properties": {"name": {"const": f["name"]},
-                       "arguments": f.get("parameters") or {"type": "object"}},
-        "required": ["name", "arguments"],
-    } for f in functions]
+    options = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": f["name"]},
+                "arguments": f.get("parameters") or {"type": "object"},
+            },
+            "required": ["name", "arguments"],
+        }
+        for f in functions
+    ]
     if allow_answer:
-        options.append({"type": "object", "properties": {"answer": {"type": "string"}},
-                        "required": ["answer"]})
+        options.append(
+            {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+        )
     schema = options[0] if len(options) == 1 else {"anyOf": options}
     listing = "\n".join(
         f"- {f['name']}: {f.get('description', '').strip()} Arguments (JSON schema): "
-        f"{json.dumps(f.get('parameters') or {})}" for f in functions)
-    how = ('To call a tool, reply with JSON {"name": <tool name>, "arguments": {...}}.'
-           + (' To answer directly, reply with JSON {"answer": "<your answer>"}. After a tool '
-              'result arrives, answer with it.' if allow_answer else ''))
-    return ToolPlan(schema=schema, system_prompt=f"You can use these tools:\n{listing}\n{how}",
-                    allow_answer=allow_answer)
+        f"{json.dumps(f.get('parameters') or {})}"
+        for f in functions
+    )
+    how = 'To call a tool, reply with JSON {"name": <tool name>, "arguments": {...}}.' + (
+        ' To answer directly, reply with JSON {"answer": "<your answer>"}. After a tool '
+        "result arrives, answer with it."
+        if allow_answer
+        else ""
+    )
+    return ToolPlan(
+        schema=schema,
+        system_prompt=f"You can use these tools:\n{listing}\n{how}",
+        allow_answer=allow_answer,
+    )
 
 
 def parse_tool_output(text: str) -> tuple[str | None, list[dict[str, Any]]]:
@@ -190,10 +214,14 @@ def parse_tool_output(text: str) -> tuple[str | None, list[dict[str, Any]]]:
     if isinstance(data, dict) and "answer" in data and "name" not in data:
         return str(data["answer"]), []
     if isinstance(data, dict) and "name" in data:
-        return None, [{
-            "id": f"call_{uuid.uuid4().hex[:24]}",
-            "type": "function",
-            "function": {"name": data["name"],
-                         "arguments": json.dumps(data.get("arguments", {}))},
-        }]
+        return None, [
+            {
+                "id": f"call_{uuid.uuid4().hex[:24]}",
+                "type": "function",
+                "function": {
+                    "name": data["name"],
+                    "arguments": json.dumps(data.get("arguments", {})),
+                },
+            }
+        ]
     return text, []

@@ -38,33 +38,58 @@ class Server:
 
 
 @contextlib.contextmanager
-def run_server(args: list[str], env: dict[str, str], log: Path,
-               ready_timeout: float = 240.0, *, python: str | None = None,
-               cwd: Path | None = None) -> Iterator[Server]:
+def run_server(
+    args: list[str],
+    env: dict[str, str],
+    log: Path,
+    ready_timeout: float = 240.0,
+    *,
+    python: str | None = None,
+    cwd: Path | None = None,
+) -> Iterator[Server]:
     """Start ``openllm-clone start ARGS`` on a free port; wait for /readyz; stop it after.
 
     ``python`` is the interpreter to run it with (default: this one), ``cwd`` its
     working directory (``python -m`` puts it first on ``sys.path``).
     """
     port = free_port()
-    cmd = [python or sys.executable, "-m", "openllm_clone", "start", *args, "--port", str(port),
-           "--host", "127.0.0.1"]
+    cmd = [
+        python or sys.executable,
+        "-m",
+        "openllm_clone",
+        "start",
+        *args,
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+    ]
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **env},
-                                start_new_session=True, cwd=cwd)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+            start_new_session=True,
+            cwd=cwd,
+        )
     server = Server(f"http://127.0.0.1:{port}", proc, log)
     try:
         deadline = time.monotonic() + ready_timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{server.logs()[-4000:]}")
+                raise RuntimeError(
+                    f"server exited with {proc.returncode}:\n{server.logs()[-4000:]}"
+                )
             try:
                 if httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready in {ready_timeout} s:\n{server.logs()[-4000:]}")
+                raise RuntimeError(
+                    f"server not ready in {ready_timeout} s:\n{server.logs()[-4000:]}"
+                )
             time.sleep(0.5)
         yield server
     finally:

@@ -26,9 +26,15 @@ def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) ->
     return mask
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                     scaling: float, softcap: float | None = None,
-                     sinks: torch.Tensor | None = None) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One query per row: ``q [B, H, D]`` over ``k [B, KV, L, D]``, ``v [B, KV, L, Dv]`` with
     ``mask [B, L]`` (True = attend) -> ``[B, H, Dv]``.
 
@@ -44,16 +50,24 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return out.reshape(B, H, v.shape[-1])
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float,
-           softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``q [B, H, Lq, D]`` over ``k [B, KV, Lk, D]``, ``v [B, KV, Lk, Dv]`` with a boolean
     ``mask`` broadcastable to ``[B, H, Lq, Lk]`` -> ``[B, H, Lq, Dv]``.
 
     SDPA when it can; soft-capping and sinks need the scores, so those run in float32.
     """
     if softcap is None and sinks is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
-                                              enable_gqa=k.shape[1] != q.shape[1])
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=scaling, enable_gqa=k.shape[1] != q.shape[1]
+        )
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
@@ -63,8 +77,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return torch.matmul(probs, v.float()).to(q.dtype)
 
 
-def _probabilities(scores: torch.Tensor, mask: torch.Tensor, softcap: float | None,
-                   sink: torch.Tensor | None) -> torch.Tensor:
+def _probabilities(
+    scores: torch.Tensor, mask: torch.Tensor, softcap: float | None, sink: torch.Tensor | None
+) -> torch.Tensor:
     """float32 ``scores`` -> attention probabilities: soft-capped, masked (True = attend),
     with one extra logit per head (``sink``, broadcastable to ``scores[..., :1]``) that takes
     probability but contributes no value."""

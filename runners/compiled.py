@@ -86,23 +86,29 @@ def buckets_for(max_batch_size: int) -> list[int]:
     return out
 
 
-def check_compilable(model: Any, device: torch.device, dtype: torch.dtype,
-                     quantization: str | None) -> None:
+def check_compilable(
+    model: Any, device: torch.device, dtype: torch.dtype, quantization: str | None
+) -> None:
     """Raise ModelLoadError saying why ``--compile`` cannot run here, if it cannot."""
     if device.type != "cpu":
         raise ModelLoadError("--compile is implemented for CPU only; on CUDA leave it off")
     if quantization is not None:
         raise ModelLoadError(
-            f"--compile works on unquantized weights; drop --quantize {quantization} or --compile")
+            f"--compile works on unquantized weights; drop --quantize {quantization} or --compile"
+        )
     if dtype not in (torch.float32, torch.bfloat16):
         raise ModelLoadError(f"--compile supports float32 and bfloat16, not {dtype}")
     compiler = os.environ.get("CXX") or "g++"
     if shutil.which(compiler) is None and shutil.which("clang++") is None:
-        raise ModelLoadError(f"--compile needs a C++ compiler for Inductor's kernels and found no "
-                             f"{compiler} (install g++ or set CXX), or start without --compile")
+        raise ModelLoadError(
+            f"--compile needs a C++ compiler for Inductor's kernels and found no "
+            f"{compiler} (install g++ or set CXX), or start without --compile"
+        )
     for name, p in model.named_parameters():
         if type(p.data) is not torch.Tensor:
-            raise ModelLoadError(f"--compile needs plain tensors; {name} is {type(p.data).__name__}")
+            raise ModelLoadError(
+                f"--compile needs plain tensors; {name} is {type(p.data).__name__}"
+            )
 
 
 class DecodeGraph(torch.nn.Module):
@@ -112,8 +118,9 @@ class DecodeGraph(torch.nn.Module):
     at views of them, so the eager path and the graph share one copy of the weights.
     """
 
-    def __init__(self, model: Any, *, num_heads: int, num_kv_heads: int, head_dim: int,
-                 scaling: float) -> None:
+    def __init__(
+        self, model: Any, *, num_heads: int, num_kv_heads: int, head_dim: int, scaling: float
+    ) -> None:
         super().__init__()
         inner = model.model
         self.embed = inner.embed_tokens
@@ -142,9 +149,16 @@ class DecodeGraph(torch.nn.Module):
             self.norm1.append(layer.input_layernorm.weight)
             self.norm2.append(layer.post_attention_layernorm.weight)
 
-    def forward(self, ids: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
-                slots: torch.Tensor, gather: torch.Tensor, mask: torch.Tensor,
-                caches: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        ids: torch.Tensor,
+        cos: torch.Tensor,
+        sin_signed: torch.Tensor,
+        slots: torch.Tensor,
+        gather: torch.Tensor,
+        mask: torch.Tensor,
+        caches: list[torch.Tensor],
+    ) -> torch.Tensor:
         T = ids.shape[0]
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
         x = self.embed(ids)
@@ -159,8 +173,13 @@ class DecodeGraph(torch.nn.Module):
             cache.index_put_((slots,), torch.stack([k, v], dim=1))
             kv = cache[gather]  # [T, L, 2, KV, D]
             o = F.scaled_dot_product_attention(
-                q.unsqueeze(2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2),
-                attn_mask=mask, scale=self.scaling, enable_gqa=True)
+                q.unsqueeze(2),
+                kv[:, :, 0].transpose(1, 2),
+                kv[:, :, 1].transpose(1, 2),
+                attn_mask=mask,
+                scale=self.scaling,
+                enable_gqa=True,
+            )
             x = F.linear(o.reshape(T, H * D), self.o[i]) + x
             h = rms_norm(x, self.norm2[i], self.eps)
             gate, up = F.linear(h, self.gate_up[i]).chunk(2, dim=-1)
@@ -204,9 +223,16 @@ class CompiledDecoder:
                 return b
         return None
 
-    def __call__(self, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 slots: torch.Tensor, gather: torch.Tensor, lens: torch.Tensor,
-                 caches: list[torch.Tensor]) -> torch.Tensor:
+    def __call__(
+        self,
+        ids: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: torch.Tensor,
+        gather: torch.Tensor,
+        lens: torch.Tensor,
+        caches: list[torch.Tensor],
+    ) -> torch.Tensor:
         """Run ``len(ids)`` decode rows (padded to a bucket); logits for the real rows."""
         n = ids.shape[0]
         b = self.bucket(n)
@@ -231,8 +257,9 @@ class CompiledDecoder:
             logits = self.fn(ids, cos, sin, slots, gather, mask, caches)
         if started is not None:
             self.ready.add(b)
-            logger.info("compiled the decode step for %d rows in %.1f s", b,
-                        time.perf_counter() - started)
+            logger.info(
+                "compiled the decode step for %d rows in %.1f s", b, time.perf_counter() - started
+            )
         self.steps += 1
         self.last_rows = n
         return logits[:n]
@@ -251,8 +278,12 @@ class CompiledHead:
     def __init__(self, head: torch.nn.Module) -> None:
         self.head = head
         self.steps = 0
-        self.fn = torch.compile(head, fullgraph=True, dynamic=False, options={
-            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        self.fn = torch.compile(
+            head,
+            fullgraph=True,
+            dynamic=False,
+            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
+        )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of one row ``x [1, hidden]``."""

@@ -50,8 +50,15 @@ from .attention import attend, decode_attention, window_mask
 from .base import ModelInfo, StepRow, pack_rows
 from .lora import LoraBank, LoraPlan
 
-__all__ = ["ATTENTION_NAME", "NO_ATTENTION", "GenericRunner", "accepts_attention_functions",
-           "install_paged_attention", "linear_dims", "probe_attention"]
+__all__ = [
+    "ATTENTION_NAME",
+    "NO_ATTENTION",
+    "GenericRunner",
+    "accepts_attention_functions",
+    "install_paged_attention",
+    "linear_dims",
+    "probe_attention",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -106,10 +113,19 @@ def _register() -> None:
     _registered = True
 
 
-def _paged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
-                     sliding_window: int | None = None, softcap: float | None = None,
-                     s_aux: torch.Tensor | None = None, **_: Any) -> tuple[torch.Tensor, None]:
+def _paged_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
+    **_: Any,
+) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: ``query [1, H, T, D]``, ``key/value [1, KV, T, D]``
     (rotary already applied); returns ``[1, T, H, Dv]``."""
     if scaling is None:
@@ -128,8 +144,10 @@ def _paged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     return runner._paged(query, key, value, scaling, sliding_window, softcap, sinks), None
 
 
-NO_ATTENTION = ("no attention layer goes through transformers' AttentionInterface (its attention "
-                "calls its own kernels, or it is a state-space or recurrent model)")
+NO_ATTENTION = (
+    "no attention layer goes through transformers' AttentionInterface (its attention "
+    "calls its own kernels, or it is a state-space or recurrent model)"
+)
 
 
 def accepts_attention_functions(model: Any) -> bool:
@@ -147,8 +165,10 @@ def install_paged_attention(model: Any) -> str | None:
     """Switch ``model`` to the paged attention; the reason it cannot be, or None."""
     _register()
     if not accepts_attention_functions(model):
-        return ("its attention does not go through transformers' AttentionInterface (the modeling "
-                "code calls its own kernels)")
+        return (
+            "its attention does not go through transformers' AttentionInterface (the modeling "
+            "code calls its own kernels)"
+        )
     try:
         model.set_attn_implementation(ATTENTION_NAME)
     except (ValueError, KeyError, AttributeError, NotImplementedError) as exc:
@@ -221,8 +241,11 @@ class GenericRunner:
         container, layers = self._decoder_layers(probes, model_type)
         self.layers = layers
         self.num_layers = len(layers)
-        model_max = int(getattr(config, "max_position_embeddings", None)
-                        or getattr(config, "n_positions", None) or 2048)
+        model_max = int(
+            getattr(config, "max_position_embeddings", None)
+            or getattr(config, "n_positions", None)
+            or 2048
+        )
         self.max_model_len = min(max_model_len or model_max, model_max)
 
         # KV pool: one K and one V tensor per attention layer, [slots, kv_heads, dim].
@@ -231,10 +254,14 @@ class GenericRunner:
         self.kv_bytes_per_token = per_token_bytes
         self.num_blocks = max(2, kv_cache_bytes // (per_token_bytes * block_size))
         slots = self.num_blocks * block_size
-        self.k_cache = [torch.empty(slots, p.kv_heads, p.k_dim, dtype=p.dtype, device=self.device)
-                        for p in probes]
-        self.v_cache = [torch.empty(slots, p.kv_heads, p.v_dim, dtype=p.dtype, device=self.device)
-                        for p in probes]
+        self.k_cache = [
+            torch.empty(slots, p.kv_heads, p.k_dim, dtype=p.dtype, device=self.device)
+            for p in probes
+        ]
+        self.v_cache = [
+            torch.empty(slots, p.kv_heads, p.v_dim, dtype=p.dtype, device=self.device)
+            for p in probes
+        ]
         for cache in (*self.k_cache, *self.v_cache):
             cache[:block_size].zero_()
 
@@ -242,15 +269,22 @@ class GenericRunner:
         self._plan: LoraPlan | None = None
         targets = self._lora_targets(container)
         dims = {name: d for name, (d, _) in targets.items()}
-        self.lora = LoraBank(dims, self.num_layers, max_adapters, dtype=self.dtype,
-                             device=self.device,
-                             module_layers={name: set(ls) for name, (_, ls) in targets.items()})
+        self.lora = LoraBank(
+            dims,
+            self.num_layers,
+            max_adapters,
+            dtype=self.dtype,
+            device=self.device,
+            module_layers={name: set(ls) for name, (_, ls) in targets.items()},
+        )
         self._hooks = []
         for name, (_, per_layer) in targets.items():
             for li, module in per_layer.items():
                 self._hooks.append(module.register_forward_hook(self._lora_hook(li, name)))
 
-        weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        weight_bytes = sum(
+            t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
+        )
         num_parameters = sum(p.numel() for p in model.parameters())
         head = model.get_output_embeddings()
         vocab_size = int(head.weight.shape[0] if head is not None else config.vocab_size)
@@ -276,13 +310,19 @@ class GenericRunner:
         try:
             probes = probe_attention(self.model, 4, self.device)
         except Exception as exc:  # the model's own code failed on a plain forward
-            raise ModelLoadError(f"model type {model_type!r}: a forward with paged attention "
-                                 f"failed ({type(exc).__name__}: {exc})") from exc
+            raise ModelLoadError(
+                f"model type {model_type!r}: a forward with paged attention "
+                f"failed ({type(exc).__name__}: {exc})"
+            ) from exc
         if not probes:
-            raise ModelLoadError(f"model type {model_type!r}: {NO_ATTENTION}; no runner can serve it")
+            raise ModelLoadError(
+                f"model type {model_type!r}: {NO_ATTENTION}; no runner can serve it"
+            )
         if len({id(p.module) for p in probes}) != len(probes):
-            raise ModelLoadError(f"model type {model_type!r} calls one attention module twice per "
-                                 "forward; no runner can serve it")
+            raise ModelLoadError(
+                f"model type {model_type!r} calls one attention module twice per "
+                "forward; no runner can serve it"
+            )
         return probes
 
     def _decoder_layers(self, probes: list[_Probe], model_type: str) -> tuple[str, list[Any]]:
@@ -292,12 +332,16 @@ class GenericRunner:
         for p in probes:
             match = _LAYER_PATH.match(names.get(id(p.module), ""))
             if match is None:
-                raise ModelLoadError(f"model type {model_type!r}: cannot find the decoder layer "
-                                     f"of attention module {names.get(id(p.module))!r}")
+                raise ModelLoadError(
+                    f"model type {model_type!r}: cannot find the decoder layer "
+                    f"of attention module {names.get(id(p.module))!r}"
+                )
             containers.add(match["container"])
         if len(containers) != 1:
-            raise ModelLoadError(f"model type {model_type!r}: attention modules in several layer "
-                                 f"lists {sorted(containers)}; no runner can serve it")
+            raise ModelLoadError(
+                f"model type {model_type!r}: attention modules in several layer "
+                f"lists {sorted(containers)}; no runner can serve it"
+            )
         container = containers.pop()
         layers = list(self.model.get_submodule(container))
         return container, layers
@@ -322,18 +366,30 @@ class GenericRunner:
                 found.setdefault(name, (dims, {}))[1][li] = module
         seen: dict[int, int] = {}
         tokens = 16
-        handles = [m.register_forward_hook(_count_tokens(seen, id(m)))
-                   for _, per_layer in found.values() for m in per_layer.values()]
+        handles = [
+            m.register_forward_hook(_count_tokens(seen, id(m)))
+            for _, per_layer in found.values()
+            for m in per_layer.values()
+        ]
         try:
             probe_attention(self.model, tokens, self.device)
         finally:
             for h in handles:
                 h.remove()
-        partial = {name for name, (dims, per_layer) in found.items()
-                   if any(seen.get(id(m), tokens) != tokens for m in per_layer.values())}
+        partial = {
+            name
+            for name, (dims, per_layer) in found.items()
+            if any(seen.get(id(m), tokens) != tokens for m in per_layer.values())
+        }
         for name in sorted(mixed | partial):
-            logger.info("adapters cannot target %s.*.%s (%s)", container, name,
-                        "its shape differs between layers" if name in mixed else "it sees only routed tokens")
+            logger.info(
+                "adapters cannot target %s.*.%s (%s)",
+                container,
+                name,
+                "its shape differs between layers"
+                if name in mixed
+                else "it sees only routed tokens",
+            )
         return {n: v for n, v in found.items() if n not in mixed and n not in partial}
 
     def _self_check(self, model_type: str) -> None:
@@ -345,9 +401,16 @@ class GenericRunner:
             self.model.set_attn_implementation("eager")
             try:
                 kwargs: dict[str, Any] = {"use_cache": False}
-                ref = self.model(input_ids=torch.tensor([ids], device=self.device),
-                                 position_ids=torch.arange(n, device=self.device).unsqueeze(0),
-                                 **kwargs).logits[0, _CHECK_PREFILL - 1:].float().cpu()
+                ref = (
+                    self.model(
+                        input_ids=torch.tensor([ids], device=self.device),
+                        position_ids=torch.arange(n, device=self.device).unsqueeze(0),
+                        **kwargs,
+                    )
+                    .logits[0, _CHECK_PREFILL - 1 :]
+                    .float()
+                    .cpu()
+                )
             finally:
                 self.model.set_attn_implementation(ATTENTION_NAME)
             blocks = list(range(1, 1 + -(-n // self.block_size)))
@@ -365,7 +428,8 @@ class GenericRunner:
                 f"model type {model_type!r}: run one token at a time over the paged KV cache, the "
                 f"model does not compute what its own forward computes (relative error {err:.3g}); "
                 "it keeps state outside attention (state-space or convolution layers) or biases "
-                "attention itself (ALiBi), which no runner here supports")
+                "attention itself (ALiBi), which no runner here supports"
+            )
         logger.info("generic runner self-check passed (relative error %.2g)", err)
 
     def _pack_linears(self) -> int:
@@ -383,13 +447,19 @@ class GenericRunner:
         count = 0
         for module in self.model.modules():
             weight = getattr(module, "weight", None)
-            if (type(module) is not torch.nn.Linear or weight is None or type(weight.data) is not torch.Tensor
-                    or weight.dtype != torch.bfloat16):
+            if (
+                type(module) is not torch.nn.Linear
+                or weight is None
+                or type(weight.data) is not torch.Tensor
+                or weight.dtype != torch.bfloat16
+            ):
                 continue
             packed = PackedLinear(weight, module.bias)
             module.forward = _packed_forward(packed)  # type: ignore[method-assign]
             if owners.get(weight.data_ptr(), 0) == 1:
-                module.weight = torch.nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=False)
+                module.weight = torch.nn.Parameter(
+                    torch.empty(0, dtype=weight.dtype), requires_grad=False
+                )
             count += 1
         return count
 
@@ -408,7 +478,7 @@ class GenericRunner:
         """Copy one KV block in every layer (copy-on-write for forked samples)."""
         bs = self.block_size
         for cache in (*self.k_cache, *self.v_cache):
-            cache[dst * bs:(dst + 1) * bs].copy_(cache[src * bs:(src + 1) * bs])
+            cache[dst * bs : (dst + 1) * bs].copy_(cache[src * bs : (src + 1) * bs])
 
     @property
     def compiled(self) -> bool:
@@ -438,8 +508,13 @@ class GenericRunner:
     def _forward_rows(self, rows: list[StepRow]) -> torch.Tensor:
         packed = pack_rows(rows, self.block_size)
         ordered, num_decode, dev = packed.rows, packed.num_decode, self.device
-        state = _StepState(slots=torch.tensor(packed.slots, device=dev), num_decode=num_decode,
-                           decode_idx=None, decode_ctx=None, prefill=[])
+        state = _StepState(
+            slots=torch.tensor(packed.slots, device=dev),
+            num_decode=num_decode,
+            decode_idx=None,
+            decode_ctx=None,
+            prefill=[],
+        )
         if num_decode:
             ctx = [r.start_pos + 1 for r in ordered[:num_decode]]
             state.decode_idx = self._slot_table(ordered[:num_decode], ctx)
@@ -447,8 +522,9 @@ class GenericRunner:
         offset = num_decode
         for row in ordered[num_decode:]:
             n = len(row.token_ids)
-            state.prefill.append((offset, n, row.start_pos,
-                                  self._slot_table([row], [row.start_pos + n])[0]))
+            state.prefill.append(
+                (offset, n, row.start_pos, self._slot_table([row], [row.start_pos + n])[0])
+            )
             offset += n
         self._plan = self.lora.plan([r.adapter_slot for r in ordered], packed.lengths)
         self._state = state
@@ -457,8 +533,11 @@ class GenericRunner:
             keep = torch.tensor(packed.wanted or [0], device=dev)
             if self._keep_takes_tensor:
                 kwargs["logits_to_keep"] = keep
-            out = self.model(input_ids=torch.tensor([packed.ids], device=dev),
-                             position_ids=torch.tensor([packed.positions], device=dev), **kwargs)
+            out = self.model(
+                input_ids=torch.tensor([packed.ids], device=dev),
+                position_ids=torch.tensor([packed.positions], device=dev),
+                **kwargs,
+            )
         finally:
             self._plan = None
         if not packed.wanted:
@@ -476,13 +555,23 @@ class GenericRunner:
         for i, row in enumerate(rows):
             used = -(-context[i] // self.block_size)
             table[i, :used] = torch.tensor(row.block_table[:used])
-        flat = (table.unsqueeze(-1) * self.block_size + torch.arange(self.block_size)).view(len(rows), -1)
+        flat = (table.unsqueeze(-1) * self.block_size + torch.arange(self.block_size)).view(
+            len(rows), -1
+        )
         flat = flat[:, :width]
         pad = torch.arange(width).unsqueeze(0) >= torch.tensor(context).unsqueeze(1)
         return flat.masked_fill(pad, NULL_BLOCK * self.block_size).to(self.device)
 
-    def _paged(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
-               window: int | None, softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+    def _paged(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float,
+        window: int | None,
+        softcap: float | None,
+        sinks: torch.Tensor | None,
+    ) -> torch.Tensor:
         """Write this layer's K/V into the pool, attend each row over its blocks."""
         state = self._state
         li = state.layer
@@ -507,7 +596,9 @@ class GenericRunner:
                 k_pos = torch.arange(L, device=q.device).unsqueeze(0)
                 mask = state.masks[key_] = window_mask((ctx - 1).unsqueeze(1), k_pos, window)
             qd = q[:, :nd].transpose(0, 1)  # [B, H, D]
-            out[:nd] = decode_attention(qd, kd.to(q.dtype), vd.to(q.dtype), mask, scaling, softcap, sinks)
+            out[:nd] = decode_attention(
+                qd, kd.to(q.dtype), vd.to(q.dtype), mask, scaling, softcap, sinks
+            )
         for i, (offset, n, start, idx) in enumerate(state.prefill):
             kp = k_cache.index_select(0, idx).transpose(0, 1).unsqueeze(0)  # [1, KV, ctx, D]
             vp = v_cache.index_select(0, idx).transpose(0, 1).unsqueeze(0)
@@ -517,9 +608,9 @@ class GenericRunner:
                 q_pos = torch.arange(start, start + n, device=q.device).unsqueeze(1)
                 k_pos = torch.arange(idx.shape[0], device=q.device).unsqueeze(0)
                 mask = state.masks[pkey] = window_mask(q_pos, k_pos, window)
-            qp = q[:, offset:offset + n].unsqueeze(0)  # [1, H, n, D]
+            qp = q[:, offset : offset + n].unsqueeze(0)  # [1, H, n, D]
             op = attend(qp, kp.to(q.dtype), vp.to(q.dtype), mask, scaling, softcap, sinks)
-            out[offset:offset + n] = op[0].transpose(0, 1)
+            out[offset : offset + n] = op[0].transpose(0, 1)
         return out.unsqueeze(0)
 
     def _lora_hook(self, layer: int, name: str) -> Any:

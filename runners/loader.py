@@ -51,10 +51,14 @@ def choose_runner(config: Any, settings: Settings) -> str:
         raise ModelLoadError(f"--runner fast cannot serve this model: {refusal}; use --runner auto")
     if settings.compile:
         if settings.runner == "generic":
-            raise ModelLoadError("--compile needs the fast runner; --runner generic has no compiled step")
+            raise ModelLoadError(
+                "--compile needs the fast runner; --runner generic has no compiled step"
+            )
         if refusal is not None:
-            raise ModelLoadError(f"--compile needs the fast runner, which cannot serve this model: "
-                                 f"{refusal}; start without --compile")
+            raise ModelLoadError(
+                f"--compile needs the fast runner, which cannot serve this model: "
+                f"{refusal}; start without --compile"
+            )
     if settings.runner == "generic":
         return "generic"
     return "fast" if refusal is None else "generic"
@@ -97,16 +101,20 @@ def load_runner(path: Path, settings: Settings, *, model_id: str) -> tuple[Any, 
     torch.set_grad_enabled(False)
     tier = choose_runner(config, settings)
     common: dict[str, Any] = {
-        "model_id": model_id, "kv_cache_bytes": settings.kv_cache_mb * 2**20,
-        "block_size": settings.block_size, "max_model_len": settings.max_model_len,
-        "max_adapters": settings.max_adapters, "quantization": spec.mode if spec is not None else None,
+        "model_id": model_id,
+        "kv_cache_bytes": settings.kv_cache_mb * 2**20,
+        "block_size": settings.block_size,
+        "max_model_len": settings.max_model_len,
+        "max_adapters": settings.max_adapters,
+        "quantization": spec.mode if spec is not None else None,
     }
     runner: Any
     if tier == "fast":
         from .torch_runner import TorchRunner
 
-        runner = TorchRunner(model, compile=settings.compile, max_batch_size=settings.max_batch_size,
-                             **common)
+        runner = TorchRunner(
+            model, compile=settings.compile, max_batch_size=settings.max_batch_size, **common
+        )
     else:
         from .generic import GenericRunner
 
@@ -115,21 +123,32 @@ def load_runner(path: Path, settings: Settings, *, model_id: str) -> tuple[Any, 
     if runner.compiled:
         compiling = time.perf_counter()
         if runner.compiled_buckets:
-            logger.info("compiling the decode step for batch sizes %s (~40 s each on 2 cores)",
-                        runner.compiled_buckets)
+            logger.info(
+                "compiling the decode step for batch sizes %s (~40 s each on 2 cores)",
+                runner.compiled_buckets,
+            )
         else:
             logger.info("compiling the output head for one-row steps (~10 s)")
         try:
             runner.warmup()
         except Exception as exc:  # Inductor's errors are many and deep: name the flag
-            raise ModelLoadError(f"--compile could not compile the decode step ({type(exc).__name__}: "
-                                 f"{str(exc)[:500]}); start without --compile") from exc
+            raise ModelLoadError(
+                f"--compile could not compile the decode step ({type(exc).__name__}: "
+                f"{str(exc)[:500]}); start without --compile"
+            ) from exc
         logger.info("decode step compiled in %.1f s", time.perf_counter() - compiling)
     logger.info(
         "loaded %s (%s, %s runner, %s%s on %s, %.0f MiB of weights) in %.1f s; "
         "KV cache %d blocks of %d tokens",
-        model_id, runner.info.architecture, runner.tier, runner.info.dtype,
-        f", {spec.mode}" if spec is not None else "", device, weight_bytes / 2**20,
-        time.perf_counter() - started, runner.num_blocks, runner.block_size,
+        model_id,
+        runner.info.architecture,
+        runner.tier,
+        runner.info.dtype,
+        f", {spec.mode}" if spec is not None else "",
+        device,
+        weight_bytes / 2**20,
+        time.perf_counter() - started,
+        runner.num_blocks,
+        runner.block_size,
     )
     return runner, tokenizer

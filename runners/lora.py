@@ -106,8 +106,9 @@ class LoraBank:
         # (kind, slots) -> module -> (A, B) in float32, least recently used first:
         # ("set", active) -> (A [L, n*r, in], B [L, n*r, out]) for the masked path;
         # ("tok", token slots) -> (A [L, T, in, r], B [L, T, r, out]) per token.
-        self._cache: OrderedDict[tuple[str, tuple[int, ...]],
-                                 dict[str, tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self._cache: OrderedDict[
+            tuple[str, tuple[int, ...]], dict[str, tuple[torch.Tensor, torch.Tensor]]
+        ] = OrderedDict()
         self._cache_bytes: dict[tuple[str, tuple[int, ...]], int] = {}
         # Per-token buffers for decode batches (see _token_stacks).
         self._tok_key: tuple[int, ...] | None = None
@@ -152,10 +153,22 @@ class LoraBank:
         if rank <= self.rank:
             return
         for name, (in_features, out_features) in self.module_dims.items():
-            a = torch.zeros(self.num_layers, self.num_slots + 1, rank, in_features,
-                            dtype=self.dtype, device=self.device)
-            b = torch.zeros(self.num_layers, self.num_slots + 1, rank, out_features,
-                            dtype=self.dtype, device=self.device)
+            a = torch.zeros(
+                self.num_layers,
+                self.num_slots + 1,
+                rank,
+                in_features,
+                dtype=self.dtype,
+                device=self.device,
+            )
+            b = torch.zeros(
+                self.num_layers,
+                self.num_slots + 1,
+                rank,
+                out_features,
+                dtype=self.dtype,
+                device=self.device,
+            )
             if name in self._a:
                 a[:, :, : self.rank].copy_(self._a[name])
                 b[:, :, : self.rank].copy_(self._b[name])
@@ -208,27 +221,32 @@ class LoraBank:
             return LoraPlan()
         if len(active) == 1 and all(s == active[0] for s in row_slots):
             return LoraPlan(active=active)
-        if len(active) >= _PER_TOKEN_MIN_ADAPTERS and all(n == 1 for n in row_lengths) and \
-                len(row_slots) * self._adapter_bytes() <= _PER_TOKEN_BYTES:
+        if (
+            len(active) >= _PER_TOKEN_MIN_ADAPTERS
+            and all(n == 1 for n in row_lengths)
+            and len(row_slots) * self._adapter_bytes() <= _PER_TOKEN_BYTES
+        ):
             return LoraPlan(active=active, per_token=tuple(row_slots))
-        token_slots = torch.repeat_interleave(
-            torch.tensor(row_slots), torch.tensor(row_lengths)
-        )
+        token_slots = torch.repeat_interleave(torch.tensor(row_slots), torch.tensor(row_lengths))
         lookup = torch.tensor(active)
         onehot = (token_slots.unsqueeze(1) == lookup.unsqueeze(0)).to(_COMPUTE_DTYPE)  # [T, n]
         mask = onehot.repeat_interleave(self.rank, dim=1).to(self.device)  # [T, n*r]
         return LoraPlan(active=active, mask=mask)
 
-    def _cached(self, key: tuple[str, tuple[int, ...]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    def _cached(
+        self, key: tuple[str, tuple[int, ...]]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
         stacks = self._cache.get(key)
         if stacks is not None:
             self._cache.move_to_end(key)
         return stacks
 
-    def _remember(self, key: tuple[str, tuple[int, ...]],
-                  stacks: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        size = sum(a.numel() * a.element_size() + b.numel() * b.element_size()
-                   for a, b in stacks.values())
+    def _remember(
+        self, key: tuple[str, tuple[int, ...]], stacks: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
+        size = sum(
+            a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in stacks.values()
+        )
         while self._cache and sum(self._cache_bytes.values()) + size > _CACHE_BYTES:
             old, _ = self._cache.popitem(last=False)
             self._cache_bytes.pop(old, None)
@@ -250,11 +268,16 @@ class LoraBank:
             a = self._a[module].index_select(1, index).to(_COMPUTE_DTYPE)
             b = self._b[module].index_select(1, index).to(_COMPUTE_DTYPE)  # [L, n, r, out]
             n, r = len(active), self.rank
-            stacks[module] = (a.reshape(self.num_layers, n * r, -1), b.reshape(self.num_layers, n * r, -1))
+            stacks[module] = (
+                a.reshape(self.num_layers, n * r, -1),
+                b.reshape(self.num_layers, n * r, -1),
+            )
         self._remember(key, stacks)
         return stacks
 
-    def _token_stacks(self, token_slots: tuple[int, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def _token_stacks(
+        self, token_slots: tuple[int, ...]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per-token stacks ``A [L, T, r, in]``, ``B [L, T, r, out]`` in float32.
 
         Kept in buffers that live across steps: when the batch changes, only the rows
@@ -268,10 +291,28 @@ class LoraBank:
         old = self._tok_key or ()
         if self._tok_cap < T or set(modules) != set(self._tok_a):
             self._tok_cap = max(T, self._tok_cap)
-            self._tok_a = {m: torch.empty(self.num_layers, self._tok_cap, self.rank, self.module_dims[m][0],
-                                          dtype=_COMPUTE_DTYPE, device=self.device) for m in modules}
-            self._tok_b = {m: torch.empty(self.num_layers, self._tok_cap, self.rank, self.module_dims[m][1],
-                                          dtype=_COMPUTE_DTYPE, device=self.device) for m in modules}
+            self._tok_a = {
+                m: torch.empty(
+                    self.num_layers,
+                    self._tok_cap,
+                    self.rank,
+                    self.module_dims[m][0],
+                    dtype=_COMPUTE_DTYPE,
+                    device=self.device,
+                )
+                for m in modules
+            }
+            self._tok_b = {
+                m: torch.empty(
+                    self.num_layers,
+                    self._tok_cap,
+                    self.rank,
+                    self.module_dims[m][1],
+                    dtype=_COMPUTE_DTYPE,
+                    device=self.device,
+                )
+                for m in modules
+            }
             old = ()
         for t in range(T):
             if t < len(old) and old[t] == token_slots[t]:

@@ -45,16 +45,20 @@ class Support:
         """One line for a person: the model type, the runner or the reason."""
         if self.ok:
             return f"model type {self.model_type!r}: served by the {self.runner} runner"
-        return f"model type {self.model_type!r} cannot be served: {self.reason}. {supported_summary()}"
+        return (
+            f"model type {self.model_type!r} cannot be served: {self.reason}. {supported_summary()}"
+        )
 
 
 def supported_summary() -> str:
     """What runs, in one sentence."""
     from .torch_runner import SUPPORTED_MODEL_TYPES
 
-    return (f"Supported: the fast runner for {', '.join(SUPPORTED_MODEL_TYPES)}; the generic runner "
-            "for any transformers causal LM whose attention goes through AttentionInterface "
-            "(Qwen3, Gemma 1-3, Phi, GPT-2, GPT-NeoX, OPT, Mixtral, OLMo 2, Granite, StarCoder2, ...)")
+    return (
+        f"Supported: the fast runner for {', '.join(SUPPORTED_MODEL_TYPES)}; the generic runner "
+        "for any transformers causal LM whose attention goes through AttentionInterface "
+        "(Qwen3, Gemma 1-3, Phi, GPT-2, GPT-NeoX, OPT, Mixtral, OLMo 2, Granite, StarCoder2, ...)"
+    )
 
 
 def check_model(path: Path, settings: Settings) -> Support:
@@ -111,6 +115,8 @@ def _generic_refusal(config: Any) -> str | None:
     try:
         probes = probe_attention(model, 4, "meta")
     except Exception as exc:  # data-dependent ops (MoE routing) do not run on meta: load decides
-        logger.debug("meta forward of %s did not run (%s); the load-time check decides", model_type, exc)
+        logger.debug(
+            "meta forward of %s did not run (%s); the load-time check decides", model_type, exc
+        )
         return None
     return NO_ATTENTION if not probes else None

@@ -57,18 +57,25 @@ def fast_refusal(config: Any, max_model_len: int | None = None) -> str | None:
     """Why this runner cannot serve ``config`` (None when it can)."""
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        return (f"model type {model_type!r} has no fast path (fast: "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)})")
+        return (
+            f"model type {model_type!r} has no fast path (fast: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
     if model_type in GEMMA_MODEL_TYPES:
-        if getattr(config, "final_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None):
+        if getattr(config, "final_logit_softcapping", None) or getattr(
+            config, "attn_logit_softcapping", None
+        ):
             return "logit soft-capping has no fast path"
         return None  # its sliding layers are windowed here
     window = getattr(config, "sliding_window", None)
     if window is not None and getattr(config, "use_sliding_window", True):
-        context = min(max_model_len or 1 << 62, int(getattr(config, "max_position_embeddings", 2048)))
+        context = min(
+            max_model_len or 1 << 62, int(getattr(config, "max_position_embeddings", 2048))
+        )
         if window < context:
-            return (f"its sliding window ({window} tokens) is shorter than the context ({context}); "
-                    "the fast path has no window (--max-model-len within the window makes it fit)")
+            return (
+                f"its sliding window ({window} tokens) is shorter than the context ({context}); "
+                "the fast path has no window (--max-model-len within the window makes it fit)"
+            )
     return None
 
 
@@ -126,9 +133,11 @@ class TorchRunner:
         # Keys and values of a token sit side by side, so one gather reads both.
         shape = (slots, 2, self.num_kv_heads, self.head_dim)
         # torch.empty leaves pages untouched, so resident memory grows with use.
-        self.kv_cache = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.kv_cache = [
+            torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers
+        ]
         for cache in self.kv_cache:
-            cache[: block_size].zero_()
+            cache[:block_size].zero_()
 
         dims = {}
         attn = self.layers[0].self_attn
@@ -150,8 +159,10 @@ class TorchRunner:
         self._compiled: CompiledDecoder | None = None
         self.gemma = config.model_type in GEMMA_MODEL_TYPES
         # Per-layer sliding windows (Gemma 3's local layers), else None.
-        self.windows = [getattr(layer.self_attn, "sliding_window", None) if self.gemma else None
-                        for layer in self.layers]
+        self.windows = [
+            getattr(layer.self_attn, "sliding_window", None) if self.gemma else None
+            for layer in self.layers
+        ]
         self.layer_types = list(getattr(config, "layer_types", None) or []) if self.gemma else []
         # Gemma's norms scale by (1 + weight) in float32: precomputed once per norm.
         self._gemma_scale: dict[int, torch.Tensor] = {}
@@ -164,7 +175,9 @@ class TorchRunner:
         self._qk_eps = 0.0
         if config.model_type in QK_NORM_MODEL_TYPES:
             attn0 = self.layers[0].self_attn
-            self._qk_eps = float(getattr(attn0.q_norm, "variance_epsilon", None) or attn0.q_norm.eps)
+            self._qk_eps = float(
+                getattr(attn0.q_norm, "variance_epsilon", None) or attn0.q_norm.eps
+            )
             self._qk_norm = []
             for layer in self.layers:
                 qn, kn = layer.self_attn.q_norm, layer.self_attn.k_norm
@@ -172,16 +185,23 @@ class TorchRunner:
                     qw, kw = self._gemma_scale[id(qn)], self._gemma_scale[id(kn)]
                 else:
                     qw, kw = qn.weight, kn.weight
-                self._qk_norm.append(torch.cat([qw.expand(self.num_heads, -1),
-                                                kw.expand(self.num_kv_heads, -1)]))
+                self._qk_norm.append(
+                    torch.cat([qw.expand(self.num_heads, -1), kw.expand(self.num_kv_heads, -1)])
+                )
         self._compiled_head: CompiledHead | None = None
         if compile:
             check_compilable(model, self.device, self.dtype, quantization)
             if self._qk_norm is None:
-                graph = DecodeGraph(model, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                                    head_dim=self.head_dim, scaling=self.scaling)
-                self._compiled = CompiledDecoder(graph, max_batch_size=max_batch_size,
-                                                 scratch_slot=self.scratch_slot)
+                graph = DecodeGraph(
+                    model,
+                    num_heads=self.num_heads,
+                    num_kv_heads=self.num_kv_heads,
+                    head_dim=self.head_dim,
+                    scaling=self.scaling,
+                )
+                self._compiled = CompiledDecoder(
+                    graph, max_batch_size=max_batch_size, scratch_slot=self.scratch_slot
+                )
             else:  # Qwen3, Gemma 3: no decode graph yet; the output head of one-row steps
                 self._compiled_head = CompiledHead(self.lm_head)
         # The compiled graph prepacks its own copy; the eager path then keeps plain Linears.
@@ -211,11 +231,16 @@ class TorchRunner:
         names = ATTN_MODULES + MLP_MODULES
         for layer in self.layers:
             mods = [getattr(layer.self_attn, n) for n in ATTN_MODULES] + [
-                getattr(layer.mlp, n) for n in MLP_MODULES]
+                getattr(layer.mlp, n) for n in MLP_MODULES
+            ]
             # Only plain tensors: quantized weights (bitsandbytes, torchao subclasses, GPTQ)
             # keep running through their own modules.
-            if any(type(m) is not torch.nn.Linear or type(m.weight.data) is not torch.Tensor
-                   or m.weight.dtype != torch.bfloat16 for m in mods):
+            if any(
+                type(m) is not torch.nn.Linear
+                or type(m.weight.data) is not torch.Tensor
+                or m.weight.dtype != torch.bfloat16
+                for m in mods
+            ):
                 return None
         head = self.lm_head.weight
         if type(head.data) is not torch.Tensor or head.dtype != torch.bfloat16:
@@ -226,20 +251,26 @@ class TorchRunner:
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
             qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-            bias = (torch.cat([m.bias for m in qkv]) if all(m.bias is not None for m in qkv)
-                    else None)
+            bias = (
+                torch.cat([m.bias for m in qkv]) if all(m.bias is not None for m in qkv) else None
+            )
             entry = {
                 "qkv": PackedLinear(torch.cat([m.weight for m in qkv]), bias),
                 "o_proj": PackedLinear(attn.o_proj.weight, attn.o_proj.bias),
-                "gate_up": PackedLinear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                                         None if mlp.gate_proj.bias is None else
-                                         torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])),
+                "gate_up": PackedLinear(
+                    torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                    None
+                    if mlp.gate_proj.bias is None
+                    else torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]),
+                ),
                 "down_proj": PackedLinear(mlp.down_proj.weight, mlp.down_proj.bias),
             }
             packed.append(entry)
             for name in names:
                 module = getattr(attn if name in ATTN_MODULES else mlp, name)
-                module.weight = torch.nn.Parameter(torch.empty(0, dtype=self.dtype), requires_grad=False)
+                module.weight = torch.nn.Parameter(
+                    torch.empty(0, dtype=self.dtype), requires_grad=False
+                )
         head = self.lm_head.weight
         self._packed_head = PackedLinear(head, getattr(self.lm_head, "bias", None))
         return packed
@@ -277,8 +308,9 @@ class TorchRunner:
         # per call on an H100, measured): the other backends do not.
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                          SDPBackend.MATH]):
+        with sdpa_kernel(
+            [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        ):
             return self._step(rows)
 
     @property
@@ -304,8 +336,9 @@ class TorchRunner:
         """Compile the decode graph for every bucket now (a no-op without ``--compile``)."""
         if self._compiled_head is not None:
             with torch.inference_mode():
-                self._compiled_head(torch.zeros(1, self.config.hidden_size, dtype=self.dtype,
-                                                device=self.device))
+                self._compiled_head(
+                    torch.zeros(1, self.config.hidden_size, dtype=self.dtype, device=self.device)
+                )
         if self._compiled is None:
             return
         with torch.inference_mode():
@@ -313,8 +346,9 @@ class TorchRunner:
                 rows = [StepRow([0], 1, [NULL_BLOCK]) for _ in range(b)]
                 self._run_compiled(rows, scratch=True)
 
-    def _rope_tables(self, pos: torch.Tensor, layer_type: str | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope_tables(
+        self, pos: torch.Tensor, layer_type: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin, ``[T, 1, head_dim]`` in the model dtype (see ``rope``)."""
         probe = torch.empty(1, dtype=self.dtype, device=self.device)
         if layer_type is None:
@@ -335,8 +369,10 @@ class TorchRunner:
         if scratch:  # warm-up: write only the scratch slot, read only the null block
             slots = torch.full((len(rows),), self.scratch_slot, device=self.device)
         else:
-            slots = torch.tensor([r.block_table[r.start_pos // bs] * bs + r.start_pos % bs
-                                  for r in rows], device=self.device)
+            slots = torch.tensor(
+                [r.block_table[r.start_pos // bs] * bs + r.start_pos % bs for r in rows],
+                device=self.device,
+            )
         context = [r.start_pos + 1 for r in rows]
         # Whole blocks, so the dynamic length takes few distinct values.
         width = -(-max(context) // bs) * bs
@@ -347,7 +383,9 @@ class TorchRunner:
         return self._compiled(ids, cos, sin, slots, gather, lens, self.kv_cache)
 
     def _step(self, rows: list[StepRow]) -> torch.Tensor:
-        if self._compiled is not None and all(r.adapter_slot == 0 and not r.all_logits for r in rows):
+        if self._compiled is not None and all(
+            r.adapter_slot == 0 and not r.all_logits for r in rows
+        ):
             decode = [i for i, r in enumerate(rows) if len(r.token_ids) == 1]
             if decode and self._compiled.bucket(len(decode)) is not None:
                 return self._split_step(rows, decode)
@@ -378,7 +416,12 @@ class TorchRunner:
         # Single-token rows first: they share one batched attention call.
         packed = pack_rows(rows, self.block_size)
         ordered, num_decode, dev = packed.rows, packed.num_decode, self.device
-        ids, positions, slot_map, lengths = packed.ids, packed.positions, packed.slots, packed.lengths
+        ids, positions, slot_map, lengths = (
+            packed.ids,
+            packed.positions,
+            packed.slots,
+            packed.lengths,
+        )
         tok = torch.tensor(ids, device=dev)
         pos_t = torch.tensor(positions, device=dev)
         slot_t = torch.tensor(slot_map, device=dev)
@@ -398,15 +441,28 @@ class TorchRunner:
             cos, sin = tables[self.layer_types[li] if self.layer_types else None]
             residual = hidden
             h = self._norm(layer.input_layernorm, hidden)
-            attn_out = self._attention(li, layer.self_attn, h, cos, sin, slot_t, plan,
-                                       num_decode, decode_idx, decode_mask, prefill)
+            attn_out = self._attention(
+                li,
+                layer.self_attn,
+                h,
+                cos,
+                sin,
+                slot_t,
+                plan,
+                num_decode,
+                decode_idx,
+                decode_mask,
+                prefill,
+            )
             if self.gemma:
                 attn_out = self._norm(layer.post_attention_layernorm, attn_out)
             hidden = attn_out.add_(residual)
             residual = hidden
             if self.gemma:
                 h = self._norm(layer.pre_feedforward_layernorm, hidden)
-                out = self._norm(layer.post_feedforward_layernorm, self._mlp(li, layer.mlp, h, plan))
+                out = self._norm(
+                    layer.post_feedforward_layernorm, self._mlp(li, layer.mlp, h, plan)
+                )
                 hidden = out.add_(residual)
             else:
                 h = self._norm(layer.post_attention_layernorm, hidden)
@@ -449,8 +505,9 @@ class TorchRunner:
         up = self._linear(li, mlp.up_proj, "mlp.up_proj", h, plan)
         return self._linear(li, mlp.down_proj, "mlp.down_proj", mlp.act_fn(gate) * up, plan)
 
-    def _block_tables(self, rows: list[StepRow], context: list[int],
-                      width: int | None = None) -> torch.Tensor:
+    def _block_tables(
+        self, rows: list[StepRow], context: list[int], width: int | None = None
+    ) -> torch.Tensor:
         """Flat cache indices ``[len(rows), width or max(context)]``, padded with the null block."""
         width = width or max(context)
         nblocks = (width + self.block_size - 1) // self.block_size
@@ -533,18 +590,28 @@ class TorchRunner:
             qkv = self._fused[li]["qkv"](h)
             q, k, v = qkv.split([q_out, kv_out, kv_out], dim=-1)
             # LoRA deltas land in place, in the fused tensor's views.
-            for name, part in (("self_attn.q_proj", q), ("self_attn.k_proj", k), ("self_attn.v_proj", v)):
+            for name, part in (
+                ("self_attn.q_proj", q),
+                ("self_attn.k_proj", k),
+                ("self_attn.v_proj", v),
+            ):
                 if self.lora.apply(plan, li, name, h, part) is not part:
                     raise AssertionError("LoRA must add in place")  # pragma: no cover
         else:
-            qkv = torch.cat([self._linear(li, attn.q_proj, "self_attn.q_proj", h, plan),
-                             self._linear(li, attn.k_proj, "self_attn.k_proj", h, plan),
-                             self._linear(li, attn.v_proj, "self_attn.v_proj", h, plan)], dim=-1)
+            qkv = torch.cat(
+                [
+                    self._linear(li, attn.q_proj, "self_attn.q_proj", h, plan),
+                    self._linear(li, attn.k_proj, "self_attn.k_proj", h, plan),
+                    self._linear(li, attn.v_proj, "self_attn.v_proj", h, plan),
+                ],
+                dim=-1,
+            )
         # Rotary embedding on queries and keys together: one set of ops, not two.
         qk = qkv[:, : q_out + kv_out].reshape(T, self.num_heads + self.num_kv_heads, self.head_dim)
         if self._qk_norm is not None and self.gemma:  # per head, scaled in float32 (as HF)
-            qk = (F.rms_norm(qk.float(), (self.head_dim,), None, self._qk_eps)
-                  * self._qk_norm[li]).to(qk.dtype)
+            qk = (
+                F.rms_norm(qk.float(), (self.head_dim,), None, self._qk_eps) * self._qk_norm[li]
+            ).to(qk.dtype)
         elif self._qk_norm is not None:  # per head, in float32, scaled after rounding (as HF)
             qk = F.rms_norm(qk.float(), (self.head_dim,), None, self._qk_eps).to(qk.dtype)
             qk = qk * self._qk_norm[li]
@@ -559,22 +626,31 @@ class TorchRunner:
         if num_decode:
             assert decode_idx is not None
             B, L = decode_idx.shape
-            kv = cache.index_select(0, decode_idx.reshape(-1)).view(B, L, 2, self.num_kv_heads,
-                                                                    self.head_dim)
+            kv = cache.index_select(0, decode_idx.reshape(-1)).view(
+                B, L, 2, self.num_kv_heads, self.head_dim
+            )
             kd = kv[:, :, 0].transpose(1, 2)  # [B, kv, L, D]
             vd = kv[:, :, 1].transpose(1, 2)
             assert decode_mask is not None
-            out[:num_decode] = decode_attention(q[:num_decode], kd, vd,
-                                                self._window(li, "decode", decode_mask[:, 0, 0, :]),
-                                                self.scaling)
+            out[:num_decode] = decode_attention(
+                q[:num_decode],
+                kd,
+                vd,
+                self._window(li, "decode", decode_mask[:, 0, 0, :]),
+                self.scaling,
+            )
         for offset, n, idx, mask in prefill:
             kv = cache.index_select(0, idx)
             kp = kv[:, 0].transpose(0, 1).unsqueeze(0)  # [1, kv, L, D]
             vp = kv[:, 1].transpose(0, 1).unsqueeze(0)
             qp = q[offset : offset + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
             op = F.scaled_dot_product_attention(
-                qp, kp, vp, attn_mask=self._window(li, ("prefill", offset), mask), scale=self.scaling,
-                enable_gqa=True
+                qp,
+                kp,
+                vp,
+                attn_mask=self._window(li, ("prefill", offset), mask),
+                scale=self.scaling,
+                enable_gqa=True,
             )
             out[offset : offset + n] = op[0].transpose(0, 1)
         o = out.view(T, self.num_heads * self.head_dim)

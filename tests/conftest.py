@@ -15,7 +15,9 @@ from tests.helpers import Server, make_adapter, make_tiny_model, run_server, smo
 @pytest.fixture(scope="session", autouse=True)
 def bentoml_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Every test run gets its own model store (set before bentoml reads it)."""
-    home = Path(os.environ.get("OPENLLM_CLONE_TEST_BENTOML_HOME") or tmp_path_factory.mktemp("bentoml"))
+    home = Path(
+        os.environ.get("OPENLLM_CLONE_TEST_BENTOML_HOME") or tmp_path_factory.mktemp("bentoml")
+    )
     old = os.environ.get("BENTOML_HOME")
     os.environ["BENTOML_HOME"] = str(home)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,29 +42,49 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> 
 
 
 @pytest.fixture(scope="session")
-def tiny_adapters(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
+def tiny_adapters(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> dict[str, Path]:
     """Four real peft adapters for the tiny model (different seeds, ranks and targets)."""
     root = tmp_path_factory.mktemp("adapters")
     return {
         "alpha": make_adapter(tiny_model_dir, root / "alpha", seed=1, rank=8),
         "beta": make_adapter(tiny_model_dir, root / "beta", seed=2, rank=4),
-        "gamma": make_adapter(tiny_model_dir, root / "gamma", seed=3, rank=16,
-                              targets=["q_proj", "v_proj"]),
-        "delta": make_adapter(tiny_model_dir, root / "delta", seed=4, rank=8,
-                              targets=["gate_proj", "up_proj", "down_proj"]),
+        "gamma": make_adapter(
+            tiny_model_dir, root / "gamma", seed=3, rank=16, targets=["q_proj", "v_proj"]
+        ),
+        "delta": make_adapter(
+            tiny_model_dir,
+            root / "delta",
+            seed=4,
+            rank=8,
+            targets=["gate_proj", "up_proj", "down_proj"],
+        ),
     }
 
 
 def _tiny_server_args(tiny_model_dir: Path, tiny_adapters: dict[str, Path]) -> list[str]:
-    return [str(tiny_model_dir), "--dtype", "float32", "--max-batch-size", "8",
-            "--adapter-id", f"alpha={tiny_adapters['alpha']}",
-            "--adapter-id", f"beta={tiny_adapters['beta']}",
-            "--max-adapters", "3", "--kv-cache-mb", "64"]
+    return [
+        str(tiny_model_dir),
+        "--dtype",
+        "float32",
+        "--max-batch-size",
+        "8",
+        "--adapter-id",
+        f"alpha={tiny_adapters['alpha']}",
+        "--adapter-id",
+        f"beta={tiny_adapters['beta']}",
+        "--max-adapters",
+        "3",
+        "--kv-cache-mb",
+        "64",
+    ]
 
 
 @pytest.fixture(scope="session")
-def shared_tiny_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
-                       tiny_adapters: dict[str, Path]) -> Iterator[Server]:
+def shared_tiny_server(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_adapters: dict[str, Path]
+) -> Iterator[Server]:
     """One server as ``tiny_server`` for the modules that only send requests (others'
     clients and suites), so that each does not pay for a start of its own."""
     log = tmp_path_factory.mktemp("logs") / "shared-tiny-server.log"
@@ -71,8 +93,9 @@ def shared_tiny_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir:
 
 
 @pytest.fixture(scope="module")
-def tiny_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
-                tiny_adapters: dict[str, Path]) -> Iterator[Server]:
+def tiny_server(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_adapters: dict[str, Path]
+) -> Iterator[Server]:
     """A real server on the tiny model, with alpha and beta loaded at start-up."""
     log = tmp_path_factory.mktemp("logs") / "tiny-server.log"
     with run_server(_tiny_server_args(tiny_model_dir, tiny_adapters), {}, log) as server:

@@ -21,12 +21,20 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "mistral": {"sliding_window": WINDOW},
     "qwen2": {"sliding_window": WINDOW, "use_sliding_window": True, "max_window_layers": 1},
     "qwen3": {"head_dim": 16},
-    "qwen3_moe": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
-                  "moe_intermediate_size": 32, "decoder_sparse_step": 1},
+    "qwen3_moe": {
+        "head_dim": 16,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "decoder_sparse_step": 1,
+    },
     "gemma": {"head_dim": 16},
     "gemma2": {"head_dim": 16, "sliding_window": WINDOW},
-    "gemma3_text": {"head_dim": 16, "sliding_window": WINDOW,
-                    "layer_types": ["sliding_attention", "full_attention"]},
+    "gemma3_text": {
+        "head_dim": 16,
+        "sliding_window": WINDOW,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
     "phi3": {},
     "phi": {},
     "gpt2": {},
@@ -44,25 +52,36 @@ MORE_FAMILIES: dict[str, dict[str, Any]] = {
     "cohere": {},
     "stablelm": {},
     "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
-    "gpt_oss": {"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
-                "sliding_window": WINDOW},
+    "gpt_oss": {
+        "head_dim": 16,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "sliding_window": WINDOW,
+    },
     "exaone4": {"head_dim": 16, "sliding_window": WINDOW},
     "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
 }
 
 
-def make_family_model(family: str, path: Path, tokenizer: Any, *, seed: int = 0,
-                      scale: float = 3.0, **overrides: Any) -> Path:
+def make_family_model(
+    family: str, path: Path, tokenizer: Any, *, seed: int = 0, scale: float = 3.0, **overrides: Any
+) -> Path:
     """Save a tiny random ``family`` model with ``tokenizer`` into ``path`` (``overrides``
     replace config arguments)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     common: dict[str, Any] = {
-        "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": len(tokenizer),
-        "max_position_embeddings": 512, "tie_word_embeddings": False,
-        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 2,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": False,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.eos_token_id,
     }
     extra = FAMILIES[family] if family in FAMILIES else MORE_FAMILIES[family]
@@ -78,8 +97,9 @@ def make_family_model(family: str, path: Path, tokenizer: Any, *, seed: int = 0,
     return path
 
 
-def reference_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int, *,
-                     adapter: Path | None = None) -> list[list[int]]:
+def reference_greedy(
+    path: Path, prompts: list[list[int]], max_new_tokens: int, *, adapter: Path | None = None
+) -> list[list[int]]:
     """transformers ``generate(do_sample=False)`` in fp32, one prompt at a time, EOS ignored;
     with ``adapter``, on peft's ``merge_and_unload`` of it."""
     import torch
@@ -93,8 +113,13 @@ def reference_greedy(path: Path, prompts: list[list[int]], max_new_tokens: int, 
     out = []
     with torch.inference_mode():
         for ids in prompts:
-            gen = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0,
-                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-            out.append(gen[0, len(ids):].tolist())
+            gen = model.generate(
+                torch.tensor([ids]),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            )
+            out.append(gen[0, len(ids) :].tolist())
     return out

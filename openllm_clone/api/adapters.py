@@ -30,7 +30,9 @@ def router(get_llm: Callable[[], LLM]) -> APIRouter:
     async def load_adapter(request: Request) -> JSONResponse:
         llm = get_llm()
         body = parse_body(LoadAdapterRequest, await json_body(request))
-        record = await llm.adapters.load(body.name, body.source, pinned=body.pinned, force=body.force)
+        record = await llm.adapters.load(
+            body.name, body.source, pinned=body.pinned, force=body.force
+        )
         return JSONResponse(record.info().model_dump(), status_code=200)
 
     @routes.delete("/adapters/{name}")

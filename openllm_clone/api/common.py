@@ -24,8 +24,18 @@ from openllm_clone.protocol import MergedAdapters, RequestOutput, SamplingParams
 if TYPE_CHECKING:
     from openllm_clone.llm import LLM
 
-__all__ = ["adapter_for", "error_response", "json_body", "open_stream", "parse_body", "sampling",
-           "served_name", "sse", "usage", "validation_error"]
+__all__ = [
+    "adapter_for",
+    "error_response",
+    "json_body",
+    "open_stream",
+    "parse_body",
+    "sampling",
+    "served_name",
+    "sse",
+    "usage",
+    "validation_error",
+]
 
 
 def sse(payload: Any) -> str:
@@ -87,8 +97,9 @@ async def adapter_for(llm: LLM, adapter: str | None, merged: MergedAdapters | No
     if merged is None:
         return adapter
     if adapter is not None:
-        raise InvalidRequestError("give either an adapter or merged_adapters, not both",
-                                  param="merged_adapters")
+        raise InvalidRequestError(
+            "give either an adapter or merged_adapters, not both", param="merged_adapters"
+        )
     return await llm.adapters.merged(merged.ids, merged.weights)
 
 
@@ -99,12 +110,21 @@ def served_name(llm: LLM, asked: str, adapter: str | None) -> str:
 
 def usage(prompt: int, completion: int) -> dict[str, int]:
     """OpenAI's ``usage`` object."""
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
-async def open_stream(llm: LLM, ids: list[int], params: SamplingParams, adapter: str | None,
-                      rid: str | None = None, constraint: Any = None) -> AsyncIterator[RequestOutput]:
+async def open_stream(
+    llm: LLM,
+    ids: list[int],
+    params: SamplingParams,
+    adapter: str | None,
+    rid: str | None = None,
+    constraint: Any = None,
+) -> AsyncIterator[RequestOutput]:
     """Start a stream and wait for its first event, so early errors become HTTP errors."""
     # The engine enforces --timeout: a late request ends with an error event.
     stream = llm.stream(ids, params, adapter=adapter, request_id=rid, constraint=constraint)

@@ -54,11 +54,27 @@ def router(get_llm: Callable[[], LLM]) -> APIRouter:
 
     def _model_cards(llm: LLM) -> list[dict[str, Any]]:
         created = unix_time()
-        data = [{"id": llm.name, "object": "model", "created": created, "owned_by": "openllm-clone",
-                 "root": llm.runner.info.model_id, "parent": None}]
+        data = [
+            {
+                "id": llm.name,
+                "object": "model",
+                "created": created,
+                "owned_by": "openllm-clone",
+                "root": llm.runner.info.model_id,
+                "parent": None,
+            }
+        ]
         for info in llm.adapters.list():
-            data.append({"id": info.name, "object": "model", "created": created,
-                         "owned_by": "openllm-clone", "root": info.source, "parent": llm.name})
+            data.append(
+                {
+                    "id": info.name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "openllm-clone",
+                    "root": info.source,
+                    "parent": llm.name,
+                }
+            )
         return data
 
     @routes.get("/models")
@@ -82,18 +98,34 @@ def router(get_llm: Callable[[], LLM]) -> APIRouter:
         ids = [llm.tokenize(p) if isinstance(p, str) else p for p in prompts]
         for x in ids:  # every prompt is checked before any of them starts generating
             llm.engine.check_prompt(x, params)
-        texts = [p if isinstance(p, str) else llm.tokenizer.decode(p) for p in prompts] if body.echo else []
+        texts = (
+            [p if isinstance(p, str) else llm.tokenizer.decode(p) for p in prompts]
+            if body.echo
+            else []
+        )
         constraint = llm.constraint_for(body.response_format)
         rid = new_request_id("cmpl")
-        base = {"id": rid, "object": "text_completion", "created": unix_time(),
-                "model": served_name(llm, body.model, adapter)}
+        base = {
+            "id": rid,
+            "object": "text_completion",
+            "created": unix_time(),
+            "model": served_name(llm, body.model, adapter),
+        }
         n = params.n
         if body.stream:
             streams = []
             try:
                 for i, x in enumerate(ids):
-                    streams.append(await open_stream(llm, x, params, adapter,
-                                                      rid if len(ids) == 1 else f"{rid}-{i}", constraint))
+                    streams.append(
+                        await open_stream(
+                            llm,
+                            x,
+                            params,
+                            adapter,
+                            rid if len(ids) == 1 else f"{rid}-{i}",
+                            constraint,
+                        )
+                    )
             except BaseException:
                 for opened in streams:
                     await opened.aclose()  # type: ignore[attr-defined]
@@ -112,28 +144,62 @@ def router(get_llm: Callable[[], LLM]) -> APIRouter:
                 logprobs = None
                 if body.logprobs is not None:
                     logprobs, offsets[d.index] = _completion_logprobs(
-                        llm, params, prompt_lp, ids[d.index // n], d.logprobs, offsets.get(d.index, 0))
-                return {"index": d.index, "text": text, "logprobs": logprobs,
-                        "finish_reason": d.finish_reason}
+                        llm,
+                        params,
+                        prompt_lp,
+                        ids[d.index // n],
+                        d.logprobs,
+                        offsets.get(d.index, 0),
+                    )
+                return {
+                    "index": d.index,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": d.finish_reason,
+                }
 
             merged = streams[0] if len(streams) == 1 else _merge_streams(streams, n)
             return _openai_stream(merged, base, include_usage, choice)
-        results = await asyncio.gather(*(
-            llm.complete(x, params, adapter=adapter, request_id=rid if len(ids) == 1 else f"{rid}-{i}",
-                         constraint=constraint) for i, x in enumerate(ids)))
+        results = await asyncio.gather(
+            *(
+                llm.complete(
+                    x,
+                    params,
+                    adapter=adapter,
+                    request_id=rid if len(ids) == 1 else f"{rid}-{i}",
+                    constraint=constraint,
+                )
+                for i, x in enumerate(ids)
+            )
+        )
         choices = []
         for p, result in enumerate(results):
             for i, t in enumerate(result.texts):
                 logprobs = None
                 if body.logprobs is not None and result.logprobs is not None:
                     logprobs, _ = _completion_logprobs(
-                        llm, params, result.prompt_logprobs if body.echo else None, ids[p],
-                        result.logprobs[i], 0)
-                choices.append({"index": p * n + i, "text": (texts[p] + t) if body.echo else t,
-                                "logprobs": logprobs, "finish_reason": result.finish_reasons[i]})
-        return {**base, "choices": choices,
-                "usage": usage(sum(r.prompt_tokens for r in results),
-                                sum(r.completion_tokens for r in results))}
+                        llm,
+                        params,
+                        result.prompt_logprobs if body.echo else None,
+                        ids[p],
+                        result.logprobs[i],
+                        0,
+                    )
+                choices.append(
+                    {
+                        "index": p * n + i,
+                        "text": (texts[p] + t) if body.echo else t,
+                        "logprobs": logprobs,
+                        "finish_reason": result.finish_reasons[i],
+                    }
+                )
+        return {
+            **base,
+            "choices": choices,
+            "usage": usage(
+                sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
+            ),
+        }
 
     @routes.post("/chat/completions")
     async def chat_completions(request: Request) -> Any:
@@ -152,14 +218,23 @@ def router(get_llm: Callable[[], LLM]) -> APIRouter:
         default_max = max(1, llm.runner.info.max_model_len - len(ids))
         params = sampling(lambda: body.sampling_params(min(default_max, 4096)))
         rid = new_request_id("chatcmpl")
-        base = {"id": rid, "object": "chat.completion", "created": unix_time(),
-                "model": served_name(llm, body.model, adapter)}
+        base = {
+            "id": rid,
+            "object": "chat.completion",
+            "created": unix_time(),
+            "model": served_name(llm, body.model, adapter),
+        }
         if body.stream and tool_plan is not None:
-            result = await llm.complete(ids, params, adapter=adapter, request_id=rid,
-                                                         constraint=constraint)
+            result = await llm.complete(
+                ids, params, adapter=adapter, request_id=rid, constraint=constraint
+            )
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _tool_stream({**base, "object": "chat.completion.chunk"}, result, include_usage,
-                                lambda i: _chat_logprobs(llm, params, result, i, body.logprobs))
+            return _tool_stream(
+                {**base, "object": "chat.completion.chunk"},
+                result,
+                include_usage,
+                lambda i: _chat_logprobs(llm, params, result, i, body.logprobs),
+            )
         if body.stream:
             stream = await open_stream(llm, ids, params, adapter, rid, constraint)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -167,20 +242,29 @@ def router(get_llm: Callable[[], LLM]) -> APIRouter:
             first: set[int] = set()
 
             def choice(out: RequestOutput, d: SeqDelta) -> dict[str, Any]:
-                delta: dict[str, Any] = {"content": d.text} if d.text or d.finish_reason is None else {}
+                delta: dict[str, Any] = (
+                    {"content": d.text} if d.text or d.finish_reason is None else {}
+                )
                 if d.index not in first:
                     first.add(d.index)
                     delta = {"role": "assistant", "content": d.text}
                 logprobs = None
                 if body.logprobs:
-                    logprobs = {"content": chat_logprobs(llm.token_strings, d.logprobs or []),
-                                "refusal": None}
-                return {"index": d.index, "delta": delta, "logprobs": logprobs,
-                        "finish_reason": d.finish_reason}
+                    logprobs = {
+                        "content": chat_logprobs(llm.token_strings, d.logprobs or []),
+                        "refusal": None,
+                    }
+                return {
+                    "index": d.index,
+                    "delta": delta,
+                    "logprobs": logprobs,
+                    "finish_reason": d.finish_reason,
+                }
 
             return _openai_stream(stream, chunk_base, include_usage, choice)
-        result = await llm.complete(ids, params, adapter=adapter, request_id=rid,
-                                                     constraint=constraint)
+        result = await llm.complete(
+            ids, params, adapter=adapter, request_id=rid, constraint=constraint
+        )
         choices = []
         for i, text in enumerate(result.texts):
             message: dict[str, Any] = {"role": "assistant", "content": text}
@@ -192,10 +276,14 @@ def router(get_llm: Callable[[], LLM]) -> APIRouter:
                     message["tool_calls"] = calls
                     reason = "tool_calls"
             logprobs = _chat_logprobs(llm, params, result, i, body.logprobs)
-            choices.append({"index": i, "message": message, "logprobs": logprobs,
-                            "finish_reason": reason})
-        return {**base, "choices": choices,
-                "usage": usage(result.prompt_tokens, result.completion_tokens)}
+            choices.append(
+                {"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason}
+            )
+        return {
+            **base,
+            "choices": choices,
+            "usage": usage(result.prompt_tokens, result.completion_tokens),
+        }
 
     return routes
 
@@ -208,43 +296,87 @@ def _with_system(messages: list[ChatMessage], text: str) -> list[ChatMessage]:
     return [ChatMessage(role="system", content=text), *messages]
 
 
-def _chat_logprobs(llm: LLM, params: SamplingParams, result: Any, i: int, asked: bool
-                   ) -> dict[str, Any] | None:
+def _chat_logprobs(
+    llm: LLM, params: SamplingParams, result: Any, i: int, asked: bool
+) -> dict[str, Any] | None:
     """Chat ``logprobs`` of a finished choice (None unless asked)."""
     if not asked or result.logprobs is None:
         return None
     return {"content": chat_logprobs(llm.token_strings, result.logprobs[i]), "refusal": None}
 
 
-def _tool_stream(base: dict[str, Any], result: Any, include_usage: bool,
-                 logprobs_of: Callable[[int], dict[str, Any] | None]) -> StreamingResponse:
+def _tool_stream(
+    base: dict[str, Any],
+    result: Any,
+    include_usage: bool,
+    logprobs_of: Callable[[int], dict[str, Any] | None],
+) -> StreamingResponse:
     """Stream a finished tool-calling answer as OpenAI chunks (calls arrive whole; the first
     chunk of a choice carries all its logprobs, when asked)."""
 
     async def events() -> AsyncIterator[str]:
         for i, text in enumerate(result.texts):
             content, calls = parse_tool_output(text)
-            yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": content
-                                                                  if not calls else None},
-                                            "logprobs": logprobs_of(i), "finish_reason": None}]})
+            yield sse(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": i,
+                            "delta": {
+                                "role": "assistant",
+                                "content": content if not calls else None,
+                            },
+                            "logprobs": logprobs_of(i),
+                            "finish_reason": None,
+                        }
+                    ],
+                }
+            )
             if calls:
                 delta = {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}
-                yield sse({**base, "choices": [{"index": i, "delta": delta, "logprobs": None,
-                                                "finish_reason": None}]})
-            yield sse({**base, "choices": [{"index": i, "delta": {}, "logprobs": None,
-                                            "finish_reason": "tool_calls" if calls
-                                            else result.finish_reasons[i]}]})
+                yield sse(
+                    {
+                        **base,
+                        "choices": [
+                            {"index": i, "delta": delta, "logprobs": None, "finish_reason": None}
+                        ],
+                    }
+                )
+            yield sse(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": i,
+                            "delta": {},
+                            "logprobs": None,
+                            "finish_reason": "tool_calls" if calls else result.finish_reasons[i],
+                        }
+                    ],
+                }
+            )
         if include_usage:
-            yield sse({**base, "choices": [],
-                       "usage": usage(result.prompt_tokens, result.completion_tokens)})
+            yield sse(
+                {
+                    **base,
+                    "choices": [],
+                    "usage": usage(result.prompt_tokens, result.completion_tokens),
+                }
+            )
         yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-def _completion_logprobs(llm: LLM, params: SamplingParams, prompt_lp: list[Any] | None,
-                         prompt_ids: list[int], entries: list[Any] | None, offset: int
-                         ) -> tuple[dict[str, Any], int]:
+def _completion_logprobs(
+    llm: LLM,
+    params: SamplingParams,
+    prompt_lp: list[Any] | None,
+    prompt_ids: list[int],
+    entries: list[Any] | None,
+    offset: int,
+) -> tuple[dict[str, Any], int]:
     """A completions choice's ``logprobs`` (the echoed prompt's first, when given), and the
     text offset after it. Every generated token has an entry, an end-of-sequence token
     included (as vLLM does; lm-eval's loglikelihood drops the last entry as the generated
@@ -258,8 +390,9 @@ def _completion_logprobs(llm: LLM, params: SamplingParams, prompt_lp: list[Any] 
     return merge_completion_logprobs(head, tail), offset
 
 
-async def _merge_streams(streams: list[AsyncIterator[RequestOutput]], n: int
-                         ) -> AsyncIterator[RequestOutput]:
+async def _merge_streams(
+    streams: list[AsyncIterator[RequestOutput]], n: int
+) -> AsyncIterator[RequestOutput]:
     """Several prompts' streams as one: choice ``i`` of prompt ``p`` becomes index ``p * n + i``;
     usage is the sum over the prompts. An error in one ends all of them."""
     queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
@@ -285,11 +418,18 @@ async def _merge_streams(streams: list[AsyncIterator[RequestOutput]], n: int
             if isinstance(item, BaseException):
                 raise item
             totals[p] = (item.prompt_tokens, item.completion_tokens)
-            deltas = [SeqDelta(p * n + d.index, d.text, d.token_ids, d.finish_reason, d.logprobs)
-                      for d in item.deltas]
-            yield RequestOutput(item.request_id, deltas, sum(u[0] for u in totals),
-                                sum(u[1] for u in totals), finished=live == 1 and item.finished,
-                                prompt_logprobs=item.prompt_logprobs)
+            deltas = [
+                SeqDelta(p * n + d.index, d.text, d.token_ids, d.finish_reason, d.logprobs)
+                for d in item.deltas
+            ]
+            yield RequestOutput(
+                item.request_id,
+                deltas,
+                sum(u[0] for u in totals),
+                sum(u[1] for u in totals),
+                finished=live == 1 and item.finished,
+                prompt_logprobs=item.prompt_logprobs,
+            )
     finally:
         for task in tasks:
             task.cancel()
@@ -310,13 +450,19 @@ def _openai_stream(
             async for out in stream:
                 last = out
                 if out.deltas:
-                    yield sse({**base, "choices": [choice(out, d) for d in out.deltas],
-                               **({"usage": None} if include_usage else {})})
+                    yield sse(
+                        {
+                            **base,
+                            "choices": [choice(out, d) for d in out.deltas],
+                            **({"usage": None} if include_usage else {}),
+                        }
+                    )
         except OpenLLMCloneError as exc:
             yield sse(exc.to_dict())
         if include_usage and last is not None:
-            yield sse({**base, "choices": [],
-                       "usage": usage(last.prompt_tokens, last.completion_tokens)})
+            yield sse(
+                {**base, "choices": [], "usage": usage(last.prompt_tokens, last.completion_tokens)}
+            )
         yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from openllm_clone.errors import OpenLLMCloneError
 from openllm_clone.protocol import (
     CompletionOutput,
+    FinishReason,
     GenerateRequest,
     GenerateResponse,
     SamplingParams,
@@ -24,13 +25,19 @@ if TYPE_CHECKING:
 __all__ = ["router"]
 
 
-async def _request(llm: LLM, request: Request
-                   ) -> tuple[GenerateRequest, SamplingParams, str | None, list[int]]:
+async def _request(
+    llm: LLM, request: Request
+) -> tuple[GenerateRequest, SamplingParams, str | None, list[int]]:
     """Body, sampling parameters, adapter and prompt tokens of a request."""
     body = parse_body(GenerateRequest, await json_body(request))
     params = sampling(body.sampling_params)
     adapter = await adapter_for(llm, body.adapter_name, body.merged_adapters)
     return body, params, adapter, llm.tokenize(body.prompt)
+
+
+def _finish_reason(reason: str | None) -> FinishReason | None:
+    """The engine's finish reason, typed as the schema's (the engine only makes those)."""
+    return cast("FinishReason | None", reason)
 
 
 def router(get_llm: Callable[[], LLM]) -> APIRouter:
@@ -48,8 +55,12 @@ def router(get_llm: Callable[[], LLM]) -> APIRouter:
             adapter_name=adapter,
             finished=True,
             outputs=[
-                CompletionOutput(index=i, text=t, token_ids=result.token_ids[i],
-                                 finish_reason=result.finish_reasons[i])  # type: ignore[arg-type]
+                CompletionOutput(
+                    index=i,
+                    text=t,
+                    token_ids=result.token_ids[i],
+                    finish_reason=_finish_reason(result.finish_reasons[i]),
+                )
                 for i, t in enumerate(result.texts)
             ],
             prompt_token_ids=ids,
@@ -66,15 +77,23 @@ def router(get_llm: Callable[[], LLM]) -> APIRouter:
         async def events() -> AsyncIterator[str]:
             try:
                 async for out in stream:
-                    yield sse(GenerateResponse(
-                        request_id=out.request_id,
-                        adapter_name=adapter,
-                        finished=out.finished,
-                        outputs=[CompletionOutput(index=d.index, text=d.text, token_ids=d.token_ids,
-                                                  finish_reason=d.finish_reason)  # type: ignore[arg-type]
-                                 for d in out.deltas],
-                        usage=usage(out.prompt_tokens, out.completion_tokens),
-                    ).model_dump(exclude_none=True))
+                    yield sse(
+                        GenerateResponse(
+                            request_id=out.request_id,
+                            adapter_name=adapter,
+                            finished=out.finished,
+                            outputs=[
+                                CompletionOutput(
+                                    index=d.index,
+                                    text=d.text,
+                                    token_ids=d.token_ids,
+                                    finish_reason=_finish_reason(d.finish_reason),
+                                )
+                                for d in out.deltas
+                            ],
+                            usage=usage(out.prompt_tokens, out.completion_tokens),
+                        ).model_dump(exclude_none=True)
+                    )
             except OpenLLMCloneError as exc:
                 yield sse(exc.to_dict())
             yield sse("[DONE]")

@@ -86,7 +86,9 @@ class TGIParameters(NullMeansDefault):
         """TGI samples when asked to or when any warper is set."""
         if self.temperature == 0.0:
             return False
-        return self.do_sample or any(v is not None for v in (self.temperature, self.top_k, self.top_p))
+        return self.do_sample or any(
+            v is not None for v in (self.temperature, self.top_k, self.top_p)
+        )
 
 
 class TGIRequest(BaseModel):
@@ -110,11 +112,19 @@ def error_response(exc: OpenLLMCloneError) -> JSONResponse:
     """TGI's error shape; bad input is its 422 ``validation``."""
     if isinstance(exc, InvalidRequestError):
         return JSONResponse({"error": exc.message, "error_type": "validation"}, status_code=422)
-    kind = "overloaded" if isinstance(exc, CapacityError) else (
-        "generation" if exc.status_code >= 500 else exc.error_type)
-    headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if isinstance(exc, CapacityError) else {}
-    return JSONResponse({"error": exc.message, "error_type": kind}, status_code=exc.status_code,
-                        headers=headers)
+    kind = (
+        "overloaded"
+        if isinstance(exc, CapacityError)
+        else ("generation" if exc.status_code >= 500 else exc.error_type)
+    )
+    headers = (
+        {"Retry-After": str(max(1, round(exc.retry_after)))}
+        if isinstance(exc, CapacityError)
+        else {}
+    )
+    return JSONResponse(
+        {"error": exc.message, "error_type": kind}, status_code=exc.status_code, headers=headers
+    )
 
 
 class _Plan:
@@ -125,23 +135,28 @@ class _Plan:
         if p.grammar is not None and p.response_format is not None:
             raise InvalidRequestError("give grammar or response_format, not both", param="grammar")
         if p.adapter_id and p.merged_adapters:
-            raise InvalidRequestError("give adapter_id or merged_adapters, not both", param="adapter_id")
+            raise InvalidRequestError(
+                "give adapter_id or merged_adapters, not both", param="adapter_id"
+            )
         if (p.best_of or 1) > 1:
             if body.stream:
                 raise InvalidRequestError("best_of > 1 cannot stream", param="best_of")
             if not p.sampling:
-                raise InvalidRequestError("best_of > 1 needs sampling (do_sample or a temperature)",
-                                          param="best_of")
+                raise InvalidRequestError(
+                    "best_of > 1 needs sampling (do_sample or a temperature)", param="best_of"
+                )
         self.ids = llm.tokenize(body.inputs)
         if p.truncate is not None:
-            self.ids = self.ids[-p.truncate:]  # TGI keeps the prompt's last tokens
+            self.ids = self.ids[-p.truncate :]  # TGI keeps the prompt's last tokens
         self.top = p.top_n_tokens if p.top_n_tokens is not None else (p.return_k_alternatives or 0)
         remaining = max(1, llm.runner.info.max_model_len - len(self.ids))
         try:
             self.params = SamplingParams(
                 # LoRAX's default: up to the context's end (capped as chat's default is).
                 max_new_tokens=p.max_new_tokens or min(remaining, 4096),
-                temperature=(p.temperature if p.temperature is not None else 1.0) if p.sampling else 0.0,
+                temperature=(p.temperature if p.temperature is not None else 1.0)
+                if p.sampling
+                else 0.0,
                 top_p=p.top_p or 1.0,
                 top_k=p.top_k or 0,
                 repetition_penalty=p.repetition_penalty or 1.0,
@@ -166,15 +181,17 @@ class _Plan:
         if p.response_format is not None:  # LoRAX: {"type": "json_object", "schema": {...}}
             schema = p.response_format.get("schema")
             if p.response_format.get("type") != "json_object":
-                raise InvalidRequestError("response_format.type must be json_object",
-                                          param="response_format")
+                raise InvalidRequestError(
+                    "response_format.type must be json_object", param="response_format"
+                )
             if schema is None:
                 return {"type": "json_object"}
             return {"type": "json_schema", "json_schema": {"schema": schema}}
         if p.grammar is not None:  # TGI: {"type": "json", "value": schema}
             if p.grammar.get("type") != "json":
-                raise InvalidRequestError("only JSON grammars are supported (regex grammars are not)",
-                                          param="grammar")
+                raise InvalidRequestError(
+                    "only JSON grammars are supported (regex grammars are not)", param="grammar"
+                )
             value = p.grammar.get("value")
             return {"type": "json_schema", "json_schema": {"schema": value}}
         return None
@@ -185,8 +202,9 @@ async def _adapter(llm: LLM, p: TGIParameters) -> str | None:
     if p.merged_adapters is not None:
         m = p.merged_adapters
         if len(m.ids) != len(m.weights):
-            raise InvalidRequestError("merged_adapters ids and weights differ in length",
-                                      param="merged_adapters")
+            raise InvalidRequestError(
+                "merged_adapters ids and weights differ in length", param="merged_adapters"
+            )
         return await llm.adapters.merged(m.ids, m.weights)
     name = p.adapter_id
     if not name or name in (llm.name, llm.runner.info.model_id):
@@ -195,7 +213,9 @@ async def _adapter(llm: LLM, p: TGIParameters) -> str | None:
         if not llm.adapters.roots:
             raise InvalidRequestError(
                 "adapter_source='local' needs the server started with --adapter-root (the "
-                "folders requests may load adapters from)", param="adapter_source")
+                "folders requests may load adapters from)",
+                param="adapter_source",
+            )
         if llm.adapters.get(name) is None:
             await llm.adapters.load(name, name)  # the path is checked against the roots
     return name  # a loaded or registered name, or one in the model store (loaded on use)
@@ -211,25 +231,35 @@ def _finish(llm: LLM, reason: str | None, tokens: list[int], params: SamplingPar
 
 def _token(llm: LLM, entry: Any, plan: _Plan) -> dict[str, Any]:
     strings = llm.token_strings
-    out: dict[str, Any] = {"id": entry.token_id, "text": strings.text(entry.token_id),
-                           "logprob": entry.logprob, "special": strings.special(entry.token_id)}
+    out: dict[str, Any] = {
+        "id": entry.token_id,
+        "text": strings.text(entry.token_id),
+        "logprob": entry.logprob,
+        "special": strings.special(entry.token_id),
+    }
     if plan.top:
-        out["alternative_tokens"] = [{"id": t, "text": strings.text(t), "logprob": v} for t, v in entry.top]
+        out["alternative_tokens"] = [
+            {"id": t, "text": strings.text(t), "logprob": v} for t, v in entry.top
+        ]
     return out
 
 
 def _top_tokens(llm: LLM, entry: Any) -> list[dict[str, Any]]:
     strings = llm.token_strings
-    return [{"id": t, "text": strings.text(t), "logprob": v, "special": strings.special(t)}
-            for t, v in entry.top]
+    return [
+        {"id": t, "text": strings.text(t), "logprob": v, "special": strings.special(t)}
+        for t, v in entry.top
+    ]
 
 
 def _prefill(llm: LLM, plan: _Plan, prompt_lp: list[Any] | None) -> list[dict[str, Any]]:
     if not plan.decoder_input_details or prompt_lp is None:
         return []
     strings = llm.token_strings
-    return [{"id": t, "text": strings.text(t), "logprob": None if e is None else e.logprob}
-            for t, e in zip(plan.ids, prompt_lp, strict=True)]
+    return [
+        {"id": t, "text": strings.text(t), "logprob": None if e is None else e.logprob}
+        for t, e in zip(plan.ids, prompt_lp, strict=True)
+    ]
 
 
 def router(get_llm: Callable[[], LLM]) -> APIRouter:
@@ -245,7 +275,9 @@ def router(get_llm: Callable[[], LLM]) -> APIRouter:
         return llm, plan, adapter
 
     async def _answer(llm: LLM, plan: _Plan, adapter: str | None) -> dict[str, Any]:
-        result = await llm.complete(plan.ids, plan.params, adapter=adapter, constraint=plan.constraint)
+        result = await llm.complete(
+            plan.ids, plan.params, adapter=adapter, constraint=plan.constraint
+        )
         assert result.logprobs is not None
         n = len(result.texts)
 
@@ -264,8 +296,11 @@ def router(get_llm: Callable[[], LLM]) -> APIRouter:
                 "seed": plan.params.seed,
                 "prefill": _prefill(llm, plan, result.prompt_logprobs),
                 "tokens": [_token(llm, e, plan) for e in result.logprobs[i]],  # type: ignore[index]
-                **({"top_tokens": [_top_tokens(llm, e) for e in result.logprobs[i]]}  # type: ignore[index]
-                   if plan.top else {}),
+                **(
+                    {"top_tokens": [_top_tokens(llm, e) for e in result.logprobs[i]]}  # type: ignore[index]
+                    if plan.top
+                    else {}
+                ),
             }
 
         best = sequence(order[0])
@@ -282,23 +317,34 @@ def router(get_llm: Callable[[], LLM]) -> APIRouter:
             text = plan.body.inputs if plan.return_full_text else ""
             tokens: list[int] = []
             try:
-                async for out in llm.stream(plan.ids, plan.params, adapter=adapter,
-                                            request_id=new_request_id("tgi"), constraint=plan.constraint):
+                async for out in llm.stream(
+                    plan.ids,
+                    plan.params,
+                    adapter=adapter,
+                    request_id=new_request_id("tgi"),
+                    constraint=plan.constraint,
+                ):
                     for d in out.deltas:
                         text += d.text
                         tokens.extend(d.token_ids)
                         for k, entry in enumerate(d.logprobs or []):
                             last = d.finish_reason is not None and k == len(d.logprobs or []) - 1
-                            event: dict[str, Any] = {"token": _token(llm, entry, plan),
-                                                     "generated_text": text if last else None,
-                                                     "details": None}
+                            event: dict[str, Any] = {
+                                "token": _token(llm, entry, plan),
+                                "generated_text": text if last else None,
+                                "details": None,
+                            }
                             if plan.top:
                                 event["top_tokens"] = _top_tokens(llm, entry)
                             if last:
                                 event["details"] = {
-                                    "finish_reason": _finish(llm, d.finish_reason, tokens, plan.params),
-                                    "generated_tokens": len(tokens), "prompt_tokens": out.prompt_tokens,
-                                    "seed": plan.params.seed}
+                                    "finish_reason": _finish(
+                                        llm, d.finish_reason, tokens, plan.params
+                                    ),
+                                    "generated_tokens": len(tokens),
+                                    "prompt_tokens": out.prompt_tokens,
+                                    "seed": plan.params.seed,
+                                }
                             yield sse(event)
             except OpenLLMCloneError as exc:
                 yield sse({"error": exc.message, "error_type": "generation"})
@@ -326,10 +372,18 @@ def router(get_llm: Callable[[], LLM]) -> APIRouter:
     async def info() -> dict[str, Any]:
         llm = get_llm()
         meta = llm.runner.info
-        return {"model_id": meta.model_id, "model_dtype": meta.dtype, "model_device_type": meta.device,
-                "max_input_length": meta.max_model_len - 1, "max_total_tokens": meta.max_model_len,
-                "max_concurrent_requests": llm.settings.max_batch_size + llm.settings.max_queue,
-                "max_best_of": MAX_N, "max_stop_sequences": 16, "router": "openllm-clone",
-                "version": "0.1.0", "adapters": llm.adapters.names()}
+        return {
+            "model_id": meta.model_id,
+            "model_dtype": meta.dtype,
+            "model_device_type": meta.device,
+            "max_input_length": meta.max_model_len - 1,
+            "max_total_tokens": meta.max_model_len,
+            "max_concurrent_requests": llm.settings.max_batch_size + llm.settings.max_queue,
+            "max_best_of": MAX_N,
+            "max_stop_sequences": 16,
+            "router": "openllm-clone",
+            "version": "0.1.0",
+            "adapters": llm.adapters.names(),
+        }
 
     return routes

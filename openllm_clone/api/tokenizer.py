@@ -58,8 +58,14 @@ def router(get_llm: Callable[[], LLM]) -> APIRouter:
         body = parse_body(TokenizeRequest, await json_body(request))
         text = body.prompt if body.prompt is not None else llm.chat_prompt(body.messages or [])
         ids = list(llm.tokenizer(text, add_special_tokens=body.add_special_tokens)["input_ids"])
-        return {"count": len(ids), "max_model_len": llm.runner.info.max_model_len, "tokens": ids,
-                "token_strs": llm.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None}
+        return {
+            "count": len(ids),
+            "max_model_len": llm.runner.info.max_model_len,
+            "tokens": ids,
+            "token_strs": llm.tokenizer.convert_ids_to_tokens(ids)
+            if body.return_token_strs
+            else None,
+        }
 
     @routes.post("/detokenize")
     async def detokenize(request: Request) -> dict[str, Any]:
@@ -74,9 +80,15 @@ def router(get_llm: Callable[[], LLM]) -> APIRouter:
     async def tokenizer_info() -> dict[str, Any]:
         llm = get_llm()
         tok = llm.tokenizer
-        return {"tokenizer_class": type(tok).__name__, "model_max_length": llm.runner.info.max_model_len,
-                "vocab_size": len(tok), "eos_token": tok.eos_token, "bos_token": tok.bos_token,
-                "pad_token": tok.pad_token, "unk_token": tok.unk_token,
-                "chat_template": getattr(tok, "chat_template", None)}
+        return {
+            "tokenizer_class": type(tok).__name__,
+            "model_max_length": llm.runner.info.max_model_len,
+            "vocab_size": len(tok),
+            "eos_token": tok.eos_token,
+            "bos_token": tok.bos_token,
+            "pad_token": tok.pad_token,
+            "unk_token": tok.unk_token,
+            "chat_template": getattr(tok, "chat_template", None),
+        }
 
     return routes

@@ -54,8 +54,9 @@ class BlockManager:
             tokens = seq.tokens
             extra = seq.group.adapter_key
             for j in range(len(keys), num_blocks):
-                keys.append(block_hash(keys[j - 1] if j else None, tokens[j * bs : (j + 1) * bs],
-                                       extra))
+                keys.append(
+                    block_hash(keys[j - 1] if j else None, tokens[j * bs : (j + 1) * bs], extra)
+                )
         return keys[:num_blocks]
 
     def match_prefix(self, seq: Sequence) -> int:

@@ -102,14 +102,18 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
         self.observer = observer or EngineObserver()
-        self.blocks = BlockAllocator(runner.num_blocks, runner.block_size,
-                                     prefix_caching=self.config.prefix_caching)
+        self.blocks = BlockAllocator(
+            runner.num_blocks, runner.block_size, prefix_caching=self.config.prefix_caching
+        )
         self.max_model_len = runner.info.max_model_len
         self.eos_ids = self._eos_ids(runner, tokenizer)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.block_manager = BlockManager(self.blocks)
-        self.scheduler = Scheduler(self.block_manager, max_batch_size=self.config.max_batch_size,
-                                   max_prefill_tokens=self.config.max_prefill_tokens)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_batch_size=self.config.max_batch_size,
+            max_prefill_tokens=self.config.max_prefill_tokens,
+        )
         self._groups: dict[str, RequestGroup] = {}
         self._pending = 0  # requests accepted but not yet finished
         self._stop = False
@@ -146,10 +150,15 @@ class Engine:
             raise InvalidRequestError("the prompt is empty after tokenization", param="prompt")
         vocab = self.runner.info.vocab_size
         if max(prompt_ids) >= vocab or min(prompt_ids) < 0:
-            raise InvalidRequestError(f"prompt token ids must lie in 0..{vocab - 1}", param="prompt")
+            raise InvalidRequestError(
+                f"prompt token ids must lie in 0..{vocab - 1}", param="prompt"
+            )
         if params.logit_bias and max(params.logit_bias) >= vocab:
-            raise InvalidRequestError(f"logit_bias token id {max(params.logit_bias)} is outside the "
-                                      f"vocabulary (0..{vocab - 1})", param="logit_bias")
+            raise InvalidRequestError(
+                f"logit_bias token id {max(params.logit_bias)} is outside the "
+                f"vocabulary (0..{vocab - 1})",
+                param="logit_bias",
+            )
         total = len(prompt_ids) + params.max_new_tokens
         if total > self.max_model_len:
             raise InvalidRequestError(
@@ -302,10 +311,15 @@ class Engine:
     def _expire(self) -> None:
         """Fail requests past their deadline (their slots and blocks are freed now)."""
         now = time.perf_counter()
-        for group in [g for g in self._groups.values() if g.deadline is not None and now > g.deadline]:
+        for group in [
+            g for g in self._groups.values() if g.deadline is not None and now > g.deadline
+        ]:
             limit = group.deadline - group.arrival  # type: ignore[operator]
-            self._fail(group, f"request timed out after {limit:.0f} s",
-                       status=RequestTimeoutError.status_code)
+            self._fail(
+                group,
+                f"request timed out after {limit:.0f} s",
+                status=RequestTimeoutError.status_code,
+            )
 
     def _drain_inbox(self) -> None:
         while True:
@@ -361,8 +375,10 @@ class Engine:
                 block_table=r.seq.block_table,
                 adapter_slot=r.seq.group.adapter_slot,
                 need_logits=r.need_logits,
-                all_logits=(r.seq.group.wants_prompt_logits
-                            and r.seq.num_cached < len(r.seq.group.prompt_ids) - 1),
+                all_logits=(
+                    r.seq.group.wants_prompt_logits
+                    and r.seq.num_cached < len(r.seq.group.prompt_ids) - 1
+                ),
             )
             for r in rows
         ]
@@ -392,8 +408,12 @@ class Engine:
             # Logits are inference tensors: penalties and grammar masks edit them in place.
             with torch.inference_mode():
                 self._sample_and_emit(logits, sampled)
-        self.observer.on_step(len(self.scheduler.running), len(self.scheduler.waiting),
-                              self.blocks.num_used, self.blocks.num_blocks - 1)
+        self.observer.on_step(
+            len(self.scheduler.running),
+            len(self.scheduler.waiting),
+            self.blocks.num_used,
+            self.blocks.num_blocks - 1,
+        )
         return True
 
     def _prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
@@ -417,9 +437,16 @@ class Engine:
         """End a ``max_new_tokens=0`` request: its prompt is scored, nothing is generated."""
         for seq in group.seqs:
             self._retire(seq, "length")
-        deltas = [SeqDelta(index=s.index, text="", token_ids=[], finish_reason="length",
-                           logprobs=[] if group.params.logprobs is not None else None)
-                  for s in group.seqs]
+        deltas = [
+            SeqDelta(
+                index=s.index,
+                text="",
+                token_ids=[],
+                finish_reason="length",
+                logprobs=[] if group.params.logprobs is not None else None,
+            )
+            for s in group.seqs
+        ]
         self._finish_group(group, "ok")
         self._push(group, deltas, finished=True)
 
@@ -562,8 +589,15 @@ class Engine:
         self.block_manager.release(seq)
         self.scheduler.remove(seq)
 
-    def _push(self, group: RequestGroup, deltas: list[SeqDelta], *, finished: bool,
-              error: str | None = None, error_status: int = 500) -> None:
+    def _push(
+        self,
+        group: RequestGroup,
+        deltas: list[SeqDelta],
+        *,
+        finished: bool,
+        error: str | None = None,
+        error_status: int = 500,
+    ) -> None:
         out = RequestOutput(
             request_id=group.request_id,
             deltas=deltas,
@@ -573,8 +607,12 @@ class Engine:
             error=error,
             error_status=error_status,
         )
-        if (error is None and not group.prompt_lp_sent and group.params.prompt_logprobs is not None
-                and not group.wants_prompt_logits):
+        if (
+            error is None
+            and not group.prompt_lp_sent
+            and group.params.prompt_logprobs is not None
+            and not group.wants_prompt_logits
+        ):
             group.prompt_lp_sent = True
             out.prompt_logprobs = [None, *group.prompt_lp]
         group.queue.put_nowait(out)

@@ -25,8 +25,9 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: flo
     logits.index_copy_(0, idx, score)
 
 
-def apply_openai_penalties(logits: torch.Tensor, output_ids: list[int], frequency: float,
-                           presence: float) -> None:
+def apply_openai_penalties(
+    logits: torch.Tensor, output_ids: list[int], frequency: float, presence: float
+) -> None:
     """OpenAI's frequency and presence penalties, in place, over the generated tokens:
     ``logit[t] -= frequency * count[t] + presence * (count[t] > 0)``."""
     if (frequency == 0.0 and presence == 0.0) or not output_ids:
@@ -75,7 +76,9 @@ def sample_rows(
     for i, p in enumerate(params):
         apply_repetition_penalty(logits[i], seen_tokens[i], p.repetition_penalty)
         if output_tokens is not None:
-            apply_openai_penalties(logits[i], output_tokens[i], p.frequency_penalty, p.presence_penalty)
+            apply_openai_penalties(
+                logits[i], output_tokens[i], p.frequency_penalty, p.presence_penalty
+            )
         apply_logit_bias(logits[i], p.logit_bias)
     # Extreme penalties can overflow: keep every logit finite or -inf.
     logits.nan_to_num_(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max / 4)

@@ -35,7 +35,9 @@ class ScheduledRow:
 class Scheduler:
     """The waiting queue and the running batch, under the batch and prefill budgets."""
 
-    def __init__(self, blocks: BlockManager, *, max_batch_size: int, max_prefill_tokens: int) -> None:
+    def __init__(
+        self, blocks: BlockManager, *, max_batch_size: int, max_prefill_tokens: int
+    ) -> None:
         self.blocks = blocks
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens

@@ -54,8 +54,10 @@ class RequestGroup:
     @property
     def wants_prompt_logits(self) -> bool:
         """True while prompt logprobs are asked for and not all computed yet."""
-        return (self.params.prompt_logprobs is not None
-                and len(self.prompt_lp) < len(self.prompt_ids) - 1)
+        return (
+            self.params.prompt_logprobs is not None
+            and len(self.prompt_lp) < len(self.prompt_ids) - 1
+        )
 
     @property
     def finished(self) -> bool:

@@ -13,8 +13,15 @@ from typing import Any
 
 from openllm_clone.errors import ModelLoadError
 
-__all__ = ["QUANTIZE_MODES", "QuantSpec", "checkpoint_name", "device_map", "dispatch", "edge_layers",
-           "real_weight_bytes"]
+__all__ = [
+    "QUANTIZE_MODES",
+    "QuantSpec",
+    "checkpoint_name",
+    "device_map",
+    "dispatch",
+    "edge_layers",
+    "real_weight_bytes",
+]
 
 QUANTIZE_MODES = ("int8", "int4", "nf4", "fp4", "gptq", "torchao-int8")
 
@@ -61,15 +68,19 @@ def dispatch(mode: str | None, *, dtype: Any, device: Any, config: Any) -> Quant
             return gptq.dispatch_checkpoint(existing, device=device)
         return None
     if mode not in QUANTIZE_MODES:
-        raise ModelLoadError(f"unknown quantization {mode!r}; choose from {', '.join(QUANTIZE_MODES)}")
+        raise ModelLoadError(
+            f"unknown quantization {mode!r}; choose from {', '.join(QUANTIZE_MODES)}"
+        )
     if existing is not None and mode != "gptq":
         # A checkpoint quantized offline (`openllm-clone quantize`) already is what it is.
         spec = gptq.dispatch_checkpoint(existing, device=device)
         have = spec.mode if spec is not None else "?"
         if have == checkpoint_name(mode):
             return spec
-        raise ModelLoadError(f"this checkpoint is already quantized ({have}); serve it without "
-                             f"--quantize, or quantize the original model with {mode}")
+        raise ModelLoadError(
+            f"this checkpoint is already quantized ({have}); serve it without "
+            f"--quantize, or quantize the original model with {mode}"
+        )
     for backend in (bitsandbytes, torchao, gptq):
         spec = backend.dispatch(mode, dtype=dtype, device=device, config=config)
         if spec is not None:

@@ -39,10 +39,14 @@ def _check_4bit_dims(config: Any) -> None:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
-    dims = {"hidden_size": config.hidden_size,
-            "intermediate_size": getattr(config, "intermediate_size", None)
-            or getattr(config, "n_inner", None) or getattr(config, "ffn_dim", None),
-            "attention width": heads * head_dim, "key/value width": kv}
+    dims = {
+        "hidden_size": config.hidden_size,
+        "intermediate_size": getattr(config, "intermediate_size", None)
+        or getattr(config, "n_inner", None)
+        or getattr(config, "ffn_dim", None),
+        "attention width": heads * head_dim,
+        "key/value width": kv,
+    }
     bad = {k: v for k, v in dims.items() if isinstance(v, int) and v % 64}
     if bad:
         raise ModelLoadError(
@@ -93,7 +97,9 @@ def dispatch(mode: str, *, dtype: Any, device: Any, config: Any) -> QuantSpec | 
         if device.type == "cpu":
             _check_4bit_dims(config)
         qconfig = four_bit_config(mode, dtype=dtype, keep_layers=edge_layers(config))
-    return QuantSpec(mode=mode, quantization_config=qconfig, load_kwargs={"device_map": device_map(device)})
+    return QuantSpec(
+        mode=mode, quantization_config=qconfig, load_kwargs={"device_map": device_map(device)}
+    )
 
 
 def checkpoint_mode(existing: Any) -> str:
@@ -118,11 +124,14 @@ def _decoder_layers(model: Any) -> Any:
             obj = getattr(obj, attr, None)
         if obj is not None:
             return obj
-    raise ModelLoadError(f"cannot find the decoder layers of {type(model).__name__} to measure them")
+    raise ModelLoadError(
+        f"cannot find the decoder layers of {type(model).__name__} to measure them"
+    )
 
 
-def layer_sensitivity(model: Any, batches: list[Any], mode: str,
-                      progress: Callable[[str], None] | None = None) -> list[float]:
+def layer_sensitivity(
+    model: Any, batches: list[Any], mode: str, progress: Callable[[str], None] | None = None
+) -> list[float]:
     """How much each decoder layer hurts when quantized, measured on ``batches``.
 
     Every decoder layer's Linear weights are replaced by their 4-bit round trip
@@ -140,8 +149,13 @@ def layer_sensitivity(model: Any, batches: list[Any], mode: str,
     device = linears[0][0].weight.device
     # The originals wait in host memory when the model is on a GPU, so the GPU holds one
     # copy of the weights; a layer's round trip is computed again each time (cheap).
-    originals = [[m.weight.data.to("cpu", copy=True) if device.type != "cpu" else m.weight.data
-                  for m in group] for group in linears]
+    originals = [
+        [
+            m.weight.data.to("cpu", copy=True) if device.type != "cpu" else m.weight.data
+            for m in group
+        ]
+        for group in linears
+    ]
 
     def round_trip(w: Any) -> Any:
         q, state = bnbf.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type=mode)
@@ -178,8 +192,16 @@ def layer_sensitivity(model: Any, batches: list[Any], mode: str,
     return out
 
 
-def quantize(src: Path, dst: Path, *, mode: str, texts: list[str], keep_layers: int | None = None,
-             seqlen: int = 512, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def quantize(
+    src: Path,
+    dst: Path,
+    *,
+    mode: str,
+    texts: list[str],
+    keep_layers: int | None = None,
+    seqlen: int = 512,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Write a pre-quantized nf4/fp4 checkpoint of ``src`` to ``dst`` that keeps the
     ``keep_layers`` most sensitive decoder layers (measured on ``texts``) unquantized.
 
@@ -191,7 +213,9 @@ def quantize(src: Path, dst: Path, *, mode: str, texts: list[str], keep_layers: 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if mode not in ("nf4", "fp4", "int4"):
-        raise InvalidRequestError(f"calibrated bitsandbytes quantization is 4-bit: nf4 or fp4, not {mode!r}")
+        raise InvalidRequestError(
+            f"calibrated bitsandbytes quantization is 4-bit: nf4 or fp4, not {mode!r}"
+        )
     mode = checkpoint_name(mode)
     if not texts:
         raise InvalidRequestError("layer sensitivity needs at least one calibration text")
@@ -208,8 +232,10 @@ def quantize(src: Path, dst: Path, *, mode: str, texts: list[str], keep_layers: 
     if keep_layers is None:
         keep_layers = default_keep_layers(num_layers)
     if not 0 <= keep_layers < num_layers:
-        raise InvalidRequestError(f"--keep-layers must be between 0 and {num_layers - 1} for this "
-                         f"{num_layers}-layer model, not {keep_layers}")
+        raise InvalidRequestError(
+            f"--keep-layers must be between 0 and {num_layers - 1} for this "
+            f"{num_layers}-layer model, not {keep_layers}"
+        )
     tokenizer = AutoTokenizer.from_pretrained(str(src))
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16)
     model = model.to(device).eval()  # type: ignore[arg-type]
@@ -221,17 +247,28 @@ def quantize(src: Path, dst: Path, *, mode: str, texts: list[str], keep_layers: 
     sensitivity = layer_sensitivity(model, batches, mode, say)
     del model
     keep = sorted(sorted(range(num_layers), key=lambda i: -sensitivity[i])[:keep_layers])
-    logger.info("%s: keeping decoder layers %s unquantized (sensitivity %s)", mode, keep,
-                [round(sensitivity[i], 4) for i in keep])
+    logger.info(
+        "%s: keeping decoder layers %s unquantized (sensitivity %s)",
+        mode,
+        keep,
+        [round(sensitivity[i], 4) for i in keep],
+    )
     say("quantizing and writing the checkpoint")
     qmodel = AutoModelForCausalLM.from_pretrained(
-        str(src), dtype=torch.bfloat16, device_map=device_map(device),
-        quantization_config=four_bit_config(mode, dtype=torch.bfloat16, keep_layers=keep))
+        str(src),
+        dtype=torch.bfloat16,
+        device_map=device_map(device),
+        quantization_config=four_bit_config(mode, dtype=torch.bfloat16, keep_layers=keep),
+    )
     # Save before any forward pass: on CPU, bitsandbytes 0.50 repacks 4-bit weights at
     # the first forward, and saving a repacked model writes (and leaves in memory)
     # wrong weights (measured: logits cosine 0.94 instead of 0.9999 to the round trip).
     qmodel.save_pretrained(str(dst))
     tokenizer.save_pretrained(str(dst))
-    return {"mode": mode, "full_precision_layers": keep,
-            "sensitivity": [round(x, 5) for x in sensitivity],
-            "calibration_texts": len(batches), "seconds": round(time.perf_counter() - started, 1)}
+    return {
+        "mode": mode,
+        "full_precision_layers": keep,
+        "sensitivity": [round(x, 5) for x in sensitivity],
+        "calibration_texts": len(batches),
+        "seconds": round(time.perf_counter() - started, 1),
+    }

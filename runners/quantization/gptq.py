@@ -48,8 +48,11 @@ def legacy_quantize_config(path: Path) -> dict[str, Any] | None:
         return None
     raw = json.loads(file.read_text())
     return {
-        "quant_method": "gptq", "bits": int(raw["bits"]), "group_size": int(raw.get("group_size", 128)),
-        "desc_act": bool(raw.get("desc_act", False)), "sym": bool(raw.get("sym", True)),
+        "quant_method": "gptq",
+        "bits": int(raw["bits"]),
+        "group_size": int(raw.get("group_size", 128)),
+        "desc_act": bool(raw.get("desc_act", False)),
+        "sym": bool(raw.get("sym", True)),
         "damp_percent": float(raw.get("damp_percent", 0.01)),
         "true_sequential": bool(raw.get("true_sequential", True)),
         "checkpoint_format": raw.get("checkpoint_format", "gptq"),
@@ -95,15 +98,27 @@ def quantize(
     if group_size is None:
         group_size = default_group_size(in_features)
     if group_size > 0 and any(f % group_size for f in in_features):
-        raise InvalidRequestError(f"group size {group_size} does not divide every layer's input width "
-                         f"({sorted(in_features)})")
-    quantizer = GPTQQuantizer(bits=bits, group_size=group_size, dataset=texts, desc_act=desc_act,
-                              sym=sym, act_group_aware=not desc_act, model_seqlen=seqlen, format="gptq")
+        raise InvalidRequestError(
+            f"group size {group_size} does not divide every layer's input width "
+            f"({sorted(in_features)})"
+        )
+    quantizer = GPTQQuantizer(
+        bits=bits,
+        group_size=group_size,
+        dataset=texts,
+        desc_act=desc_act,
+        sym=sym,
+        act_group_aware=not desc_act,
+        model_seqlen=seqlen,
+        format="gptq",
+    )
     if keep_edge_layers is None:
         keep_edge_layers = bits <= 4
     keep = edge_layers(model.config) if keep_edge_layers else []
     originals = _linear_tensors(model, keep)
-    say(f"quantizing {len(texts)} calibration texts through {model.config.num_hidden_layers} layers")
+    say(
+        f"quantizing {len(texts)} calibration texts through {model.config.num_hidden_layers} layers"
+    )
     quantizer.quantize_model(model, tokenizer)
     say("writing the checkpoint")
     quantizer.save(model, str(dst))  # converts to the v1 (AutoGPTQ) format
@@ -124,14 +139,21 @@ def quantize(
     if originals:
         # Loading converts only the modules named here (optimum matches name suffixes).
         qc["modules_in_block_to_quantize"] = saved["modules_in_block_to_quantize"] = [
-            quantized_modules]
+            quantized_modules
+        ]
     config["quantization_config"] = qc
     config_file.write_text(json.dumps(config, indent=2))
     if saved:
         saved_file.write_text(json.dumps(saved, indent=2))
-    return {"bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
-            "full_precision_layers": keep, "calibration_texts": len(texts),
-            "seconds": round(time.perf_counter() - started, 1)}
+    return {
+        "bits": bits,
+        "group_size": group_size,
+        "desc_act": desc_act,
+        "sym": sym,
+        "full_precision_layers": keep,
+        "calibration_texts": len(texts),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def default_group_size(in_features: set[int]) -> int:
@@ -172,8 +194,9 @@ def _restore_full_precision(dst: Path, model: Any, originals: dict[str, Any]) ->
     """
     from safetensors.torch import load_file, save_file
 
-    quantized = sorted({name.rsplit(".", 1)[0] for name, _ in model.named_buffers()
-                        if name.endswith(".qweight")})
+    quantized = sorted(
+        {name.rsplit(".", 1)[0] for name, _ in model.named_buffers() if name.endswith(".qweight")}
+    )
     kept = {name.rsplit(".", 1)[0] for name in originals}
     index_file = dst / "model.safetensors.index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else None
@@ -206,8 +229,11 @@ def dispatch(mode: str, *, dtype: Any, device: Any, config: Any) -> QuantSpec | 
     if mode != "gptq":
         return None
     existing = getattr(config, "quantization_config", None)
-    method = (existing or {}).get("quant_method") if isinstance(existing, dict) else getattr(
-        existing, "quant_method", None)
+    method = (
+        (existing or {}).get("quant_method")
+        if isinstance(existing, dict)
+        else getattr(existing, "quant_method", None)
+    )
     if str(method).lower() != "gptq":
         raise ModelLoadError(
             "--quantize gptq serves a GPTQ checkpoint; quantize the model first with "
@@ -218,8 +244,11 @@ def dispatch(mode: str, *, dtype: Any, device: Any, config: Any) -> QuantSpec | 
 
 def dispatch_checkpoint(existing: Any, *, device: Any) -> QuantSpec | None:
     """A checkpoint that carries its own quantization_config."""
-    method = existing.get("quant_method") if isinstance(existing, dict) else getattr(
-        existing, "quant_method", None)
+    method = (
+        existing.get("quant_method")
+        if isinstance(existing, dict)
+        else getattr(existing, "quant_method", None)
+    )
     method = str(method).lower() if method is not None else None
     if method in (None, "none"):
         return None

@@ -18,5 +18,8 @@ def dispatch(mode: str, *, dtype: Any, device: Any, config: Any) -> QuantSpec | 
         from transformers import TorchAoConfig
     except ImportError as exc:
         raise MissingDependencyError.for_extra("torchao", "quantize") from exc
-    return QuantSpec(mode=mode, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()),
-                     load_kwargs={"device_map": device_map(device)})
+    return QuantSpec(
+        mode=mode,
+        quantization_config=TorchAoConfig(Int8WeightOnlyConfig()),
+        load_kwargs={"device_map": device_map(device)},
+    )

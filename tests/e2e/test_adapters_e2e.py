@@ -19,8 +19,9 @@ PROMPT = "Write a sentence about the ocean."
 
 async def _tokens(client: AsyncHTTPClient, adapter: str | None, stamps: list[float]) -> list[int]:
     out: list[int] = []
-    async for event in client.generate_stream(PROMPT, adapter_name=adapter, max_new_tokens=40,
-                                              ignore_eos=True):
+    async for event in client.generate_stream(
+        PROMPT, adapter_name=adapter, max_new_tokens=40, ignore_eos=True
+    ):
         stamps.append(time.perf_counter())
         for o in event.outputs:
             out.extend(o.token_ids)
@@ -95,12 +96,15 @@ def test_adapter_load_failures_are_json_and_change_nothing(
     assert "error" in r.json()
     after = httpx.get(f"{tiny_server.url}/v1/adapters", timeout=30).json()["data"]
     assert [a["name"] for a in after] == [a["name"] for a in before]
-    ok = httpx.post(f"{tiny_server.url}/v1/generate", json={"prompt": "x", "max_new_tokens": 2},
-                    timeout=30)
+    ok = httpx.post(
+        f"{tiny_server.url}/v1/generate", json={"prompt": "x", "max_new_tokens": 2}, timeout=30
+    )
     assert ok.status_code == 200
 
 
-def test_incompatible_adapter_is_422(tiny_server: Server, tmp_path: Path, tokenizer: object) -> None:
+def test_incompatible_adapter_is_422(
+    tiny_server: Server, tmp_path: Path, tokenizer: object
+) -> None:
     from tests.helpers import make_adapter, make_tiny_model
 
     other = make_tiny_model(tmp_path / "wide", tokenizer, hidden=128)
@@ -115,13 +119,22 @@ def test_incompatible_adapter_is_422(tiny_server: Server, tmp_path: Path, tokeni
 
 def test_merged_adapters_per_request(tiny_server: Server) -> None:
     merged = {"ids": ["alpha", "beta"], "weights": [0.5, 0.5]}
-    r = httpx.post(f"{tiny_server.url}/v1/generate", timeout=60,
-                   json={"prompt": PROMPT, "max_new_tokens": 8, "merged_adapters": merged})
+    r = httpx.post(
+        f"{tiny_server.url}/v1/generate",
+        timeout=60,
+        json={"prompt": PROMPT, "max_new_tokens": 8, "merged_adapters": merged},
+    )
     assert r.status_code == 200, r.text
     assert r.json()["adapter_name"] == "merge:alpha*0.5+beta*0.5"
-    bad = httpx.post(f"{tiny_server.url}/v1/generate", timeout=60,
-                     json={"prompt": PROMPT, "merged_adapters": {"ids": ["alpha"], "weights": [1]}})
+    bad = httpx.post(
+        f"{tiny_server.url}/v1/generate",
+        timeout=60,
+        json={"prompt": PROMPT, "merged_adapters": {"ids": ["alpha"], "weights": [1]}},
+    )
     assert bad.status_code == 400
-    both = httpx.post(f"{tiny_server.url}/v1/generate", timeout=60,
-                      json={"prompt": PROMPT, "adapter_name": "alpha", "merged_adapters": merged})
+    both = httpx.post(
+        f"{tiny_server.url}/v1/generate",
+        timeout=60,
+        json={"prompt": PROMPT, "adapter_name": "alpha", "merged_adapters": merged},
+    )
     assert both.status_code == 400

@@ -24,15 +24,31 @@ PROMPT = "Tell me about the sea"
 
 
 @pytest.fixture(scope="module")
-def bento(tiny_model_dir: Path, tiny_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-          ) -> tuple[str, Path]:
+def bento(
+    tiny_model_dir: Path, tiny_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, Path]:
     ctx = tmp_path_factory.mktemp("docker") / "ctx"
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "openllm_clone", "build", str(tiny_model_dir),
-         "--adapter-id", f"alpha={tiny_adapters['alpha']}", "--adapter-id",
-         f"beta={tiny_adapters['beta']}", "--dtype", "float32", "--dockerfile-only", str(ctx)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
+        [
+            sys.executable,
+            "-m",
+            "openllm_clone",
+            "build",
+            str(tiny_model_dir),
+            "--adapter-id",
+            f"alpha={tiny_adapters['alpha']}",
+            "--adapter-id",
+            f"beta={tiny_adapters['beta']}",
+            "--dtype",
+            "float32",
+            "--dockerfile-only",
+            str(ctx),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "200"},
     )
     assert done.returncode == 0, done.stdout + done.stderr
     print(f"build took {time.perf_counter() - started:.1f} s")
@@ -43,20 +59,27 @@ def bento(tiny_model_dir: Path, tiny_adapters: dict[str, Path], tmp_path_factory
 
 def _answers(url: str) -> dict[str | None, str]:
     with HTTPClient(url) as client:
-        return {a: client.generate(PROMPT, adapter_name=a, max_new_tokens=12).outputs[0].text
-                for a in (None, "alpha", "beta")}
+        return {
+            a: client.generate(PROMPT, adapter_name=a, max_new_tokens=12).outputs[0].text
+            for a in (None, "alpha", "beta")
+        }
 
 
-def test_bento_serves_what_start_serves(bento: tuple[str, Path], tiny_server: Server,
-                                        tmp_path: Path) -> None:
+def test_bento_serves_what_start_serves(
+    bento: tuple[str, Path], tiny_server: Server, tmp_path: Path
+) -> None:
     tag, _ = bento
     port = free_port()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     log = open(tmp_path / "bento.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", tag, "--host", "127.0.0.1",
-                             "--port", str(port)], cwd=elsewhere, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bentoml", "serve", tag, "--host", "127.0.0.1", "--port", str(port)],
+        cwd=elsewhere,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -97,15 +120,22 @@ def test_exported_dockerfile_is_complete(bento: tuple[str, Path]) -> None:
     assert models == ["adapter-alpha", "adapter-beta", "tiny-llama"]
 
 
-@pytest.mark.skipif(subprocess.run(["docker", "info"], capture_output=True).returncode != 0
-                    if __import__("shutil").which("docker") else True,
-                    reason="no Docker daemon here")
+@pytest.mark.skipif(
+    subprocess.run(["docker", "info"], capture_output=True).returncode != 0
+    if __import__("shutil").which("docker")
+    else True,
+    reason="no Docker daemon here",
+)
 def test_docker_builds_the_context(bento: tuple[str, Path]) -> None:  # pragma: no cover
     _, ctx = bento
-    subprocess.run(["docker", "build", "-f", str(ctx / "env/docker/Dockerfile"), str(ctx)], check=True)
+    subprocess.run(
+        ["docker", "build", "-f", str(ctx / "env/docker/Dockerfile"), str(ctx)], check=True
+    )
 
 
-def test_start_serves_a_bento_tag(bento: tuple[str, Path], tiny_server: Server, tmp_path: Path) -> None:
+def test_start_serves_a_bento_tag(
+    bento: tuple[str, Path], tiny_server: Server, tmp_path: Path
+) -> None:
     from openllm_clone.testing import run_server
 
     tag, _ = bento
@@ -116,16 +146,23 @@ def test_start_serves_a_bento_tag(bento: tuple[str, Path], tiny_server: Server, 
 def test_bentos_list_prune_and_containerize_without_docker(bento: tuple[str, Path]) -> None:
     tag, _ = bento
     env = {**os.environ, "COLUMNS": "250"}
-    listed = subprocess.run([sys.executable, "-m", "openllm_clone", "bentos"], capture_output=True,
-                            text=True, env=env, timeout=120, check=True)
+    listed = subprocess.run(
+        [sys.executable, "-m", "openllm_clone", "bentos"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=True,
+    )
     assert tag in listed.stdout and "alpha,beta" in listed.stdout
     import bentoml
 
     from openllm_clone.bento import BuiltBento, build_bento, list_bentos, prune_bentos
     from openllm_clone.settings import Settings
 
-    settings = Settings(model=bentoml.bentos.get(tag).info.labels["model"], dtype="float32",
-                        compile=True)
+    settings = Settings(
+        model=bentoml.bentos.get(tag).info.labels["model"], dtype="float32", compile=True
+    )
     second: BuiltBento = build_bento(settings)
     # --compile is baked, and the image gets the C++ compiler Inductor needs.
     assert second.dockerfile.exists() and "g++" in second.dockerfile.read_text()
@@ -133,13 +170,27 @@ def test_bentos_list_prune_and_containerize_without_docker(bento: tuple[str, Pat
     assert list_bentos()[0].tag == bentoml.bentos.get(second.tag).tag
     deleted = prune_bentos(keep=1)
     assert tag in deleted and all(str(b.tag) != tag for b in list_bentos())
-    if __import__("shutil").which("docker") and subprocess.run(
-            ["docker", "info"], capture_output=True).returncode == 0:
+    if (
+        __import__("shutil").which("docker")
+        and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+    ):
         pytest.skip("a Docker daemon runs here")
-    failed = subprocess.run([sys.executable, "-m", "openllm_clone", "build", settings.model,
-                             "--dtype", "float32", "--containerize"],
-                            capture_output=True, text=True, env=env, timeout=300)
+    failed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "openllm_clone",
+            "build",
+            settings.model,
+            "--dtype",
+            "float32",
+            "--containerize",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert failed.returncode != 0
     assert "no Docker daemon" in failed.stdout + failed.stderr
     assert "Dockerfile" in failed.stdout + failed.stderr
-

@@ -21,6 +21,7 @@ def tiny_server(shared_tiny_server: Server) -> Server:
     """This module only sends requests: the session's shared server serves it."""
     return shared_tiny_server
 
+
 PROMPT = "The weather today is"
 
 
@@ -57,7 +58,9 @@ def test_text_generation_client(tiny_server: Server, tiny_model_dir: Path) -> No
     ref = _forward_logprobs(tiny_model_dir, ids + want)
     for j, token in enumerate(details.tokens):
         assert abs(token.logprob - float(ref[len(ids) - 1 + j, token.id])) < 1e-4
-        assert [t.id for t in details.top_tokens[j]] == ref[len(ids) - 1 + j].topk(2).indices.tolist()
+        assert [t.id for t in details.top_tokens[j]] == ref[len(ids) - 1 + j].topk(
+            2
+        ).indices.tolist()
     assert [t.id for t in details.prefill] == ids and details.prefill[0].logprob is None
     for p in range(1, len(ids)):
         assert abs(details.prefill[p].logprob - float(ref[p - 1, ids[p]])) < 1e-4
@@ -73,8 +76,9 @@ def test_text_generation_client(tiny_server: Server, tiny_model_dir: Path) -> No
         client.generate(PROMPT, max_new_tokens=3, watermark=True)
 
 
-def test_lorax_client_with_adapters(tiny_server: Server, tiny_model_dir: Path,
-                                    tiny_adapters: dict[str, Path]) -> None:
+def test_lorax_client_with_adapters(
+    tiny_server: Server, tiny_model_dir: Path, tiny_adapters: dict[str, Path]
+) -> None:
     from lorax import Client
     from lorax.errors import NotFoundError, ValidationError
 
@@ -83,8 +87,9 @@ def test_lorax_client_with_adapters(tiny_server: Server, tiny_model_dir: Path,
     want = reference_greedy(tiny_model_dir, [ids], 8, adapter=tiny_adapters["alpha"])[0]
     base = reference_greedy(tiny_model_dir, [ids], 8)[0]
     assert want != base
-    r = client.generate(PROMPT, adapter_id="alpha", max_new_tokens=8, details=True,
-                        return_k_alternatives=2)
+    r = client.generate(
+        PROMPT, adapter_id="alpha", max_new_tokens=8, details=True, return_k_alternatives=2
+    )
     assert r.details is not None and [t.id for t in r.details.tokens] == want
     assert r.details.prompt_tokens == len(ids)
     ref = _forward_logprobs(tiny_model_dir, ids + want, tiny_adapters["alpha"])
@@ -94,10 +99,20 @@ def test_lorax_client_with_adapters(tiny_server: Server, tiny_model_dir: Path,
     stream = list(client.generate_stream(PROMPT, adapter_id="alpha", max_new_tokens=8))
     assert [e.token.id for e in stream] == want
     assert stream[-1].generated_text == r.generated_text
-    assert [t.id for t in client.generate(PROMPT, max_new_tokens=8, details=True).details.tokens] == base
-    merged = client.generate(PROMPT, max_new_tokens=4, details=True,
-                             merged_adapters={"ids": ["alpha", "beta"], "weights": [0.5, 0.5],
-                                              "merge_strategy": "linear", "density": 1.0})
+    assert [
+        t.id for t in client.generate(PROMPT, max_new_tokens=8, details=True).details.tokens
+    ] == base
+    merged = client.generate(
+        PROMPT,
+        max_new_tokens=4,
+        details=True,
+        merged_adapters={
+            "ids": ["alpha", "beta"],
+            "weights": [0.5, 0.5],
+            "merge_strategy": "linear",
+            "density": 1.0,
+        },
+    )
     assert merged.details is not None and len(merged.details.tokens) == 4
     best = client.generate(PROMPT, max_new_tokens=4, details=True, do_sample=True, best_of=2)
     assert best.details is not None and best.details.best_of_sequences is not None
@@ -106,8 +121,9 @@ def test_lorax_client_with_adapters(tiny_server: Server, tiny_model_dir: Path,
     with pytest.raises(NotFoundError):
         client.generate(PROMPT, adapter_id="no-such-adapter", max_new_tokens=2)
     with pytest.raises(ValidationError):
-        client.generate(PROMPT, adapter_id=str(tiny_adapters["beta"]), adapter_source="local",
-                        max_new_tokens=2)  # no --adapter-root: local folders are refused
+        client.generate(
+            PROMPT, adapter_id=str(tiny_adapters["beta"]), adapter_source="local", max_new_tokens=2
+        )  # no --adapter-root: local folders are refused
 
 
 async def test_async_clients(tiny_server: Server) -> None:
@@ -117,8 +133,12 @@ async def test_async_clients(tiny_server: Server) -> None:
     tgi = await TGIAsync(tiny_server.url, timeout=120).generate(PROMPT, max_new_tokens=4)
     lorax = await LoraxAsync(tiny_server.url, timeout=120).generate(PROMPT, max_new_tokens=4)
     assert tgi.generated_text == lorax.generated_text
-    tokens = [e.token.id async for e in LoraxAsync(tiny_server.url, timeout=120).generate_stream(
-        PROMPT, adapter_id="beta", max_new_tokens=4)]
+    tokens = [
+        e.token.id
+        async for e in LoraxAsync(tiny_server.url, timeout=120).generate_stream(
+            PROMPT, adapter_id="beta", max_new_tokens=4
+        )
+    ]
     assert len(tokens) == 4
 
 
@@ -132,10 +152,19 @@ def test_tokenizer_routes(tiny_server: Server, tiny_model_dir: Path) -> None:
     assert remote.encode(text) == tok(text, add_special_tokens=False)["input_ids"]
     assert remote.decode(remote.encode(text)) == text
     assert remote.eos_token == tok.eos_token and remote.eos_token_id == tok.eos_token_id
-    chat = httpx.post(f"{tiny_server.url}/tokenize", timeout=30,
-                      json={"messages": [{"role": "user", "content": "hi"}]}).json()
-    assert chat["tokens"] == tok(tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                                         add_generation_prompt=True))["input_ids"]
+    chat = httpx.post(
+        f"{tiny_server.url}/tokenize",
+        timeout=30,
+        json={"messages": [{"role": "user", "content": "hi"}]},
+    ).json()
+    assert (
+        chat["tokens"]
+        == tok(
+            tok.apply_chat_template(
+                [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+            )
+        )["input_ids"]
+    )
     for bad in ({"tokens": [10**9]}, {"tokens": "x"}):
         r = httpx.post(f"{tiny_server.url}/detokenize", json=bad, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"

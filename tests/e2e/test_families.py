@@ -66,7 +66,9 @@ def test_family_matches_generate(family: str, tokenizer: Any, tmp_path: Path) ->
     args = [str(folder), "--dtype", "float32", "--kv-cache-mb", "16", "--max-batch-size", "8"]
     with run_server(args, {}, tmp_path / "server.log") as server:
         meta = httpx.get(f"{server.url}/v1/metadata", timeout=30).json()
-        assert meta["runner"] == ("fast" if family in ("llama", "qwen3", "gemma3_text") else "generic")
+        assert meta["runner"] == (
+            "fast" if family in ("llama", "qwen3", "gemma3_text") else "generic"
+        )
         # Alone.
         for ids, want, prompt in zip(prompt_ids, ref, PROMPTS, strict=True):
             got = _generate(server.url, prompt)
@@ -75,8 +77,9 @@ def test_family_matches_generate(family: str, tokenizer: Any, tmp_path: Path) ->
         # Eight at once.
         with ThreadPoolExecutor(8) as pool:
             outs = list(pool.map(lambda i: _generate(server.url, PROMPTS[i % 4]), range(8)))
-        assert [o["outputs"][0]["token_ids"] for o in outs] == [ref[i % 4] for i in range(8)], \
+        assert [o["outputs"][0]["token_ids"] for o in outs] == [ref[i % 4] for i in range(8)], (
             f"{family} concurrent"
+        )
         # Staggered: each request joins while the previous ones are decoding.
         results: list[list[int]] = [[] for _ in range(4)]
         threads = []
@@ -97,39 +100,60 @@ def test_family_matches_generate(family: str, tokenizer: Any, tmp_path: Path) ->
 
 def _start(args: list[str], tmp_path: Path, timeout: float = 120) -> tuple[int, str, float]:
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "openllm_clone", "start", *args,
-                           "--port", str(free_port())], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "COLUMNS": "250"})
+    done = subprocess.run(
+        [sys.executable, "-m", "openllm_clone", "start", *args, "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "250"},
+    )
     return done.returncode, done.stdout + done.stderr, time.monotonic() - started
 
 
 def _tiny_config_model(family: str, folder: Path, tokenizer: Any, **extra: Any) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(family, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  vocab_size=len(tokenizer), **extra)
+    config = AutoConfig.for_model(
+        family,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=len(tokenizer),
+        **extra,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     return folder
 
 
-@pytest.mark.parametrize(("family", "reason"), [
-    ("falcon", "AttentionInterface"),   # calls SDPA itself
-    ("mamba", "not attention"),         # a state-space model
-])
-def test_start_refuses_unservable_model_at_once(family: str, reason: str, tokenizer: Any,
-                                                tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("family", "reason"),
+    [
+        ("falcon", "AttentionInterface"),  # calls SDPA itself
+        ("mamba", "not attention"),  # a state-space model
+    ],
+)
+def test_start_refuses_unservable_model_at_once(
+    family: str, reason: str, tokenizer: Any, tmp_path: Path
+) -> None:
     folder = _tiny_config_model(family, tmp_path / family, tokenizer)
     code, output, seconds = _start([str(folder)], tmp_path)
     assert code != 0
     assert seconds < 30, f"took {seconds:.0f} s to refuse"
     assert f"model type '{family}' cannot be served" in output and reason in output
     assert "Supported:" in output
-    imported = subprocess.run([sys.executable, "-m", "openllm_clone", "import", str(folder),
-                               "--name", f"bad-{family}"], capture_output=True, text=True,
-                              timeout=300, env={**os.environ, "COLUMNS": "250"})
+    imported = subprocess.run(
+        [sys.executable, "-m", "openllm_clone", "import", str(folder), "--name", f"bad-{family}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "250"},
+    )
     assert imported.returncode == 0
-    assert "warning" in imported.stderr and f"model type '{family}' cannot be served" in imported.stderr
+    assert (
+        "warning" in imported.stderr
+        and f"model type '{family}' cannot be served" in imported.stderr
+    )
 
 
 def test_start_exits_when_the_worker_cannot_load(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -148,16 +172,29 @@ def test_start_exits_when_the_worker_cannot_load(tiny_model_dir: Path, tmp_path:
 def test_check_command_and_models_column(tokenizer: Any, tmp_path: Path) -> None:
     """`check` compares a user's folder with transformers' generate; `models` says the runner."""
     folder = make_family_model("gemma2", tmp_path / "gemma2", tokenizer)
-    done = subprocess.run([sys.executable, "-m", "openllm_clone", "check", str(folder),
-                           "--max-new-tokens", "12"], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "COLUMNS": "250"})
+    done = subprocess.run(
+        [sys.executable, "-m", "openllm_clone", "check", str(folder), "--max-new-tokens", "12"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "COLUMNS": "250"},
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "4 of 4 prompts equal transformers' generate on the generic runner" in done.stderr
     assert done.stdout.count("same: ") == 4
-    imported = subprocess.run([sys.executable, "-m", "openllm_clone", "import", str(folder),
-                               "--name", "tiny-gemma2"], capture_output=True, text=True, timeout=300)
+    imported = subprocess.run(
+        [sys.executable, "-m", "openllm_clone", "import", str(folder), "--name", "tiny-gemma2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert imported.returncode == 0 and "warning" not in imported.stderr
-    listed = subprocess.run([sys.executable, "-m", "openllm_clone", "models"], capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "COLUMNS": "250"})
+    listed = subprocess.run(
+        [sys.executable, "-m", "openllm_clone", "models"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "250"},
+    )
     row = next(line for line in listed.stdout.splitlines() if "tiny-gemma2:" in line)
     assert "generic" in [cell.strip() for cell in row.split("│")], row

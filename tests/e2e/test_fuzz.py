@@ -46,8 +46,12 @@ def test_no_server_errors_on_any_route(tiny_server: Server) -> None:
     seen = 0
     for operation in operations:
 
-        @settings(max_examples=EXAMPLES, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         @given(case=operation.as_strategy())
         def run(case: object) -> None:
             nonlocal seen
@@ -55,8 +59,11 @@ def test_no_server_errors_on_any_route(tiny_server: Server) -> None:
             response = case.call(timeout=60)  # type: ignore[attr-defined]
             seen += 1
             assert response.status_code < 500, (
-                getattr(case, "method", "?"), getattr(case, "path", "?"), response.status_code,
-                response.text[:300])
+                getattr(case, "method", "?"),
+                getattr(case, "path", "?"),
+                response.status_code,
+                response.text[:300],
+            )
 
         run()
     assert seen >= len(operations)
@@ -64,6 +71,7 @@ def test_no_server_errors_on_any_route(tiny_server: Server) -> None:
 
 
 def test_server_still_serves_after_fuzzing(tiny_server: Server) -> None:
-    r = httpx.post(f"{tiny_server.url}/v1/generate", json={"prompt": "hi", "max_new_tokens": 3},
-                   timeout=60)
+    r = httpx.post(
+        f"{tiny_server.url}/v1/generate", json={"prompt": "hi", "max_new_tokens": 3}, timeout=60
+    )
     assert r.status_code == 200 and len(r.json()["outputs"][0]["token_ids"]) == 3

@@ -33,15 +33,22 @@ def test_llm_invoke_stream_batch_with_and_without_adapter(tiny_server: Server) -
     llm = OpenLLMClone(endpoint=tiny_server.url, max_new_tokens=10)
     with HTTPClient(tiny_server.url) as client:
         want = client.generate("Once upon a time", max_new_tokens=10).outputs[0].text
-        want_alpha = client.generate("Once upon a time", max_new_tokens=10,
-                                     adapter_name="alpha").outputs[0].text
+        want_alpha = (
+            client.generate("Once upon a time", max_new_tokens=10, adapter_name="alpha")
+            .outputs[0]
+            .text
+        )
     assert llm.invoke("Once upon a time") == want
     handler = Tokens()
     streamed = list(llm.stream("Once upon a time", config={"callbacks": [handler]}))
     assert "".join(streamed) == want and "".join(handler.tokens) == want
     assert llm.invoke("Once upon a time", adapter_name="alpha") == want_alpha
-    assert OpenLLMClone(endpoint=tiny_server.url, max_new_tokens=10,
-                        adapter_name="alpha").invoke("Once upon a time") == want_alpha
+    assert (
+        OpenLLMClone(endpoint=tiny_server.url, max_new_tokens=10, adapter_name="alpha").invoke(
+            "Once upon a time"
+        )
+        == want_alpha
+    )
     assert llm.batch(["Once upon a time", "Once upon a time"]) == [want, want]
 
 
@@ -61,10 +68,17 @@ def test_chat_model_invoke_stream_usage_and_chain(tiny_server: Server) -> None:
     assert any(c.usage_metadata for c in chunks)
     adapted = chat.invoke("Say something", adapter_name="alpha")
     assert adapted.content != reply.content
-    chain = ChatPromptTemplate.from_messages([("system", "Be brief."), ("user", "{q}")]) | chat | StrOutputParser()
+    chain = (
+        ChatPromptTemplate.from_messages([("system", "Be brief."), ("user", "{q}")])
+        | chat
+        | StrOutputParser()
+    )
     assert isinstance(chain.invoke({"q": "Hi"}), str)
-    text_chain = PromptTemplate.from_template("Q: {q}\nA:") | OpenLLMClone(
-        endpoint=tiny_server.url, max_new_tokens=5) | StrOutputParser()
+    text_chain = (
+        PromptTemplate.from_template("Q: {q}\nA:")
+        | OpenLLMClone(endpoint=tiny_server.url, max_new_tokens=5)
+        | StrOutputParser()
+    )
     assert isinstance(text_chain.invoke({"q": "2+2?"}), str)
 
 
@@ -76,7 +90,11 @@ async def test_chat_model_ainvoke(tiny_server: Server) -> None:
 
 
 def test_embedded_mode_needs_no_server(tiny_model_dir: Path) -> None:
-    llm = OpenLLMClone(embedded=True, model=str(tiny_model_dir), max_new_tokens=6,
-                       embedded_options={"dtype": "float32", "kv_cache_mb": 16})
+    llm = OpenLLMClone(
+        embedded=True,
+        model=str(tiny_model_dir),
+        max_new_tokens=6,
+        embedded_options={"dtype": "float32", "kv_cache_mb": 16},
+    )
     text = llm.invoke("Once upon a time")
     assert text == "".join(llm.stream("Once upon a time"))

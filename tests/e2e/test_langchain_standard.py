@@ -31,6 +31,7 @@ def tiny_server(shared_tiny_server: Server) -> Server:
     """This module only sends requests: the session's shared server serves it."""
     return shared_tiny_server
 
+
 _SERVER: dict[str, str] = {}
 
 
@@ -46,12 +47,12 @@ def _endpoint(tiny_server: Server) -> Iterator[None]:
 # The calls themselves (shape, streaming, parsing) are checked by the cases that pass.
 _MODEL_QUALITY = {
     "test_tool_calling": "the random model fills the constrained call with a wrong value "
-                         "(e.g. {'input': 666} for 3)",
+    "(e.g. {'input': 666} for 3)",
     "test_tool_calling_async": "as test_tool_calling: a wrong argument value",
     "test_agent_loop": "under tool_choice='auto' the random model answers in text instead of "
-                       "calling the tool",
+    "calling the tool",
     "test_unicode_tool_call_integration": "the random model does not copy the Chinese text "
-                                          "into the call",
+    "into the call",
 }
 
 
@@ -73,8 +74,11 @@ class TestChatOpenLLMCloneUnit(ChatModelUnitTests):
 
     @property
     def init_from_env_params(self) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
-        return ({"OPENLLM_CLONE_ENDPOINT": "http://127.0.0.1:9"}, {"model": "tiny-llama"},
-                {"endpoint": "http://127.0.0.1:9"})
+        return (
+            {"OPENLLM_CLONE_ENDPOINT": "http://127.0.0.1:9"},
+            {"model": "tiny-llama"},
+            {"endpoint": "http://127.0.0.1:9"},
+        )
 
 
 class TestChatOpenLLMCloneIntegration(ChatModelIntegrationTests):
@@ -84,8 +88,12 @@ class TestChatOpenLLMCloneIntegration(ChatModelIntegrationTests):
 
     @property
     def chat_model_params(self) -> dict[str, Any]:
-        return {"endpoint": _SERVER["url"], "model": "tiny-llama", "temperature": 0.0,
-                "max_tokens": 64}
+        return {
+            "endpoint": _SERVER["url"],
+            "model": "tiny-llama",
+            "temperature": 0.0,
+            "max_tokens": 64,
+        }
 
     @property
     def model_override_value(self) -> str:

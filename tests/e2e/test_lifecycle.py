@@ -18,14 +18,19 @@ pytestmark = pytest.mark.e2e
 
 
 def test_sigterm_drains_in_flight_streams(tiny_model_dir: Path, tmp_path: Path) -> None:
-    with run_server([str(tiny_model_dir), "--dtype", "float32", "--kv-cache-mb", "16"], {},
-                    tmp_path / "server.log") as server:
+    with run_server(
+        [str(tiny_model_dir), "--dtype", "float32", "--kv-cache-mb", "16"],
+        {},
+        tmp_path / "server.log",
+    ) as server:
         events: list[dict[str, object]] = []
         done = threading.Event()
 
         def consume() -> None:
             body = {"prompt": "count", "max_new_tokens": 400, "ignore_eos": True}
-            with httpx.stream("POST", f"{server.url}/v1/generate_stream", json=body, timeout=120) as r:
+            with httpx.stream(
+                "POST", f"{server.url}/v1/generate_stream", json=body, timeout=120
+            ) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: ") and line != "data: [DONE]":
                         events.append(json.loads(line[6:]))
@@ -46,9 +51,15 @@ def test_sigterm_drains_in_flight_streams(tiny_model_dir: Path, tmp_path: Path) 
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{server.url}/readyz", timeout=2)
         # One structured line per request, without the prompt's text.
-        lines = [json.loads(line.split("openllm_clone.requests: ", 1)[1])
-                 for line in server.logs().splitlines() if "openllm_clone.requests: " in line]
+        lines = [
+            json.loads(line.split("openllm_clone.requests: ", 1)[1])
+            for line in server.logs().splitlines()
+            if "openllm_clone.requests: " in line
+        ]
         mine = [line for line in lines if line["completion_tokens"] == 400]
         assert mine and mine[0]["status"] == "ok" and mine[0]["prompt_tokens"] >= 1
         assert set(mine[0]) >= {"request_id", "adapter", "latency_ms", "ttft_ms"}
-        assert "prompt" not in mine[0] and "count" not in server.logs().split("openllm_clone.requests")[-1]
+        assert (
+            "prompt" not in mine[0]
+            and "count" not in server.logs().split("openllm_clone.requests")[-1]
+        )

@@ -22,6 +22,7 @@ def tiny_server(shared_tiny_server: Server) -> Server:
     """This module only sends requests: the session's shared server serves it."""
     return shared_tiny_server
 
+
 TASKS_DIR = Path(__file__).resolve().parent.parent / "lm_eval_tasks"
 TASKS = ["openllm_clone_choice", "openllm_clone_gen"]
 
@@ -39,8 +40,9 @@ def _samples(results: dict[str, Any], task: str) -> list[Any]:
     return [s["resps"] for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
 
 
-def test_lm_eval_scores_equal_its_hf_model(tiny_server: Server, tiny_model_dir: Path, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lm_eval_scores_equal_its_hf_model(
+    tiny_server: Server, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import lm_eval
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -48,18 +50,28 @@ def test_lm_eval_scores_equal_its_hf_model(tiny_server: Server, tiny_model_dir: 
     ours = lm_eval.simple_evaluate(
         model="local-completions",
         model_args=f"model=tiny-llama,base_url={tiny_server.url}/v1/completions,tokenizer_backend=remote,"
-                   "tokenized_requests=True,num_concurrent=1,max_retries=1",
-        tasks=TASKS, task_manager=manager, batch_size=4, log_samples=True)
+        "tokenized_requests=True,num_concurrent=1,max_retries=1",
+        tasks=TASKS,
+        task_manager=manager,
+        batch_size=4,
+        log_samples=True,
+    )
     theirs = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={tiny_model_dir},dtype=float32,device=cpu",
-        tasks=TASKS, task_manager=manager, batch_size=1, log_samples=True)
+        model="hf",
+        model_args=f"pretrained={tiny_model_dir},dtype=float32,device=cpu",
+        tasks=TASKS,
+        task_manager=manager,
+        batch_size=1,
+        log_samples=True,
+    )
     assert ours is not None and theirs is not None
     got, want = _samples(ours, TASKS[0]), _samples(theirs, TASKS[0])
     assert len(got) == len(want) == 7
     for doc_got, doc_want in zip(got, want, strict=True):
         assert len(doc_got) == len(doc_want)  # one loglikelihood per choice
         for (ll_got, greedy_got), (ll_want, greedy_want) in zip(
-                [r[0] for r in doc_got], [r[0] for r in doc_want], strict=True):
+            [r[0] for r in doc_got], [r[0] for r in doc_want], strict=True
+        ):
             assert abs(float(ll_got) - float(ll_want)) < 1e-3
             assert bool(greedy_got) == bool(greedy_want)
     assert ours["results"][TASKS[0]]["acc,none"] == theirs["results"][TASKS[0]]["acc,none"]

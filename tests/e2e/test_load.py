@@ -39,23 +39,43 @@ def _rss_mb(pid: int) -> float:
 
 
 def _ok_count(metrics: str, status: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-               if line.startswith("openllm_clone_requests_total{") and f'status="{status}"' in line)
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("openllm_clone_requests_total{") and f'status="{status}"' in line
+    )
 
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("load-adapters")
-    args = [str(tiny_model_dir), "--dtype", "float32", "--max-batch-size", "32", "--max-adapters",
-            "8", "--kv-cache-mb", "64", "--max-body-bytes", "8192", "--max-queue", "512"]
+    args = [
+        str(tiny_model_dir),
+        "--dtype",
+        "float32",
+        "--max-batch-size",
+        "32",
+        "--max-adapters",
+        "8",
+        "--kv-cache-mb",
+        "64",
+        "--max-body-bytes",
+        "8192",
+        "--max-queue",
+        "512",
+    ]
     for i in range(8):
-        args += ["--adapter-id", f"a{i}={make_adapter(tiny_model_dir, root / f'a{i}', seed=100 + i, rank=4)}"]
+        args += [
+            "--adapter-id",
+            f"a{i}={make_adapter(tiny_model_dir, root / f'a{i}', seed=100 + i, rank=4)}",
+        ]
     with run_server(args, {}, tmp_path_factory.mktemp("logs") / "load.log") as server:
         yield server
 
 
-async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, object],
-                  abandon_after: int | None = None) -> tuple[int, list[int]]:
+async def _stream(
+    client: httpx.AsyncClient, url: str, body: dict[str, object], abandon_after: int | None = None
+) -> tuple[int, list[int]]:
     tokens: list[int] = []
     async with client.stream("POST", f"{url}/v1/generate_stream", json=body) as r:
         if r.status_code != 200:
@@ -93,8 +113,9 @@ def test_300_requests_at_concurrency_32(loaded: Server) -> None:
                     solo[(prompt, adapter)] = (await _stream(client, url, body(prompt, adapter)))[1]
             # Warm-up at full concurrency, so that memory is measured after the KV pages
             # and kernels a 32-wide batch needs have been touched once.
-            await asyncio.gather(*(_stream(client, url, body(PROMPTS[i % 5], adapters[i % 9]))
-                                   for i in range(32)))
+            await asyncio.gather(
+                *(_stream(client, url, body(PROMPTS[i % 5], adapters[i % 9])) for i in range(32))
+            )
             before_metrics = (await client.get(f"{url}/metrics")).text
             rss_before = _rss_mb(loaded.proc.pid)
             plan = []
@@ -108,15 +129,22 @@ def test_300_requests_at_concurrency_32(loaded: Server) -> None:
             sem = asyncio.Semaphore(32)
             latencies: list[float] = []
 
-            async def one(kind: str, prompt: str, adapter: str | None) -> tuple[str, int, list[int], str, str | None]:
+            async def one(
+                kind: str, prompt: str, adapter: str | None
+            ) -> tuple[str, int, list[int], str, str | None]:
                 async with sem:
                     t = time.perf_counter()
                     if kind == "bad-json":
-                        r = await client.post(f"{url}/v1/generate", content=b"{oops",
-                                              headers={"content-type": "application/json"})
+                        r = await client.post(
+                            f"{url}/v1/generate",
+                            content=b"{oops",
+                            headers={"content-type": "application/json"},
+                        )
                         return kind, r.status_code, [], prompt, adapter
                     if kind == "bad-field":
-                        r = await client.post(f"{url}/v1/generate", json={"prompt": prompt, "top_p": 7})
+                        r = await client.post(
+                            f"{url}/v1/generate", json={"prompt": prompt, "top_p": 7}
+                        )
                         return kind, r.status_code, [], prompt, adapter
                     if kind == "oversized":
                         r = await client.post(f"{url}/v1/generate", json={"prompt": "x" * 20000})
@@ -124,8 +152,12 @@ def test_300_requests_at_concurrency_32(loaded: Server) -> None:
                     if kind == "bad-adapter":
                         status, _ = await _stream(client, url, body(prompt, "nope"))
                         return kind, status, [], prompt, adapter
-                    status, tokens = await _stream(client, url, body(prompt, adapter),
-                                                   abandon_after=2 if kind == "abandon" else None)
+                    status, tokens = await _stream(
+                        client,
+                        url,
+                        body(prompt, adapter),
+                        abandon_after=2 if kind == "abandon" else None,
+                    )
                     latencies.append(time.perf_counter() - t)
                     return kind, status, tokens, prompt, adapter
 
@@ -135,9 +167,16 @@ def test_300_requests_at_concurrency_32(loaded: Server) -> None:
             await asyncio.sleep(1.0)
             after_metrics = (await client.get(f"{url}/metrics")).text
             meta = (await client.get(f"{url}/v1/metadata")).json()
-            return {"solo": solo, "results": results, "wall": wall, "latencies": latencies,
-                    "before": before_metrics, "after": after_metrics, "meta": meta,
-                    "rss_before": rss_before}
+            return {
+                "solo": solo,
+                "results": results,
+                "wall": wall,
+                "latencies": latencies,
+                "before": before_metrics,
+                "after": after_metrics,
+                "meta": meta,
+                "rss_before": rss_before,
+            }
 
     out = asyncio.run(main())
     results = out["results"]
@@ -164,7 +203,9 @@ def test_300_requests_at_concurrency_32(loaded: Server) -> None:
     assert ok + cancelled == len(valid) + len(abandoned)
     assert ok >= len(valid)
     lat = sorted(out["latencies"])
-    print(f"\n300 requests, concurrency 32: {len(valid)} valid, {len(abandoned)} abandoned, "
-          f"{len(results) - len(valid) - len(abandoned)} invalid; wall {out['wall']:.1f} s; "
-          f"p50 {lat[len(lat) // 2] * 1000:.0f} ms, p99 {lat[int(len(lat) * 0.99)] * 1000:.0f} ms; "
-          f"RSS {out['rss_before']:.0f} -> {rss_after:.0f} MiB")
+    print(
+        f"\n300 requests, concurrency 32: {len(valid)} valid, {len(abandoned)} abandoned, "
+        f"{len(results) - len(valid) - len(abandoned)} invalid; wall {out['wall']:.1f} s; "
+        f"p50 {lat[len(lat) // 2] * 1000:.0f} ms, p99 {lat[int(len(lat) * 0.99)] * 1000:.0f} ms; "
+        f"RSS {out['rss_before']:.0f} -> {rss_after:.0f} MiB"
+    )

@@ -20,12 +20,18 @@ def tiny_server(shared_tiny_server: Server) -> Server:
     """This module only sends requests: the session's shared server serves it."""
     return shared_tiny_server
 
+
 PROMPT = "The weather today is"
 N = 12
 
 
-def _reference(model_dir: Path, ids: list[int], frequency: float, presence: float,
-               bias: dict[int, float] | None = None) -> list[int]:
+def _reference(
+    model_dir: Path,
+    ids: list[int],
+    frequency: float,
+    presence: float,
+    bias: dict[int, float] | None = None,
+) -> list[int]:
     """Greedy decoding with OpenAI's penalties applied to transformers' fp32 logits:
     logit[t] -= frequency * count[t] + presence * (count[t] > 0), counts over the output."""
     import torch
@@ -48,16 +54,21 @@ def _reference(model_dir: Path, ids: list[int], frequency: float, presence: floa
 
 
 def _generate(server: Server, **config: Any) -> dict[str, Any]:
-    body = {"prompt": PROMPT, "llm_config": {"max_new_tokens": N, "temperature": 0, "ignore_eos": True,
-                                             **config}}
+    body = {
+        "prompt": PROMPT,
+        "llm_config": {"max_new_tokens": N, "temperature": 0, "ignore_eos": True, **config},
+    }
     r = httpx.post(f"{server.url}/v1/generate", json=body, timeout=120)
     assert r.status_code == 200, r.text
     return r.json()
 
 
-@pytest.mark.parametrize(("frequency", "presence"), [(1.5, 0.0), (0.0, 2.0), (0.8, 0.6), (-1.0, 0.0)])
-def test_penalties_follow_openais_formula(tiny_server: Server, tiny_model_dir: Path,
-                                          frequency: float, presence: float) -> None:
+@pytest.mark.parametrize(
+    ("frequency", "presence"), [(1.5, 0.0), (0.0, 2.0), (0.8, 0.6), (-1.0, 0.0)]
+)
+def test_penalties_follow_openais_formula(
+    tiny_server: Server, tiny_model_dir: Path, frequency: float, presence: float
+) -> None:
     plain = _generate(tiny_server)
     ids = plain["prompt_token_ids"]
     got = _generate(tiny_server, frequency_penalty=frequency, presence_penalty=presence)
@@ -77,19 +88,38 @@ def test_logit_bias_forces_and_forbids(tiny_server: Server, tiny_model_dir: Path
     assert r["outputs"][0]["token_ids"] == [forced] * N
     banned = _generate(tiny_server, logit_bias={str(first): -100})["outputs"][0]["token_ids"]
     assert first not in banned
-    assert banned == _reference(tiny_model_dir, plain["prompt_token_ids"], 0.0, 0.0, {first: -100.0})
+    assert banned == _reference(
+        tiny_model_dir, plain["prompt_token_ids"], 0.0, 0.0, {first: -100.0}
+    )
     # Through the SDK, on both OpenAI routes.
-    text = client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=4, temperature=0,
-                                     logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})
+    text = client.completions.create(
+        model="tiny-llama",
+        prompt=PROMPT,
+        max_tokens=4,
+        temperature=0,
+        logit_bias={str(forced): 100},
+        extra_body={"ignore_eos": True},
+    )
     assert text.choices[0].text == client_decode(tiny_model_dir, [forced] * 4)
-    chat = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "hi"}],
-                                          max_tokens=3, temperature=0, logit_bias={str(forced): 100})
+    chat = client.chat.completions.create(
+        model="tiny-llama",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        temperature=0,
+        logit_bias={str(forced): 100},
+    )
     assert chat.choices[0].message.content == client_decode(tiny_model_dir, [forced] * 3)
-    bad = httpx.post(f"{tiny_server.url}/v1/completions", timeout=60, json={
-        "model": "tiny-llama", "prompt": PROMPT, "logit_bias": {"10000000": 5}})
+    bad = httpx.post(
+        f"{tiny_server.url}/v1/completions",
+        timeout=60,
+        json={"model": "tiny-llama", "prompt": PROMPT, "logit_bias": {"10000000": 5}},
+    )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "logit_bias"
-    bad = httpx.post(f"{tiny_server.url}/v1/completions", timeout=60, json={
-        "model": "tiny-llama", "prompt": PROMPT, "logit_bias": {"5": 101}})
+    bad = httpx.post(
+        f"{tiny_server.url}/v1/completions",
+        timeout=60,
+        json={"model": "tiny-llama", "prompt": PROMPT, "logit_bias": {"5": 101}},
+    )
     assert bad.status_code == 400
 
 
@@ -100,16 +130,37 @@ def client_decode(model_dir: Path, ids: list[int]) -> str:
 
 
 def test_explicit_nulls_mean_defaults(tiny_server: Server) -> None:
-    nulls = {"temperature": None, "top_p": None, "n": None, "frequency_penalty": None,
-             "presence_penalty": None, "stop": None, "seed": None, "logit_bias": None, "user": None,
-             "stream": None, "stream_options": None}
-    r = httpx.post(f"{tiny_server.url}/v1/completions", timeout=60,
-                   json={"model": "tiny-llama", "prompt": PROMPT, "max_tokens": 3, "echo": None, **nulls})
+    nulls = {
+        "temperature": None,
+        "top_p": None,
+        "n": None,
+        "frequency_penalty": None,
+        "presence_penalty": None,
+        "stop": None,
+        "seed": None,
+        "logit_bias": None,
+        "user": None,
+        "stream": None,
+        "stream_options": None,
+    }
+    r = httpx.post(
+        f"{tiny_server.url}/v1/completions",
+        timeout=60,
+        json={"model": "tiny-llama", "prompt": PROMPT, "max_tokens": 3, "echo": None, **nulls},
+    )
     assert r.status_code == 200, r.text
     assert len(r.json()["choices"]) == 1
-    r = httpx.post(f"{tiny_server.url}/v1/chat/completions", timeout=60,
-                   json={"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}],
-                         "max_tokens": None, "max_completion_tokens": 3, **nulls})
+    r = httpx.post(
+        f"{tiny_server.url}/v1/chat/completions",
+        timeout=60,
+        json={
+            "model": "tiny-llama",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": None,
+            "max_completion_tokens": 3,
+            **nulls,
+        },
+    )
     assert r.status_code == 200, r.text
 
 
@@ -126,7 +177,9 @@ def test_model_cards_and_json_errors_for_routes(tiny_server: Server) -> None:
     wrong = httpx.get(f"{url}/v1/completions", timeout=30)
     assert wrong.status_code == 405 and wrong.json()["error"]["type"] == "method_not_allowed"
     # An empty model means the base model, and the response names it.
-    r = httpx.post(f"{url}/v1/completions", timeout=60, json={"model": "", "prompt": PROMPT, "max_tokens": 2})
+    r = httpx.post(
+        f"{url}/v1/completions", timeout=60, json={"model": "", "prompt": PROMPT, "max_tokens": 2}
+    )
     assert r.status_code == 200 and r.json()["model"] == "tiny-llama"
 
 
@@ -135,49 +188,100 @@ def test_many_prompts_and_token_prompts_one_choice_each(tiny_server: Server) -> 
 
     client = OpenAI(base_url=f"{tiny_server.url}/v1", api_key="unused")
     prompts = ["The weather today is", "A story about a cat", "Numbers: one two"]
-    alone = [client.completions.create(model="tiny-llama", prompt=p, max_tokens=6, temperature=0,
-                                       extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
-    many = client.completions.create(model="tiny-llama", prompt=prompts, max_tokens=6, temperature=0,
-                                     extra_body={"ignore_eos": True})
+    alone = [
+        client.completions.create(
+            model="tiny-llama",
+            prompt=p,
+            max_tokens=6,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        .choices[0]
+        .text
+        for p in prompts
+    ]
+    many = client.completions.create(
+        model="tiny-llama",
+        prompt=prompts,
+        max_tokens=6,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert [c.index for c in many.choices] == [0, 1, 2]
     assert [c.text for c in many.choices] == alone
     assert many.usage is not None and many.usage.completion_tokens == 18
     ids = [_generate(tiny_server)["prompt_token_ids"]]
-    by_ids = client.completions.create(model="tiny-llama", prompt=ids[0], max_tokens=6, temperature=0,
-                                       extra_body={"ignore_eos": True})
+    by_ids = client.completions.create(
+        model="tiny-llama",
+        prompt=ids[0],
+        max_tokens=6,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert by_ids.choices[0].text == alone[0]
-    nested = client.completions.create(model="tiny-llama", prompt=ids * 2, max_tokens=6, temperature=0,
-                                       n=2, seed=3, extra_body={"ignore_eos": True})
+    nested = client.completions.create(
+        model="tiny-llama",
+        prompt=ids * 2,
+        max_tokens=6,
+        temperature=0,
+        n=2,
+        seed=3,
+        extra_body={"ignore_eos": True},
+    )
     assert sorted(c.index for c in nested.choices) == [0, 1, 2, 3]
     # Streaming several prompts: every choice index gets its text, then one usage chunk.
     got: dict[int, str] = {}
     usage = None
-    for chunk in client.completions.create(model="tiny-llama", prompt=prompts, max_tokens=6, temperature=0,
-                                           stream=True, stream_options={"include_usage": True},
-                                           extra_body={"ignore_eos": True}):
+    for chunk in client.completions.create(
+        model="tiny-llama",
+        prompt=prompts,
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    ):
         for c in chunk.choices:
             got[c.index] = got.get(c.index, "") + c.text
         usage = chunk.usage or usage
     assert [got[i] for i in range(3)] == alone
     assert usage is not None and usage.completion_tokens == 18
     # Echo returns each prompt before its completion.
-    echoed = client.completions.create(model="tiny-llama", prompt=prompts[:2], max_tokens=6, temperature=0,
-                                       echo=True, extra_body={"ignore_eos": True})
-    assert [c.text for c in echoed.choices] == [p + a for p, a in zip(prompts[:2], alone[:2], strict=True)]
-    bad = httpx.post(f"{tiny_server.url}/v1/completions", timeout=60,
-                     json={"model": "tiny-llama", "prompt": [[1, 2, 10**9]]})
+    echoed = client.completions.create(
+        model="tiny-llama",
+        prompt=prompts[:2],
+        max_tokens=6,
+        temperature=0,
+        echo=True,
+        extra_body={"ignore_eos": True},
+    )
+    assert [c.text for c in echoed.choices] == [
+        p + a for p, a in zip(prompts[:2], alone[:2], strict=True)
+    ]
+    bad = httpx.post(
+        f"{tiny_server.url}/v1/completions",
+        timeout=60,
+        json={"model": "tiny-llama", "prompt": [[1, 2, 10**9]]},
+    )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
-    empty = httpx.post(f"{tiny_server.url}/v1/completions", timeout=60, json={"model": "tiny-llama", "prompt": []})
+    empty = httpx.post(
+        f"{tiny_server.url}/v1/completions", timeout=60, json={"model": "tiny-llama", "prompt": []}
+    )
     assert empty.status_code == 400
 
 
-@pytest.mark.parametrize("body", [
-    {"prompt": [[1, 2 ** 70]]},                          # once an OverflowError (500) in decode
-    {"prompt": [-1, 5]},
-    {"prompt": "hi", "echo": True, "logit_bias": {str(2 ** 70): 1}},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompt": [[1, 2**70]]},  # once an OverflowError (500) in decode
+        {"prompt": [-1, 5]},
+        {"prompt": "hi", "echo": True, "logit_bias": {str(2**70): 1}},
+    ],
+)
 def test_huge_or_negative_token_ids_are_400(tiny_server: Server, body: dict[str, Any]) -> None:
-    r = httpx.post(f"{tiny_server.url}/v1/completions", timeout=60, json={"model": "tiny-llama", **body})
+    r = httpx.post(
+        f"{tiny_server.url}/v1/completions", timeout=60, json={"model": "tiny-llama", **body}
+    )
     assert r.status_code == 400, r.text
     assert r.json()["error"]["type"] == "invalid_request_error"
 
@@ -216,8 +320,14 @@ def test_completion_logprobs_equal_a_forward(tiny_server: Server, tiny_model_dir
     client = OpenAI(base_url=f"{tiny_server.url}/v1", api_key="unused")
     tok = _tokenizer(tiny_model_dir)
     ids = tok(PROMPT)["input_ids"]
-    r = client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=8, temperature=0,
-                                  logprobs=3, extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model="tiny-llama",
+        prompt=PROMPT,
+        max_tokens=8,
+        temperature=0,
+        logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
     lp = r.choices[0].logprobs
     assert lp is not None and len(lp.tokens) == 8
     out = _generate(tiny_server)["outputs"][0]["token_ids"][:8]  # the same greedy tokens
@@ -232,8 +342,14 @@ def test_completion_logprobs_equal_a_forward(tiny_server: Server, tiny_model_dir
         assert "".join(lp.tokens) == r.choices[0].text
 
     # echo + max_tokens=0 scores the prompt only (what lm-eval's loglikelihood sends).
-    scored = client.completions.create(model="tiny-llama", prompt=[ids, ids[:5]], max_tokens=0,
-                                       echo=True, logprobs=1, temperature=0)
+    scored = client.completions.create(
+        model="tiny-llama",
+        prompt=[ids, ids[:5]],
+        max_tokens=0,
+        echo=True,
+        logprobs=1,
+        temperature=0,
+    )
     assert [c.index for c in scored.choices] == [0, 1]
     assert scored.usage is not None and scored.usage.completion_tokens == 0
     prompt_ref = _forward_logprobs(tiny_model_dir, ids)
@@ -248,18 +364,33 @@ def test_completion_logprobs_equal_a_forward(tiny_server: Server, tiny_model_dir
 
     # echo with generation: the prompt's entries, then the completion's, in one list; the
     # stream carries the same logprobs.
-    both = client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=4, temperature=0,
-                                     echo=True, logprobs=2, extra_body={"ignore_eos": True})
+    both = client.completions.create(
+        model="tiny-llama",
+        prompt=PROMPT,
+        max_tokens=4,
+        temperature=0,
+        echo=True,
+        logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
     whole = both.choices[0].logprobs
     assert whole is not None and len(whole.tokens) == len(ids) + 4
-    assert whole.token_logprobs[1:len(ids)] == pytest.approx(
-        [float(prompt_ref[p - 1, ids[p]]) for p in range(1, len(ids))], abs=1e-4)
-    assert whole.token_logprobs[len(ids):] == pytest.approx(lp.token_logprobs[:4], abs=1e-5)
+    assert whole.token_logprobs[1 : len(ids)] == pytest.approx(
+        [float(prompt_ref[p - 1, ids[p]]) for p in range(1, len(ids))], abs=1e-4
+    )
+    assert whole.token_logprobs[len(ids) :] == pytest.approx(lp.token_logprobs[:4], abs=1e-5)
     streamed: list[float | None] = []
     offsets: list[int] = []
-    for chunk in client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=4, temperature=0,
-                                           echo=True, logprobs=2, stream=True,
-                                           extra_body={"ignore_eos": True}):
+    for chunk in client.completions.create(
+        model="tiny-llama",
+        prompt=PROMPT,
+        max_tokens=4,
+        temperature=0,
+        echo=True,
+        logprobs=2,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    ):
         for c in chunk.choices:
             if c.logprobs is not None:
                 streamed += c.logprobs.token_logprobs
@@ -274,11 +405,20 @@ def test_chat_logprobs_equal_a_forward(tiny_server: Server, tiny_model_dir: Path
     client = OpenAI(base_url=f"{tiny_server.url}/v1", api_key="unused")
     tok = _tokenizer(tiny_model_dir)
     messages = [{"role": "user", "content": "Say something."}]
-    r = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=6, temperature=0,
-                                       logprobs=True, top_logprobs=4, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model="tiny-llama",
+        messages=messages,
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=4,
+        extra_body={"ignore_eos": True},
+    )
     content = r.choices[0].logprobs.content  # type: ignore[union-attr]
     assert content is not None and len(content) == 6
-    prompt = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))["input_ids"]
+    prompt = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))[
+        "input_ids"
+    ]
     tokens = list(prompt)  # greedy continuation, one forward per token, as the reference
     for entry in content:
         ref = _forward_logprobs(tiny_model_dir, tokens)[-1]
@@ -286,25 +426,42 @@ def test_chat_logprobs_equal_a_forward(tiny_server: Server, tiny_model_dir: Path
         assert entry.token == tok.decode([best])
         assert abs(entry.logprob - float(ref[best])) < 1e-4
         top = ref.topk(4)
-        assert [t.token for t in entry.top_logprobs] == [tok.decode([i]) for i in top.indices.tolist()]
-        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert [t.token for t in entry.top_logprobs] == [
+            tok.decode([i]) for i in top.indices.tolist()
+        ]
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(
+            top.values.tolist(), abs=1e-4
+        )
         if "\ufffd" not in entry.token:  # a whole character: its bytes are its UTF-8
             assert bytes(entry.bytes or []).decode() == entry.token
         tokens.append(best)
     if not any("\ufffd" in e.token for e in content):
         assert "".join(e.token for e in content) == r.choices[0].message.content
     streamed = []
-    for chunk in client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=6,
-                                                temperature=0, logprobs=True, top_logprobs=4, stream=True,
-                                                extra_body={"ignore_eos": True}):
+    for chunk in client.chat.completions.create(
+        model="tiny-llama",
+        messages=messages,
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=4,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    ):
         for c in chunk.choices:
             if c.logprobs is not None and c.logprobs.content:
                 streamed += [(e.token, e.logprob) for e in c.logprobs.content]
     assert [t for t, _ in streamed] == [e.token for e in content]
     assert [v for _, v in streamed] == pytest.approx([e.logprob for e in content], abs=1e-5)
-    bad = httpx.post(f"{tiny_server.url}/v1/chat/completions", timeout=60, json={
-        "model": "tiny-llama", "messages": messages, "top_logprobs": 2})
+    bad = httpx.post(
+        f"{tiny_server.url}/v1/chat/completions",
+        timeout=60,
+        json={"model": "tiny-llama", "messages": messages, "top_logprobs": 2},
+    )
     assert bad.status_code == 400 and "logprobs" in bad.json()["error"]["message"]
-    bad = httpx.post(f"{tiny_server.url}/v1/completions", timeout=60, json={
-        "model": "tiny-llama", "prompt": PROMPT, "logprobs": 21})
+    bad = httpx.post(
+        f"{tiny_server.url}/v1/completions",
+        timeout=60,
+        json={"model": "tiny-llama", "prompt": PROMPT, "logprobs": 21},
+    )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "logprobs"

@@ -32,30 +32,39 @@ def _why_not() -> str | None:
         return "a loopback-only network namespace needs root (unshare --net)"
     if not shutil.which("unshare") or not shutil.which("ip"):
         return "unshare or ip (iproute2) is missing"
-    probe = subprocess.run(["unshare", "--net", "ip", "link", "set", "lo", "up"], capture_output=True,
-                           text=True)
+    probe = subprocess.run(
+        ["unshare", "--net", "ip", "link", "set", "lo", "up"], capture_output=True, text=True
+    )
     if probe.returncode != 0:
         return f"cannot make a network namespace: {probe.stderr.strip()}"
     return None
 
 
-def _reference(model: Path, adapters: dict[str, Path], names: list[str | None],
-               max_new_tokens: int) -> dict[str, list[int]]:
+def _reference(
+    model: Path, adapters: dict[str, Path], names: list[str | None], max_new_tokens: int
+) -> dict[str, list[int]]:
     """Greedy token ids of PROMPT per adapter from the in-process LLM (no Ray)."""
     from openllm_clone.llm import LLM
     from openllm_clone.protocol import SamplingParams
     from openllm_clone.settings import AdapterSpec, Settings
 
-    settings = Settings(model=str(model), dtype="float32", kv_cache_mb=32,
-                        adapters=[AdapterSpec(name=n, source=str(p)) for n, p in adapters.items()])
+    settings = Settings(
+        model=str(model),
+        dtype="float32",
+        kv_cache_mb=32,
+        adapters=[AdapterSpec(name=n, source=str(p)) for n, p in adapters.items()],
+    )
     llm = LLM.from_settings(settings)
 
     async def run() -> dict[str, list[int]]:
         await llm.start()
         out = {}
         for n in names:
-            result = await llm.complete(llm.tokenize(PROMPT), SamplingParams(max_new_tokens=max_new_tokens,
-                                                                              temperature=0), adapter=n)
+            result = await llm.complete(
+                llm.tokenize(PROMPT),
+                SamplingParams(max_new_tokens=max_new_tokens, temperature=0),
+                adapter=n,
+            )
             out[str(n)] = result.token_ids[0]
         return out
 
@@ -66,18 +75,34 @@ def _reference(model: Path, adapters: dict[str, Path], names: list[str | None],
 
 
 def test_two_ray_replicas_route_by_adapter_and_survive_a_replica_kill(
-        tiny_model_dir: Path, tiny_adapters: dict[str, Path], tmp_path: Path) -> None:
+    tiny_model_dir: Path, tiny_adapters: dict[str, Path], tmp_path: Path
+) -> None:
     reason = _why_not()
     if reason:
         pytest.skip(reason)
     report_path, log = tmp_path / "report.json", tmp_path / "ray-server.log"
-    scenario = [sys.executable, "-m", "tests.e2e.ray_scenario", "--model", str(tiny_model_dir),
-                "--extra-adapter", f"epsilon={tiny_adapters['alpha']}",
-                "--report", str(report_path), "--log", str(log)]
+    scenario = [
+        sys.executable,
+        "-m",
+        "tests.e2e.ray_scenario",
+        "--model",
+        str(tiny_model_dir),
+        "--extra-adapter",
+        f"epsilon={tiny_adapters['alpha']}",
+        "--report",
+        str(report_path),
+        "--log",
+        str(log),
+    ]
     for name, path in tiny_adapters.items():
         scenario += ["--adapter", f"{name}={path}"]
-    cmd = ["unshare", "--net", "bash", "-c",
-           "ip link set lo up && exec " + " ".join(f"'{a}'" for a in scenario)]
+    cmd = [
+        "unshare",
+        "--net",
+        "bash",
+        "-c",
+        "ip link set lo up && exec " + " ".join(f"'{a}'" for a in scenario),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     server_log = log.read_text(errors="replace")[-4000:] if log.exists() else ""
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}\n{server_log}"

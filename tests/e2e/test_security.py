@@ -17,13 +17,30 @@ KEY, OTHER, ADMIN = "sk-test-key", "sk-second-key", "sk-admin-key"
 
 
 @pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
-            tiny_adapters: dict[str, Path]) -> Iterator[Server]:
+def secured(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_adapters: dict[str, Path]
+) -> Iterator[Server]:
     root = tiny_adapters["alpha"].parent
     log = tmp_path_factory.mktemp("logs") / "secured.log"
-    args = [str(tiny_model_dir), "--dtype", "float32", "--api-key", f"{KEY},{OTHER}",
-            "--admin-api-key", ADMIN, "--adapter-root", str(root), "--max-body-bytes", "20000",
-            "--max-queue", "2", "--max-batch-size", "2", "--kv-cache-mb", "32"]
+    args = [
+        str(tiny_model_dir),
+        "--dtype",
+        "float32",
+        "--api-key",
+        f"{KEY},{OTHER}",
+        "--admin-api-key",
+        ADMIN,
+        "--adapter-root",
+        str(root),
+        "--max-body-bytes",
+        "20000",
+        "--max-queue",
+        "2",
+        "--max-batch-size",
+        "2",
+        "--kv-cache-mb",
+        "32",
+    ]
     with run_server(args, {}, log) as server:
         yield server
 
@@ -32,8 +49,18 @@ def _h(key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-@pytest.mark.parametrize("path", ["/v1/metadata", "/v1/models", "/metrics", "/v1/adapters",
-                                  "/v1/openapi.json", "/schema.json", "/"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/metadata",
+        "/v1/models",
+        "/metrics",
+        "/v1/adapters",
+        "/v1/openapi.json",
+        "/schema.json",
+        "/",
+    ],
+)
 def test_every_route_needs_a_key(secured: Server, path: str) -> None:
     for bad in (None, "wrong", KEY + "x"):
         r = httpx.get(f"{secured.url}{path}", headers=_h(bad), timeout=30)
@@ -63,28 +90,41 @@ def test_clients_pass_the_key(secured: Server) -> None:
         openai.OpenAI(base_url=f"{secured.url}/v1", api_key="bad").models.list()
 
 
-def test_adapter_management_needs_the_admin_key(secured: Server, tiny_adapters: dict[str, Path]) -> None:
+def test_adapter_management_needs_the_admin_key(
+    secured: Server, tiny_adapters: dict[str, Path]
+) -> None:
     body = {"name": "alpha", "source": str(tiny_adapters["alpha"])}
     r = httpx.post(f"{secured.url}/v1/adapters", json=body, headers=_h(KEY), timeout=30)
     assert r.status_code == 401
     r = httpx.post(f"{secured.url}/v1/adapters", json=body, headers=_h(ADMIN), timeout=30)
     assert r.status_code == 200, r.text
-    assert httpx.delete(f"{secured.url}/v1/adapters/alpha", headers=_h(KEY), timeout=30).status_code == 401
-    assert httpx.delete(f"{secured.url}/v1/adapters/alpha", headers=_h(ADMIN), timeout=30).status_code == 200
+    assert (
+        httpx.delete(f"{secured.url}/v1/adapters/alpha", headers=_h(KEY), timeout=30).status_code
+        == 401
+    )
+    assert (
+        httpx.delete(f"{secured.url}/v1/adapters/alpha", headers=_h(ADMIN), timeout=30).status_code
+        == 200
+    )
 
 
 def test_body_limit_is_413(secured: Server) -> None:
     big = {"prompt": "x" * 30000}
     r = httpx.post(f"{secured.url}/v1/generate", json=big, headers=_h(KEY), timeout=30)
     assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
-    ok = httpx.post(f"{secured.url}/v1/generate", json={"prompt": "x", "max_new_tokens": 2},
-                    headers=_h(KEY), timeout=30)
+    ok = httpx.post(
+        f"{secured.url}/v1/generate",
+        json={"prompt": "x", "max_new_tokens": 2},
+        headers=_h(KEY),
+        timeout=30,
+    )
     assert ok.status_code == 200
 
 
 @pytest.mark.parametrize("source", ["{root}/../escape", "/etc", "{root}/link-out"])
-def test_adapter_paths_stay_under_the_roots(secured: Server, tiny_adapters: dict[str, Path],
-                                            tiny_model_dir: Path, source: str) -> None:
+def test_adapter_paths_stay_under_the_roots(
+    secured: Server, tiny_adapters: dict[str, Path], tiny_model_dir: Path, source: str
+) -> None:
     root = tiny_adapters["alpha"].parent
     outside = tiny_model_dir.parent / "outside-adapter"
     if not outside.exists():
@@ -99,8 +139,12 @@ def test_adapter_paths_stay_under_the_roots(secured: Server, tiny_adapters: dict
         import shutil
 
         shutil.copytree(tiny_adapters["beta"], escape)
-    r = httpx.post(f"{secured.url}/v1/adapters", headers=_h(ADMIN), timeout=30,
-                   json={"name": "sneaky", "source": source.format(root=root)})
+    r = httpx.post(
+        f"{secured.url}/v1/adapters",
+        headers=_h(ADMIN),
+        timeout=30,
+        json={"name": "sneaky", "source": source.format(root=root)},
+    )
     assert r.status_code == 422, r.text
     assert "outside the allowed adapter roots" in r.json()["error"]["message"]
 
@@ -111,8 +155,9 @@ def test_queue_full_is_503_with_retry_after(secured: Server) -> None:
     async def flood() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=120, headers=_h(KEY)) as client:
             body = {"prompt": "count slowly", "max_new_tokens": 300, "ignore_eos": True}
-            return await asyncio.gather(*(client.post(f"{secured.url}/v1/generate", json=body)
-                                          for _ in range(8)))
+            return await asyncio.gather(
+                *(client.post(f"{secured.url}/v1/generate", json=body) for _ in range(8))
+            )
 
     responses = asyncio.run(flood())
     codes = sorted(r.status_code for r in responses)

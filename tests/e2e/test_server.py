@@ -39,9 +39,15 @@ async def test_async_client_and_adapters(tiny_server: Server) -> None:
             client.generate("Tell me a story", max_new_tokens=10, adapter_name="alpha"),
         )
         assert base.outputs[0].token_ids != alpha.outputs[0].token_ids
-        chunks = [c async for c in client.generate_stream("Tell me a story", max_new_tokens=10,
-                                                          adapter_name="alpha")]
-        assert [t for c in chunks for o in c.outputs for t in o.token_ids] == alpha.outputs[0].token_ids
+        chunks = [
+            c
+            async for c in client.generate_stream(
+                "Tell me a story", max_new_tokens=10, adapter_name="alpha"
+            )
+        ]
+        assert [t for c in chunks for o in c.outputs for t in o.token_ids] == alpha.outputs[
+            0
+        ].token_ids
         chat = await client.chat([{"role": "user", "content": "Hi"}], max_tokens=5)
         assert chat["choices"][0]["message"]["role"] == "assistant"
 
@@ -54,22 +60,33 @@ def test_openai_sdk_completions_and_chat(tiny_server: Server) -> None:
     assert models[0] == "tiny-llama" and {"alpha", "beta"} <= set(models)
     done = client.completions.create(model="tiny-llama", prompt="Once", max_tokens=8, temperature=0)
     assert done.usage.completion_tokens == 8 and done.choices[0].finish_reason == "length"
-    stream = client.completions.create(model="tiny-llama", prompt="Once", max_tokens=8,
-                                       temperature=0, stream=True)
+    stream = client.completions.create(
+        model="tiny-llama", prompt="Once", max_tokens=8, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in stream if c.choices) == done.choices[0].text
     chat = client.chat.completions.create(
-        model="beta", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0)
+        model="beta", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0
+    )
     assert chat.choices[0].message.content is not None and chat.usage.completion_tokens >= 1
     pieces = client.chat.completions.create(
-        model="beta", messages=[{"role": "user", "content": "Hello"}], max_tokens=8,
-        temperature=0, stream=True, stream_options={"include_usage": True})
+        model="beta",
+        messages=[{"role": "user", "content": "Hello"}],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(pieces)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == chat.choices[0].message.content
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+    assert (
+        chunks[-1].usage is not None
+        and chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+    )
     with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="no-such-adapter",
-                                       messages=[{"role": "user", "content": "x"}])
+        client.chat.completions.create(
+            model="no-such-adapter", messages=[{"role": "user", "content": "x"}]
+        )
 
 
 def test_raw_sse_is_well_formed(tiny_server: Server) -> None:
@@ -106,14 +123,19 @@ def test_bad_requests_get_400_json_and_server_keeps_serving(
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and param in (error["param"] or "")
-    ok = httpx.post(f"{tiny_server.url}/v1/generate", json={"prompt": "x", "max_new_tokens": 2},
-                    timeout=30)
+    ok = httpx.post(
+        f"{tiny_server.url}/v1/generate", json={"prompt": "x", "max_new_tokens": 2}, timeout=30
+    )
     assert ok.status_code == 200
 
 
 def test_malformed_json_is_400(tiny_server: Server) -> None:
-    r = httpx.post(f"{tiny_server.url}/v1/generate", content=b"{not json",
-                   headers={"content-type": "application/json"}, timeout=30)
+    r = httpx.post(
+        f"{tiny_server.url}/v1/generate",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
 
@@ -125,7 +147,9 @@ def test_client_errors_are_typed(tiny_server: Server) -> None:
         dead.metadata()
 
 
-def test_runtime_adapter_load_list_unload(tiny_server: Server, tiny_adapters: dict[str, Path]) -> None:
+def test_runtime_adapter_load_list_unload(
+    tiny_server: Server, tiny_adapters: dict[str, Path]
+) -> None:
     with HTTPClient(tiny_server.url) as client:
         info = client.load_adapter("gamma", str(tiny_adapters["gamma"]))
         assert info["state"] == "ready" and info["rank"] == 16
@@ -149,11 +173,19 @@ def test_metrics_after_traffic(tiny_server: Server) -> None:
         for _ in range(2):
             client.generate("count", max_new_tokens=3)
     text = httpx.get(f"{tiny_server.url}/metrics", timeout=30).text
-    for name in ("openllm_clone_requests_total", "openllm_clone_time_to_first_token_seconds",
-                 "openllm_clone_time_per_output_token_seconds", "openllm_clone_generated_tokens_total",
-                 "openllm_clone_queue_size", "openllm_clone_batch_size",
-                 "openllm_clone_request_duration_seconds"):
+    for name in (
+        "openllm_clone_requests_total",
+        "openllm_clone_time_to_first_token_seconds",
+        "openllm_clone_time_per_output_token_seconds",
+        "openllm_clone_generated_tokens_total",
+        "openllm_clone_queue_size",
+        "openllm_clone_batch_size",
+        "openllm_clone_request_duration_seconds",
+    ):
         assert name in text, name
-    ok_lines = [ln for ln in text.splitlines()
-                if ln.startswith("openllm_clone_requests_total{") and 'status="ok"' in ln]
+    ok_lines = [
+        ln
+        for ln in text.splitlines()
+        if ln.startswith("openllm_clone_requests_total{") and 'status="ok"' in ln
+    ]
     assert sum(float(ln.rsplit(" ", 1)[1]) for ln in ok_lines) >= 2

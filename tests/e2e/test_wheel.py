@@ -41,20 +41,33 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tree (the files git would commit: no stale build/ folder can leak into the wheel)."""
     out = tmp_path_factory.mktemp("dist")
     tree = tmp_path_factory.mktemp("tree")
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                            cwd=ROOT, capture_output=True, text=True, check=True, timeout=60)
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     for rel in listed.stdout.splitlines():
         if (ROOT / rel).is_file():
             (tree / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, tree / rel)
     # The hooks print setuptools' progress on stdout: the names go to a file of their own.
     # (build_meta rewrites sys.argv while it runs: read the arguments first.)
-    code = ("import sys, pathlib; out, names = sys.argv[1:3]; from setuptools import build_meta as b; "
-            "built = [b.build_sdist(out), b.build_wheel(out)]; "
-            "pathlib.Path(names).write_text(' '.join(built))")
+    code = (
+        "import sys, pathlib; out, names = sys.argv[1:3]; from setuptools import build_meta as b; "
+        "built = [b.build_sdist(out), b.build_wheel(out)]; "
+        "pathlib.Path(names).write_text(' '.join(built))"
+    )
     names = tmp_path_factory.mktemp("names") / "names"
-    done = subprocess.run([sys.executable, "-c", code, str(out), str(names)], cwd=tree,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(out), str(names)],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     sdist, wheel = names.read_text().split()
     return {"sdist": out / sdist, "wheel": out / wheel}
@@ -72,23 +85,37 @@ def test_wheel_holds_every_module_of_the_source_tree(dist: dict[str, Path]) -> N
     assert {f for f in folders if f"{f}/__init__.py" not in in_wheel} == set()
 
 
-def test_sdist_rebuilds_the_same_wheel_contents(dist: dict[str, Path],
-                                                tmp_path: Path) -> None:
+def test_sdist_rebuilds_the_same_wheel_contents(dist: dict[str, Path], tmp_path: Path) -> None:
     with tarfile.open(dist["sdist"]) as tar:
         tar.extractall(tmp_path, filter="data")
     (src,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert (src / "setup.py").is_file() and (src / "openllm_clone" / "_layout.py").is_file()
     out = tmp_path / "wheel"
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                           "-w", str(out), str(src)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(out),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     (rebuilt,) = out.glob("*.whl")
     py = {n for n in zipfile.ZipFile(rebuilt).namelist() if n.endswith(".py")}
     assert py == {n for n in zipfile.ZipFile(dist["wheel"]).namelist() if n.endswith(".py")}
 
 
-def test_plain_install_of_the_wheel_serves(dist: dict[str, Path], tiny_model_dir: Path,
-                                           tmp_path: Path) -> None:
+def test_plain_install_of_the_wheel_serves(
+    dist: dict[str, Path], tiny_model_dir: Path, tmp_path: Path
+) -> None:
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = str(venv / "bin" / "python")
@@ -96,19 +123,30 @@ def test_plain_install_of_the_wheel_serves(dist: dict[str, Path], tiny_model_dir
 
     # The same torch build as here (the CPU one); everything else as the wheel declares it.
     torch_spec = f"torch=={torch.__version__.split('+')[0]}"
-    done = subprocess.run([python, "-m", "pip", "install", "--quiet", torch_spec, str(dist["wheel"])],
-                          capture_output=True, text=True, timeout=1200)
+    done = subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", torch_spec, str(dist["wheel"])],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
-    where = subprocess.run([python, "-c", "import openllm_clone.runners.quantization as q; print(q.__file__)"],
-                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    where = subprocess.run(
+        [python, "-c", "import openllm_clone.runners.quantization as q; print(q.__file__)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert where.returncode == 0, where.stderr
     assert str(venv) in where.stdout and str(ROOT) not in where.stdout
     args = [str(tiny_model_dir), "--dtype", "float32", "--kv-cache-mb", "16"]
     env = {"PYTHONPATH": "", "BENTOML_HOME": str(tmp_path / "bentoml")}
     with run_server(args, env, tmp_path / "server.log", python=python, cwd=tmp_path) as server:
-        r = httpx.post(f"{server.url}/v1/completions", timeout=120,
-                       json={"model": "tiny-llama", "prompt": "Hello", "max_tokens": 4,
-                             "temperature": 0})
+        r = httpx.post(
+            f"{server.url}/v1/completions",
+            timeout=120,
+            json={"model": "tiny-llama", "prompt": "Hello", "max_tokens": 4, "temperature": 0},
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["usage"]["completion_tokens"] == 4

@@ -14,15 +14,19 @@ from openllm_clone.testing import run_server
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def test_two_workers_serve_forty_concurrent_requests(tiny_model_dir: Path, tiny_adapters: dict[str, Path],
-                                                     tmp_path: Path) -> None:
+def test_two_workers_serve_forty_concurrent_requests(
+    tiny_model_dir: Path, tiny_adapters: dict[str, Path], tmp_path: Path
+) -> None:
     args = [str(tiny_model_dir), "--dtype", "float32", "--workers", "2", "--kv-cache-mb", "32"]
     for name, path in tiny_adapters.items():
         args += ["--adapter-id", f"{name}={path}"]
     names: list[str | None] = [None, *tiny_adapters]
 
-    async def main(url: str) -> tuple[dict[str | None, list[int]], list[tuple[str | None, list[int]]]]:
+    async def main(
+        url: str,
+    ) -> tuple[dict[str | None, list[int]], list[tuple[str | None, list[int]]]]:
         async with httpx.AsyncClient(timeout=120) as client:
+
             async def one(adapter: str | None) -> list[int]:
                 body: dict[str, object] = {"prompt": "Workers share the load", "max_new_tokens": 10}
                 if adapter:
@@ -43,9 +47,15 @@ def test_two_workers_serve_forty_concurrent_requests(tiny_model_dir: Path, tiny_
     for adapter, tokens in results:
         assert tokens == solo[adapter], adapter
     assert len({tuple(v) for v in solo.values()}) == len(names)  # adapters differ
-    ok = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-             if line.startswith("openllm_clone_requests_total{") and 'status="ok"' in line)
+    ok = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("openllm_clone_requests_total{") and 'status="ok"' in line
+    )
     assert ok == 40 + len(names)  # counted across both workers
-    workers = {json.loads(line.split("openllm_clone.requests: ", 1)[1])["worker"]
-               for line in logs.splitlines() if "openllm_clone.requests: " in line}
+    workers = {
+        json.loads(line.split("openllm_clone.requests: ", 1)[1])["worker"]
+        for line in logs.splitlines()
+        if "openllm_clone.requests: " in line
+    }
     assert len(workers) == 2

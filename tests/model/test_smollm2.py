@@ -34,8 +34,9 @@ def smollm2_tag(bentoml_home: Path) -> str:
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_tag: str) -> Any:
-    llm = LLM.from_settings(Settings(model=smollm2_tag, dtype="float32", device="cpu",
-                                     kv_cache_mb=256))
+    llm = LLM.from_settings(
+        Settings(model=smollm2_tag, dtype="float32", device="cpu", kv_cache_mb=256)
+    )
     yield llm
     llm.shutdown()
 
@@ -52,8 +53,16 @@ async def test_bf16_default_path_answers_paris(smollm2_tag: str) -> None:
     # micro-GEMMs): check both still answer, and alike.
     texts = []
     for compile in (False, True):
-        llm = LLM.from_settings(Settings(model=smollm2_tag, dtype="bfloat16", device="cpu",
-                                         kv_cache_mb=64, compile=compile, max_batch_size=1))
+        llm = LLM.from_settings(
+            Settings(
+                model=smollm2_tag,
+                dtype="bfloat16",
+                device="cpu",
+                kv_cache_mb=64,
+                compile=compile,
+                max_batch_size=1,
+            )
+        )
         try:
             prompt = llm.chat_prompt([ChatMessage(role="user", content=QUESTION)])
             result = await llm.complete(llm.tokenize(prompt), SamplingParams(max_new_tokens=24))
@@ -67,26 +76,45 @@ async def test_bf16_default_path_answers_paris(smollm2_tag: str) -> None:
 
 
 async def test_batch_invariance_on_smollm2(smollm2: LLM) -> None:
-    questions = [QUESTION, "Name a primary colour.", "What is 2 + 2?", "Say hello in Spanish.",
-                 "What do bees make?", "Which planet is red?", "What is ice made of?",
-                 "Who wrote Hamlet?"]
-    ids = [smollm2.tokenize(smollm2.chat_prompt([ChatMessage(role="user", content=q)]))
-           for q in questions]
+    questions = [
+        QUESTION,
+        "Name a primary colour.",
+        "What is 2 + 2?",
+        "Say hello in Spanish.",
+        "What do bees make?",
+        "Which planet is red?",
+        "What is ice made of?",
+        "Who wrote Hamlet?",
+    ]
+    ids = [
+        smollm2.tokenize(smollm2.chat_prompt([ChatMessage(role="user", content=q)]))
+        for q in questions
+    ]
     params = SamplingParams(max_new_tokens=20)
     alone = [(await smollm2.complete(i, params)).token_ids[0] for i in ids]
     together = await asyncio.gather(*(smollm2.complete(i, params) for i in ids))
     assert [r.token_ids[0] for r in together] == alone
 
 
-async def test_mixed_adapters_on_smollm2_equal_merged(smollm2: LLM, smollm2_tag: str,
-                                                      tmp_path: Path) -> None:
+async def test_mixed_adapters_on_smollm2_equal_merged(
+    smollm2: LLM, smollm2_tag: str, tmp_path: Path
+) -> None:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base_dir = smollm2.runner.model.name_or_path
-    adapters = {f"a{i}": make_adapter(Path(base_dir), tmp_path / f"a{i}", seed=i, rank=8,
-                                      targets=["q_proj", "v_proj"], scale=0.05) for i in range(3)}
+    adapters = {
+        f"a{i}": make_adapter(
+            Path(base_dir),
+            tmp_path / f"a{i}",
+            seed=i,
+            rank=8,
+            targets=["q_proj", "v_proj"],
+            scale=0.05,
+        )
+        for i in range(3)
+    }
     for name, path in adapters.items():
         await smollm2.adapters.load(name, str(path), force=True)
     ids = smollm2.tokenize(smollm2.chat_prompt([ChatMessage(role="user", content=QUESTION)]))
@@ -98,7 +126,7 @@ async def test_mixed_adapters_on_smollm2_equal_merged(smollm2: LLM, smollm2_tag:
         if name:
             model = PeftModel.from_pretrained(model, str(adapters[name])).merge_and_unload()
         ref = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
-        want = ref[0, len(ids):].tolist()
+        want = ref[0, len(ids) :].tolist()
         assert out.token_ids[0] == want[: len(out.token_ids[0])], name
 
 
@@ -107,7 +135,10 @@ def test_start_default_model_and_query_cli(smollm2_tag: str, tmp_path: Path) -> 
     with run_server([], {}, tmp_path / "server.log") as server:
         answer = subprocess.run(
             [sys.executable, "-m", "openllm_clone", "query", "--endpoint", server.url, QUESTION],
-            capture_output=True, text=True, timeout=120, check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
         )
         assert "Paris" in answer.stdout
         meta = httpx.get(f"{server.url}/v1/metadata", timeout=30).json()

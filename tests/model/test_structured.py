@@ -47,14 +47,23 @@ def test_json_schema_through_openai_sdk_always_parses(server: Server) -> None:
     schema = City.model_json_schema()
     for seed in range(10):
         reply = client.chat.completions.create(
-            model="smollm2", temperature=1.0, seed=seed, max_tokens=120,
+            model="smollm2",
+            temperature=1.0,
+            seed=seed,
+            max_tokens=120,
             messages=[{"role": "user", "content": "Describe Paris as JSON."}],
-            response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "city", "schema": schema},
+            },
         )
         City.model_validate_json(reply.choices[0].message.content or "")
     plain = client.chat.completions.create(
-        model="smollm2", max_tokens=60, messages=[{"role": "user", "content": "List two colours."}],
-        response_format={"type": "json_object"})
+        model="smollm2",
+        max_tokens=60,
+        messages=[{"role": "user", "content": "List two colours."}],
+        response_format={"type": "json_object"},
+    )
     assert isinstance(json.loads(plain.choices[0].message.content or ""), dict)
 
 
@@ -71,14 +80,27 @@ def test_tool_calls_come_back_as_openai_tool_calls(server: Server) -> None:
     import openai
 
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x")
-    tools = [{"type": "function", "function": {
-        "name": "multiply", "description": "Multiply two integers.",
-        "parameters": {"type": "object", "properties": {"a": {"type": "integer"},
-                                                        "b": {"type": "integer"}},
-                       "required": ["a", "b"]}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "multiply",
+                "description": "Multiply two integers.",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                    "required": ["a", "b"],
+                },
+            },
+        }
+    ]
     reply = client.chat.completions.create(
-        model="smollm2", max_tokens=60, tools=tools, tool_choice="required",
-        messages=[{"role": "user", "content": "What is 6 times 7?"}])
+        model="smollm2",
+        max_tokens=60,
+        tools=tools,
+        tool_choice="required",
+        messages=[{"role": "user", "content": "What is 6 times 7?"}],
+    )
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls"
     call = choice.message.tool_calls[0]
@@ -86,8 +108,13 @@ def test_tool_calls_come_back_as_openai_tool_calls(server: Server) -> None:
     args = json.loads(call.function.arguments)
     assert isinstance(args["a"], int) and isinstance(args["b"], int)
     streamed = client.chat.completions.create(
-        model="smollm2", max_tokens=60, tools=tools, tool_choice="required", stream=True,
-        messages=[{"role": "user", "content": "What is 6 times 7?"}])
+        model="smollm2",
+        max_tokens=60,
+        tools=tools,
+        tool_choice="required",
+        stream=True,
+        messages=[{"role": "user", "content": "What is 6 times 7?"}],
+    )
     deltas = [c.choices[0].delta for c in streamed if c.choices]
     assert any(d.tool_calls for d in deltas)
 
@@ -100,7 +127,10 @@ def test_langchain_tool_calling_agent_runs_a_real_tool(server: Server) -> None:
     multiply_tool = tool(multiply)
     base = ChatOpenLLMClone(endpoint=server.url, max_tokens=80)
     # A minimal agent loop: the first turn must call a tool, later turns may answer.
-    first, later = base.bind_tools([multiply_tool], tool_choice="any"), base.bind_tools([multiply_tool])
+    first, later = (
+        base.bind_tools([multiply_tool], tool_choice="any"),
+        base.bind_tools([multiply_tool]),
+    )
     messages: list[Any] = [HumanMessage("Use the multiply tool: what is 6 times 7?")]
     CALLS.clear()
     answer = None
@@ -135,7 +165,8 @@ def test_smolagents_tool_calling_agent(server: Server) -> None:
     CALLS.clear()
     model = smolagents_model(server.url, max_tokens=120)
     assert model.model_id == "smollm2"
-    agent = smolagents.ToolCallingAgent(tools=[multiply_numbers], model=model, max_steps=3,
-                                        verbosity_level=0)
+    agent = smolagents.ToolCallingAgent(
+        tools=[multiply_numbers], model=model, max_steps=3, verbosity_level=0
+    )
     agent.run("What is 6 times 7? Use the multiply_numbers tool.")
     assert CALLS and all(isinstance(c["a"], int) and isinstance(c["b"], int) for c in CALLS)

@@ -23,8 +23,11 @@ from openllm_clone.settings import Settings
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir: Path) -> Any:
-    instance = LLM.from_settings(Settings(model=str(tiny_model_dir), dtype="float32",
-                                          device="cpu", max_adapters=3, kv_cache_mb=32))
+    instance = LLM.from_settings(
+        Settings(
+            model=str(tiny_model_dir), dtype="float32", device="cpu", max_adapters=3, kv_cache_mb=32
+        )
+    )
     yield instance
     instance.shutdown()
 
@@ -36,14 +39,18 @@ def merged_greedy(base: Path, adapter: Path | None, ids: list[int], n: int) -> l
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
-                         eos_token_id=None, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+    out = model.generate(
+        torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    return out[0, len(ids) :].tolist()
 
 
 @pytest.mark.parametrize("per_token_from", [8, 1], ids=["default", "per-token-forced"])
 async def test_mixed_batch_rows_equal_merged_adapters(
-    llm: LLM, tiny_model_dir: Path, tiny_adapters: dict[str, Path], per_token_from: int,
+    llm: LLM,
+    tiny_model_dir: Path,
+    tiny_adapters: dict[str, Path],
+    per_token_from: int,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Decode steps with several adapters take the masked path by default (fewer than 8
@@ -53,13 +60,19 @@ async def test_mixed_batch_rows_equal_merged_adapters(
     monkeypatch.setattr(lora_mod, "_PER_TOKEN_MIN_ADAPTERS", per_token_from)
     for name in ("alpha", "beta", "gamma"):
         await llm.adapters.load(name, str(tiny_adapters[name]))
-    cases = [(None, "The weather today"), ("alpha", "The weather today"),
-             ("beta", "A story about a cat"), ("gamma", "Numbers: one two"),
-             (None, "A story about a cat"), ("alpha", "Numbers: one two")]
+    cases = [
+        (None, "The weather today"),
+        ("alpha", "The weather today"),
+        ("beta", "A story about a cat"),
+        ("gamma", "Numbers: one two"),
+        (None, "A story about a cat"),
+        ("alpha", "Numbers: one two"),
+    ]
     params = SamplingParams(max_new_tokens=16)
     ids = [llm.tokenize(p) for _, p in cases]
-    results = await asyncio.gather(*(llm.complete(i, params, adapter=a)
-                                     for (a, _), i in zip(cases, ids)))
+    results = await asyncio.gather(
+        *(llm.complete(i, params, adapter=a) for (a, _), i in zip(cases, ids))
+    )
     outputs = [r.token_ids[0] for r in results]
     for (adapter, _), i, got in zip(cases, ids, outputs):
         path = tiny_adapters[adapter] if adapter else None
@@ -104,8 +117,10 @@ async def test_validation_failures_leave_state_unchanged(
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(bad / "adapter_model.safetensors"))
-    save_file({k.replace("q_proj", "qkv_proj"): v for k, v in tensors.items()},
-              str(bad / "adapter_model.safetensors"))
+    save_file(
+        {k.replace("q_proj", "qkv_proj"): v for k, v in tensors.items()},
+        str(bad / "adapter_model.safetensors"),
+    )
     with pytest.raises(AdapterIncompatibleError, match="qkv_proj"):
         await llm.adapters.load("bad", str(bad))
     # Missing folder / no weights.
@@ -135,22 +150,27 @@ async def test_oversized_adapter_is_refused(llm: LLM, tiny_adapters: dict[str, P
     assert [a.name for a in llm.adapters.list()] == before
 
 
-@pytest.mark.parametrize("source", ["~no-such-user-xyz/adapter", "a" * 5000, "/" + "b" * 300 + "/x"])
+@pytest.mark.parametrize(
+    "source", ["~no-such-user-xyz/adapter", "a" * 5000, "/" + "b" * 300 + "/x"]
+)
 async def test_unopenable_sources_are_404(llm: LLM, source: str) -> None:
     # Found by the fuzzer: these raised RuntimeError / OSError, answered as 500.
     with pytest.raises(AdapterNotFoundError, match="cannot be opened|does not exist"):
         await llm.adapters.load("odd", source)
 
 
-async def test_pickled_adapter_is_refused(llm: LLM, tmp_path: Path,
-                                          tiny_adapters: dict[str, Path]) -> None:
+async def test_pickled_adapter_is_refused(
+    llm: LLM, tmp_path: Path, tiny_adapters: dict[str, Path]
+) -> None:
     from safetensors.torch import load_file
 
     folder = tmp_path / "pickled"
     folder.mkdir()
     shutil.copy(tiny_adapters["alpha"] / "adapter_config.json", folder)
-    torch.save(load_file(str(tiny_adapters["alpha"] / "adapter_model.safetensors")),
-               folder / "adapter_model.bin")
+    torch.save(
+        load_file(str(tiny_adapters["alpha"] / "adapter_model.safetensors")),
+        folder / "adapter_model.bin",
+    )
     with pytest.raises(AdapterIncompatibleError, match="pickled"):
         await llm.adapters.load("pickled", str(folder))
 
@@ -176,7 +196,9 @@ async def test_lru_eviction_and_reload_on_demand(llm: LLM, tiny_adapters: dict[s
 async def test_unload_waits_for_in_flight(llm: LLM, tiny_adapters: dict[str, Path]) -> None:
     await llm.adapters.load("alpha", str(tiny_adapters["alpha"]))
     ids = llm.tokenize("Long story")
-    running = asyncio.create_task(llm.complete(ids, SamplingParams(max_new_tokens=60), adapter="alpha"))
+    running = asyncio.create_task(
+        llm.complete(ids, SamplingParams(max_new_tokens=60), adapter="alpha")
+    )
     await asyncio.sleep(0.05)
     await llm.adapters.unload("alpha")
     result = await running
@@ -204,9 +226,10 @@ async def test_linear_merge_equals_peft_weighted_cat(
     peft_model.add_weighted_adapter(["alpha", "gamma"], [0.7, 0.3], "mix", combination_type="cat")
     peft_model.set_adapter("mix")
     merged = peft_model.merge_and_unload()
-    ref = merged.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)
-    assert ours.token_ids[0] == ref[0, len(ids):].tolist()
+    ref = merged.generate(
+        torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    assert ours.token_ids[0] == ref[0, len(ids) :].tolist()
     # The same recipe reuses the cached merge; an unknown component is a 404.
     assert await llm.adapters.merged(["alpha", "gamma"], [0.7, 0.3]) == name
     with pytest.raises(AdapterNotFoundError):
@@ -229,7 +252,9 @@ async def test_adapter_in_the_model_store_loads_on_first_use(
 
 
 @pytest.mark.parametrize("per_token", [True, False], ids=["per-token", "masked"])
-def test_lora_bank_paths_equal_each_rows_own_adapter(per_token: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lora_bank_paths_equal_each_rows_own_adapter(
+    per_token: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Both ways of applying many adapters equal x @ A_s.T @ B_s.T per token, also as the
     batch changes between steps (the per-token rows are updated, not rebuilt)."""
     import torch
@@ -239,12 +264,17 @@ def test_lora_bank_paths_equal_each_rows_own_adapter(per_token: bool, monkeypatc
     monkeypatch.setattr(lora_mod, "_PER_TOKEN_MIN_ADAPTERS", 1 if per_token else 10**6)
     torch.manual_seed(0)
     dims = {"q_proj": (16, 24), "down_proj": (32, 16)}
-    bank = lora_mod.LoraBank(dims, num_layers=2, num_slots=4, dtype=torch.float32,
-                             device=torch.device("cpu"))
+    bank = lora_mod.LoraBank(
+        dims, num_layers=2, num_slots=4, dtype=torch.float32, device=torch.device("cpu")
+    )
     refs: dict[int, dict[tuple[int, str], LoraModule]] = {}
     for slot, rank in ((1, 4), (2, 8), (3, 2)):
-        modules = {(layer, m): LoraModule(a=torch.randn(rank, i), b=torch.randn(o, rank), scale=0.5)
-                   for layer in range(2) for m, (i, o) in dims.items() if not (slot == 3 and m == "down_proj")}
+        modules = {
+            (layer, m): LoraModule(a=torch.randn(rank, i), b=torch.randn(o, rank), scale=0.5)
+            for layer in range(2)
+            for m, (i, o) in dims.items()
+            if not (slot == 3 and m == "down_proj")
+        }
         bank.install(slot, AdapterWeights(path=f"slot{slot}", config={}, modules=modules))
         refs[slot] = modules
     # Base rows, repeats, an adapter without down_proj; then rows leave, join and move.

@@ -24,8 +24,9 @@ from tests.helpers import (
     run_cli,
 )
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
-                                reason="bitsandbytes missing (extra quantize)")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes missing (extra quantize)"
+)
 
 # Min cosine and top-1 agreement of last-token logits against the bf16 model over 16
 # prompts. Measured on this random 4-layer model with one layer kept (the default for 4
@@ -38,13 +39,21 @@ MIN_COSINE, MIN_TOP1 = 0.85, 0.1
 @pytest.fixture(scope="module")
 def fp_model(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Path:
     """Every Linear dimension a multiple of 64 (bitsandbytes 4-bit on CPU needs it)."""
-    return make_tiny_model(tmp_path_factory.mktemp("bnbq") / "bnbq-llama", tokenizer, layers=4,
-                           hidden=128, seed=9)
+    return make_tiny_model(
+        tmp_path_factory.mktemp("bnbq") / "bnbq-llama", tokenizer, layers=4, hidden=128, seed=9
+    )
 
 
 def _llm(model: str, quantize: str | None = None) -> LLM:
-    return LLM.from_settings(Settings(model=model, dtype="bfloat16", device="cpu", quantize=quantize,  # type: ignore[arg-type]
-                                      kv_cache_mb=64))
+    return LLM.from_settings(
+        Settings(
+            model=model,
+            dtype="bfloat16",
+            device="cpu",
+            quantize=quantize,  # type: ignore[arg-type]
+            kv_cache_mb=64,
+        )
+    )
 
 
 def _embedding_bytes(llm: LLM) -> int:
@@ -74,8 +83,13 @@ def test_sensitivity_finds_the_layer_that_4bit_damages(bentoml_home: Path) -> No
     with torch.no_grad():
         for norm in (damaged.input_layernorm, damaged.post_attention_layernorm):
             norm.weight[::64] = 0.0  # these input features never reach the projections
-        for proj in (damaged.self_attn.q_proj, damaged.self_attn.k_proj, damaged.self_attn.v_proj,
-                     damaged.mlp.gate_proj, damaged.mlp.up_proj):
+        for proj in (
+            damaged.self_attn.q_proj,
+            damaged.self_attn.k_proj,
+            damaged.self_attn.v_proj,
+            damaged.mlp.gate_proj,
+            damaged.mlp.up_proj,
+        ):
             proj.weight[:, ::64] = 8 * proj.weight.abs().max()  # one per 64-wide block
     before = {n: p.clone() for n, p in model.named_parameters()}
     batches = [tokenizer(t, return_tensors="pt")["input_ids"] for t in BUILTIN_TEXTS[:3]]
@@ -89,7 +103,8 @@ def test_sensitivity_finds_the_layer_that_4bit_damages(bentoml_home: Path) -> No
 
 
 def test_quantize_fp4_keeps_the_measured_layer_and_serves_adapters(
-        fp_model: Path, tokenizer: Any, tmp_path: Path) -> None:
+    fp_model: Path, tokenizer: Any, tmp_path: Path
+) -> None:
     result = run_cli("quantize", str(fp_model), "--method", "fp4", "--name", "tiny-fp4")
     assert result.returncode == 0, result.stderr[-3000:]
     tag = result.stdout.strip().splitlines()[-1]
@@ -109,7 +124,9 @@ def test_quantize_fp4_keeps_the_measured_layer_and_serves_adapters(
 
     assert _checkpoint_quantization(Path(stored.path)) == "fp4"  # a bento installs bitsandbytes
 
-    prompts = [tokenizer(f"Sentence number {i} about topic {i * 7}.")["input_ids"] for i in range(16)]
+    prompts = [
+        tokenizer(f"Sentence number {i} about topic {i * 7}.")["input_ids"] for i in range(16)
+    ]
     ref = _llm(str(fp_model))
     try:
         ref_logits = last_logits(ref, prompts).float()
@@ -153,11 +170,16 @@ def test_quantize_fp4_keeps_the_measured_layer_and_serves_adapters(
 
 
 def test_quantize_4bit_refuses_bad_arguments_clearly(fp_model: Path) -> None:
-    cases = [(["--method", "fp4", "--bits", "8"], "fp4 is 4-bit"),
-             (["--method", "nf4", "--keep-layers", "4"], "between 0 and 3"),
-             (["--method", "nf4", "--group-size", "32"], "GPTQ options"),
-             (["--method", "gptq", "--keep-layers", "2"], "--keep-layers is for nf4/fp4"),
-             (["--method", "int8"], "quantize at load time")]
+    cases = [
+        (["--method", "fp4", "--bits", "8"], "fp4 is 4-bit"),
+        (["--method", "nf4", "--keep-layers", "4"], "between 0 and 3"),
+        (["--method", "nf4", "--group-size", "32"], "GPTQ options"),
+        (["--method", "gptq", "--keep-layers", "2"], "--keep-layers is for nf4/fp4"),
+        (["--method", "int8"], "quantize at load time"),
+    ]
     for args, message in cases:
         result = run_cli("quantize", str(fp_model), *args, "--name", "nope")
-        assert result.returncode != 0 and message in result.stderr + result.stdout, (args, result.stderr[-2000:])
+        assert result.returncode != 0 and message in result.stderr + result.stdout, (
+            args,
+            result.stderr[-2000:],
+        )

@@ -14,8 +14,7 @@ def test_every_settings_field_is_a_start_option_with_its_default_and_help() -> N
     group = typer.main.get_command(app)
     start = group.commands["start"]  # type: ignore[attr-defined]
     by_field = {PARAM_FIELDS.get(p.name, p.name): p for p in start.params}
-    assert set(by_field) == set(Settings.model_fields), (
-        set(Settings.model_fields) ^ set(by_field))
+    assert set(by_field) == set(Settings.model_fields), set(Settings.model_fields) ^ set(by_field)
     for name, info in Settings.model_fields.items():
         param = by_field[name]
         assert param.envvar == env_var(name), name
@@ -34,11 +33,27 @@ def test_start_builds_the_settings_it_is_given(monkeypatch, tmp_path) -> None:  
     monkeypatch.setattr(serve_mod, "serve", seen.append)
     monkeypatch.setenv("OPENLLM_CLONE_MAX_PREFILL_TOKENS", "64")
     monkeypatch.setenv("OPENLLM_CLONE_API_KEY", "k1,k2")
-    result = CliRunner().invoke(app, ["start", "some-model", "--block-size", "32", "--seed", "7",
-                                      "--adapter-id", f"a={tmp_path}", "--no-prefix-caching"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "start",
+            "some-model",
+            "--block-size",
+            "32",
+            "--seed",
+            "7",
+            "--adapter-id",
+            f"a={tmp_path}",
+            "--no-prefix-caching",
+        ],
+    )
     assert result.exit_code == 0, result.output
     (settings,) = seen
     assert (settings.model, settings.block_size, settings.seed, settings.max_prefill_tokens) == (
-        "some-model", 32, 7, 64)
+        "some-model",
+        32,
+        7,
+        64,
+    )
     assert settings.api_keys == ["k1", "k2"] and not settings.prefix_caching
     assert [a.name for a in settings.adapters] == ["a"]

@@ -13,10 +13,18 @@ from openllm_clone import client as client_mod
 from openllm_clone.client import APIConnectionError, APIStatusError, AsyncHTTPClient, HTTPClient
 
 BACKOFF = client_mod._backoff  # the real one, before the fixture below replaces it
-UNAVAILABLE = {"error": {"message": "replica died", "type": "unavailable", "param": None, "code": 503}}
-OK = {"request_id": "r", "prompt": "p", "adapter_name": None, "finished": True,
-      "outputs": [{"index": 0, "text": "hi", "token_ids": [1], "finish_reason": "length"}],
-      "prompt_token_ids": [1], "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+UNAVAILABLE = {
+    "error": {"message": "replica died", "type": "unavailable", "param": None, "code": 503}
+}
+OK = {
+    "request_id": "r",
+    "prompt": "p",
+    "adapter_name": None,
+    "finished": True,
+    "outputs": [{"index": 0, "text": "hi", "token_ids": [1], "finish_reason": "length"}],
+    "prompt_token_ids": [1],
+    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+}
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +38,9 @@ def _sync(handler: Callable[[httpx.Request], httpx.Response], **kw: int) -> HTTP
     return c
 
 
-def _scripted(responses: list[httpx.Response | Exception]) -> tuple[Callable[[httpx.Request], httpx.Response], list[int]]:
+def _scripted(
+    responses: list[httpx.Response | Exception],
+) -> tuple[Callable[[httpx.Request], httpx.Response], list[int]]:
     calls: list[int] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -44,13 +54,20 @@ def _scripted(responses: list[httpx.Response | Exception]) -> tuple[Callable[[ht
 
 
 def _sse(*events: dict[str, object], done: bool = True) -> httpx.Response:
-    body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + ("data: [DONE]\n\n" if done else "")
+    body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + (
+        "data: [DONE]\n\n" if done else ""
+    )
     return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
 
 
 def test_503_is_retried_until_it_succeeds() -> None:
-    handler, calls = _scripted([httpx.Response(503, json=UNAVAILABLE), httpx.Response(503, json=UNAVAILABLE),
-                                httpx.Response(200, json=OK)])
+    handler, calls = _scripted(
+        [
+            httpx.Response(503, json=UNAVAILABLE),
+            httpx.Response(503, json=UNAVAILABLE),
+            httpx.Response(200, json=OK),
+        ]
+    )
     with _sync(handler) as c:
         assert c.generate("p").outputs[0].text == "hi"
     assert len(calls) == 3
@@ -104,13 +121,21 @@ def test_async_client_retries_the_same_way() -> None:
     chunk = {"choices": [{"index": 0, "delta": {"content": "hi"}}]}
 
     async def main() -> tuple[str, list[dict[str, object]]]:
-        handler, _ = _scripted([httpx.Response(503, json=UNAVAILABLE), httpx.Response(200, json=OK)])
+        handler, _ = _scripted(
+            [httpx.Response(503, json=UNAVAILABLE), httpx.Response(200, json=OK)]
+        )
         async with AsyncHTTPClient("http://test") as c:
-            c._http = httpx.AsyncClient(base_url="http://test", transport=httpx.MockTransport(handler))
+            c._http = httpx.AsyncClient(
+                base_url="http://test", transport=httpx.MockTransport(handler)
+            )
             text = (await c.generate("p")).outputs[0].text
-        handler, _ = _scripted([httpx.Response(503, json=UNAVAILABLE), _sse(UNAVAILABLE, done=False), _sse(chunk)])
+        handler, _ = _scripted(
+            [httpx.Response(503, json=UNAVAILABLE), _sse(UNAVAILABLE, done=False), _sse(chunk)]
+        )
         async with AsyncHTTPClient("http://test") as c:
-            c._http = httpx.AsyncClient(base_url="http://test", transport=httpx.MockTransport(handler))
+            c._http = httpx.AsyncClient(
+                base_url="http://test", transport=httpx.MockTransport(handler)
+            )
             events = [e async for e in c.chat_stream([{"role": "user", "content": "x"}])]
         return text, events
 

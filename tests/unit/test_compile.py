@@ -23,8 +23,14 @@ pytestmark = pytest.mark.slow
 
 
 def make_llm(model_dir: Path, **overrides: Any) -> LLM:
-    settings = Settings(model=str(model_dir), dtype="float32", device="cpu", max_batch_size=4,
-                        kv_cache_mb=32, **overrides)
+    settings = Settings(
+        model=str(model_dir),
+        dtype="float32",
+        device="cpu",
+        max_batch_size=4,
+        kv_cache_mb=32,
+        **overrides,
+    )
     return LLM.from_settings(settings)
 
 
@@ -63,17 +69,25 @@ def test_decode_logits_match_the_eager_runner(pair: Any) -> None:
         runner.step([StepRow(s, 0, t) for s, t in zip(seqs, runner._tables)])
     try:
         for n in (1, 2, 3, 4):
-            rows = [StepRow([5 + n], len(s) + n - 1, t)
-                    for s, t in zip(seqs[:n], compiled.runner._tables[:n])]
+            rows = [
+                StepRow([5 + n], len(s) + n - 1, t)
+                for s, t in zip(seqs[:n], compiled.runner._tables[:n])
+            ]
             ours = compiled.runner.step(rows)
             assert compiled.runner._compiled.last_rows == n
-            ref = eager.runner.step([StepRow(r.token_ids, r.start_pos, t)
-                                     for r, t in zip(rows, eager.runner._tables[:n])])
+            ref = eager.runner.step(
+                [
+                    StepRow(r.token_ids, r.start_pos, t)
+                    for r, t in zip(rows, eager.runner._tables[:n])
+                ]
+            )
             torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
             # Rows past n keep their caches: step them too so positions stay in line.
             for llm in (compiled, eager):
-                others = [StepRow([5 + n], len(s) + n - 1, t)
-                          for s, t in zip(seqs[n:], llm.runner._tables[n:])]
+                others = [
+                    StepRow([5 + n], len(s) + n - 1, t)
+                    for s, t in zip(seqs[n:], llm.runner._tables[n:])
+                ]
                 if others:
                     llm.runner.step(others)
     finally:
@@ -104,10 +118,12 @@ async def test_adapter_rows_take_the_eager_path(pair: Any, tiny_adapters: dict[s
         await llm.adapters.load("alpha", str(tiny_adapters["alpha"]))
     params = SamplingParams(max_new_tokens=12)
     ids = compiled.tokenize("An adapter in a compiled engine")
-    ref = await asyncio.gather(eager.complete(ids, params, adapter="alpha"),
-                               eager.complete(ids, params))
-    ours = await asyncio.gather(compiled.complete(ids, params, adapter="alpha"),
-                                compiled.complete(ids, params))
+    ref = await asyncio.gather(
+        eager.complete(ids, params, adapter="alpha"), eager.complete(ids, params)
+    )
+    ours = await asyncio.gather(
+        compiled.complete(ids, params, adapter="alpha"), compiled.complete(ids, params)
+    )
     assert [c.token_ids[0] for c in ours] == [c.token_ids[0] for c in ref]
     assert ours[0].token_ids[0] != ours[1].token_ids[0]
 
@@ -126,13 +142,16 @@ def test_clear_errors_where_compile_cannot_run(tiny_model_dir: Path, monkeypatch
     with pytest.raises(ModelLoadError, match="C\\+\\+ compiler"):
         make_llm(tiny_model_dir, compile=True)
 
+
 def test_compiled_head_on_gemma3_equals_generate(tokenizer: Any, tmp_path: Path) -> None:
     """--compile on Gemma 3 (no decode graph yet) compiles the output head of one-row steps;
     fp32 greedy tokens still equal transformers' generate."""
     from tests.families import make_family_model, reference_greedy
 
     folder = make_family_model("gemma3_text", tmp_path / "gemma3", tokenizer)
-    llm = LLM.from_settings(Settings(model=str(folder), dtype="float32", kv_cache_mb=16, compile=True))
+    llm = LLM.from_settings(
+        Settings(model=str(folder), dtype="float32", kv_cache_mb=16, compile=True)
+    )
     try:
         llm.runner.warmup()
         assert llm.runner.tier == "fast" and llm.runner.compiled

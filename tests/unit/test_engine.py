@@ -28,9 +28,24 @@ def llm(tiny_model_dir: Path) -> Any:
 
 
 def prompts(n: int) -> list[str]:
-    topics = ["the sea", "a red fox", "quantum dots", "bread", "Paris in spring", "old maps",
-              "rain", "a violin", "chess openings", "volcanoes", "tea", "the moon", "glaciers",
-              "jazz", "honeybees", "lighthouses"]
+    topics = [
+        "the sea",
+        "a red fox",
+        "quantum dots",
+        "bread",
+        "Paris in spring",
+        "old maps",
+        "rain",
+        "a violin",
+        "chess openings",
+        "volcanoes",
+        "tea",
+        "the moon",
+        "glaciers",
+        "jazz",
+        "honeybees",
+        "lighthouses",
+    ]
     return [f"Tell me about {topics[i % len(topics)]}, part {i}." * (1 + i % 3) for i in range(n)]
 
 
@@ -43,8 +58,9 @@ def test_runner_logits_match_transformers(llm: LLM) -> None:
     tables = [[blocks.allocate() for _ in range(4)] for _ in seqs]
     try:
         first = runner.step([StepRow(s[:-1] or s, 0, t) for s, t in zip(seqs, tables)])
-        second = runner.step([StepRow([s[-1]], len(s) - 1, t) for s, t in zip(seqs, tables)
-                              if len(s) > 1])
+        second = runner.step(
+            [StepRow([s[-1]], len(s) - 1, t) for s, t in zip(seqs, tables) if len(s) > 1]
+        )
         k = 0
         for i, s in enumerate(seqs):
             ref = model(torch.tensor([s])).logits[0].float()
@@ -69,9 +85,10 @@ async def test_greedy_outputs_are_batch_invariant(llm: LLM) -> None:
 async def test_matches_transformers_generate(llm: LLM) -> None:
     ids = llm.tokenize("The quick brown fox")
     ours = (await llm.complete(ids, SamplingParams(max_new_tokens=12))).token_ids[0]
-    ref = llm.runner.model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
-                                    eos_token_id=None, pad_token_id=0)
-    assert ours == ref[0, len(ids):].tolist()
+    ref = llm.runner.model.generate(
+        torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    assert ours == ref[0, len(ids) :].tolist()
 
 
 async def test_cancel_frees_the_slot_within_a_step(llm: LLM) -> None:
@@ -142,7 +159,9 @@ def test_block_allocator_prefix_cache() -> None:
     assert off.lookup([k1]) == [] and off.num_cached == 0
 
 
-async def test_prefix_cache_skips_computing_a_shared_prefix(llm: LLM, tiny_adapters: dict[str, Path]) -> None:
+async def test_prefix_cache_skips_computing_a_shared_prefix(
+    llm: LLM, tiny_adapters: dict[str, Path]
+) -> None:
     engine, model = llm.engine, llm.runner.model
     system = llm.tokenize("You are a helpful assistant who answers briefly. " * 12)[:64]
     assert len(system) == 64  # 4 blocks
@@ -151,9 +170,14 @@ async def test_prefix_cache_skips_computing_a_shared_prefix(llm: LLM, tiny_adapt
     params = SamplingParams(max_new_tokens=10)
 
     def reference(ids: list[int]) -> list[int]:
-        out = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-        return out[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=10,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        return out[0, len(ids) :].tolist()
 
     hits = engine.stats()["prefix_cache_hits"]
     computed_before = engine.steps
@@ -218,7 +242,9 @@ async def test_too_long_request_is_rejected_with_both_numbers(llm: LLM) -> None:
     from openllm_clone.errors import InvalidRequestError
 
     ids = llm.tokenize("hi there")
-    with pytest.raises(InvalidRequestError, match=rf"\({len(ids)} tokens\).*\(1024\).*context of 1024"):
+    with pytest.raises(
+        InvalidRequestError, match=rf"\({len(ids)} tokens\).*\(1024\).*context of 1024"
+    ):
         await llm.complete(ids, SamplingParams(max_new_tokens=1024))
 
 
@@ -234,17 +260,23 @@ async def test_constraints_apply_per_row_in_a_mixed_batch(llm: LLM) -> None:
     import json
 
     pytest.importorskip("xgrammar")
-    schema = {"type": "object", "properties": {"word": {"type": "string", "maxLength": 12},
-                                               "n": {"type": "integer"}},
-              "required": ["word", "n"]}
+    schema = {
+        "type": "object",
+        "properties": {"word": {"type": "string", "maxLength": 12}, "n": {"type": "integer"}},
+        "required": ["word", "n"],
+    }
     constraint = llm.constraint_for({"type": "json_schema", "json_schema": {"schema": schema}})
     free_ids = [llm.tokenize(p) for p in prompts(4)]
     params = SamplingParams(max_new_tokens=40)
     alone = [(await llm.complete(i, params)).token_ids[0] for i in free_ids]
     mixed = await asyncio.gather(
         *(llm.complete(i, params) for i in free_ids),
-        *(llm.complete(i, SamplingParams(max_new_tokens=40, temperature=1.0, seed=s),
-                       constraint=constraint) for s, i in enumerate(free_ids)),
+        *(
+            llm.complete(
+                i, SamplingParams(max_new_tokens=40, temperature=1.0, seed=s), constraint=constraint
+            )
+            for s, i in enumerate(free_ids)
+        ),
     )
     assert [m.token_ids[0] for m in mixed[:4]] == alone  # unconstrained rows untouched
     for m in mixed[4:]:
@@ -260,8 +292,9 @@ async def test_timeout_ends_the_request_and_frees_its_slot(llm: LLM) -> None:
     try:
         got = 0
         with pytest.raises(RequestTimeoutError, match="timed out"):
-            async for out in llm.stream(llm.tokenize("long"), SamplingParams(max_new_tokens=900,
-                                                                             ignore_eos=True)):
+            async for out in llm.stream(
+                llm.tokenize("long"), SamplingParams(max_new_tokens=900, ignore_eos=True)
+            ):
                 got += len(out.deltas)
         assert got > 0  # it streamed, then timed out
     finally:
@@ -278,16 +311,18 @@ async def test_a_fault_in_one_request_ends_only_that_request(llm: LLM, monkeypat
     original = IncrementalDetokenizer.add
 
     def faulty(self: IncrementalDetokenizer, token_id: int) -> str:
-        if self.ids[-len(poison[-5:]):] == poison[-5:]:
+        if self.ids[-len(poison[-5:]) :] == poison[-5:]:
             raise RuntimeError("boom")
         return original(self, token_id)
 
     monkeypatch.setattr(IncrementalDetokenizer, "add", faulty)
     params = SamplingParams(max_new_tokens=10)
     good = [llm.tokenize(p) for p in prompts(3)]
-    results = await asyncio.gather(llm.complete(poison, params),
-                                   *(llm.complete(i, params) for i in good),
-                                   return_exceptions=True)
+    results = await asyncio.gather(
+        llm.complete(poison, params),
+        *(llm.complete(i, params) for i in good),
+        return_exceptions=True,
+    )
     assert isinstance(results[0], OpenLLMCloneError) and "boom" in str(results[0])
     assert all(len(r.token_ids[0]) == 10 for r in results[1:])  # type: ignore[union-attr]
     assert llm.engine.stats()["kv_blocks_used"] == 0

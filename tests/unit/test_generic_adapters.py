@@ -30,31 +30,54 @@ def _adapter(base: Path, out: Path, seed: int, rank: int) -> Path:
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
-                        init_lora_weights=False, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules="all-linear",
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(model, config)
     peft_model.save_pretrained(str(out))
     return out
 
 
-@pytest.mark.parametrize(("family", "runner", "per_token_from"), [
-    ("gpt2", "generic", 8), ("phi3", "generic", 8), ("gpt_neox", "generic", 8),
-    ("gemma3_text", "generic", 8), ("qwen3", "generic", 8),
-    # Qwen3 and Gemma 3 also have a fast path: the same adapters on it.
-    ("gemma3_text", "fast", 8), ("qwen3", "fast", 8),
-    # Decode steps through the per-token LoRA path too (normally from 8 distinct adapters).
-    ("gpt2", "generic", 1), ("gemma3_text", "generic", 1), ("gemma3_text", "fast", 1),
-])
-async def test_mixed_adapters_equal_merged(family: str, runner: str, per_token_from: int, tokenizer: Any,
-                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("family", "runner", "per_token_from"),
+    [
+        ("gpt2", "generic", 8),
+        ("phi3", "generic", 8),
+        ("gpt_neox", "generic", 8),
+        ("gemma3_text", "generic", 8),
+        ("qwen3", "generic", 8),
+        # Qwen3 and Gemma 3 also have a fast path: the same adapters on it.
+        ("gemma3_text", "fast", 8),
+        ("qwen3", "fast", 8),
+        # Decode steps through the per-token LoRA path too (normally from 8 distinct adapters).
+        ("gpt2", "generic", 1),
+        ("gemma3_text", "generic", 1),
+        ("gemma3_text", "fast", 1),
+    ],
+)
+async def test_mixed_adapters_equal_merged(
+    family: str,
+    runner: str,
+    per_token_from: int,
+    tokenizer: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from openllm_clone.runners import lora as lora_mod
 
     monkeypatch.setattr(lora_mod, "_PER_TOKEN_MIN_ADAPTERS", per_token_from)
     base = make_family_model(family, tmp_path / family, tokenizer)
-    adapters = {"one": _adapter(base, tmp_path / "one", seed=1, rank=8),
-                "two": _adapter(base, tmp_path / "two", seed=2, rank=4)}
-    llm = LLM.from_settings(Settings(model=str(base), dtype="float32", kv_cache_mb=16,
-                                     max_adapters=2, runner=runner))  # type: ignore[arg-type]
+    adapters = {
+        "one": _adapter(base, tmp_path / "one", seed=1, rank=8),
+        "two": _adapter(base, tmp_path / "two", seed=2, rank=4),
+    }
+    llm = LLM.from_settings(
+        Settings(model=str(base), dtype="float32", kv_cache_mb=16, max_adapters=2, runner=runner)
+    )  # type: ignore[arg-type]
     try:
         assert llm.runner.tier == runner
         prompts = [llm.tokenize(p) for p in PROMPTS]
@@ -65,15 +88,18 @@ async def test_mixed_adapters_equal_merged(family: str, runner: str, per_token_f
         assert want["one"] != want[None] and want["two"] != want[None], "adapters change nothing"
         params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
         cases = [(a, i) for i in range(len(prompts)) for a in (None, "one", "two")]
-        outs = await asyncio.gather(*(llm.complete(prompts[i], params, adapter=a) for a, i in cases))
+        outs = await asyncio.gather(
+            *(llm.complete(prompts[i], params, adapter=a) for a, i in cases)
+        )
         for (a, i), out in zip(cases, outs, strict=True):
             assert out.token_ids[0] == want[a][i], f"{family} adapter={a} prompt={i}"
     finally:
         llm.shutdown()
 
 
-async def test_adapter_for_a_missing_module_is_refused(tokenizer: Any, tmp_path: Path,
-                                                       tiny_model_dir: Path) -> None:
+async def test_adapter_for_a_missing_module_is_refused(
+    tokenizer: Any, tmp_path: Path, tiny_model_dir: Path
+) -> None:
     """An adapter made for Llama names q_proj; GPT-2 has no such module: 422, nothing loaded."""
     from tests.helpers import make_adapter
 

@@ -24,9 +24,14 @@ from tests.helpers import (
     run_cli,
 )
 
-HAS_GPTQ = importlib.util.find_spec("gptqmodel") is not None and importlib.util.find_spec("optimum") is not None
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not HAS_GPTQ, reason="gptqmodel/optimum missing (extra gptq)")]
+HAS_GPTQ = (
+    importlib.util.find_spec("gptqmodel") is not None
+    and importlib.util.find_spec("optimum") is not None
+)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not HAS_GPTQ, reason="gptqmodel/optimum missing (extra gptq)"),
+]
 
 # Min cosine and top-1 agreement of last-token logits against the fp32 model over 16
 # prompts, per bit width. Measured on this random 4-layer model (group size 64, builtin
@@ -39,13 +44,26 @@ THRESHOLDS = {4: (0.9, 0.5), 8: (0.99, 0.75)}
 
 @pytest.fixture(scope="module")
 def fp_model(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("gptq") / "gptq-llama", tokenizer, layers=4,
-                           hidden=128, seed=5)
+    return make_tiny_model(
+        tmp_path_factory.mktemp("gptq") / "gptq-llama", tokenizer, layers=4, hidden=128, seed=5
+    )
 
 
 def _quantize(fp_model: Path, bits: int) -> str:
-    result = run_cli("quantize", str(fp_model), "--method", "gptq", "--bits", str(bits), "--group-size", "64",
-                  "--calibration", "builtin", "--name", f"tiny-gptq{bits}")
+    result = run_cli(
+        "quantize",
+        str(fp_model),
+        "--method",
+        "gptq",
+        "--bits",
+        str(bits),
+        "--group-size",
+        "64",
+        "--calibration",
+        "builtin",
+        "--name",
+        f"tiny-gptq{bits}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     tag = result.stdout.strip().splitlines()[-1]
     assert tag.startswith(f"tiny-gptq{bits}:")
@@ -63,8 +81,15 @@ def gptq_tag(fp_model: Path) -> str:
 
 
 def _llm(model: str, dtype: str = "float32", runner: str = "auto") -> LLM:
-    return LLM.from_settings(Settings(model=model, dtype=dtype, device="cpu", kv_cache_mb=64,  # type: ignore[arg-type]
-                                      runner=runner))  # type: ignore[arg-type]
+    return LLM.from_settings(
+        Settings(
+            model=model,
+            dtype=dtype,
+            device="cpu",
+            kv_cache_mb=64,  # type: ignore[arg-type]
+            runner=runner,
+        )
+    )  # type: ignore[arg-type]
 
 
 def _last_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
@@ -73,9 +98,12 @@ def _last_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantize_command_makes_a_close_smaller_model_that_serves_adapters(
-        bits: int, gptq_tag: str, fp_model: Path, tokenizer: Any, tmp_path: Path) -> None:
+    bits: int, gptq_tag: str, fp_model: Path, tokenizer: Any, tmp_path: Path
+) -> None:
     tag = gptq_tag if bits == 4 else _quantize(fp_model, bits)
-    prompts = [tokenizer(f"Sentence number {i} about topic {i * 7}.")["input_ids"] for i in range(16)]
+    prompts = [
+        tokenizer(f"Sentence number {i} about topic {i * 7}.")["input_ids"] for i in range(16)
+    ]
     ref = _llm(str(fp_model))
     try:
         ref_logits, ref_bytes = _last_logits(ref, prompts), ref.runner.info.weight_bytes
@@ -88,13 +116,16 @@ def test_quantize_command_makes_a_close_smaller_model_that_serves_adapters(
         assert meta["quantization"] == "gptq"
         assert meta["weight_bytes"] < ref_bytes
         # 4 bits keep the first and last decoder layers in full precision; 8 bits do not.
-        kinds = [type(layer.mlp.down_proj) is torch.nn.Linear
-                 for layer in llm.runner.model.model.layers]
+        kinds = [
+            type(layer.mlp.down_proj) is torch.nn.Linear for layer in llm.runner.model.model.layers
+        ]
         assert kinds == ([True, False, False, True] if bits == 4 else [False] * 4)
         logits = _last_logits(llm, prompts)
         cosine, top1 = closeness(logits, ref_logits)
-        print(f"gptq {bits}-bit: cosine {cosine:.3f} top-1 {top1:.3f} bytes {meta['weight_bytes']} "
-              f"vs {ref_bytes}")
+        print(
+            f"gptq {bits}-bit: cosine {cosine:.3f} top-1 {top1:.3f} bytes {meta['weight_bytes']} "
+            f"vs {ref_bytes}"
+        )
         min_cos, min_top1 = THRESHOLDS[bits]
         assert cosine >= min_cos and top1 >= min_top1, (cosine, top1)
 
@@ -109,7 +140,9 @@ def test_quantize_command_makes_a_close_smaller_model_that_serves_adapters(
     assert f"tiny-gptq{bits}" in listed.stdout, listed.stdout
 
 
-def test_old_autogptq_layout_loads_the_same_weights(gptq_tag: str, tokenizer: Any, tmp_path: Path) -> None:
+def test_old_autogptq_layout_loads_the_same_weights(
+    gptq_tag: str, tokenizer: Any, tmp_path: Path
+) -> None:
     from openllm_clone.store import resolve_model
 
     stored = resolve_model(gptq_tag).path
@@ -119,11 +152,21 @@ def test_old_autogptq_layout_loads_the_same_weights(gptq_tag: str, tokenizer: An
     qc = config.pop("quantization_config")
     assert qc["checkpoint_format"] == "gptq"  # v1: the AutoGPTQ tensor layout
     (legacy / "config.json").write_text(json.dumps(config))
-    (legacy / "quantize_config.json").write_text(json.dumps({
-        "bits": qc["bits"], "group_size": qc["group_size"], "desc_act": qc["desc_act"],
-        "sym": qc["sym"], "damp_percent": 0.01, "true_sequential": True,
-        "model_name_or_path": None, "model_file_base_name": "model",
-        "modules_in_block_to_quantize": qc["modules_in_block_to_quantize"]}))
+    (legacy / "quantize_config.json").write_text(
+        json.dumps(
+            {
+                "bits": qc["bits"],
+                "group_size": qc["group_size"],
+                "desc_act": qc["desc_act"],
+                "sym": qc["sym"],
+                "damp_percent": 0.01,
+                "true_sequential": True,
+                "model_name_or_path": None,
+                "model_file_base_name": "model",
+                "modules_in_block_to_quantize": qc["modules_in_block_to_quantize"],
+            }
+        )
+    )
     prompts = [tokenizer(f"Legacy prompt {i}")["input_ids"] for i in range(4)]
     a, b = _llm(gptq_tag), _llm(str(legacy))
     try:
@@ -148,14 +191,36 @@ def test_gptq_on_a_generic_family_serves_adapters(tokenizer: Any, tmp_path: Path
     from tests.families import make_family_model
     from tests.unit.test_generic_adapters import _adapter
 
-    fp = make_family_model("qwen3", tmp_path / "qwen3", tokenizer, scale=1.0, hidden_size=128,
-                           intermediate_size=256, num_key_value_heads=4, head_dim=32)
-    result = run_cli("quantize", str(fp), "--method", "gptq", "--bits", "8", "--group-size", "64",
-                     "--calibration", "builtin", "--name", "qwen3-gptq8")
+    fp = make_family_model(
+        "qwen3",
+        tmp_path / "qwen3",
+        tokenizer,
+        scale=1.0,
+        hidden_size=128,
+        intermediate_size=256,
+        num_key_value_heads=4,
+        head_dim=32,
+    )
+    result = run_cli(
+        "quantize",
+        str(fp),
+        "--method",
+        "gptq",
+        "--bits",
+        "8",
+        "--group-size",
+        "64",
+        "--calibration",
+        "builtin",
+        "--name",
+        "qwen3-gptq8",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     tag = result.stdout.strip().splitlines()[-1]
     adapter = _adapter(fp, tmp_path / "qwen3-adapter", seed=3, rank=8)
-    prompts = [tokenizer(f"Sentence number {i} about topic {i * 7}.")["input_ids"] for i in range(8)]
+    prompts = [
+        tokenizer(f"Sentence number {i} about topic {i * 7}.")["input_ids"] for i in range(8)
+    ]
     ref = _llm(str(fp), runner="generic")
     try:
         ref_logits, ref_bytes = _last_logits(ref, prompts), ref.runner.info.weight_bytes

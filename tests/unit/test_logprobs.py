@@ -20,10 +20,18 @@ PROMPT = "Logprobs are the log of each token's probability, " * 5
 
 
 @pytest.fixture(scope="module", params=["fast", "generic"])
-def llm(request: pytest.FixtureRequest, tiny_model_dir: Path, tiny_adapters: dict[str, Path]) -> Any:
+def llm(
+    request: pytest.FixtureRequest, tiny_model_dir: Path, tiny_adapters: dict[str, Path]
+) -> Any:
     # A small prefill budget: the prompt is computed in several chunks.
-    settings = Settings(model=str(tiny_model_dir), dtype="float32", device="cpu",
-                        runner=request.param, max_prefill_tokens=16, kv_cache_mb=32)
+    settings = Settings(
+        model=str(tiny_model_dir),
+        dtype="float32",
+        device="cpu",
+        runner=request.param,
+        max_prefill_tokens=16,
+        kv_cache_mb=32,
+    )
     instance = LLM.from_settings(settings)
     asyncio.run(instance.adapters.load("alpha", str(tiny_adapters["alpha"])))
     yield instance
@@ -37,7 +45,9 @@ def references(tiny_model_dir: Path, tiny_adapters: dict[str, Path]) -> dict[str
 
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
     merged = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
-    merged = PeftModel.from_pretrained(merged, str(tiny_adapters["alpha"])).merge_and_unload().eval()
+    merged = (
+        PeftModel.from_pretrained(merged, str(tiny_adapters["alpha"])).merge_and_unload().eval()
+    )
     return {None: base, "alpha": merged}
 
 
@@ -55,9 +65,11 @@ def assert_entry(entry: TokenLogprob, ref_row: torch.Tensor, token: int, k: int)
     assert [v for _, v in entry.top] == pytest.approx(values.tolist(), abs=1e-4)
 
 
-async def run(llm: LLM, ids: list[int], params: SamplingParams, adapter: str | None = None
-              ) -> tuple[dict[int, list[int]], dict[int, list[TokenLogprob]], list[Any] | None,
-                         dict[int, str | None]]:
+async def run(
+    llm: LLM, ids: list[int], params: SamplingParams, adapter: str | None = None
+) -> tuple[
+    dict[int, list[int]], dict[int, list[TokenLogprob]], list[Any] | None, dict[int, str | None]
+]:
     tokens: dict[int, list[int]] = {}
     logprobs: dict[int, list[TokenLogprob]] = {}
     reasons: dict[int, str | None] = {}
@@ -76,8 +88,9 @@ async def run(llm: LLM, ids: list[int], params: SamplingParams, adapter: str | N
 
 
 @pytest.mark.parametrize("adapter", [None, "alpha"])
-async def test_generated_and_prompt_logprobs_equal_a_forward(llm: LLM, references: Any,
-                                                             adapter: str | None) -> None:
+async def test_generated_and_prompt_logprobs_equal_a_forward(
+    llm: LLM, references: Any, adapter: str | None
+) -> None:
     ids = llm.tokenize(PROMPT)
     assert len(ids) > 3 * 16  # several prefill chunks
     # The same prompt first without logprobs, so its blocks sit in the prefix cache.
@@ -97,12 +110,15 @@ async def test_generated_and_prompt_logprobs_equal_a_forward(llm: LLM, reference
 async def test_scoring_only_and_empty_requests(llm: LLM, references: Any) -> None:
     ids = llm.tokenize(PROMPT)
     tokens, logprobs, prompt_lp, reasons = await run(
-        llm, ids, SamplingParams(max_new_tokens=0, prompt_logprobs=0, logprobs=0))
+        llm, ids, SamplingParams(max_new_tokens=0, prompt_logprobs=0, logprobs=0)
+    )
     assert tokens == {0: []} and logprobs == {0: []} and reasons == {0: "length"}
     ref = reference_logprobs(references[None], ids)
     assert prompt_lp is not None and len(prompt_lp) == len(ids)
-    assert all(abs(prompt_lp[p].logprob - float(ref[p - 1, ids[p]])) < 1e-4 and not prompt_lp[p].top
-               for p in range(1, len(ids)))
+    assert all(
+        abs(prompt_lp[p].logprob - float(ref[p - 1, ids[p]])) < 1e-4 and not prompt_lp[p].top
+        for p in range(1, len(ids))
+    )
     # Nothing asked of the prompt and nothing to generate: an empty answer, at once.
     tokens, _, prompt_lp, reasons = await run(llm, ids, SamplingParams(max_new_tokens=0, n=2))
     assert tokens == {0: [], 1: []} and prompt_lp is None and reasons == {0: "length", 1: "length"}
@@ -113,10 +129,18 @@ async def test_sampled_rows_report_the_models_own_distribution(llm: LLM, referen
     """With n > 1, sampling and penalties, each token's logprob is still the raw model's; a
     request without logprobs in the same batch gets none."""
     ids = llm.tokenize("Sampling with logprobs")
-    params = SamplingParams(max_new_tokens=5, n=3, temperature=1.0, seed=7, logprobs=2,
-                            frequency_penalty=1.5, ignore_eos=True)
+    params = SamplingParams(
+        max_new_tokens=5,
+        n=3,
+        temperature=1.0,
+        seed=7,
+        logprobs=2,
+        frequency_penalty=1.5,
+        ignore_eos=True,
+    )
     (tokens, logprobs, _, _), (_, plain_lp, _, _) = await asyncio.gather(
-        run(llm, ids, params), run(llm, ids, SamplingParams(max_new_tokens=5)))
+        run(llm, ids, params), run(llm, ids, SamplingParams(max_new_tokens=5))
+    )
     assert plain_lp == {}
     for i in range(3):
         ref = reference_logprobs(references[None], ids + tokens[i])

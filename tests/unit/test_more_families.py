@@ -18,8 +18,11 @@ from tests.families import MORE_FAMILIES, make_family_model, reference_greedy
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = ["The quick brown fox jumps over the lazy dog and", "Once upon a time, in a land far away",
-           "Paris is the capital of"]
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog and",
+    "Once upon a time, in a land far away",
+    "Paris is the capital of",
+]
 
 
 @pytest.mark.parametrize("family", sorted(MORE_FAMILIES))
@@ -32,7 +35,9 @@ async def test_more_families_match_generate(family: str, tokenizer: Any, tmp_pat
         want = reference_greedy(folder, ids, 16)
         params = SamplingParams(max_new_tokens=16, ignore_eos=True)
         alone = [(await llm.complete(x, params)).token_ids[0] for x in ids]
-        batched = [c.token_ids[0] for c in await asyncio.gather(*(llm.complete(x, params) for x in ids))]
+        batched = [
+            c.token_ids[0] for c in await asyncio.gather(*(llm.complete(x, params) for x in ids))
+        ]
         assert alone == want and batched == want
     finally:
         llm.shutdown()
@@ -44,8 +49,9 @@ def test_parameter_count_survives_weight_prepacking(runner: str, tiny_model_dir:
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
-    llm = LLM.from_settings(Settings(model=str(tiny_model_dir), dtype="bfloat16", kv_cache_mb=16,
-                                     runner=runner))  # type: ignore[arg-type]
+    llm = LLM.from_settings(
+        Settings(model=str(tiny_model_dir), dtype="bfloat16", kv_cache_mb=16, runner=runner)
+    )  # type: ignore[arg-type]
     try:
         packed = llm.runner.packed if runner == "fast" else llm.runner.packed_linears > 0
         if not packed:

@@ -19,15 +19,19 @@ from openllm_clone.settings import Settings, parse_adapter_spec
 
 def test_adapter_spec_forms() -> None:
     assert parse_adapter_spec("fr=/data/adapters/french").model_dump() == {
-        "name": "fr", "source": "/data/adapters/french", "pinned": False}
+        "name": "fr",
+        "source": "/data/adapters/french",
+        "pinned": False,
+    }
     assert parse_adapter_spec("/data/adapters/french/").name == "french"
     with pytest.raises(ValueError):
         parse_adapter_spec("=/x")
 
 
 def test_settings_round_trip_through_env() -> None:
-    settings = Settings(model="/m", port=4000, api_keys=[" k1 ", ""],
-                        adapters=[parse_adapter_spec("a=/x")])
+    settings = Settings(
+        model="/m", port=4000, api_keys=[" k1 ", ""], adapters=[parse_adapter_spec("a=/x")]
+    )
     assert settings.api_keys == ["k1"]
     again = Settings.from_env(settings.to_env())
     assert again == settings
@@ -41,8 +45,17 @@ def test_settings_reject_duplicate_adapter_names() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("max_new_tokens", -1), ("temperature", -1), ("top_p", 0), ("top_p", 1.5),
-     ("top_k", -2), ("repetition_penalty", 0), ("n", 0), ("n", 17), ("seed", -1)],
+    [
+        ("max_new_tokens", -1),
+        ("temperature", -1),
+        ("top_p", 0),
+        ("top_p", 1.5),
+        ("top_k", -2),
+        ("repetition_penalty", 0),
+        ("n", 0),
+        ("n", 17),
+        ("seed", -1),
+    ],
 )
 def test_sampling_bounds_name_the_field(field: str, value: float) -> None:
     with pytest.raises(ValidationError) as info:
@@ -51,18 +64,33 @@ def test_sampling_bounds_name_the_field(field: str, value: float) -> None:
 
 
 def test_generate_request_merges_llm_config() -> None:
-    body = GenerateRequest(prompt="hi", llm_config={"max_new_tokens": 7, "temperature": 0.5},
-                           temperature=0.0, stop="###")
+    body = GenerateRequest(
+        prompt="hi",
+        llm_config={"max_new_tokens": 7, "temperature": 0.5},
+        temperature=0.0,
+        stop="###",
+    )
     params = body.sampling_params()
     assert params.max_new_tokens == 7 and params.temperature == 0.0 and params.stop == ["###"]
 
 
 def test_chat_request_rejects_non_text_parts() -> None:
     with pytest.raises(ValidationError):
-        ChatCompletionRequest(model="m", messages=[
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
-    ok = ChatCompletionRequest(model="m", messages=[
-        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}])
+        ChatCompletionRequest(
+            model="m",
+            messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+            ],
+        )
+    ok = ChatCompletionRequest(
+        model="m",
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+            }
+        ],
+    )
     assert ok.messages[0].text() == "ab"
 
 

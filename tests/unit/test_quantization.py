@@ -23,8 +23,12 @@ HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
 # torchao int8 >= 0.995 / 0.85; nf4 0.83 / 0.44; fp4 0.77 / 0.19 (random weights are
 # harsh on 4-bit). On SmolLM2 the same measure gave int8 0.978 / 0.81, nf4 0.81 / 0.69,
 # fp4 0.74 / 0.63 (bench/quantization.py reports perplexity). Thresholds sit below.
-THRESHOLDS = {"int8": (0.99, 0.75), "torchao-int8": (0.99, 0.75),
-              "nf4": (0.75, 0.3), "fp4": (0.7, 0.1)}
+THRESHOLDS = {
+    "int8": (0.99, 0.75),
+    "torchao-int8": (0.99, 0.75),
+    "nf4": (0.75, 0.3),
+    "fp4": (0.7, 0.1),
+}
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +36,9 @@ def quant_model(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Pat
     """Every Linear dimension a multiple of 64 (bitsandbytes 4-bit on CPU needs it)."""
     from transformers import AutoConfig
 
-    path = make_tiny_model(tmp_path_factory.mktemp("q") / "quant-llama", tokenizer, layers=4,
-                           hidden=128, seed=7)
+    path = make_tiny_model(
+        tmp_path_factory.mktemp("q") / "quant-llama", tokenizer, layers=4, hidden=128, seed=7
+    )
     config = AutoConfig.from_pretrained(str(path))
     assert config.num_attention_heads == 4 and config.hidden_size // 4 == 32
     return path
@@ -45,25 +50,37 @@ def quant_adapter(tmp_path_factory: pytest.TempPathFactory, quant_model: Path) -
 
 
 def _llm(path: Path, quantize: str | None) -> LLM:
-    return LLM.from_settings(Settings(model=str(path), dtype="bfloat16", device="cpu",
-                                      quantize=quantize, kv_cache_mb=64))  # type: ignore[arg-type]
+    return LLM.from_settings(
+        Settings(model=str(path), dtype="bfloat16", device="cpu", quantize=quantize, kv_cache_mb=64)
+    )  # type: ignore[arg-type]
 
 
 def _last_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
     return last_logits(llm, prompts)
 
 
-MODES = [pytest.param("int8", marks=pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes missing")),
-         pytest.param("torchao-int8", marks=pytest.mark.skipif(not HAS_TORCHAO, reason="torchao missing"))]
+MODES = [
+    pytest.param("int8", marks=pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes missing")),
+    pytest.param(
+        "torchao-int8", marks=pytest.mark.skipif(not HAS_TORCHAO, reason="torchao missing")
+    ),
+]
 
 
-@pytest.mark.parametrize("mode", [*MODES, pytest.param("nf4", marks=pytest.mark.skipif(
-    not HAS_BNB, reason="bitsandbytes missing")), pytest.param("fp4", marks=pytest.mark.skipif(
-        not HAS_BNB, reason="bitsandbytes missing"))])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        *MODES,
+        pytest.param("nf4", marks=pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes missing")),
+        pytest.param("fp4", marks=pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes missing")),
+    ],
+)
 def test_quantized_mode_is_close_smaller_and_serves_adapters(
     mode: str, quant_model: Path, quant_adapter: Path, tokenizer: Any
 ) -> None:
-    prompts = [tokenizer(f"Sentence number {i} about topic {i * 7}.")["input_ids"] for i in range(16)]
+    prompts = [
+        tokenizer(f"Sentence number {i} about topic {i * 7}.")["input_ids"] for i in range(16)
+    ]
     ref = _llm(quant_model, None)
     try:
         ref_logits = _last_logits(ref, prompts)
@@ -81,7 +98,9 @@ def test_quantized_mode_is_close_smaller_and_serves_adapters(
 
         # The adapter was trained on the unquantized model: the quantized one keeps its
         # aliases, so the base-model check passes without force.
-        alone, base, mixed = asyncio.run(alone_base_mixed(llm, "qa", prompts[0], load=str(quant_adapter)))
+        alone, base, mixed = asyncio.run(
+            alone_base_mixed(llm, "qa", prompts[0], load=str(quant_adapter))
+        )
         assert alone != base
         if mode == "int8":
             # LLM.int8 picks outlier columns over the whole batch, so a row's result
@@ -101,7 +120,9 @@ def test_4bit_on_cpu_needs_dims_divisible_by_64(tiny_model_dir: Path) -> None:
         _llm(tiny_model_dir, "nf4")
 
 
-def test_gptq_without_gptqmodel_fails_clearly(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gptq_without_gptqmodel_fails_clearly(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import sys
 
     monkeypatch.setitem(sys.modules, "gptqmodel", None)  # as if the extra were not installed
@@ -124,21 +145,34 @@ def neox_model(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Path
     """A GPT-NeoX (generic runner): fused query_key_value, every Linear dim a multiple of 64."""
     from tests.families import make_family_model
 
-    return make_family_model("gpt_neox", tmp_path_factory.mktemp("neox") / "neox", tokenizer, scale=1.0,
-                             num_key_value_heads=4)
+    return make_family_model(
+        "gpt_neox",
+        tmp_path_factory.mktemp("neox") / "neox",
+        tokenizer,
+        scale=1.0,
+        num_key_value_heads=4,
+    )
 
 
-@pytest.mark.parametrize("mode", [*MODES, pytest.param("nf4", marks=pytest.mark.skipif(
-    not HAS_BNB, reason="bitsandbytes missing")), pytest.param("fp4", marks=pytest.mark.skipif(
-        not HAS_BNB, reason="bitsandbytes missing"))])
-def test_quantized_generic_family_serves_adapters(mode: str, neox_model: Path, tokenizer: Any,
-                                                  tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "mode",
+    [
+        *MODES,
+        pytest.param("nf4", marks=pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes missing")),
+        pytest.param("fp4", marks=pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes missing")),
+    ],
+)
+def test_quantized_generic_family_serves_adapters(
+    mode: str, neox_model: Path, tokenizer: Any, tmp_path: Path
+) -> None:
     """Each load-time mode on a non-Llama family, through the generic runner, with an
     adapter trained on the unquantized model on top."""
     from tests.unit.test_generic_adapters import _adapter
 
     adapter = _adapter(neox_model, tmp_path / "neox-adapter", seed=5, rank=8)
-    prompts = [tokenizer(f"Sentence number {i} about topic {i * 7}.")["input_ids"] for i in range(8)]
+    prompts = [
+        tokenizer(f"Sentence number {i} about topic {i * 7}.")["input_ids"] for i in range(8)
+    ]
     ref = _llm(neox_model, None)
     try:
         ref_logits = _last_logits(ref, prompts)
@@ -152,8 +186,9 @@ def test_quantized_generic_family_serves_adapters(mode: str, neox_model: Path, t
         cosine, top1 = closeness(_last_logits(llm, prompts), ref_logits)
         min_cos, min_top1 = THRESHOLDS[mode]
         assert cosine >= min_cos and top1 >= min_top1, (cosine, top1)
-        alone, base, mixed = asyncio.run(alone_base_mixed(llm, "neox-adapter", prompts[0],
-                                                          load=str(adapter)))
+        alone, base, mixed = asyncio.run(
+            alone_base_mixed(llm, "neox-adapter", prompts[0], load=str(adapter))
+        )
         assert alone != base
         if mode == "int8":  # outlier columns depend on the whole batch (see above)
             assert mixed[0] == mixed[2] and mixed[1] == mixed[3] and mixed[0] != mixed[1]

@@ -20,9 +20,14 @@ BS = 4  # tokens per block
 
 
 def seq(prompt: list[int], *, adapter_key: object = None, n: int = 1) -> Sequence:
-    group = RequestGroup(request_id=f"r{id(prompt)}", prompt_ids=prompt,
-                         params=SamplingParams(max_new_tokens=8, n=n), adapter=None, adapter_slot=0,
-                         queue=asyncio.Queue())
+    group = RequestGroup(
+        request_id=f"r{id(prompt)}",
+        prompt_ids=prompt,
+        params=SamplingParams(max_new_tokens=8, n=n),
+        adapter=None,
+        adapter_slot=0,
+        queue=asyncio.Queue(),
+    )
     group.adapter_key = adapter_key
     s = Sequence(group, 0, tokenizer=None, generator=None)
     group.seqs.append(s)
@@ -47,8 +52,10 @@ def step(sched: Scheduler, blocks: BlockManager) -> list[tuple[Sequence, int, bo
 
 
 def test_imports_no_torch() -> None:
-    code = ("import sys; import openllm_clone.engine.scheduler, openllm_clone.engine.block_manager; "
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys; import openllm_clone.engine.scheduler, openllm_clone.engine.block_manager; "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
@@ -125,7 +132,9 @@ def test_fork_shares_full_blocks_and_copies_the_partial_one() -> None:
     parent.num_cached = 6
     child = Sequence(parent.group, 1, tokenizer=None, generator=None)
     copy = blocks.fork(parent, child)
-    assert child.block_table[0] == parent.block_table[0] and alloc.refcount(parent.block_table[0]) == 2
+    assert (
+        child.block_table[0] == parent.block_table[0] and alloc.refcount(parent.block_table[0]) == 2
+    )
     assert copy == (parent.block_table[1], child.block_table[1]) and child.num_cached == 6
     # No block left for the copy: MemoryError, and the child holds nothing.
     alloc.allocate()

@@ -13,7 +13,9 @@ from openllm_clone.engine.sampling import apply_repetition_penalty, sample_rows
 from openllm_clone.protocol import SamplingParams
 
 
-@pytest.mark.parametrize("text", ["Grüße aus Köln 🎉 — 東京タワー", "naïve café 👩‍👩‍👧 ok", "plain ascii"])
+@pytest.mark.parametrize(
+    "text", ["Grüße aus Köln 🎉 — 東京タワー", "naïve café 👩‍👩‍👧 ok", "plain ascii"]
+)
 def test_incremental_detokenizer_never_splits_characters(tokenizer: Any, text: str) -> None:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     detok = IncrementalDetokenizer(tokenizer, prompt_ids=[1, 2])
@@ -40,16 +42,20 @@ def test_stop_string_prefix_released_at_end() -> None:
 def test_greedy_and_seeded_sampling() -> None:
     logits = torch.tensor([[0.1, 3.0, 0.2, 0.0], [5.0, 0.0, 0.0, 4.9]])
     params = [SamplingParams(), SamplingParams(temperature=1.0, top_k=2)]
-    a = [sample_rows(logits.clone(), params, [None, torch.Generator().manual_seed(7)], [[], []])
-         for _ in range(3)]
+    a = [
+        sample_rows(logits.clone(), params, [None, torch.Generator().manual_seed(7)], [[], []])
+        for _ in range(3)
+    ]
     assert all(x == a[0] for x in a) and a[0][0] == 1 and a[0][1] in (0, 3)
 
 
 def test_top_p_keeps_only_the_nucleus() -> None:
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
     params = [SamplingParams(temperature=1.0, top_p=0.5)]
-    picks = {sample_rows(logits.clone(), params, [torch.Generator().manual_seed(s)], [[]])[0]
-             for s in range(30)}
+    picks = {
+        sample_rows(logits.clone(), params, [torch.Generator().manual_seed(s)], [[]])[0]
+        for s in range(30)
+    }
     assert picks == {0}
 
 
@@ -74,11 +80,15 @@ def test_block_allocator_refcounts() -> None:
     assert blocks_for(17, 16) == 2 and blocks_for(16, 16) == 1
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(temperature=1e-300), SamplingParams(temperature=5.0, top_p=1e-300),
-    SamplingParams(temperature=1.0, repetition_penalty=1e-300),
-    SamplingParams(temperature=1.0, top_k=1),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1e-300),
+        SamplingParams(temperature=5.0, top_p=1e-300),
+        SamplingParams(temperature=1.0, repetition_penalty=1e-300),
+        SamplingParams(temperature=1.0, top_k=1),
+    ],
+)
 def test_sampling_never_fails_on_extreme_parameters(params: SamplingParams) -> None:
     logits = torch.tensor([[30.0, -40.0, 5.0, 29.0]])
     token = sample_rows(logits, [params], [torch.Generator().manual_seed(0)], [[0, 3]])[0]
