@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -103,14 +102,12 @@ class _Embedded:
 class OpenLLMClone(LLM):
     """A LangChain LLM (text in, text out) backed by an openllm-clone server or engine."""
 
+    # Unset: the HTTP client reads OPENLLM_CLONE_ENDPOINT / OPENLLM_CLONE_API_KEY (the one
+    # place outside Settings that reads the environment).
     endpoint: str | None = Field(
-        default_factory=lambda: os.environ.get("OPENLLM_CLONE_ENDPOINT"),
-        description="Server URL (default: OPENLLM_CLONE_ENDPOINT).",
+        default=None, description="Server URL (or OPENLLM_CLONE_ENDPOINT)."
     )
-    api_key: str | None = Field(
-        default_factory=lambda: os.environ.get("OPENLLM_CLONE_API_KEY"),
-        description="Bearer key (default: OPENLLM_CLONE_API_KEY).",
-    )
+    api_key: str | None = Field(default=None, description="Bearer key (or OPENLLM_CLONE_API_KEY).")
     adapter_name: str | None = Field(default=None, description="Adapter for every call.")
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -315,14 +312,12 @@ class ChatOpenLLMClone(BaseChatModel):
 
     model_config = ConfigDict(populate_by_name=True)
 
+    # Unset: the HTTP client reads OPENLLM_CLONE_ENDPOINT / OPENLLM_CLONE_API_KEY (the one
+    # place outside Settings that reads the environment).
     endpoint: str | None = Field(
-        default_factory=lambda: os.environ.get("OPENLLM_CLONE_ENDPOINT"),
-        description="Server URL (default: OPENLLM_CLONE_ENDPOINT).",
+        default=None, description="Server URL (or OPENLLM_CLONE_ENDPOINT)."
     )
-    api_key: str | None = Field(
-        default_factory=lambda: os.environ.get("OPENLLM_CLONE_API_KEY"),
-        description="Bearer key (default: OPENLLM_CLONE_API_KEY).",
-    )
+    api_key: str | None = Field(default=None, description="Bearer key (or OPENLLM_CLONE_API_KEY).")
     model: str | None = Field(
         default=None,
         alias="model_name",
