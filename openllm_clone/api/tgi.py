@@ -266,9 +266,12 @@ def router(get_llm: Callable[[], LLM]) -> APIRouter:
     """The TGI / LoRAX routes over the process's LLM."""
     routes = APIRouter()
 
-    async def _plan(request: Request) -> tuple[LLM, _Plan, str | None]:
+    async def _plan(request: Request, stream: bool | None = None) -> tuple[LLM, _Plan, str | None]:
+        """``stream``: what the route does (``POST /`` goes by the body's ``stream``)."""
         llm = get_llm()
         body = parse_body(TGIRequest, await json_body(request))
+        if stream is not None:
+            body = body.model_copy(update={"stream": stream})
         plan = _Plan(llm, body)
         adapter = await _adapter(llm, body.parameters)
         llm.engine.check_prompt(plan.ids, plan.params)
@@ -360,12 +363,12 @@ def router(get_llm: Callable[[], LLM]) -> APIRouter:
 
     @routes.post("/generate")
     async def generate(request: Request) -> Any:
-        llm, plan, adapter = await _plan(request)
+        llm, plan, adapter = await _plan(request, stream=False)
         return await _answer(llm, plan, adapter)
 
     @routes.post("/generate_stream")
     async def generate_stream(request: Request) -> Any:
-        llm, plan, adapter = await _plan(request)
+        llm, plan, adapter = await _plan(request, stream=True)
         return _stream(llm, plan, adapter)
 
     @routes.get("/info")

@@ -120,6 +120,16 @@ def test_lorax_client_with_adapters(
     assert sum(t.logprob for t in best.details.tokens) >= sum(t.logprob for t in runner_up.tokens)
     with pytest.raises(NotFoundError):
         client.generate(PROMPT, adapter_id="no-such-adapter", max_new_tokens=2)
+    # best_of cannot stream, whichever route is asked (not n samples interleaved in one stream).
+    r = httpx.post(
+        f"{tiny_server.url}/generate_stream",
+        timeout=60,
+        json={
+            "inputs": PROMPT,
+            "parameters": {"best_of": 2, "do_sample": True, "max_new_tokens": 2},
+        },
+    )
+    assert r.status_code == 422 and r.json()["error_type"] == "validation"
     with pytest.raises(ValidationError):
         client.generate(
             PROMPT, adapter_id=str(tiny_adapters["beta"]), adapter_source="local", max_new_tokens=2
