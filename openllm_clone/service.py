@@ -90,6 +90,10 @@ class PrometheusObserver(EngineObserver):
             documentation="Sequences in the running batch",
             multiprocess_mode="livesum",
         )
+        self.isolated = bentoml.metrics.Counter(
+            name="openllm_clone_step_fault_isolations_total",
+            documentation="Rows failed alone after a batched forward raised (the rest went on)",
+        )
         self.kv = bentoml.metrics.Gauge(
             name="openllm_clone_kv_cache_blocks_used",
             documentation="KV-cache blocks in use",
@@ -100,6 +104,9 @@ class PrometheusObserver(EngineObserver):
         self.batch.set(running)
         self.queue.set(waiting)
         self.kv.set(kv_used)
+
+    def on_fault_isolated(self, rows: int) -> None:
+        self.isolated.inc(rows)
 
     def on_first_token(self, group: RequestGroup, ttft: float) -> None:
         self.ttft.observe(ttft)

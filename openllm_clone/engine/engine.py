@@ -54,7 +54,7 @@ from openllm_clone.runners.base import ModelRunner, StepRow, logit_rows
 from .block_manager import BlockManager
 from .kv_cache import BlockAllocator, blocks_for
 from .sampling import sample_rows
-from .scheduler import Scheduler
+from .scheduler import ScheduledRow, Scheduler
 from .sequence import RequestGroup, RequestOutput, SeqDelta, SeqStatus, Sequence, TokenLogprob
 
 __all__ = ["Engine", "EngineConfig", "EngineObserver"]
@@ -86,6 +86,9 @@ class EngineObserver:
 
     def on_finished(self, group: RequestGroup, status: str, latency: float) -> None:
         """When a request ends (``status`` is ok, cancelled or error)."""
+
+    def on_fault_isolated(self, rows: int) -> None:
+        """A batched forward raised and ``rows`` rows were found to fail on their own."""
 
 
 class Engine:
@@ -122,6 +125,9 @@ class Engine:
         # Seeds for sampled requests that give none: reproducible per server start.
         self._seeds = random.Random(self.config.seed)
         self.steps = 0
+        self.faults_isolated = 0  # rows failed alone after a batched step raised
+        # Tests only (never set from HTTP): called with a step's rows before the forward.
+        self.fault_hook: Callable[[list[StepRow]], None] | None = None
 
     @staticmethod
     def _eos_ids(runner: ModelRunner, tokenizer: Any) -> set[int]:
@@ -382,7 +388,13 @@ class Engine:
             )
             for r in rows
         ]
-        logits = self.runner.step(step_rows)
+        try:
+            logits = self._forward(step_rows)
+        except Exception:
+            logger.exception("a batched step failed: looking for the rows that fail alone")
+            rows, step_rows, logits = self._isolate_fault(rows, step_rows)
+            if not rows:
+                return True
         self.steps += 1
         for r in rows:
             r.seq.num_cached += len(r.tokens)
@@ -415,6 +427,60 @@ class Engine:
             self.blocks.num_blocks - 1,
         )
         return True
+
+    def _forward(self, step_rows: list[StepRow]) -> torch.Tensor:
+        if self.fault_hook is not None:  # tests only: make chosen rows fail in the forward
+            self.fault_hook(step_rows)
+        return self.runner.step(step_rows)
+
+    def _isolate_fault(
+        self, rows: list[ScheduledRow], step_rows: list[StepRow]
+    ) -> tuple[list[ScheduledRow], list[StepRow], torch.Tensor]:
+        """After a failed step: run the rows again in halves until each failure is down to one
+        row, fail only those requests, and return the other rows with their logits.
+
+        Running rows again is safe: a row writes the keys and values of the same tokens into
+        the same slots each time."""
+        failed: dict[int, Exception] = {}
+        chunks: dict[int, torch.Tensor] = {}
+
+        def run(idx: list[int], known_bad: bool) -> None:
+            if not known_bad:
+                try:
+                    out = self._forward([step_rows[i] for i in idx])
+                except Exception as exc:  # noqa: BLE001 - split further below
+                    if len(idx) == 1:
+                        failed[idx[0]] = exc
+                        return
+                else:
+                    at = 0
+                    for i in idx:
+                        k = logit_rows(step_rows[i])
+                        chunks[i] = out[at : at + k]
+                        at += k
+                    return
+            mid = len(idx) // 2
+            run(idx[:mid], False)
+            run(idx[mid:], False)
+
+        if len(rows) == 1:
+            run([0], False)
+        else:
+            run(list(range(len(rows))), True)
+        bad_groups = {id(rows[i].seq.group) for i in failed}
+        for i, exc in failed.items():
+            group = rows[i].seq.group
+            logger.error("request %s fails the forward on its own: %r", group.request_id, exc)
+            self._fail(group, f"internal error during generation: {type(exc).__name__}: {exc}")
+        if failed:
+            self.faults_isolated += len(failed)
+            self.observer.on_fault_isolated(len(failed))
+        keep = [
+            i for i in range(len(rows)) if i in chunks and id(rows[i].seq.group) not in bad_groups
+        ]
+        parts = [chunks[i] for i in keep if chunks[i].shape[0]]
+        logits = torch.cat(parts) if parts else torch.empty(0, self.runner.info.vocab_size)
+        return [rows[i] for i in keep], [step_rows[i] for i in keep], logits
 
     def _prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
         """Record the prompt tokens' logprobs from a chunk's logits (row ``j`` is position
