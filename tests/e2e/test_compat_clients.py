@@ -178,3 +178,26 @@ def test_tokenizer_routes(tiny_server: Server, tiny_model_dir: Path) -> None:
     for bad in ({"tokens": [10**9]}, {"tokens": "x"}):
         r = httpx.post(f"{tiny_server.url}/detokenize", json=bad, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_huggingface_inference_client(
+    tiny_server: Server, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """huggingface_hub's own TGI client (InferenceClient.text_generation) on the root routes.
+    Its offline switch (HF_HUB_OFFLINE, set for the whole suite) blocks every URL, ours on
+    127.0.0.1 too: lifted for this test only."""
+    import huggingface_hub.constants
+    from huggingface_hub import InferenceClient
+
+    monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)
+
+    client = InferenceClient(base_url=tiny_server.url, timeout=120)
+    ids = _prompt_ids(tiny_server)
+    want = reference_greedy(tiny_model_dir, [ids], 6)[0]
+    out = client.text_generation(PROMPT, max_new_tokens=6, details=True, decoder_input_details=True)
+    assert [t.id for t in out.details.tokens] == want
+    assert [t.id for t in out.details.prefill] == ids
+    assert client.text_generation(PROMPT, max_new_tokens=6) == out.generated_text
+    streamed = list(client.text_generation(PROMPT, max_new_tokens=6, stream=True, details=True))
+    assert [e.token.id for e in streamed] == want
+    assert streamed[-1].details is not None and streamed[-1].details.generated_tokens == 6
