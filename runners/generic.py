@@ -640,7 +640,7 @@ def _packed_forward(packed: Any) -> Any:
 def _count_tokens(seen: dict[int, int], key: int) -> Any:
     def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
         x = args[0] if args else None
-        if torch.is_tensor(x) and x.dim() >= 1:
+        if isinstance(x, torch.Tensor) and x.dim() >= 1:
             seen[key] = min(seen.get(key, 1 << 30), int(x.numel() // max(x.shape[-1], 1)))
 
     return hook

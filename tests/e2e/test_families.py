@@ -1,6 +1,7 @@
-"""Many model families through the real server: fp32 greedy tokens equal transformers'
-``generate``, alone, 8 at once, and staggered (each request starts when the one before
-it has streamed its first token, so requests join a running batch mid-decode)."""
+"""Many model families, fp32 greedy tokens equal to transformers' ``generate``: alone, 8
+at once, and staggered (each request starts when the one before it has streamed its first
+token, so requests join a running batch mid-decode); six through the real server, the
+rest on the same engine in-process."""
 
 from __future__ import annotations
 
@@ -54,8 +55,17 @@ def _stream(url: str, prompt: str, first: threading.Event) -> list[int]:
     return tokens
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_family_matches_generate(family: str, tokenizer: Any, tmp_path: Path) -> None:
+# Through a real server: the fast runner's families and generic ones of different kinds
+# (GPT-2's Conv1D, Gemma 2's soft-capping, Mixtral's MoE). The others run the same three
+# checks on the same engine in-process: a server start per family (~8 s) is most of the
+# cost of a check, and the HTTP path is the same for every family.
+SERVED = ("llama", "qwen3", "gemma3_text", "gpt2", "gemma2", "mixtral")
+FAST = ("llama", "qwen3", "gemma3_text")
+
+
+def _family(
+    family: str, tokenizer: Any, tmp_path: Path
+) -> tuple[Path, list[list[int]], list[list[int]]]:
     from transformers import AutoTokenizer
 
     folder = make_family_model(family, tmp_path / family, tokenizer)
@@ -63,12 +73,60 @@ def test_family_matches_generate(family: str, tokenizer: Any, tmp_path: Path) ->
     prompt_ids = [AutoTokenizer.from_pretrained(str(folder))(p)["input_ids"] for p in PROMPTS]
     ref = reference_greedy(folder, prompt_ids, NEW_TOKENS)
     assert any(len(set(r)) > 2 for r in ref), f"degenerate reference for {family}: {ref}"
+    return folder, prompt_ids, ref
+
+
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - set(SERVED)))
+async def test_family_matches_generate_in_process(
+    family: str, tokenizer: Any, tmp_path: Path
+) -> None:
+    import asyncio
+
+    from openllm_clone.llm import LLM
+    from openllm_clone.protocol import SamplingParams
+    from openllm_clone.settings import Settings
+
+    folder, prompt_ids, ref = _family(family, tokenizer, tmp_path)
+    llm = LLM.from_settings(
+        Settings(model=str(folder), dtype="float32", device="cpu", kv_cache_mb=16, max_batch_size=8)
+    )
+    try:
+        assert llm.runner.info.extra.get("runner") == ("fast" if family in FAST else "generic")
+        params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        for ids, want in zip(prompt_ids, ref, strict=True):
+            assert (await llm.complete(ids, params)).token_ids[0] == want, f"{family} alone"
+        together = await asyncio.gather(
+            *(llm.complete(prompt_ids[i % 4], params) for i in range(8))
+        )
+        assert [c.token_ids[0] for c in together] == [ref[i % 4] for i in range(8)], (
+            f"{family} concurrent"
+        )
+
+        async def staggered(i: int, first: asyncio.Event) -> list[int]:
+            tokens: list[int] = []
+            async for out in llm.stream(prompt_ids[i], params):
+                for d in out.deltas:
+                    tokens.extend(d.token_ids)
+                first.set()
+            return tokens
+
+        tasks = []
+        for i in range(4):
+            first = asyncio.Event()
+            tasks.append(asyncio.create_task(staggered(i, first)))
+            await asyncio.wait_for(first.wait(), 300)
+        assert await asyncio.gather(*tasks) == ref, f"{family} staggered"
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.parametrize("family", SERVED)
+def test_family_matches_generate(family: str, tokenizer: Any, tmp_path: Path) -> None:
+    folder, prompt_ids, ref = _family(family, tokenizer, tmp_path)
     args = [str(folder), "--dtype", "float32", "--kv-cache-mb", "16", "--max-batch-size", "8"]
     with run_server(args, {}, tmp_path / "server.log") as server:
         meta = httpx.get(f"{server.url}/v1/metadata", timeout=30).json()
-        assert meta["runner"] == (
-            "fast" if family in ("llama", "qwen3", "gemma3_text") else "generic"
-        )
+        assert meta["runner"] == ("fast" if family in FAST else "generic")
         # Alone.
         for ids, want, prompt in zip(prompt_ids, ref, PROMPTS, strict=True):
             got = _generate(server.url, prompt)
