@@ -24,7 +24,6 @@ from openllm_clone.protocol import (
     ChatMessage,
     CompletionRequest,
     RequestOutput,
-    SamplingParams,
     SeqDelta,
     new_request_id,
     unix_time,
@@ -145,7 +144,6 @@ def router(get_llm: Callable[[], LLM]) -> APIRouter:
                 if body.logprobs is not None:
                     logprobs, offsets[d.index] = _completion_logprobs(
                         llm,
-                        params,
                         prompt_lp,
                         ids[d.index // n],
                         d.logprobs,
@@ -179,7 +177,6 @@ def router(get_llm: Callable[[], LLM]) -> APIRouter:
                 if body.logprobs is not None and result.logprobs is not None:
                     logprobs, _ = _completion_logprobs(
                         llm,
-                        params,
                         result.prompt_logprobs if body.echo else None,
                         ids[p],
                         result.logprobs[i],
@@ -233,7 +230,7 @@ def router(get_llm: Callable[[], LLM]) -> APIRouter:
                 {**base, "object": "chat.completion.chunk"},
                 result,
                 include_usage,
-                lambda i: _chat_logprobs(llm, params, result, i, body.logprobs),
+                lambda i: _chat_logprobs(llm, result, i, body.logprobs),
             )
         if body.stream:
             stream = await open_stream(llm, ids, params, adapter, rid, constraint)
@@ -275,7 +272,7 @@ def router(get_llm: Callable[[], LLM]) -> APIRouter:
                 if calls:
                     message["tool_calls"] = calls
                     reason = "tool_calls"
-            logprobs = _chat_logprobs(llm, params, result, i, body.logprobs)
+            logprobs = _chat_logprobs(llm, result, i, body.logprobs)
             choices.append(
                 {"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason}
             )
@@ -296,9 +293,7 @@ def _with_system(messages: list[ChatMessage], text: str) -> list[ChatMessage]:
     return [ChatMessage(role="system", content=text), *messages]
 
 
-def _chat_logprobs(
-    llm: LLM, params: SamplingParams, result: Any, i: int, asked: bool
-) -> dict[str, Any] | None:
+def _chat_logprobs(llm: LLM, result: Any, i: int, asked: bool) -> dict[str, Any] | None:
     """Chat ``logprobs`` of a finished choice (None unless asked)."""
     if not asked or result.logprobs is None:
         return None
@@ -371,7 +366,6 @@ def _tool_stream(
 
 def _completion_logprobs(
     llm: LLM,
-    params: SamplingParams,
     prompt_lp: list[Any] | None,
     prompt_ids: list[int],
     entries: list[Any] | None,

@@ -493,11 +493,10 @@ class Engine:
         if first >= last:
             return
         lp = torch.log_softmax(logits[first:last].float(), dim=-1)
-        targets = torch.tensor(prompt[start + first + 1 : start + last + 1])
-        chosen = lp.gather(1, targets.unsqueeze(1))[:, 0].tolist()
-        tops = _top(lp, group.params.prompt_logprobs or 0)
-        for j, token in enumerate(targets.tolist()):
-            group.prompt_lp.append(TokenLogprob(token, chosen[j], tops[j]))
+        targets = prompt[start + first + 1 : start + last + 1]
+        group.prompt_lp.extend(
+            _entries(lp, targets, [group.params.prompt_logprobs or 0] * len(targets))
+        )
 
     def _finish_scoring(self, group: RequestGroup) -> None:
         """End a ``max_new_tokens=0`` request: its prompt is scored, nothing is generated."""
@@ -551,11 +550,12 @@ class Engine:
         )
         token_lp: dict[int, TokenLogprob] = {}
         if logprobs is not None:
-            picked = logprobs.gather(1, torch.tensor([tokens[i] for i in asking]).unsqueeze(1))
-            tops = _top(logprobs, max(expanded[i].params.logprobs or 0 for i in asking))
-            for k, i in enumerate(asking):
-                want = expanded[i].params.logprobs or 0
-                token_lp[i] = TokenLogprob(tokens[i], float(picked[k, 0]), tops[k][:want])
+            entries = _entries(
+                logprobs,
+                [tokens[i] for i in asking],
+                [expanded[i].params.logprobs or 0 for i in asking],
+            )
+            token_lp = dict(zip(asking, entries, strict=True))
         now = time.perf_counter()
         per_group: dict[str, list[SeqDelta]] = {}
         for i, (seq, token) in enumerate(zip(expanded, tokens)):
@@ -698,6 +698,13 @@ class Engine:
         if group.request_id in self._groups:
             self._finish_group(group, "timeout" if status == 504 else "error")
             self._push(group, [], finished=True, error=message, error_status=status)
+
+
+def _entries(logprobs: torch.Tensor, targets: list[int], ks: list[int]) -> list[TokenLogprob]:
+    """Row ``j``'s ``targets[j]`` with its logprob and the row's ``ks[j]`` most likely tokens."""
+    chosen = logprobs.gather(1, torch.tensor(targets).unsqueeze(1))[:, 0].tolist()
+    tops = _top(logprobs, max(ks, default=0))
+    return [TokenLogprob(t, chosen[j], tops[j][: ks[j]]) for j, t in enumerate(targets)]
 
 
 def _top(logprobs: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
