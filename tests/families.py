@@ -11,7 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FAMILIES", "MORE_FAMILIES", "make_family_model", "reference_greedy"]
+__all__ = [
+    "FAMILIES",
+    "MORE_FAMILIES",
+    "make_family_model",
+    "reference_greedy",
+    "reference_logprobs",
+    "reference_model",
+]
 
 WINDOW = 8  # tokens; shorter than every test prompt plus its output
 
@@ -97,11 +104,8 @@ def make_family_model(
     return path
 
 
-def reference_greedy(
-    path: Path, prompts: list[list[int]], max_new_tokens: int, *, adapter: Path | None = None
-) -> list[list[int]]:
-    """transformers ``generate(do_sample=False)`` in fp32, one prompt at a time, EOS ignored;
-    with ``adapter``, on peft's ``merge_and_unload`` of it."""
+def reference_model(path: Path, adapter: Path | None = None) -> Any:
+    """The transformers model in fp32; with ``adapter``, peft's ``merge_and_unload`` of it."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -110,6 +114,26 @@ def reference_greedy(
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
+    return model
+
+
+def reference_logprobs(path: Path, tokens: list[int], *, adapter: Path | None = None) -> Any:
+    """Row ``p``: the reference model's fp32 log_softmax for the token after position ``p``."""
+    import torch
+
+    with torch.inference_mode():
+        logits = reference_model(path, adapter)(torch.tensor([tokens])).logits[0]
+        return torch.log_softmax(logits.float(), dim=-1)
+
+
+def reference_greedy(
+    path: Path, prompts: list[list[int]], max_new_tokens: int, *, adapter: Path | None = None
+) -> list[list[int]]:
+    """transformers ``generate(do_sample=False)`` in fp32, one prompt at a time, EOS ignored;
+    with ``adapter``, on peft's ``merge_and_unload`` of it."""
+    import torch
+
+    model = reference_model(path, adapter)
     out = []
     with torch.inference_mode():
         for ids in prompts:

@@ -5,12 +5,11 @@ vLLM's tokenizer routes as lm-eval's remote tokenizer calls them."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.families import reference_greedy
+from tests.families import reference_greedy, reference_logprobs
 from tests.helpers import Server
 
 pytestmark = pytest.mark.e2e
@@ -23,19 +22,6 @@ def tiny_server(shared_tiny_server: Server) -> Server:
 
 
 PROMPT = "The weather today is"
-
-
-def _forward_logprobs(model_dir: Path, tokens: list[int], adapter: Path | None = None) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
-    with torch.inference_mode():
-        return torch.log_softmax(model(torch.tensor([tokens])).logits[0].float(), dim=-1)
 
 
 def _prompt_ids(server: Server) -> list[int]:
@@ -55,7 +41,7 @@ def test_text_generation_client(tiny_server: Server, tiny_model_dir: Path) -> No
     details = r.details
     assert [t.id for t in details.tokens] == want
     assert details.finish_reason.value == "length" and details.generated_tokens == 8
-    ref = _forward_logprobs(tiny_model_dir, ids + want)
+    ref = reference_logprobs(tiny_model_dir, ids + want)
     for j, token in enumerate(details.tokens):
         assert abs(token.logprob - float(ref[len(ids) - 1 + j, token.id])) < 1e-4
         assert [t.id for t in details.top_tokens[j]] == ref[len(ids) - 1 + j].topk(
@@ -92,7 +78,7 @@ def test_lorax_client_with_adapters(
     )
     assert r.details is not None and [t.id for t in r.details.tokens] == want
     assert r.details.prompt_tokens == len(ids)
-    ref = _forward_logprobs(tiny_model_dir, ids + want, tiny_adapters["alpha"])
+    ref = reference_logprobs(tiny_model_dir, ids + want, adapter=tiny_adapters["alpha"])
     for j, token in enumerate(r.details.tokens):
         assert abs(token.logprob - float(ref[len(ids) - 1 + j, token.id])) < 1e-4
         assert token.alternative_tokens is not None and len(token.alternative_tokens) == 2

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.families import reference_logprobs
 from tests.helpers import Server
 
 pytestmark = pytest.mark.e2e
@@ -289,16 +290,6 @@ def test_huge_or_negative_token_ids_are_400(tiny_server: Server, body: dict[str,
 # --- logprobs ---------------------------------------------------------------------------
 
 
-def _forward_logprobs(model_dir: Path, tokens: list[int]) -> Any:
-    """Row ``p``: transformers' fp32 log_softmax for the token after position ``p``."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    with torch.inference_mode():
-        return torch.log_softmax(model(torch.tensor([tokens])).logits[0].float(), dim=-1)
-
-
 def _tokenizer(model_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
@@ -331,7 +322,7 @@ def test_completion_logprobs_equal_a_forward(tiny_server: Server, tiny_model_dir
     lp = r.choices[0].logprobs
     assert lp is not None and len(lp.tokens) == 8
     out = _generate(tiny_server)["outputs"][0]["token_ids"][:8]  # the same greedy tokens
-    ref = _forward_logprobs(tiny_model_dir, ids + out)
+    ref = reference_logprobs(tiny_model_dir, ids + out)
     for j, token in enumerate(out):
         assert lp.tokens[j] == tok.decode([token])
         assert abs(lp.token_logprobs[j] - float(ref[len(ids) - 1 + j, token])) < 1e-4
@@ -352,7 +343,7 @@ def test_completion_logprobs_equal_a_forward(tiny_server: Server, tiny_model_dir
     )
     assert [c.index for c in scored.choices] == [0, 1]
     assert scored.usage is not None and scored.usage.completion_tokens == 0
-    prompt_ref = _forward_logprobs(tiny_model_dir, ids)
+    prompt_ref = reference_logprobs(tiny_model_dir, ids)
     for choice, prompt in zip(scored.choices, [ids, ids[:5]], strict=True):
         assert choice.text == tok.decode(prompt) and choice.finish_reason == "length"
         got = choice.logprobs
@@ -421,7 +412,7 @@ def test_chat_logprobs_equal_a_forward(tiny_server: Server, tiny_model_dir: Path
     ]
     tokens = list(prompt)  # greedy continuation, one forward per token, as the reference
     for entry in content:
-        ref = _forward_logprobs(tiny_model_dir, tokens)[-1]
+        ref = reference_logprobs(tiny_model_dir, tokens)[-1]
         best = int(ref.argmax())
         assert entry.token == tok.decode([best])
         assert abs(entry.logprob - float(ref[best])) < 1e-4
