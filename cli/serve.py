@@ -81,6 +81,8 @@ def start(
     routing: str = _opt("routing"),
     api_key: list[str] = _opt("api_keys", "--api-key", default=[]),
     admin_api_key: list[str] = _opt("admin_api_keys", "--admin-api-key", default=[]),
+    keys_file: str | None = _opt("keys_file"),
+    scheduling: str = _opt("scheduling"),
     max_body_bytes: int = _opt("max_body_bytes"),
     adapter_id: list[str] = _opt("adapters", "--adapter-id", default=[]),
     max_adapters: int = _opt("max_adapters"),
@@ -131,6 +133,8 @@ def start(
                 routing=routing,
                 api_keys=split(api_key),
                 admin_api_keys=split(admin_api_key),
+                keys_file=keys_file,
+                scheduling=scheduling,
                 max_body_bytes=max_body_bytes,
                 adapters=[parse_adapter_spec(a) for a in split(adapter_id)],
                 max_adapters=max_adapters,
@@ -206,6 +210,14 @@ def serve(settings: Settings) -> None:
         support = check_model(resolved.path, settings)
     if not support.ok:
         fail(support.line())
+    if settings.keys_file:
+        from openllm_clone.tenants import KeysFile
+
+        try:
+            keys = KeysFile(settings.keys_file).entries()
+        except OpenLLMCloneError as exc:
+            fail(exc.message)
+        console.print(f"keys file {settings.keys_file}: {len(keys)} keys")
     os.environ.update(settings.to_env())
     url = f"http://{settings.host}:{settings.port}"
     if settings.backend == "ray":

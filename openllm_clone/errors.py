@@ -7,12 +7,14 @@ typed ones also inherit the builtin that callers already catch::
       InvalidRequestError (ValueError)     400
         RequestTooLargeError               413  (a body over --max-body-mb)
       AuthenticationError                  401
+      PermissionDeniedError                403  (a key outside its scope: the base model)
       NotFoundError (LookupError)          404  (an unknown route or model)
       MethodNotAllowedError                405
       AdapterError                         500
         AdapterNotFoundError (LookupError) 404
         AdapterIncompatibleError (ValueError) 422
         AdapterLoadError                   500
+      RateLimitError                       429  (a tenant over its limits; Retry-After)
       CapacityError                        503  (queue full, no adapter slot free)
       UnavailableError                     503  (the replica serving it died: retry)
       RequestTimeoutError (TimeoutError)   504  (the request outlived --timeout)
@@ -40,6 +42,8 @@ __all__ = [
     "ModelLoadError",
     "NotFoundError",
     "OpenLLMCloneError",
+    "PermissionDeniedError",
+    "RateLimitError",
     "RequestTimeoutError",
     "RequestTooLargeError",
     "UnavailableError",
@@ -88,6 +92,13 @@ class AuthenticationError(OpenLLMCloneError):
 
     status_code = 401
     error_type = "authentication_error"
+
+
+class PermissionDeniedError(OpenLLMCloneError, PermissionError):
+    """The key is valid but may not do this (use the base model, manage adapters)."""
+
+    status_code = 403
+    error_type = "permission_denied"
 
 
 class NotFoundError(OpenLLMCloneError, LookupError):
@@ -140,6 +151,25 @@ class CapacityError(OpenLLMCloneError):
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class RateLimitError(OpenLLMCloneError):
+    """A tenant is over one of its limits; ``retry_after`` says when the window has room.
+    ``headers`` are the ``x-ratelimit-*`` headers of the refusal."""
+
+    status_code = 429
+    error_type = "rate_limit_exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float = 1.0,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.headers = headers or []
 
 
 class UnavailableError(CapacityError):

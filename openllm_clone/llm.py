@@ -11,6 +11,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
+from openllm_clone import tenants
 from openllm_clone.errors import AdapterNotFoundError, InvalidRequestError
 from openllm_clone.protocol import ChatMessage, SamplingParams, new_request_id
 
@@ -68,6 +69,7 @@ class LLM:
                 max_prefill_tokens=settings.max_prefill_tokens,
                 prefix_caching=settings.prefix_caching,
                 seed=settings.seed,
+                fair=settings.fair_scheduling,
             ),
             observer,
         )
@@ -191,15 +193,43 @@ class LLM:
         return self.chat_prompt([ChatMessage(role="user", content=text)])
 
     def resolve_model_name(self, model: str | None) -> str | None:
-        """OpenAI ``model``: the base model's name (or empty) means no adapter."""
+        """OpenAI ``model``: the base model's name (or empty) means no adapter. An adapter
+        outside the request's key scope gets the answer of a missing one."""
         if model is None or model == "" or model == self.name or model == self.runner.info.model_id:
             return None
-        if self.adapters.get(model) is None:
+        if self.adapters.get(model) is None or not self.visible(model):
             raise AdapterNotFoundError(
                 f"model {model!r} is neither the base model {self.name!r} nor a loaded adapter",
                 param="model",
             )
         return model
+
+    def visible(self, adapter: str) -> bool:
+        """True when the request's key (if any) may use ``adapter``; a merge of adapters
+        is visible when each of its parts is."""
+        from openllm_clone.adapters.merge import MERGE_PREFIX, parse_merge_name
+
+        if adapter.startswith(MERGE_PREFIX):
+            return all(tenants.may_use(name) for name, _ in parse_merge_name(adapter))
+        return tenants.may_use(adapter)
+
+    def visible_adapters(self) -> list[Any]:
+        """The adapters (``AdapterInfo``) the request's key may use."""
+        return [info for info in self.adapters.list() if self.visible(info.name)]
+
+    @property
+    def tenancy(self) -> tenants.Tenancy:
+        """This process's keys, rate limits and usage meter (shared with the middleware)."""
+        s = self.settings
+        return tenants.tenancy_for(s.keys_file, s.api_keys, s.admin_api_keys, s.workers)
+
+    def check_scope(self, adapter: str | None) -> None:
+        """Refuse an adapter outside the request's key scope as the registry refuses a
+        missing one (scopes do not leak names), and the base model to an adapter-only key."""
+        if adapter is None:
+            tenants.check_base_model()
+        elif not self.visible(adapter):
+            raise AdapterNotFoundError(f"adapter {adapter!r} is not loaded", param="adapter_name")
 
     # --- generation ------------------------------------------------------------------
 
@@ -213,7 +243,10 @@ class LLM:
         constraint: Any = None,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Stream outputs for one request, holding its adapter for the request's life."""
+        self.check_scope(adapter)
+        tenants.check_max_tokens(params.max_new_tokens)
         self.engine.check_prompt(prompt_ids, params)
+        entry = tenants.current_tenant.get()
         slot = await self.adapters.acquire(adapter) if adapter else 0
         try:
             async for out in self.engine.generate(
@@ -224,6 +257,8 @@ class LLM:
                 request_id=request_id or new_request_id(),
                 constraint=constraint,
                 timeout=self.settings.timeout,
+                tenant=entry.tenant if entry is not None else None,
+                weight=entry.weight if entry is not None else 1.0,
             ):
                 yield out
         finally:
@@ -288,7 +323,7 @@ class LLM:
             "max_model_len": info.max_model_len,
             "num_parameters": info.num_parameters,
             "weight_bytes": info.weight_bytes,
-            "adapters": self.adapters.names(),
+            "adapters": [a for a in self.adapters.names() if self.visible(a)],
             "adapter_cache": self.adapters.cache_stats(),
             "engine": self.engine.stats(),
             "compiled": self.runner.compiled_stats(),
@@ -300,6 +335,11 @@ class LLM:
                 "kv_cache_mb": self.settings.kv_cache_mb,
                 "block_size": self.settings.block_size,
                 "timeout": self.settings.timeout,
-                "auth": bool(self.settings.api_keys),
+                "auth": bool(
+                    self.settings.api_keys
+                    or self.settings.admin_api_keys
+                    or self.settings.keys_file
+                ),
+                "scheduling": "fair" if self.settings.fair_scheduling else "fifo",
             },
         }

@@ -1,15 +1,21 @@
-"""ASGI middleware for the whole server: API keys, request body limits, JSON 404s.
+"""ASGI middleware for the whole server: API keys and tenants, rate limits, request body
+limits, JSON 404s.
 
-It wraps BentoML's app, so it covers every route: the /v1 API, /metrics, the docs
-and schema. Only the probes (/livez, /readyz, /healthz) stay open, because
-orchestrators call them without credentials. Keys are compared in constant time.
-Adapter management (POST and DELETE on /v1/adapters) can require a separate admin key.
+It wraps BentoML's app (and the Ray router's), so it covers every route: the /v1 API, the
+TGI routes, /metrics, the docs and schema. Only the probes (/livez, /readyz, /healthz)
+stay open, because orchestrators call them without credentials. A key names a tenant
+(:mod:`openllm_clone.tenants`); the request runs with it in
+:data:`~openllm_clone.tenants.current_tenant`, where the routes check its adapter scope.
+Adapter management (POST and DELETE on /v1/adapters) and /v1/usage need an admin key when
+admin keys exist. Generation requests count against the tenant's limits (429 with
+``Retry-After`` beyond them), and every authenticated response carries its
+``x-ratelimit-*`` headers.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,9 +23,13 @@ from openllm_clone.errors import (
     AuthenticationError,
     NotFoundError,
     OpenLLMCloneError,
+    PermissionDeniedError,
+    RateLimitError,
     RequestTooLargeError,
 )
+from openllm_clone.limits import Ticket
 from openllm_clone.settings import Settings
+from openllm_clone.tenants import GENERATION_PATHS, KeyEntry, Tenancy, current_tenant, tenancy_for
 
 __all__ = ["PUBLIC_PATHS", "GuardMiddleware"]
 
@@ -29,12 +39,21 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-def _matches(token: str, keys: list[str]) -> bool:
-    # Compare against every key (no early exit) so timing does not reveal which matched.
-    ok = False
-    for key in keys:
-        ok |= hmac.compare_digest(token.encode(), key.encode())
-    return ok
+def _encode(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(k.encode(), v.encode()) for k, v in headers]
+
+
+def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    """``send`` that adds ``extra`` headers to the response's start."""
+    if not extra:
+        return send
+
+    async def wrapped(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*(message.get("headers") or []), *extra]}
+        await send(message)
+
+    return wrapped
 
 
 async def _reply(
@@ -70,35 +89,68 @@ class GuardMiddleware:
             self._settings = self._settings_fn() if self._settings_fn else Settings.from_env()
         return self._settings
 
+    @property
+    def tenancy(self) -> Tenancy:
+        s = self.settings
+        return tenancy_for(s.keys_file, s.api_keys, s.admin_api_keys, s.workers)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         settings = self.settings
         path = scope.get("path", "")
-        if path not in PUBLIC_PATHS and (settings.api_keys or settings.admin_api_keys):
+        tenancy = self.tenancy
+        entry: KeyEntry | None = None
+        ticket: Ticket | None = None
+        extra: list[tuple[bytes, bytes]] = []
+        if path not in PUBLIC_PATHS and tenancy.enabled:
             headers = dict(scope.get("headers") or [])
             scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-            admin_route = path.startswith("/v1/adapters") and scope.get("method") in (
-                "POST",
-                "DELETE",
-            )
-            keys = (
-                settings.admin_api_keys
-                if admin_route and settings.admin_api_keys
-                else (settings.api_keys + settings.admin_api_keys)
-            )
-            if scheme.lower() != "bearer" or not _matches(token, keys):
+            entry = tenancy.authenticate(token) if scheme.lower() == "bearer" else None
+            if entry is None:
                 await _reply(
                     send,
-                    AuthenticationError(
-                        "admin API key required"
-                        if admin_route and settings.admin_api_keys
-                        else "missing or invalid API key"
-                    ),
+                    AuthenticationError("missing or invalid API key"),
                     [(b"www-authenticate", b"Bearer")],
                 )
                 return
+            admin_route = path == "/v1/usage" or (
+                path.startswith("/v1/adapters") and scope.get("method") in ("POST", "DELETE")
+            )
+            if admin_route and not entry.admin:
+                await _reply(
+                    send,
+                    PermissionDeniedError("this route needs an admin API key"),
+                )
+                return
+            try:
+                if path in GENERATION_PATHS and scope.get("method") == "POST":
+                    ticket, limits = tenancy.limiter.admit(entry)
+                else:
+                    limits = tenancy.limiter.headers(entry)
+            except RateLimitError as exc:
+                await _reply(
+                    send,
+                    exc,
+                    [
+                        (b"retry-after", str(max(1, math.ceil(exc.retry_after))).encode()),
+                        *_encode(exc.headers),
+                    ],
+                )
+                return
+            extra = _encode(limits)
+        token_ctx = current_tenant.set(entry)
+        try:
+            await self._guarded(scope, receive, _with_headers(send, extra), settings)
+        finally:
+            current_tenant.reset(token_ctx)
+            if ticket is not None:
+                ticket.release()
+
+    async def _guarded(
+        self, scope: Scope, receive: Receive, send: Send, settings: Settings
+    ) -> None:
         limit = settings.max_body_bytes
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")

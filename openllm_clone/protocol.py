@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from openllm_clone.errors import InvalidRequestError
+from openllm_clone.tenants import cap_max_tokens
 
 __all__ = [
     "AdapterInfo",
@@ -199,6 +200,9 @@ class GenerateRequest(BaseModel):
             value = getattr(self, key, None)
             if value is not None:
                 merged[key] = value
+        if merged.get("max_new_tokens") is None:
+            default = SamplingParams.model_fields["max_new_tokens"].default
+            merged["max_new_tokens"] = cap_max_tokens(default)
         params = SamplingParams.model_validate(merged)
         if params.max_new_tokens < 1:  # no prompt scoring on this route: 0 would do nothing
             raise InvalidRequestError("max_new_tokens: must be at least 1", param="max_new_tokens")
@@ -311,7 +315,7 @@ class _OpenAISampling(NullMeansDefault):
         prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         return SamplingParams(
-            max_new_tokens=max_tokens if max_tokens is not None else 16,
+            max_new_tokens=max_tokens if max_tokens is not None else cap_max_tokens(16),
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             temperature=self.temperature,

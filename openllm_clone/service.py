@@ -22,6 +22,7 @@ from openllm_clone.engine.engine import EngineObserver
 from openllm_clone.engine.sequence import RequestGroup
 from openllm_clone.middleware import GuardMiddleware
 from openllm_clone.settings import Settings
+from openllm_clone.tenants import Tenancy, tenancy_for
 
 __all__ = ["LLMService"]
 
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 request_log = logging.getLogger("openllm_clone.requests")
 
 _state: dict[str, Any] = {}
+MAX_ADAPTER_LABELS = 64
 
 
 def _llm() -> Any:
@@ -47,9 +49,13 @@ root_app = build_root_app(_llm)  # TGI/LoRAX and tokenizer routes: only its own 
 class PrometheusObserver(EngineObserver):
     """Engine events as Prometheus metrics (names after TGI's) and one log line per request."""
 
-    def __init__(self, log_prompts: bool = False, tokenizer: Any = None) -> None:
+    def __init__(
+        self, log_prompts: bool = False, tokenizer: Any = None, tenancy: Tenancy | None = None
+    ) -> None:
         self.log_prompts = log_prompts
         self.tokenizer = tokenizer
+        self.tenancy = tenancy
+        self._adapter_labels: set[str] = set()
         latency_buckets = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
         token_buckets = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
         self.requests = bentoml.metrics.Counter(
@@ -94,6 +100,30 @@ class PrometheusObserver(EngineObserver):
             name="openllm_clone_step_fault_isolations_total",
             documentation="Rows failed alone after a batched forward raised (the rest went on)",
         )
+        # Per tenant and adapter (metering). Tenants are bounded by the keys file; adapter
+        # labels by MAX_ADAPTER_LABELS per process (later ones count as "other").
+        self.tenant_requests = bentoml.metrics.Counter(
+            name="openllm_clone_tenant_requests_total",
+            documentation="Requests that reached the engine, by tenant, adapter and status",
+            labelnames=["tenant", "adapter", "status"],
+        )
+        self.tenant_tokens = bentoml.metrics.Counter(
+            name="openllm_clone_tenant_tokens_total",
+            documentation="Tokens computed for a tenant, by adapter and kind (prompt, completion)",
+            labelnames=["tenant", "adapter", "kind"],
+        )
+        self.tenant_ttft = bentoml.metrics.Histogram(
+            name="openllm_clone_tenant_time_to_first_token_seconds",
+            documentation="Time from arrival to the first token, by tenant",
+            labelnames=["tenant"],
+            buckets=latency_buckets,
+        )
+        self.tenant_latency = bentoml.metrics.Histogram(
+            name="openllm_clone_tenant_request_duration_seconds",
+            documentation="Time from arrival to the last token, by tenant",
+            labelnames=["tenant"],
+            buckets=latency_buckets,
+        )
         self.kv = bentoml.metrics.Gauge(
             name="openllm_clone_kv_cache_blocks_used",
             documentation="KV-cache blocks in use",
@@ -110,6 +140,33 @@ class PrometheusObserver(EngineObserver):
 
     def on_first_token(self, group: RequestGroup, ttft: float) -> None:
         self.ttft.observe(ttft)
+        if group.tenant is not None:
+            self.tenant_ttft.labels(tenant=group.tenant).observe(ttft)
+
+    def _adapter_label(self, adapter: str | None) -> str:
+        name = adapter or ""
+        if name in self._adapter_labels:
+            return name
+        if len(self._adapter_labels) < MAX_ADAPTER_LABELS:
+            self._adapter_labels.add(name)
+            return name
+        return "other"
+
+    def _meter(self, group: RequestGroup, status: str, latency: float) -> None:
+        """Usage per tenant and adapter: /v1/usage, the tokens-per-minute limits, metrics."""
+        prompt, completion = len(group.prompt_ids), group.completion_tokens()
+        tenant = group.tenant or "-"
+        if self.tenancy is not None:
+            self.tenancy.meter.record(tenant, group.adapter, status, prompt, completion)
+            if group.tenant is not None:
+                self.tenancy.limiter.record_tokens(group.tenant, prompt + completion)
+        if group.tenant is None:
+            return
+        adapter = self._adapter_label(group.adapter)
+        self.tenant_requests.labels(tenant=tenant, adapter=adapter, status=status).inc()
+        self.tenant_tokens.labels(tenant=tenant, adapter=adapter, kind="prompt").inc(prompt)
+        self.tenant_tokens.labels(tenant=tenant, adapter=adapter, kind="completion").inc(completion)
+        self.tenant_latency.labels(tenant=tenant).observe(latency)
 
     def on_finished(self, group: RequestGroup, status: str, latency: float) -> None:
         generated = group.completion_tokens()
@@ -118,6 +175,7 @@ class PrometheusObserver(EngineObserver):
             "request_id": group.request_id,
             "worker": os.getpid(),
             "adapter": group.adapter,
+            "tenant": group.tenant,
             "status": status,
             "prompt_tokens": len(group.prompt_ids),
             "completion_tokens": generated,
@@ -129,6 +187,7 @@ class PrometheusObserver(EngineObserver):
         if self.log_prompts and self.tokenizer is not None:
             line["prompt"] = self.tokenizer.decode(group.prompt_ids)
         request_log.info(json.dumps(line))
+        self._meter(group, status, latency)
         self.requests.labels(status=status, adapter=group.adapter or "").inc()
         self.duration.observe(latency)
         self.generated.inc(generated)
@@ -172,7 +231,10 @@ class LLMService:
 
         settings = Settings.from_env()
         _configure_logging(settings.log_level)
-        observer = PrometheusObserver(log_prompts=settings.log_prompts)
+        tenancy = tenancy_for(
+            settings.keys_file, settings.api_keys, settings.admin_api_keys, settings.workers
+        )
+        observer = PrometheusObserver(log_prompts=settings.log_prompts, tenancy=tenancy)
         try:
             self.llm = LLM.from_settings(settings, observer=observer)
         except Exception as exc:

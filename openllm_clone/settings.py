@@ -135,6 +135,16 @@ class Settings(BaseModel):
         description="Keys for loading and unloading adapters; when set, plain API keys "
         "can no longer manage adapters.",
     )
+    keys_file: str | None = Field(
+        default=None,
+        description="TOML or YAML file of tenants' API keys with their adapter scopes and "
+        "limits (edit with `openllm-clone keys`); re-read when it changes.",
+    )
+    scheduling: Literal["auto", "fifo", "fair"] = Field(
+        default="auto",
+        description="Admission order of waiting requests: fifo (arrival), fair (a weighted "
+        "virtual token counter per tenant), auto (fair with --keys-file, else fifo).",
+    )
     max_body_bytes: int = Field(
         default=4 * 2**20, ge=1024, description="Largest request body accepted (413 beyond)."
     )
@@ -199,6 +209,17 @@ class Settings(BaseModel):
         if dupes:
             raise ValueError(f"adapter names must be unique; repeated: {sorted(dupes)}")
         return self
+
+    @field_validator("keys_file")
+    @classmethod
+    def _absolute_keys_file(cls, path: str | None) -> str | None:
+        # Workers may run in another directory (a bento's src/).
+        return os.path.abspath(path) if path else None
+
+    @property
+    def fair_scheduling(self) -> bool:
+        """True when waiting requests are admitted by tenant fairness, not arrival."""
+        return self.scheduling == "fair" or (self.scheduling == "auto" and bool(self.keys_file))
 
     def to_env(self) -> dict[str, str]:
         """Environment entries that carry these settings to worker processes."""

@@ -1,4 +1,5 @@
-"""Adapter management: ``GET``/``POST /v1/adapters``, ``DELETE /v1/adapters/{name}``."""
+"""Adapter management: ``GET``/``POST /v1/adapters``, ``DELETE /v1/adapters/{name}``, and
+the usage totals per tenant and adapter, ``GET /v1/usage``."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def router(get_llm: Callable[[], LLM]) -> APIRouter:
 
     @routes.get("/adapters")
     async def list_adapters() -> dict[str, Any]:
-        return {"object": "list", "data": [a.model_dump() for a in get_llm().adapters.list()]}
+        return {"object": "list", "data": [a.model_dump() for a in get_llm().visible_adapters()]}
 
     @routes.post("/adapters")
     async def load_adapter(request: Request) -> JSONResponse:
@@ -39,5 +40,11 @@ def router(get_llm: Callable[[], LLM]) -> APIRouter:
     async def unload_adapter(name: str) -> dict[str, Any]:
         await get_llm().adapters.unload(name)
         return {"name": name, "deleted": True}
+
+    @routes.get("/usage")
+    async def usage() -> dict[str, Any]:
+        """Requests and tokens per tenant and adapter since this process started (an
+        admin key's route when keys exist)."""
+        return get_llm().tenancy.meter.snapshot()
 
     return routes

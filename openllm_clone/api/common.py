@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from openllm_clone.errors import (
+    AdapterNotFoundError,
     AuthenticationError,
     CapacityError,
     InvalidRequestError,
@@ -28,6 +29,7 @@ __all__ = [
     "adapter_for",
     "error_response",
     "json_body",
+    "merged_adapter",
     "open_stream",
     "parse_body",
     "sampling",
@@ -100,7 +102,19 @@ async def adapter_for(llm: LLM, adapter: str | None, merged: MergedAdapters | No
         raise InvalidRequestError(
             "give either an adapter or merged_adapters, not both", param="merged_adapters"
         )
-    return await llm.adapters.merged(merged.ids, merged.weights)
+    return await merged_adapter(llm, merged.ids, merged.weights)
+
+
+async def merged_adapter(llm: LLM, ids: list[str], weights: list[float]) -> str:
+    """The name of a merge of adapters ``ids``; a part outside the key's scope is refused as
+    a missing one (before anything is read)."""
+    for name in ids:
+        if not llm.visible(name):
+            raise AdapterNotFoundError(
+                f"merged_adapters names {name!r}, which is not a loaded adapter",
+                param="merged_adapters",
+            )
+    return await llm.adapters.merged(ids, weights)
 
 
 def served_name(llm: LLM, asked: str, adapter: str | None) -> str:

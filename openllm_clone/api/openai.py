@@ -29,6 +29,7 @@ from openllm_clone.protocol import (
     unix_time,
 )
 from openllm_clone.structured import parse_tool_output, plan_tools
+from openllm_clone.tenants import cap_max_tokens, current_tenant
 
 from .common import (
     adapter_for,
@@ -53,17 +54,20 @@ def router(get_llm: Callable[[], LLM]) -> APIRouter:
 
     def _model_cards(llm: LLM) -> list[dict[str, Any]]:
         created = unix_time()
-        data = [
-            {
-                "id": llm.name,
-                "object": "model",
-                "created": created,
-                "owned_by": "openllm-clone",
-                "root": llm.runner.info.model_id,
-                "parent": None,
-            }
-        ]
-        for info in llm.adapters.list():
+        entry = current_tenant.get()
+        data = []
+        if entry is None or entry.base_model:
+            data.append(
+                {
+                    "id": llm.name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "openllm-clone",
+                    "root": llm.runner.info.model_id,
+                    "parent": None,
+                }
+            )
+        for info in llm.visible_adapters():
             data.append(
                 {
                     "id": info.name,
@@ -213,7 +217,7 @@ def router(get_llm: Callable[[], LLM]) -> APIRouter:
         prompt = llm.chat_prompt(messages)
         ids = llm.tokenize(prompt)
         default_max = max(1, llm.runner.info.max_model_len - len(ids))
-        params = sampling(lambda: body.sampling_params(min(default_max, 4096)))
+        params = sampling(lambda: body.sampling_params(cap_max_tokens(min(default_max, 4096))))
         rid = new_request_id("chatcmpl")
         base = {
             "id": rid,

@@ -27,8 +27,9 @@ from openllm_clone.protocol import (
     SamplingParams,
     new_request_id,
 )
+from openllm_clone.tenants import cap_max_tokens
 
-from .common import json_body, parse_body, sse, validation_error
+from .common import json_body, merged_adapter, parse_body, sse, validation_error
 
 if TYPE_CHECKING:
     from openllm_clone.llm import LLM
@@ -153,7 +154,7 @@ class _Plan:
         try:
             self.params = SamplingParams(
                 # LoRAX's default: up to the context's end (capped as chat's default is).
-                max_new_tokens=p.max_new_tokens or min(remaining, 4096),
+                max_new_tokens=p.max_new_tokens or cap_max_tokens(min(remaining, 4096)),
                 temperature=(p.temperature if p.temperature is not None else 1.0)
                 if p.sampling
                 else 0.0,
@@ -205,10 +206,11 @@ async def _adapter(llm: LLM, p: TGIParameters) -> str | None:
             raise InvalidRequestError(
                 "merged_adapters ids and weights differ in length", param="merged_adapters"
             )
-        return await llm.adapters.merged(m.ids, m.weights)
+        return await merged_adapter(llm, m.ids, m.weights)
     name = p.adapter_id
     if not name or name in (llm.name, llm.runner.info.model_id):
         return None
+    llm.check_scope(name)  # before a local folder is read
     if p.adapter_source == "local":
         if not llm.adapters.roots:
             raise InvalidRequestError(

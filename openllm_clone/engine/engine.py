@@ -73,6 +73,7 @@ class EngineConfig:
     max_prefill_tokens: int = 512
     seed: int = 0
     prefix_caching: bool = True
+    fair: bool = False  # admit waiting requests by tenant fairness instead of arrival
 
 
 class EngineObserver:
@@ -116,6 +117,7 @@ class Engine:
             self.block_manager,
             max_batch_size=self.config.max_batch_size,
             max_prefill_tokens=self.config.max_prefill_tokens,
+            fair=self.config.fair,
         )
         self._groups: dict[str, RequestGroup] = {}
         self._pending = 0  # requests accepted but not yet finished
@@ -191,6 +193,8 @@ class Engine:
         request_id: str | None = None,
         constraint: Any = None,
         timeout: float | None = None,
+        tenant: str | None = None,
+        weight: float = 1.0,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; closing the iterator cancels the request.
 
@@ -212,6 +216,8 @@ class Engine:
             adapter_slot=adapter_slot,
             queue=asyncio.Queue(),
             constraint=constraint,
+            tenant=tenant,
+            weight=weight,
         )
         if timeout is not None:
             group.deadline = group.arrival + timeout

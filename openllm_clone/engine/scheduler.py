@@ -6,6 +6,15 @@ arrival order while the batch has room, the budget lasts and free KV blocks rema
 block per running sequence is kept for their next tokens). When a running sequence needs
 a block and none is free, the newest running sequence not in this step is preempted: its
 blocks are freed and it waits, first in line, to be recomputed.
+
+Fair mode (``fair=True``) admits by tenant instead of by arrival: a virtual token counter
+per tenant (Sheng et al., "Fairness in Serving Large Language Models", OSDI 2024) grows by
+every token the tenant's sequences compute, prompt tokens at 1 and generated tokens at 2
+(decoding a token costs more than prefilling one), divided by the tenant's weight; the
+waiting sequence whose tenant has the lowest counter goes next (arrival breaks ties). A
+tenant that comes back after idling starts at the lowest counter among the tenants with
+work, so idle time does not bank credit, and a tenant with 100 queued requests cannot
+starve one with 1: the second is admitted as soon as the batch has room.
 """
 
 from __future__ import annotations
@@ -17,7 +26,10 @@ from dataclasses import dataclass
 from .block_manager import BlockManager
 from .sequence import SeqStatus, Sequence
 
-__all__ = ["ScheduledRow", "Scheduler"]
+__all__ = ["OUTPUT_TOKEN_COST", "PROMPT_TOKEN_COST", "ScheduledRow", "Scheduler"]
+
+PROMPT_TOKEN_COST = 1.0
+OUTPUT_TOKEN_COST = 2.0
 
 logger = logging.getLogger(__name__)
 
@@ -36,23 +48,67 @@ class Scheduler:
     """The waiting queue and the running batch, under the batch and prefill budgets."""
 
     def __init__(
-        self, blocks: BlockManager, *, max_batch_size: int, max_prefill_tokens: int
+        self,
+        blocks: BlockManager,
+        *,
+        max_batch_size: int,
+        max_prefill_tokens: int,
+        fair: bool = False,
     ) -> None:
         self.blocks = blocks
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
+        self.fair = fair
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.counters: dict[str, float] = {}  # fair mode: virtual tokens served per tenant
+        self._first: set[int] = set()  # ids of sequences put back first in line
 
     def __bool__(self) -> bool:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence, *, first: bool = False) -> None:
         """Queue ``seq`` (at the front with ``first``)."""
+        if self.fair:
+            tenant = _tenant(seq)
+            if not self._active(tenant):
+                # Back from idle: no credit for the time away.
+                active = [self.counters.get(_tenant(s), 0.0) for s in self._all()]
+                floor = min(active, default=0.0)
+                self.counters[tenant] = max(self.counters.get(tenant, floor), floor)
         if first:
             self.waiting.appendleft(seq)
+            self._first.add(id(seq))
         else:
             self.waiting.append(seq)
+
+    def _all(self) -> list[Sequence]:
+        return [*self.running, *self.waiting]
+
+    def _active(self, tenant: str) -> bool:
+        return any(_tenant(s) == tenant for s in self._all())
+
+    def _next_waiting(self) -> Sequence:
+        """The waiting sequence to admit next: first in line (a preempted or forked one),
+        else the oldest (fifo) or the oldest of the tenant served least (fair)."""
+        head = self.waiting[0]
+        if not self.fair or id(head) in self._first:
+            return head
+        best = head
+        best_count = self.counters.get(_tenant(head), 0.0)
+        for seq in self.waiting:
+            count = self.counters.get(_tenant(seq), 0.0)
+            if count < best_count:
+                best, best_count = seq, count
+        return best
+
+    def _charge(self, rows: list[ScheduledRow]) -> None:
+        """Fair mode: each row's tokens count against its tenant's virtual counter."""
+        for row in rows:
+            seq = row.seq
+            cost = OUTPUT_TOKEN_COST if not seq.in_prefill else PROMPT_TOKEN_COST * len(row.tokens)
+            tenant = _tenant(seq)
+            self.counters[tenant] = self.counters.get(tenant, 0.0) + cost / seq.group.weight
 
     def add_running(self, seq: Sequence) -> None:
         """A sequence that starts running without admission (a fork of a running one)."""
@@ -65,6 +121,7 @@ class Scheduler:
             self.running.remove(seq)
         if seq in self.waiting:
             self.waiting.remove(seq)
+        self._first.discard(id(seq))
 
     def schedule(self) -> list[ScheduledRow]:
         """Pick the rows of the next step."""
@@ -87,7 +144,7 @@ class Scheduler:
             rows.append(ScheduledRow(seq, todo, seq.num_cached + len(todo) == seq.num_tokens))
         # Then admit waiting sequences while there is room.
         while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
-            seq = self.waiting[0]
+            seq = self._next_waiting()
             matched = self.blocks.match_prefix(seq)
             todo = seq.tokens[seq.num_cached :][:budget]
             # Keep a block per running sequence free for their next tokens.
@@ -95,16 +152,20 @@ class Scheduler:
             if self.blocks.needed(seq, seq.num_cached + len(todo)) > spare:
                 self.blocks.unmatch(seq, matched)
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             if not self._reserve(seq, seq.num_cached + len(todo), scheduled):
                 self.blocks.unmatch(seq, matched)
                 self.waiting.appendleft(seq)
+                self._first.add(id(seq))
                 break
+            self._first.discard(id(seq))
             scheduled.add(id(seq))
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             budget -= len(todo)
             rows.append(ScheduledRow(seq, todo, seq.num_cached + len(todo) == seq.num_tokens))
+        if self.fair:
+            self._charge(rows)
         return rows
 
     def _reserve(self, seq: Sequence, num_tokens: int, scheduled: set[int]) -> bool:
@@ -132,3 +193,8 @@ class Scheduler:
         seq.reset_for_recompute()
         self.running.remove(seq)
         self.waiting.appendleft(seq)
+        self._first.add(id(seq))
+
+
+def _tenant(seq: Sequence) -> str:
+    return seq.group.tenant or ""

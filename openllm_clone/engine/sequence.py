@@ -50,6 +50,8 @@ class RequestGroup:
     adapter_key: Any = None  # (slot, load generation) of the adapter: part of prefix-cache keys
     prompt_lp: list[TokenLogprob] = field(default_factory=list)  # for prompt tokens 1, 2, ...
     prompt_lp_sent: bool = False
+    tenant: str | None = None  # whose key sent it (fair scheduling, metering, token limits)
+    weight: float = 1.0  # the tenant's share of the engine under fair scheduling
 
     @property
     def wants_prompt_logits(self) -> bool:

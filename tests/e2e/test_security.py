@@ -95,12 +95,13 @@ def test_adapter_management_needs_the_admin_key(
 ) -> None:
     body = {"name": "alpha", "source": str(tiny_adapters["alpha"])}
     r = httpx.post(f"{secured.url}/v1/adapters", json=body, headers=_h(KEY), timeout=30)
-    assert r.status_code == 401
+    assert r.status_code == 403  # a valid key without the permission
+    assert r.json()["error"]["type"] == "permission_denied"
     r = httpx.post(f"{secured.url}/v1/adapters", json=body, headers=_h(ADMIN), timeout=30)
     assert r.status_code == 200, r.text
     assert (
         httpx.delete(f"{secured.url}/v1/adapters/alpha", headers=_h(KEY), timeout=30).status_code
-        == 401
+        == 403
     )
     assert (
         httpx.delete(f"{secured.url}/v1/adapters/alpha", headers=_h(ADMIN), timeout=30).status_code

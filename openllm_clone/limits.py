@@ -1,0 +1,236 @@
+"""Per-tenant rate limits and usage totals (no torch).
+
+:class:`RateLimiter` keeps, per tenant, the requests and tokens of the last minute (a
+sliding window) and the requests in flight. A request over a limit is refused with a
+429 (:class:`~openllm_clone.errors.RateLimitError`) before it reaches the engine; the
+tokens of a request count when it finishes (prompt + completion), so a request that is
+admitted may take a tenant past its tokens-per-minute, and the next ones wait until the
+window has room again (as OpenAI's limits behave).
+
+With ``--workers N`` every worker process keeps its own counters and enforces
+``ceil(limit / N)`` of each limit, so a tenant never exceeds its limit in total (it may be
+refused a little early when the workers' shares are used unevenly).
+
+:class:`UsageMeter` adds up requests and tokens per tenant and adapter since start
+(``GET /v1/usage``).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from openllm_clone.errors import RateLimitError
+
+if TYPE_CHECKING:
+    from openllm_clone.tenants import KeyEntry
+
+__all__ = ["RateLimiter", "Ticket", "UsageMeter"]
+
+WINDOW = 60.0
+
+
+def _reset(seconds: float) -> str:
+    """OpenAI's reset format: ``1s``, ``6m0s``, ``250ms``."""
+    if seconds < 1:
+        return f"{max(0, int(seconds * 1000))}ms"
+    whole = int(math.ceil(seconds))
+    minutes, secs = divmod(whole, 60)
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+@dataclass
+class _State:
+    requests: deque[float] = field(default_factory=deque)
+    tokens: deque[tuple[float, int]] = field(default_factory=deque)
+    token_sum: int = 0
+    in_flight: int = 0
+
+
+@dataclass
+class Ticket:
+    """An admitted request; :meth:`release` when its response has ended."""
+
+    limiter: RateLimiter | None
+    tenant: str
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released and self.limiter is not None:
+            self.released = True
+            self.limiter._release(self.tenant)
+
+
+class RateLimiter:
+    """Sliding-window requests and tokens per minute, and concurrency, per tenant."""
+
+    def __init__(self, share: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.share = share
+        self.clock = clock
+        self._states: dict[str, _State] = {}
+        self._lock = threading.Lock()  # the engine observer records tokens from its thread
+
+    def _limit(self, value: int | None) -> int | None:
+        return None if value is None else max(1, math.ceil(value * self.share))
+
+    def _state(self, tenant: str, now: float) -> _State:
+        state = self._states.setdefault(tenant, _State())
+        while state.requests and state.requests[0] <= now - WINDOW:
+            state.requests.popleft()
+        while state.tokens and state.tokens[0][0] <= now - WINDOW:
+            state.token_sum -= state.tokens.popleft()[1]
+        return state
+
+    def admit(self, entry: KeyEntry) -> tuple[Ticket, list[tuple[str, str]]]:
+        """Count a request of ``entry``'s tenant, or raise :class:`RateLimitError`.
+        Returns the ticket and the ``x-ratelimit-*`` headers for the response."""
+        rpm = self._limit(entry.requests_per_minute)
+        tpm = self._limit(entry.tokens_per_minute)
+        concurrent = self._limit(entry.max_concurrent)
+        with self._lock:
+            now = self.clock()
+            state = self._state(entry.tenant, now)
+            waits: list[tuple[float, str]] = []
+            if rpm is not None and len(state.requests) >= rpm:
+                waits.append(
+                    (
+                        state.requests[len(state.requests) - rpm] + WINDOW - now,
+                        f"{rpm} requests per minute",
+                    )
+                )
+            if tpm is not None and state.token_sum >= tpm:
+                waits.append((self._tokens_free_in(state, tpm, now), f"{tpm} tokens per minute"))
+            if concurrent is not None and state.in_flight >= concurrent:
+                waits.append((1.0, f"{concurrent} concurrent requests"))
+            if waits:
+                wait, what = max(waits)
+                raise RateLimitError(
+                    f"rate limit of tenant {entry.tenant!r} reached: {what}; retry in "
+                    f"{_reset(wait)}",
+                    retry_after=max(wait, 0.001),
+                    headers=self._headers(entry, state, now, rpm, tpm),
+                )
+            state.requests.append(now)
+            state.in_flight += 1
+            headers = self._headers(entry, state, now, rpm, tpm)
+        return Ticket(self, entry.tenant), headers
+
+    def headers(self, entry: KeyEntry) -> list[tuple[str, str]]:
+        """The ``x-ratelimit-*`` headers without counting a request."""
+        with self._lock:
+            now = self.clock()
+            state = self._state(entry.tenant, now)
+            return self._headers(
+                entry,
+                state,
+                now,
+                self._limit(entry.requests_per_minute),
+                self._limit(entry.tokens_per_minute),
+            )
+
+    @staticmethod
+    def _tokens_free_in(state: _State, tpm: int, now: float) -> float:
+        """Seconds until the window's tokens drop below ``tpm``."""
+        total = state.token_sum
+        for stamp, tokens in state.tokens:
+            total -= tokens
+            if total < tpm:
+                return stamp + WINDOW - now
+        return WINDOW
+
+    def _headers(
+        self, entry: KeyEntry, state: _State, now: float, rpm: int | None, tpm: int | None
+    ) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        if rpm is not None:
+            reset = state.requests[0] + WINDOW - now if state.requests else 0.0
+            out += [
+                ("x-ratelimit-limit-requests", str(rpm)),
+                ("x-ratelimit-remaining-requests", str(max(0, rpm - len(state.requests)))),
+                ("x-ratelimit-reset-requests", _reset(reset)),
+            ]
+        if tpm is not None:
+            reset = state.tokens[0][0] + WINDOW - now if state.tokens else 0.0
+            out += [
+                ("x-ratelimit-limit-tokens", str(tpm)),
+                ("x-ratelimit-remaining-tokens", str(max(0, tpm - state.token_sum))),
+                ("x-ratelimit-reset-tokens", _reset(reset)),
+            ]
+        return out
+
+    def record_tokens(self, tenant: str, tokens: int) -> None:
+        """Count a finished request's prompt + completion tokens."""
+        if tokens <= 0:
+            return
+        with self._lock:
+            now = self.clock()
+            state = self._state(tenant, now)
+            state.tokens.append((now, tokens))
+            state.token_sum += tokens
+
+    def _release(self, tenant: str) -> None:
+        with self._lock:
+            state = self._states.get(tenant)
+            if state is not None and state.in_flight > 0:
+                state.in_flight -= 1
+
+
+class UsageMeter:
+    """Requests and tokens per (tenant, adapter) since start: every request that reached
+    the engine, with the tokens it computed (a cancelled one's too, counted as
+    ``cancelled``; ``errors`` are the ones that failed)."""
+
+    def __init__(self) -> None:
+        self._totals: dict[tuple[str, str], dict[str, int]] = {}
+        self._lock = threading.Lock()
+
+    def record(
+        self, tenant: str, adapter: str | None, status: str, prompt: int, completion: int
+    ) -> None:
+        with self._lock:
+            row = self._totals.setdefault(
+                (tenant, adapter or ""),
+                {
+                    "requests": 0,
+                    "errors": 0,
+                    "cancelled": 0,
+                    "prompt_tokens": 0,
+                    "completion_tokens": 0,
+                },
+            )
+            row["requests"] += 1
+            if status == "cancelled":
+                row["cancelled"] += 1
+            elif status != "ok":
+                row["errors"] += 1
+            row["prompt_tokens"] += prompt
+            row["completion_tokens"] += completion
+
+    def snapshot(self) -> dict[str, Any]:
+        """``{tenants: {name: {totals, adapters: {adapter: totals}}}}``."""
+        out: dict[str, Any] = {}
+        with self._lock:
+            items = [(k, dict(v)) for k, v in self._totals.items()]
+        for (tenant, adapter), row in sorted(items):
+            t = out.setdefault(
+                tenant,
+                {
+                    "requests": 0,
+                    "errors": 0,
+                    "cancelled": 0,
+                    "prompt_tokens": 0,
+                    "completion_tokens": 0,
+                    "adapters": {},
+                },
+            )
+            for key, value in row.items():
+                t[key] += value
+            t["adapters"][adapter or "(base)"] = row
+        for t in out.values():
+            t["total_tokens"] = t["prompt_tokens"] + t["completion_tokens"]
+        return {"tenants": out}

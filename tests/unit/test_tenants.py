@@ -1,0 +1,140 @@
+"""Keys files, key hashing and scopes, and the per-tenant rate limiter (no server)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from openllm_clone.errors import InvalidRequestError, RateLimitError
+from openllm_clone.limits import RateLimiter, UsageMeter
+from openllm_clone.tenants import KeyEntry, KeysFile, hash_key, new_key, save_keys, verify_key
+
+
+def entry(tenant: str = "acme", **limits: object) -> tuple[KeyEntry, str]:
+    key_id, key = new_key()
+    return KeyEntry(tenant=tenant, key_id=key_id, key_hash=hash_key(key), **limits), key  # type: ignore[arg-type]
+
+
+def test_keys_are_stored_hashed_and_verified() -> None:
+    key_id, key = new_key()
+    stored = hash_key(key)
+    assert key not in stored and key_id in key
+    assert verify_key(key, stored)
+    assert not verify_key(key + "x", stored)
+    assert hash_key(key) != stored  # a fresh salt each time
+
+
+def test_scopes_take_names_and_globs() -> None:
+    e, _ = entry(adapters=["acme-*", "shared"], base_model=False)
+    assert e.may_use("acme-legal") and e.may_use("shared")
+    assert not e.may_use("other") and not e.may_use("acme")
+    assert not e.may_use(None)  # the base model
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".yaml"])
+def test_keys_file_round_trip_and_reload_on_change(tmp_path: Path, suffix: str) -> None:
+    path = str(tmp_path / f"keys{suffix}")
+    a, key_a = entry("acme", adapters=["acme-*"], requests_per_minute=5, weight=2.0)
+    save_keys(path, [a])
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    assert key_a not in Path(path).read_text()
+    keys = KeysFile(path)
+    assert keys.authenticate(key_a) == a
+    assert keys.authenticate("oc-00000000-" + "x" * 32) is None
+    assert keys.authenticate("not a key") is None
+    b, key_b = entry("globex")
+    save_keys(path, [a, b])
+    assert keys.authenticate(key_b) == b  # picked up without a restart
+    save_keys(path, [b])
+    assert keys.authenticate(key_a) is None  # revoked at once
+    # A broken edit keeps the last good table in force.
+    Path(path).write_text("this is [[ not valid")
+    assert keys.authenticate(key_b) == b
+
+
+def test_a_bad_keys_file_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_text('[[keys]]\ntenant = "a"\nkey_id = "1"\nkey_hash = "plain"\n')
+    with pytest.raises(InvalidRequestError, match="key_hash"):
+        KeysFile(str(path))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_requests_per_minute_slide_and_say_when_to_retry() -> None:
+    clock = Clock()
+    limiter = RateLimiter(clock=clock)
+    e, _ = entry(requests_per_minute=2)
+    t1, headers = limiter.admit(e)
+    assert ("x-ratelimit-remaining-requests", "1") in headers
+    clock.now += 10
+    limiter.admit(e)
+    with pytest.raises(RateLimitError) as info:
+        limiter.admit(e)
+    assert info.value.status_code == 429
+    assert info.value.retry_after == pytest.approx(50.0)  # the first request leaves the window
+    assert ("x-ratelimit-remaining-requests", "0") in info.value.headers
+    clock.now += 50.5
+    limiter.admit(e)  # room again
+    other, _ = entry("globex", requests_per_minute=2)
+    limiter.admit(other)  # tenants do not share counters
+
+
+def test_tokens_per_minute_count_finished_requests() -> None:
+    clock = Clock()
+    limiter = RateLimiter(clock=clock)
+    e, _ = entry(tokens_per_minute=100)
+    limiter.admit(e)
+    limiter.record_tokens("acme", 60)
+    limiter.admit(e)
+    limiter.record_tokens("acme", 60)
+    with pytest.raises(RateLimitError, match="tokens per minute"):
+        limiter.admit(e)
+    clock.now += 61
+    _, headers = limiter.admit(e)
+    assert ("x-ratelimit-remaining-tokens", "100") in headers
+
+
+def test_concurrency_is_released_with_the_ticket() -> None:
+    limiter = RateLimiter()
+    e, _ = entry(max_concurrent=1)
+    ticket, _ = limiter.admit(e)
+    with pytest.raises(RateLimitError, match="concurrent"):
+        limiter.admit(e)
+    ticket.release()
+    ticket.release()  # idempotent
+    limiter.admit(e)
+
+
+def test_workers_split_each_limit() -> None:
+    e, _ = entry(requests_per_minute=5)
+    limiter = RateLimiter(share=0.5)
+    for _ in range(3):  # ceil(5 / 2)
+        limiter.admit(e)
+    with pytest.raises(RateLimitError, match="3 requests per minute"):
+        limiter.admit(e)
+    c, _ = entry("globex", max_concurrent=3)
+    for _ in range(2):  # ceil(3 / 2)
+        limiter.admit(c)
+    with pytest.raises(RateLimitError, match="2 concurrent"):
+        limiter.admit(c)
+
+
+def test_usage_meter_totals() -> None:
+    meter = UsageMeter()
+    meter.record("acme", "legal", "ok", 10, 5)
+    meter.record("acme", None, "error", 3, 0)
+    meter.record("globex", "x", "ok", 1, 1)
+    snap = meter.snapshot()["tenants"]
+    assert snap["acme"]["requests"] == 2 and snap["acme"]["errors"] == 1
+    assert snap["acme"]["total_tokens"] == 18
+    assert snap["acme"]["adapters"]["legal"]["completion_tokens"] == 5
+    assert snap["acme"]["adapters"]["(base)"]["prompt_tokens"] == 3
