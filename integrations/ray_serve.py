@@ -50,6 +50,13 @@ from openllm_clone.errors import (
 )
 from openllm_clone.middleware import GuardMiddleware
 from openllm_clone.settings import Settings
+from openllm_clone.tenants import (
+    KeyEntry,
+    current_entry,
+    current_tenant,
+    tenancy_for,
+    usage_sink,
+)
 
 try:
     from ray import serve
@@ -77,9 +84,14 @@ def _error_message(exc: OpenLLMCloneError) -> dict[str, Any]:
 
 
 async def _call_asgi(
-    app: Any, req: dict[str, Any], extra_headers: dict[str, str]
+    app: Any,
+    req: dict[str, Any],
+    extra_headers: dict[str, str],
+    tenant: KeyEntry | None = None,
+    usage: list[tuple[int, int]] | None = None,
 ) -> AsyncIterator[Any]:
-    """Run one HTTP request through an ASGI app in this process.
+    """Run one HTTP request through an ASGI app in this process, as ``tenant`` (the key the
+    router authenticated), collecting the token counts of its engine requests in ``usage``.
 
     Yields the response start as ``{"status", "headers", "streaming"}``, then body
     chunks (bytes). Closing the iterator early (the client went away) tells the app
@@ -115,6 +127,8 @@ async def _call_asgi(
         await messages.put(message)
 
     async def run() -> None:
+        current_tenant.set(tenant)  # this task's own context
+        usage_sink.set(usage)
         try:
             await app(scope, receive, send)
             await messages.put(None)
@@ -237,7 +251,10 @@ class LLMReplica:
         """Serve one HTTP request (forwarded by the router); yields ASGI response parts."""
         await self._prepare(req)
         adapter = req.get("adapter")
+        tenant = KeyEntry.model_validate(req["tenant"]) if req.get("tenant") else None
         extra = {REPLICA_HEADER: f"{self.replica_id}@{self.pid}"}
+        if adapter and tenant is not None and not self.llm.visible_to(tenant, adapter):
+            adapter = None  # out of scope: the route answers as for a missing adapter
         if adapter:
             record = self.llm.adapters.get(adapter)
             extra[CACHE_HEADER] = (
@@ -256,8 +273,11 @@ class LLMReplica:
                 yield message["body"]
                 return
         extra[LOADED_HEADER] = ",".join(self.llm.adapters.loaded())
-        async for part in _call_asgi(self.app, req, extra):
+        usage: list[tuple[int, int]] = []
+        async for part in _call_asgi(self.app, req, extra, tenant, usage):
             yield part
+        if usage:  # for the router's meter and token limits; never sent to the client
+            yield {"usage": [sum(p for p, _ in usage), sum(c for _, c in usage)]}
 
     async def load_adapter(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Load an adapter here (the router picked this replica for it); returns
@@ -403,7 +423,9 @@ class Router:
         if adapter in self.unloaded and adapter not in self.specs:
             err = AdapterNotFoundError(f"adapter {adapter!r} was unloaded", param="model")
             return JSONResponse(err.to_dict(), status_code=err.status_code)
+        tenant = current_entry()
         req = {
+            "tenant": tenant.model_dump() if tenant is not None else None,
             "method": request.method,
             "path": path,
             "query": request.url.query.encode(),
@@ -422,18 +444,26 @@ class Router:
             return _unavailable(exc)
         headers = dict(start["headers"])
         self._record(headers, adapter)
+        status = "ok" if start["status"] < 400 else "error"
         if not start["streaming"]:
             try:
-                content = b"".join([chunk async for chunk in stream])
+                parts = [chunk async for chunk in stream]
             except Exception as exc:
                 self.stats["unavailable"] += 1
                 return _unavailable(exc)
+            for part in parts:
+                if isinstance(part, dict):
+                    self._meter(tenant, adapter, status, part["usage"])
+            content = b"".join(p for p in parts if isinstance(p, bytes))
             return Response(content, status_code=start["status"], headers=headers)
 
         async def body_iter() -> AsyncIterator[bytes]:
             finished = False
             try:
                 async for chunk in stream:
+                    if isinstance(chunk, dict):
+                        self._meter(tenant, adapter, status, chunk["usage"])
+                        continue
                     yield chunk
                 finished = True
             except Exception as exc:
@@ -451,6 +481,18 @@ class Router:
                     stream.cancel()  # the client went away: stop the replica's request
 
         return StreamingResponse(body_iter(), status_code=start["status"], headers=headers)
+
+    def _meter(
+        self, tenant: KeyEntry | None, adapter: str | None, status: str, usage: list[int]
+    ) -> None:
+        """A forwarded request's tokens, as its replica counted them: usage per tenant
+        and adapter (/v1/usage) and the tenant's tokens-per-minute."""
+        s = self.settings
+        tenancy = tenancy_for(s)
+        prompt, completion = usage
+        tenancy.meter.record(tenant.tenant if tenant else "-", adapter, status, prompt, completion)
+        if tenant is not None:
+            tenancy.limiter.record_tokens(tenant.tenant, prompt + completion)
 
     # --- routes the router answers itself ------------------------------------------------------
 
@@ -542,7 +584,18 @@ class Router:
                 await self._describe()
             except Exception as exc:
                 return _unavailable(exc)
-        return JSONResponse({"object": "list", "data": self._adapter_list()})
+        return JSONResponse({"object": "list", "data": self._visible_adapters()})
+
+    def _visible_adapters(self) -> list[dict[str, Any]]:
+        """The adapters the request's key may use (every one without keys)."""
+        entry = current_entry()
+        return [a for a in self._adapter_list() if entry is None or entry.may_use(a["name"])]
+
+    @router_app.get("/v1/usage")
+    async def usage(self) -> Response:
+        """Requests and tokens per tenant and adapter since the router started (the
+        middleware lets only admin keys in when keys exist)."""
+        return JSONResponse(tenancy_for(self.settings).meter.snapshot())
 
     @router_app.get("/v1/models")
     async def models(self) -> Response:
@@ -551,16 +604,19 @@ class Router:
         except Exception as exc:
             return _unavailable(exc)
         created = int(time.time())
-        data = [
-            {
-                "id": info["names"][0],
-                "object": "model",
-                "created": created,
-                "owned_by": "openllm-clone",
-                "root": info["names"][1],
-                "parent": None,
-            }
-        ]
+        entry = current_entry()
+        data = []
+        if entry is None or entry.base_model:
+            data.append(
+                {
+                    "id": info["names"][0],
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "openllm-clone",
+                    "root": info["names"][1],
+                    "parent": None,
+                }
+            )
         data += [
             {
                 "id": a["name"],
@@ -570,7 +626,7 @@ class Router:
                 "root": a.get("source"),
                 "parent": info["names"][0],
             }
-            for a in self._adapter_list()
+            for a in self._visible_adapters()
         ]
         return JSONResponse({"object": "list", "data": data})
 

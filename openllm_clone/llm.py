@@ -205,13 +205,20 @@ class LLM:
         return model
 
     def visible(self, adapter: str) -> bool:
-        """True when the request's key (if any) may use ``adapter``; a merge of adapters
-        is visible when each of its parts is."""
+        """True when the request's key (if any) may use ``adapter``."""
+        return self.visible_to(tenants.current_tenant.get(), adapter)
+
+    @staticmethod
+    def visible_to(entry: tenants.KeyEntry | None, adapter: str) -> bool:
+        """True when ``entry`` (None: no authentication) may use ``adapter``; a merge of
+        adapters is visible when each of its parts is."""
         from openllm_clone.adapters.merge import MERGE_PREFIX, parse_merge_name
 
+        if entry is None:
+            return True
         if adapter.startswith(MERGE_PREFIX):
-            return all(tenants.may_use(name) for name, _ in parse_merge_name(adapter))
-        return tenants.may_use(adapter)
+            return all(entry.may_use(name) for name, _ in parse_merge_name(adapter))
+        return entry.may_use(adapter)
 
     def visible_adapters(self) -> list[Any]:
         """The adapters (``AdapterInfo``) the request's key may use."""
@@ -221,7 +228,7 @@ class LLM:
     def tenancy(self) -> tenants.Tenancy:
         """This process's keys, rate limits and usage meter (shared with the middleware)."""
         s = self.settings
-        return tenants.tenancy_for(s.keys_file, s.api_keys, s.admin_api_keys, s.workers)
+        return tenants.tenancy_for(s)
 
     def check_scope(self, adapter: str | None) -> None:
         """Refuse an adapter outside the request's key scope as the registry refuses a
@@ -248,6 +255,7 @@ class LLM:
         self.engine.check_prompt(prompt_ids, params)
         entry = tenants.current_tenant.get()
         slot = await self.adapters.acquire(adapter) if adapter else 0
+        last: RequestOutput | None = None
         try:
             async for out in self.engine.generate(
                 prompt_ids,
@@ -260,8 +268,12 @@ class LLM:
                 tenant=entry.tenant if entry is not None else None,
                 weight=entry.weight if entry is not None else 1.0,
             ):
+                last = out
                 yield out
         finally:
+            sink = tenants.usage_sink.get()
+            if sink is not None and last is not None:
+                sink.append((last.prompt_tokens, last.completion_tokens))
             if adapter:
                 await self.adapters.release(adapter)
 

@@ -92,7 +92,7 @@ class GuardMiddleware:
     @property
     def tenancy(self) -> Tenancy:
         s = self.settings
-        return tenancy_for(s.keys_file, s.api_keys, s.admin_api_keys, s.workers)
+        return tenancy_for(s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

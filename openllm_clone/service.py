@@ -231,9 +231,7 @@ class LLMService:
 
         settings = Settings.from_env()
         _configure_logging(settings.log_level)
-        tenancy = tenancy_for(
-            settings.keys_file, settings.api_keys, settings.admin_api_keys, settings.workers
-        )
+        tenancy = tenancy_for(settings)
         observer = PrometheusObserver(log_prompts=settings.log_prompts, tenancy=tenancy)
         try:
             self.llm = LLM.from_settings(settings, observer=observer)

@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from openllm_clone.errors import InvalidRequestError, PermissionDeniedError
 from openllm_clone.limits import RateLimiter, UsageMeter
+from openllm_clone.settings import Settings
 
 __all__ = [
     "GENERATION_PATHS",
@@ -53,13 +54,14 @@ __all__ = [
     "cap_max_tokens",
     "check_base_model",
     "check_max_tokens",
+    "current_entry",
     "current_tenant",
     "hash_key",
     "load_keys",
-    "may_use",
     "new_key",
     "save_keys",
     "tenancy_for",
+    "usage_sink",
     "verify_key",
 ]
 
@@ -67,6 +69,12 @@ logger = logging.getLogger(__name__)
 
 _KEY = re.compile(r"^oc-([0-9a-f]{8})-([A-Za-z0-9_-]{16,})$")
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+# Where a request's token counts go when it ends (prompt, completion), if anywhere: a Ray
+# replica reports them to the router, which meters and rate-limits.
+usage_sink: contextvars.ContextVar[list[tuple[int, int]] | None] = contextvars.ContextVar(
+    "openllm_clone_usage_sink", default=None
+)
 
 # Requests that reach the engine: the ones rate limits count.
 GENERATION_PATHS = frozenset(
@@ -281,6 +289,12 @@ class KeysFile:
         return entry
 
 
+def current_entry() -> KeyEntry | None:
+    """The key entry of the request being served (None: no authentication). A function,
+    so that code Ray pickles by value refers to it by name, not to the ContextVar."""
+    return current_tenant.get()
+
+
 def cap_max_tokens(default: int) -> int:
     """A route's default output length, lowered to the current key's ``max_tokens``."""
     entry = current_tenant.get()
@@ -307,12 +321,6 @@ def check_base_model() -> None:
         raise PermissionDeniedError(
             "this API key may not use the base model; name one of its adapters as the model"
         )
-
-
-def may_use(adapter: str) -> bool:
-    """True when the current key (if any) may use ``adapter``."""
-    entry = current_tenant.get()
-    return entry is None or entry.may_use(adapter)
 
 
 def _legacy(tenant: str, admin: bool) -> KeyEntry:
@@ -363,13 +371,14 @@ class Tenancy:
 _TENANCY: dict[tuple[Any, ...], Tenancy] = {}
 
 
-def tenancy_for(
-    keys_file: str | None, api_keys: list[str], admin_api_keys: list[str], workers: int = 1
-) -> Tenancy:
+def tenancy_for(settings: Settings) -> Tenancy:
     """The process's one :class:`Tenancy` for these settings (the middleware counts
-    requests in it, the engine observer tokens and usage)."""
-    key = (keys_file, tuple(api_keys), tuple(admin_api_keys), workers)
+    requests in it; the engine observer, or the Ray router, tokens and usage)."""
+    s = settings
+    # Ray's router is one process whatever --workers says (a BentoML option).
+    workers = s.workers if s.backend == "bentoml" else 1
+    key = (s.keys_file, tuple(s.api_keys), tuple(s.admin_api_keys), workers)
     found = _TENANCY.get(key)
     if found is None:
-        found = _TENANCY[key] = Tenancy(keys_file, api_keys, admin_api_keys, workers)
+        found = _TENANCY[key] = Tenancy(s.keys_file, s.api_keys, s.admin_api_keys, workers)
     return found

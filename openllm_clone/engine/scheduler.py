@@ -89,18 +89,48 @@ class Scheduler:
         return any(_tenant(s) == tenant for s in self._all())
 
     def _next_waiting(self) -> Sequence:
-        """The waiting sequence to admit next: first in line (a preempted or forked one),
-        else the oldest (fifo) or the oldest of the tenant served least (fair)."""
+        """The waiting sequence to admit next. Fifo: the head of the line (preempted
+        sequences go back to its front). Fair: the front-most of the tenant served least
+        (the counters, not the line, keep a preempted sequence from starving)."""
         head = self.waiting[0]
-        if not self.fair or id(head) in self._first:
+        if not self.fair:
             return head
-        best = head
-        best_count = self.counters.get(_tenant(head), 0.0)
-        for seq in self.waiting:
-            count = self.counters.get(_tenant(seq), 0.0)
-            if count < best_count:
-                best, best_count = seq, count
-        return best
+        # Equal counters (a tenant back from idle starts at the lowest): the tenant with
+        # fewer running sequences first, then the line's order.
+        running: dict[str, int] = {}
+        for seq in self.running:
+            running[_tenant(seq)] = running.get(_tenant(seq), 0) + 1
+        return min(
+            self.waiting,
+            key=lambda s: (self.counters.get(_tenant(s), 0.0), running.get(_tenant(s), 0)),
+        )
+
+    def _rebalance(self) -> None:
+        """Fair mode, with the batch full: when a waiting tenant holds fewer running
+        sequences than its weighted share of the batch, preempt the newest sequence of the
+        tenant furthest over its share (its computed blocks stay in the prefix cache, so
+        coming back costs little). Without this a short request waits for a whole batch of
+        long ones to finish, however fair the admission order."""
+        if len(self.running) < self.max_batch_size or not self.waiting:
+            return
+        weights: dict[str, float] = {}
+        slots: dict[str, int] = {}
+        for seq in self._all():
+            weights[_tenant(seq)] = seq.group.weight
+        for seq in self.running:
+            slots[_tenant(seq)] = slots.get(_tenant(seq), 0) + 1
+        total = sum(weights.values())
+        share = {t: self.max_batch_size * w / total for t, w in weights.items()}
+        starved = any(slots.get(_tenant(seq), 0) + 1 <= share[_tenant(seq)] for seq in self.waiting)
+        if not starved:
+            return
+        over = max(slots, key=lambda t: slots[t] - share[t])
+        if slots[over] - share[over] < 1:
+            return
+        for seq in reversed(self.running):
+            if _tenant(seq) == over and seq.block_table:
+                self.preempt(seq, reason="fair share")
+                return
 
     def _charge(self, rows: list[ScheduledRow]) -> None:
         """Fair mode: each row's tokens count against its tenant's virtual counter."""
@@ -125,6 +155,8 @@ class Scheduler:
 
     def schedule(self) -> list[ScheduledRow]:
         """Pick the rows of the next step."""
+        if self.fair:
+            self._rebalance()
         budget = self.max_prefill_tokens
         rows: list[ScheduledRow] = []
         scheduled: set[int] = set()
@@ -186,9 +218,9 @@ class Scheduler:
                 return other
         return None
 
-    def preempt(self, seq: Sequence) -> None:
+    def preempt(self, seq: Sequence, reason: str = "KV cache full") -> None:
         """Free ``seq``'s blocks; it waits, first in line, to be recomputed."""
-        logger.info("KV cache full: preempting %s for recompute", seq.group.request_id)
+        logger.info("%s: preempting %s for recompute", reason, seq.group.request_id)
         self.blocks.release(seq)
         seq.reset_for_recompute()
         self.running.remove(seq)

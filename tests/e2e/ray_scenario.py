@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--extra-adapter", required=True, help="NAME=DIR loaded at run time")
     parser.add_argument("--report", required=True)
     parser.add_argument("--log", required=True)
+    parser.add_argument("--keys-file", help="tenants' keys file (tenant checks at the end)")
+    parser.add_argument("--tenant-keys", help="JSON file: tenant -> key of --keys-file")
     args = parser.parse_args()
     names: list[str | None] = [None, *(a.split("=", 1)[0] for a in args.adapter)]
     server_args = [
@@ -99,8 +101,13 @@ def main() -> None:
     ]
     for spec in args.adapter:
         server_args += ["--adapter-id", spec]
+    if args.keys_file:
+        server_args += ["--keys-file", args.keys_file]
     report: dict[str, Any] = {}
     started = time.monotonic()
+    # OPENLLM_CLONE_API_KEY (from the test): the server's all-access admin key, which the
+    # client library reads too.
+    auth = {"Authorization": f"Bearer {os.environ['OPENLLM_CLONE_API_KEY']}"}
     with run_server(server_args, {}, Path(args.log), ready_timeout=240) as server:
         report["ready_s"] = round(time.monotonic() - started, 1)
         url = server.url
@@ -125,7 +132,10 @@ def main() -> None:
             # Run-time adapters reach every replica; bad ones are refused; unload works.
             extra_name, extra_dir = args.extra_adapter.split("=", 1)
             bad = httpx.post(
-                f"{url}/v1/adapters", json={"name": "bad", "source": "/nonexistent/x"}, timeout=60
+                f"{url}/v1/adapters",
+                json={"name": "bad", "source": "/nonexistent/x"},
+                timeout=60,
+                headers=auth,
             )
             report["bad_load"] = [bad.status_code, bad.json()]
             loaded = client.load_adapter(extra_name, extra_dir)
@@ -140,10 +150,14 @@ def main() -> None:
                 f"{url}/v1/generate",
                 json={"prompt": PROMPT, "adapter_name": extra_name},
                 timeout=60,
+                headers=auth,
             )
             report["extra_after_unload"] = gone.status_code
             unknown = httpx.post(
-                f"{url}/v1/generate", json={"prompt": PROMPT, "adapter_name": "nope"}, timeout=60
+                f"{url}/v1/generate",
+                json={"prompt": PROMPT, "adapter_name": "nope"},
+                timeout=60,
+                headers=auth,
             )
             report["unknown_adapter"] = [unknown.status_code, unknown.json()]
             chat = client.chat([{"role": "user", "content": "hi"}], model=names[1], max_tokens=4)
@@ -180,10 +194,66 @@ def main() -> None:
                 for n in names
             }
             report["routing_after_kill"] = client.metadata()["routing"]
-            metrics = httpx.get(f"{url}/metrics", timeout=30).text
+            metrics = httpx.get(f"{url}/metrics", timeout=30, headers=auth).text
             report["metrics_has_cache"] = "openllm_clone_adapter_cache_requests_total" in metrics
+        if args.tenant_keys:
+            keys = json.loads(Path(args.tenant_keys).read_text())
+            report["tenants"] = _tenant_checks(url, keys, auth)
     report["server_alive_until_end"] = True
     Path(args.report).write_text(json.dumps(report))
+
+
+def _tenant_checks(url: str, keys: dict[str, str], admin: dict[str, str]) -> dict[str, Any]:
+    """Scopes, limits and usage through the router (the acme/limited/thrifty keys)."""
+    out: dict[str, Any] = {}
+
+    def h(tenant: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {keys[tenant]}"}
+
+    def completion(tenant: str, model: str, max_tokens: int = 4) -> httpx.Response:
+        body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
+        return httpx.post(f"{url}/v1/completions", json=body, headers=h(tenant), timeout=60)
+
+    out["acme_models"] = [
+        m["id"] for m in httpx.get(f"{url}/v1/models", headers=h("acme"), timeout=30).json()["data"]
+    ]
+    out["acme_adapters"] = [
+        a["name"]
+        for a in httpx.get(f"{url}/v1/adapters", headers=h("acme"), timeout=30).json()["data"]
+    ]
+    out["out_of_scope"] = [[r.status_code, r.json()] for r in (completion("acme", "beta"),)]
+    out["missing"] = [[r.status_code, r.json()] for r in (completion("acme", "nope"),)]
+    base = completion("acme", "tiny-llama")
+    out["base"] = [base.status_code, base.json()["error"]["type"]]
+    told = [0, 0, 0]
+    for _ in range(3):
+        r = completion("acme", "alpha", 12)
+        usage = r.json()["usage"]
+        told = [told[0] + 1, told[1] + usage["prompt_tokens"], told[2] + usage["completion_tokens"]]
+    r = httpx.post(
+        f"{url}/v1/generate",
+        json={"prompt": PROMPT, "adapter_name": "alpha", "max_new_tokens": 12},
+        headers=h("acme"),
+        timeout=60,
+    )
+    out["acme_alpha_tokens"] = r.json()["outputs"][0]["token_ids"]
+    usage = r.json()["usage"]
+    told = [told[0] + 1, told[1] + usage["prompt_tokens"], told[2] + usage["completion_tokens"]]
+    out["acme_told"] = told
+    out["limited"] = []
+    for _ in range(3):
+        r = completion("limited", "tiny-llama", 1)
+        out["limited"].append([r.status_code, r.headers.get("x-ratelimit-remaining-requests")])
+    out["thrifty"] = []
+    for _ in range(6):
+        r = completion("thrifty", "tiny-llama", 8)
+        out["thrifty"].append(r.status_code)
+        if r.status_code == 429:
+            out["thrifty_error"] = r.json()["error"]["message"]
+            break
+    out["usage"] = httpx.get(f"{url}/v1/usage", headers=admin, timeout=30).json()
+    out["usage_by_acme"] = httpx.get(f"{url}/v1/usage", headers=h("acme"), timeout=30).status_code
+    return out
 
 
 async def _gather_generate(url: str, adapter: str, n: int) -> list[Any]:

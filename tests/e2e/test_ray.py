@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from openllm_clone.tenants import KeyEntry, hash_key, new_key, save_keys
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,6 +98,23 @@ def test_two_ray_replicas_route_by_adapter_and_survive_a_replica_kill(
     ]
     for name, path in tiny_adapters.items():
         scenario += ["--adapter", f"{name}={path}"]
+    # Tenants: an all-access admin key through the environment (the client reads it, the
+    # server takes it as --api-key) and three scoped keys in a keys file.
+    keys: dict[str, str] = {}
+    entries = []
+    for tenant, fields in {
+        "acme": {"adapters": ["alpha"], "base_model": False},
+        "limited": {"requests_per_minute": 2},
+        "thrifty": {"tokens_per_minute": 30},
+    }.items():
+        key_id, keys[tenant] = new_key()
+        entries.append(
+            KeyEntry(tenant=tenant, key_id=key_id, key_hash=hash_key(keys[tenant]), **fields)
+        )
+    save_keys(str(tmp_path / "keys.toml"), entries)
+    (tmp_path / "tenant-keys.json").write_text(json.dumps(keys))
+    scenario += ["--keys-file", str(tmp_path / "keys.toml")]
+    scenario += ["--tenant-keys", str(tmp_path / "tenant-keys.json")]
     cmd = [
         "unshare",
         "--net",
@@ -103,7 +122,8 @@ def test_two_ray_replicas_route_by_adapter_and_survive_a_replica_kill(
         "-c",
         "ip link set lo up && exec " + " ".join(f"'{a}'" for a in scenario),
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    env = {**os.environ, "OPENLLM_CLONE_API_KEY": "sk-ray-admin"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     server_log = log.read_text(errors="replace")[-4000:] if log.exists() else ""
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}\n{server_log}"
     report: dict[str, Any] = json.loads(report_path.read_text())
@@ -156,3 +176,25 @@ def test_two_ray_replicas_route_by_adapter_and_survive_a_replica_kill(
     after = report["routing_after_kill"]
     assert after["unavailable"] >= 1, after  # at least the cut stream
     assert report["metrics_has_cache"]
+    _check_tenants(report, expected12["alpha"])
+
+
+def _check_tenants(report: dict[str, Any], expected_alpha: list[int]) -> None:
+    """Scopes, limits and usage through the Ray router, as on a single server."""
+    t = report["tenants"]
+    assert t["acme_models"] == ["alpha"] and t["acme_adapters"] == ["alpha"]
+    (scope_status, scope_body), (missing_status, missing_body) = (
+        t["out_of_scope"][0],
+        t["missing"][0],
+    )
+    assert scope_status == missing_status == 404
+    assert json.dumps(scope_body).replace("beta", "X") == json.dumps(missing_body).replace(
+        "nope", "X"
+    )
+    assert t["base"] == [403, "permission_denied"]
+    assert t["acme_alpha_tokens"] == expected_alpha  # served by the adapter, exactly
+    assert t["limited"] == [[200, "1"], [200, "0"], [429, "0"]]
+    assert t["thrifty"][-1] == 429 and "tokens per minute" in t["thrifty_error"]
+    acme = t["usage"]["tenants"]["acme"]["adapters"]["alpha"]
+    assert [acme["requests"], acme["prompt_tokens"], acme["completion_tokens"]] == t["acme_told"]
+    assert t["usage_by_acme"] == 403

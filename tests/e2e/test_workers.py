@@ -1,4 +1,5 @@
-"""Several BentoML workers: each holds its own engine; /metrics adds them up."""
+"""Several BentoML workers: each holds its own engine; /metrics adds them up; tenants'
+scopes hold on every worker and each worker enforces its share of a limit."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from openllm_clone.tenants import KeyEntry, hash_key, new_key, save_keys
 from openllm_clone.testing import run_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -17,7 +19,20 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def test_two_workers_serve_forty_concurrent_requests(
     tiny_model_dir: Path, tiny_adapters: dict[str, Path], tmp_path: Path
 ) -> None:
+    keys: dict[str, str] = {}
+    entries = []
+    for tenant, fields in {
+        "ops": {"adapters": ["*"], "admin": True},
+        "acme": {"adapters": ["alpha"], "base_model": False},
+        "limited": {"requests_per_minute": 4},
+    }.items():
+        key_id, keys[tenant] = new_key()
+        entries.append(
+            KeyEntry(tenant=tenant, key_id=key_id, key_hash=hash_key(keys[tenant]), **fields)
+        )
+    save_keys(str(tmp_path / "keys.toml"), entries)
     args = [str(tiny_model_dir), "--dtype", "float32", "--workers", "2", "--kv-cache-mb", "32"]
+    args += ["--keys-file", str(tmp_path / "keys.toml")]
     for name, path in tiny_adapters.items():
         args += ["--adapter-id", f"{name}={path}"]
     names: list[str | None] = [None, *tiny_adapters]
@@ -25,7 +40,8 @@ def test_two_workers_serve_forty_concurrent_requests(
     async def main(
         url: str,
     ) -> tuple[dict[str | None, list[int]], list[tuple[str | None, list[int]]]]:
-        async with httpx.AsyncClient(timeout=120) as client:
+        headers = {"Authorization": f"Bearer {keys['ops']}"}
+        async with httpx.AsyncClient(timeout=120, headers=headers) as client:
 
             async def one(adapter: str | None) -> list[int]:
                 body: dict[str, object] = {"prompt": "Workers share the load", "max_new_tokens": 10}
@@ -40,10 +56,56 @@ def test_two_workers_serve_forty_concurrent_requests(
             results = await asyncio.gather(*(one(n) for n in plan))
             return solo, list(zip(plan, results))
 
+    def h(tenant: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {keys[tenant]}"}
+
     with run_server(args, {}, tmp_path / "workers.log") as server:
         solo, results = asyncio.run(main(server.url))
-        metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+        url = server.url
+        # Scopes on every worker: 20 requests each way, all answered the same.
+        scoped = [
+            httpx.post(
+                f"{url}/v1/generate",
+                json={"prompt": "Workers share the load", "adapter_name": a, "max_new_tokens": 10},
+                headers=h("acme"),
+                timeout=120,
+            )
+            for a in ["alpha", "beta"] * 20
+        ]
+        # 4 requests a minute, split over two workers: each admits ceil(4 / 2) = 2.
+        limited = [
+            httpx.post(
+                f"{url}/v1/generate",
+                json={"prompt": "x", "max_new_tokens": 1},
+                headers=h("limited"),
+                timeout=120,
+            )
+            for _ in range(12)
+        ]
+        metrics = httpx.get(f"{url}/metrics", timeout=30, headers=h("ops")).text
         logs = server.logs()
+    for r in scoped[0::2]:
+        assert r.status_code == 200 and r.json()["outputs"][0]["token_ids"] == solo["alpha"]
+    assert {(r.status_code, r.json()["error"]["message"]) for r in scoped[1::2]} == {
+        (404, "adapter 'beta' is not loaded")
+    }
+    passed = [r for r in limited if r.status_code == 200]
+    # 2 per worker that got its requests (the kernel picks the worker of each connection):
+    # never more than the tenant's 4 in total.
+    assert 2 <= len(passed) <= 4, [r.status_code for r in limited]
+    assert all(
+        r.status_code == 429 and "2 requests per minute" in r.json()["error"]["message"]
+        for r in limited
+        if r.status_code != 200
+    )
+    acme_ok = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("openllm_clone_tenant_requests_total{")
+        and 'tenant="acme"' in line
+        and 'status="ok"' in line
+    )
+    assert acme_ok == 20  # per-tenant counters added up across the workers
     for adapter, tokens in results:
         assert tokens == solo[adapter], adapter
     assert len({tuple(v) for v in solo.values()}) == len(names)  # adapters differ
@@ -52,7 +114,7 @@ def test_two_workers_serve_forty_concurrent_requests(
         for line in metrics.splitlines()
         if line.startswith("openllm_clone_requests_total{") and 'status="ok"' in line
     )
-    assert ok == 40 + len(names)  # counted across both workers
+    assert ok == 40 + len(names) + 20 + len(passed)  # counted across both workers
     workers = {
         json.loads(line.split("openllm_clone.requests: ", 1)[1])["worker"]
         for line in logs.splitlines()

@@ -202,13 +202,35 @@ def test_fair_shares_follow_weights_and_idle_time_banks_nothing() -> None:
     assert sched.counters["late"] == pytest.approx(min(active))
 
 
-def test_fair_keeps_a_preempted_sequence_first_in_line() -> None:
-    blocks = BlockManager(BlockAllocator(64, BS))
+def test_fair_preempts_a_tenant_over_its_share_for_a_starved_one() -> None:
+    """The batch is full of a's sequences; b's one request takes the slot of a's newest at
+    the next step (b is under its share of the batch), and a's comes back after."""
+    blocks = BlockManager(BlockAllocator(128, BS))
     sched = Scheduler(blocks, max_batch_size=4, max_prefill_tokens=64, fair=True)
-    a = tenant_seq("a", [1, 2, 3])
-    sched.add(a)
+    flood = [tenant_seq("a", [i, i, i, i, i]) for i in range(6)]
+    for s in flood:
+        sched.add(s)
     step(sched, blocks)
-    sched.counters["a"] = 1000.0  # a has had much more than b
-    sched.add(tenant_seq("b", [4, 5, 6]))
-    sched.preempt(a)
-    assert sched._next_waiting() is a
+    step(sched, blocks)
+    assert sorted(id(s) for s in sched.running) == sorted(id(s) for s in flood[:4])
+    b = tenant_seq("b", [9, 9, 9])
+    sched.add(b)
+    rows = step(sched, blocks)
+    assert (b, 3, True) in rows
+    assert flood[3] in sched.waiting and flood[3].status is SeqStatus.WAITING
+    assert len(sched.running) == 4
+    # One each is within both shares (2 of 4 each is b's share; a holds 3): no thrashing.
+    step(sched, blocks)
+    assert b in sched.running and len([s for s in sched.running if s.group.tenant == "a"]) == 3
+
+
+def test_fifo_never_preempts_for_fairness() -> None:
+    sched, blocks = make(128, batch=2)
+    a1, a2 = tenant_seq("a", [1, 1, 1]), tenant_seq("a", [2, 2, 2])
+    for s in (a1, a2):
+        sched.add(s)
+    step(sched, blocks)
+    b = tenant_seq("b", [3, 3, 3])
+    sched.add(b)
+    step(sched, blocks)
+    assert sched.running == [a1, a2] and list(sched.waiting) == [b]
