@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from openllm_clone.errors import (
     AdapterIncompatibleError,
@@ -28,6 +29,9 @@ from openllm_clone.protocol import AdapterInfo
 from .merge import MERGE_PREFIX, merge_linear, merge_name, parse_merge_name
 from .source import resolve_adapter_source
 from .weights import AdapterWeights, read_adapter
+
+if TYPE_CHECKING:
+    from .shared import SharedAdapters
 
 __all__ = ["AdapterHost", "AdapterRecord", "AdapterRegistry"]
 
@@ -67,6 +71,7 @@ class AdapterRecord:
     error: str | None = None
     unloading: bool = False
     force: bool = False  # skip the base-model check when it loads (start-up adapters)
+    shared: bool = False  # listed in the server's run-time adapter file (every worker)
 
     def info(self) -> AdapterInfo:
         """Public view for ``GET /v1/adapters``."""
@@ -111,6 +116,7 @@ class AdapterRegistry:
         load_timeout: float = 60.0,
         max_bytes: int | None = None,
         reader: Callable[..., AdapterWeights] = read_adapter,
+        shared: SharedAdapters | None = None,
     ) -> None:
         self.host = host
         self.max_loaded = max_loaded
@@ -120,6 +126,7 @@ class AdapterRegistry:
         self.load_timeout = load_timeout
         self._reader = reader
         self.max_bytes = max_bytes
+        self.shared = shared  # run-time adapters of every worker (POST /v1/adapters)
         self._records: dict[str, AdapterRecord] = {}
         self._free_slots = list(range(max_loaded, 0, -1))
         self._name_locks: dict[str, asyncio.Lock] = {}
@@ -134,15 +141,78 @@ class AdapterRegistry:
 
     def list(self) -> builtins.list[AdapterInfo]:
         """Every known adapter."""
-        return [r.info() for r in sorted(self._records.values(), key=lambda r: r.name)]
+        self.sync()
+        return [
+            r.info()
+            for r in sorted(self._records.values(), key=lambda r: r.name)
+            if not r.unloading
+        ]
 
     def get(self, name: str) -> AdapterRecord | None:
         """The record of ``name``, if known."""
+        self.sync()
         return self._records.get(name)
 
     def names(self) -> builtins.list[str]:
         """Names of all known adapters."""
-        return sorted(self._records)
+        self.sync()
+        return sorted(n for n, r in self._records.items() if not r.unloading)
+
+    def sync(self) -> None:
+        """Follow the shared run-time adapter file: register what another worker (or an
+        earlier run) added, and unload, after their requests, what was deleted."""
+        if self.shared is None:
+            return
+        entries = self.shared.entries()
+        for name, entry in entries.items():
+            record = self._records.get(name)
+            if record is None:
+                record = self.register(
+                    name,
+                    entry["source"],
+                    pinned=entry.get("pinned", False),
+                    force=entry.get("force", False),
+                )
+                record.shared = True
+        for name, record in list(self._records.items()):
+            listed = entries.get(name)
+            gone = listed is None or listed["source"] != record.source
+            if record.shared and gone and not record.unloading:
+                record.unloading = True  # new requests see it missing from now on
+                with contextlib.suppress(RuntimeError):  # no loop: nothing is running
+                    asyncio.get_running_loop().create_task(self._forget(name))
+
+    async def _forget(self, name: str) -> None:
+        try:
+            await self.unload(name)
+        except OpenLLMCloneError as exc:
+            logger.warning("could not unload %s (deleted on another worker): %s", name, exc)
+        self.sync()  # re-registered under the same name with another source?
+
+    async def add(
+        self, name: str, source: str, *, pinned: bool = False, force: bool = False
+    ) -> AdapterRecord:
+        """``POST /v1/adapters``: load here, then record it for every worker (nothing is
+        recorded when the load fails)."""
+        record = await self.load(name, source, pinned=pinned, force=force)
+        if self.shared is not None:
+            await asyncio.to_thread(
+                self.shared.put, name, record.source, pinned=pinned, force=force
+            )
+            record.shared = True
+        return record
+
+    async def delete(self, name: str) -> None:
+        """``DELETE /v1/adapters/{name}``: forget it everywhere (each worker unloads it once
+        its requests finish)."""
+        removed = False
+        if self.shared is not None:
+            removed = await asyncio.to_thread(self.shared.remove, name)
+        record = self._records.get(name)
+        if record is None and not removed:
+            raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
+        if record is not None:
+            await self.unload(name)
 
     def loaded(self) -> builtins.list[str]:
         """Names of the adapters whose weights are in a slot now."""
@@ -321,6 +391,7 @@ class AdapterRegistry:
         return True
 
     async def _known(self, name: str) -> AdapterRecord | None:
+        self.sync()
         record = self._records.get(name)
         if record is None and await asyncio.to_thread(_in_store, name):
             # LoRAX-style just-in-time loading: an adapter imported into the model store

@@ -80,6 +80,7 @@ class LLM:
             roots=settings.adapter_roots,
             allow_pickle=settings.allow_pickle_adapters,
             max_bytes=settings.max_adapter_mb * 2**20,
+            shared=_shared_adapters(settings),
         )
         for spec in settings.adapters:
             self.adapters.register(spec.name, spec.source, pinned=spec.pinned, force=True)
@@ -355,3 +356,12 @@ class LLM:
                 "scheduling": "fair" if self.settings.fair_scheduling else "fifo",
             },
         }
+
+
+def _shared_adapters(settings: Settings) -> Any:
+    """The run-time adapter file every worker follows (None when turned off)."""
+    from openllm_clone.adapters.shared import SharedAdapters
+    from openllm_clone.store import runtime_adapters_file
+
+    path = runtime_adapters_file(settings)
+    return SharedAdapters(path) if path else None

@@ -19,6 +19,7 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from openllm_clone.api.tgi import PATHS as TGI_PATHS
 from openllm_clone.errors import (
     AuthenticationError,
     NotFoundError,
@@ -57,10 +58,16 @@ def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
 
 
 async def _reply(
-    send: Send, error: OpenLLMCloneError, headers: list[tuple[bytes, bytes]] | None = None
+    send: Send,
+    error: OpenLLMCloneError,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    *,
+    tgi: bool = False,
 ) -> None:
-    """Answer with ``error``'s status and JSON body (the one builder, ``to_dict``)."""
-    body = json.dumps(error.to_dict()).encode()
+    """Answer with ``error``'s status and JSON body (the one builder, ``to_dict``; TGI's
+    ``{error, error_type}`` on TGI's routes, which its clients parse)."""
+    payload = {"error": error.message, "error_type": error.error_type} if tgi else error.to_dict()
+    body = json.dumps(payload).encode()
     await send(
         {
             "type": "http.response.start",
@@ -101,6 +108,7 @@ class GuardMiddleware:
         settings = self.settings
         path = scope.get("path", "")
         tenancy = self.tenancy
+        tgi = path in TGI_PATHS
         entry: KeyEntry | None = None
         ticket: Ticket | None = None
         extra: list[tuple[bytes, bytes]] = []
@@ -113,6 +121,7 @@ class GuardMiddleware:
                     send,
                     AuthenticationError("missing or invalid API key"),
                     [(b"www-authenticate", b"Bearer")],
+                    tgi=tgi,
                 )
                 return
             admin_route = path == "/v1/usage" or (
@@ -122,6 +131,7 @@ class GuardMiddleware:
                 await _reply(
                     send,
                     PermissionDeniedError("this route needs an admin API key"),
+                    tgi=tgi,
                 )
                 return
             try:
@@ -137,6 +147,7 @@ class GuardMiddleware:
                         (b"retry-after", str(max(1, math.ceil(exc.retry_after))).encode()),
                         *_encode(exc.headers),
                     ],
+                    tgi=tgi,
                 )
                 return
             extra = _encode(limits)

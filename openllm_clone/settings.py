@@ -174,6 +174,12 @@ class Settings(BaseModel):
     max_adapters: int = Field(
         default=8, ge=1, le=1024, description="Adapters held in memory at once (LRU)."
     )
+    adapter_registry: str | None = Field(
+        default=None,
+        description="JSON file recording adapters loaded at run time (POST /v1/adapters), "
+        "shared by every worker and read again at the next start; default: "
+        "<BENTOML_HOME>/openllm-clone/adapters-<model>-<port>.json; `none` turns it off.",
+    )
     max_adapter_rank: int = Field(
         default=64, ge=1, le=1024, description="Highest LoRA rank accepted."
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 from openllm_clone.adapters.source import ADAPTER_LABEL
 from openllm_clone.errors import ModelLoadError, OpenLLMCloneError
+from openllm_clone.settings import Settings
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -407,3 +409,19 @@ def list_models() -> list[StoredModel]:
             )
         )
     return out
+
+
+def runtime_adapters_file(settings: Settings) -> str | None:
+    """Where a server records its run-time adapters (:mod:`openllm_clone.adapters.shared`):
+    ``--adapter-registry``, else a file beside the model store named after the model and
+    the port (so two servers never share one by accident, and a restart finds its own);
+    None when turned off."""
+    chosen = settings.adapter_registry
+    if chosen is not None:
+        return None if chosen.lower() == "none" else os.path.abspath(chosen)
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    model = settings.model_name or settings.model.split(":")[0]  # a tag's version changes
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("_")
+    home = str(BentoMLContainer.bentoml_home.get())
+    return os.path.join(home, "openllm-clone", f"adapters-{name[-80:]}-{settings.port}.json")

@@ -31,14 +31,14 @@ def router(get_llm: Callable[[], LLM]) -> APIRouter:
     async def load_adapter(request: Request) -> JSONResponse:
         llm = get_llm()
         body = parse_body(LoadAdapterRequest, await json_body(request))
-        record = await llm.adapters.load(
+        record = await llm.adapters.add(
             body.name, body.source, pinned=body.pinned, force=body.force
         )
         return JSONResponse(record.info().model_dump(), status_code=200)
 
     @routes.delete("/adapters/{name}")
     async def unload_adapter(name: str) -> dict[str, Any]:
-        await get_llm().adapters.unload(name)
+        await get_llm().adapters.delete(name)
         return {"name": name, "deleted": True}
 
     @routes.get("/usage")

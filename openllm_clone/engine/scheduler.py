@@ -62,7 +62,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.counters: dict[str, float] = {}  # fair mode: virtual tokens served per tenant
-        self._first: set[int] = set()  # ids of sequences put back first in line
+        self.paused = 0  # fair mode: sequences paused to make room for a tenant under its share
 
     def __bool__(self) -> bool:
         return bool(self.waiting or self.running)
@@ -78,7 +78,6 @@ class Scheduler:
                 self.counters[tenant] = max(self.counters.get(tenant, floor), floor)
         if first:
             self.waiting.appendleft(seq)
-            self._first.add(id(seq))
         else:
             self.waiting.append(seq)
 
@@ -107,10 +106,11 @@ class Scheduler:
 
     def _rebalance(self) -> None:
         """Fair mode, with the batch full: when a waiting tenant holds fewer running
-        sequences than its weighted share of the batch, preempt the newest sequence of the
-        tenant furthest over its share (its computed blocks stay in the prefix cache, so
-        coming back costs little). Without this a short request waits for a whole batch of
-        long ones to finish, however fair the admission order."""
+        sequences than its weighted share of the batch, pause the newest sequence of the
+        tenant furthest over its share: it leaves the batch but keeps its KV blocks, so it
+        resumes where it stopped, with nothing to recompute (KV pressure can still take
+        them). Without this a short request waits for a whole batch of long ones to
+        finish, however fair the admission order."""
         if len(self.running) < self.max_batch_size or not self.waiting:
             return
         weights: dict[str, float] = {}
@@ -128,8 +128,12 @@ class Scheduler:
         if slots[over] - share[over] < 1:
             return
         for seq in reversed(self.running):
-            if _tenant(seq) == over and seq.block_table:
-                self.preempt(seq, reason="fair share")
+            if _tenant(seq) == over and seq.block_table and not seq.in_prefill:
+                logger.debug("fair share: pausing %s", seq.group.request_id)
+                self.running.remove(seq)
+                seq.status = SeqStatus.WAITING
+                self.waiting.appendleft(seq)
+                self.paused += 1
                 return
 
     def _charge(self, rows: list[ScheduledRow]) -> None:
@@ -151,7 +155,6 @@ class Scheduler:
             self.running.remove(seq)
         if seq in self.waiting:
             self.waiting.remove(seq)
-        self._first.discard(id(seq))
 
     def schedule(self) -> list[ScheduledRow]:
         """Pick the rows of the next step."""
@@ -188,9 +191,7 @@ class Scheduler:
             if not self._reserve(seq, seq.num_cached + len(todo), scheduled):
                 self.blocks.unmatch(seq, matched)
                 self.waiting.appendleft(seq)
-                self._first.add(id(seq))
                 break
-            self._first.discard(id(seq))
             scheduled.add(id(seq))
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
@@ -212,20 +213,26 @@ class Scheduler:
         return True
 
     def _victim(self, seq: Sequence, scheduled: set[int]) -> Sequence | None:
-        """The newest running sequence not already in this step's rows."""
+        """The newest running sequence not already in this step's rows, else the newest
+        paused one (waiting with its blocks kept)."""
         for other in reversed(self.running):
             if other is not seq and id(other) not in scheduled and other.block_table:
                 return other
+        for other in self.waiting:
+            if other is not seq and other.block_table:
+                return other
         return None
 
-    def preempt(self, seq: Sequence, reason: str = "KV cache full") -> None:
+    def preempt(self, seq: Sequence) -> None:
         """Free ``seq``'s blocks; it waits, first in line, to be recomputed."""
-        logger.info("%s: preempting %s for recompute", reason, seq.group.request_id)
+        logger.info("KV cache full: preempting %s for recompute", seq.group.request_id)
         self.blocks.release(seq)
         seq.reset_for_recompute()
-        self.running.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)  # a paused sequence gives up its blocks
         self.waiting.appendleft(seq)
-        self._first.add(id(seq))
 
 
 def _tenant(seq: Sequence) -> str:

@@ -175,6 +175,18 @@ def test_requests_per_minute_give_429_with_openai_headers(server: Server) -> Non
     assert r.headers["x-ratelimit-reset-requests"].endswith("s")
     with pytest.raises(openai.RateLimitError):
         _sdk(server, "limited").completions.create(model="tiny-llama", prompt="hi", max_tokens=1)
+    # TGI's routes answer in TGI's shape, which its client maps to its own error.
+    from text_generation import Client
+    from text_generation.errors import RateLimitExceededError
+
+    t = httpx.post(
+        f"{server.url}/generate",
+        json={"inputs": "hi", "parameters": {"max_new_tokens": 1}},
+        headers=_h("limited"),
+    )
+    assert t.status_code == 429 and t.json()["error_type"] == "rate_limit_exceeded"
+    with pytest.raises(RateLimitExceededError):
+        Client(server.url, headers=_h("limited")).generate("hi", max_new_tokens=1)
     # Reading routes do not count, and still say where the tenant stands.
     m = httpx.get(f"{server.url}/v1/models", headers=_h("limited"))
     assert m.status_code == 200 and m.headers["x-ratelimit-remaining-requests"] == "0"

@@ -33,6 +33,7 @@ def test_two_workers_serve_forty_concurrent_requests(
     save_keys(str(tmp_path / "keys.toml"), entries)
     args = [str(tiny_model_dir), "--dtype", "float32", "--workers", "2", "--kv-cache-mb", "32"]
     args += ["--keys-file", str(tmp_path / "keys.toml")]
+    args += ["--adapter-registry", str(tmp_path / "runtime-adapters.json")]
     for name, path in tiny_adapters.items():
         args += ["--adapter-id", f"{name}={path}"]
     names: list[str | None] = [None, *tiny_adapters]
@@ -84,6 +85,35 @@ def test_two_workers_serve_forty_concurrent_requests(
         ]
         metrics = httpx.get(f"{url}/metrics", timeout=30, headers=h("ops")).text
         logs = server.logs()
+        # An adapter posted at run time answers on both workers (gamma's weights, new name).
+        posted = httpx.post(
+            f"{url}/v1/adapters",
+            json={"name": "late", "source": str(tiny_adapters["gamma"])},
+            headers=h("ops"),
+            timeout=120,
+        )
+        assert posted.status_code == 200, posted.text
+        late = asyncio.run(_generate_many(url, h("ops"), "late", 40))
+        failed = httpx.post(
+            f"{url}/v1/adapters",
+            json={"name": "broken", "source": str(tmp_path / "nowhere")},
+            headers=h("ops"),
+            timeout=120,
+        )
+        after_failed = asyncio.run(_generate_many(url, h("ops"), "broken", 10))
+    assert all(status == 200 and tokens == solo["gamma"] for status, tokens in late), late
+    assert failed.status_code in (400, 404, 422)
+    assert {status for status, _ in after_failed} == {404}  # a failed load changed nothing
+    # It survives a restart, and a DELETE reaches both workers.
+    with run_server(args, {}, tmp_path / "workers-restart.log") as server:
+        again = asyncio.run(_generate_many(server.url, h("ops"), "late", 20))
+        deleted = httpx.delete(f"{server.url}/v1/adapters/late", headers=h("ops"), timeout=120)
+        gone = asyncio.run(_generate_many(server.url, h("ops"), "late", 20))
+        listed = httpx.get(f"{server.url}/v1/adapters", headers=h("ops"), timeout=30).json()
+    assert all(status == 200 and tokens == solo["gamma"] for status, tokens in again)
+    assert deleted.status_code == 200
+    assert {status for status, _ in gone} == {404}
+    assert "late" not in {a["name"] for a in listed["data"]}
     for r in scoped[0::2]:
         assert r.status_code == 200 and r.json()["outputs"][0]["token_ids"] == solo["alpha"]
     assert {(r.status_code, r.json()["error"]["message"]) for r in scoped[1::2]} == {
@@ -121,3 +151,22 @@ def test_two_workers_serve_forty_concurrent_requests(
         if "openllm_clone.requests: " in line
     }
     assert len(workers) == 2
+
+
+async def _generate_many(
+    url: str, headers: dict[str, str], adapter: str, n: int
+) -> list[tuple[int, list[int]]]:
+    """``n`` concurrent requests for ``adapter`` (so both workers get some)."""
+    async with httpx.AsyncClient(timeout=120, headers=headers) as client:
+
+        async def one() -> tuple[int, list[int]]:
+            body = {
+                "prompt": "Workers share the load",
+                "max_new_tokens": 10,
+                "adapter_name": adapter,
+            }
+            r = await client.post(f"{url}/v1/generate", json=body)
+            tokens = r.json()["outputs"][0]["token_ids"] if r.status_code == 200 else []
+            return r.status_code, list(tokens)
+
+        return list(await asyncio.gather(*(one() for _ in range(n))))

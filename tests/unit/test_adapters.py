@@ -15,6 +15,7 @@ from openllm_clone.errors import (
     AdapterIncompatibleError,
     AdapterLoadError,
     AdapterNotFoundError,
+    OpenLLMCloneError,
 )
 from openllm_clone.llm import LLM
 from openllm_clone.protocol import SamplingParams
@@ -292,3 +293,56 @@ def test_lora_bank_paths_equal_each_rows_own_adapter(
                     if lora is not None:
                         want[t] = (x[t] @ lora.a.T) @ (lora.b * lora.scale).T
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+class _NoHost:
+    """A runner stand-in: the registry's bookkeeping without tensors."""
+
+    def validate(self, weights: Any) -> None:
+        pass
+
+    async def install(self, slot: int, weights: Any) -> None:
+        pass
+
+    async def remove(self, slot: int) -> None:
+        pass
+
+
+async def test_workers_follow_one_runtime_adapter_file(
+    tmp_path: Path, tiny_adapters: dict[str, Path]
+) -> None:
+    """Two registries (two workers) over one run-time adapter file: an add on one is served
+    by the other, a failed add records nothing, a delete reaches the other once its request
+    ends, and a fresh registry (a restart) finds what is left."""
+    from openllm_clone.adapters.registry import AdapterRegistry
+    from openllm_clone.adapters.shared import SharedAdapters
+
+    path = str(tmp_path / "runtime.json")
+
+    def worker() -> AdapterRegistry:
+        return AdapterRegistry(
+            _NoHost(), max_loaded=2, base_model_aliases=["x"], shared=SharedAdapters(path)
+        )
+
+    a, b = worker(), worker()
+    await a.add("late", str(tiny_adapters["alpha"]), force=True)
+    assert "late" in b.names()
+    assert await b.acquire("late") > 0  # loaded there on first use
+    with pytest.raises(OpenLLMCloneError):
+        await a.add("bad", str(tmp_path / "nowhere"))
+    assert "bad" not in b.names() and "bad" not in SharedAdapters(path).entries()
+    await a.delete("late")
+    assert "late" not in b.names()  # gone for new requests at once
+    with pytest.raises(AdapterNotFoundError):
+        await b.acquire("late")
+    assert b.get("late") is not None  # the request in flight still holds it
+    await b.release("late")
+    for _ in range(50):
+        if b.get("late") is None:
+            break
+        await asyncio.sleep(0.02)
+    assert b.get("late") is None
+    await a.add("kept", str(tiny_adapters["beta"]), force=True)
+    assert worker().names() == ["kept"]
+    with pytest.raises(AdapterNotFoundError):
+        await a.delete("never")

@@ -202,9 +202,10 @@ def test_fair_shares_follow_weights_and_idle_time_banks_nothing() -> None:
     assert sched.counters["late"] == pytest.approx(min(active))
 
 
-def test_fair_preempts_a_tenant_over_its_share_for_a_starved_one() -> None:
+def test_fair_pauses_a_tenant_over_its_share_for_a_starved_one() -> None:
     """The batch is full of a's sequences; b's one request takes the slot of a's newest at
-    the next step (b is under its share of the batch), and a's comes back after."""
+    the next step (b is under its share of the batch). The paused sequence keeps its KV
+    blocks and resumes with a one-token row when b is done: nothing is recomputed."""
     blocks = BlockManager(BlockAllocator(128, BS))
     sched = Scheduler(blocks, max_batch_size=4, max_prefill_tokens=64, fair=True)
     flood = [tenant_seq("a", [i, i, i, i, i]) for i in range(6)]
@@ -215,13 +216,37 @@ def test_fair_preempts_a_tenant_over_its_share_for_a_starved_one() -> None:
     assert sorted(id(s) for s in sched.running) == sorted(id(s) for s in flood[:4])
     b = tenant_seq("b", [9, 9, 9])
     sched.add(b)
+    paused = flood[3]
+    cached, table = paused.num_cached, list(paused.block_table)
     rows = step(sched, blocks)
-    assert (b, 3, True) in rows
-    assert flood[3] in sched.waiting and flood[3].status is SeqStatus.WAITING
-    assert len(sched.running) == 4
+    assert (b, 3, True) in rows and paused not in [r[0] for r in rows]
+    assert paused in sched.waiting and paused.status is SeqStatus.WAITING
+    assert paused.block_table == table and paused.num_cached == cached  # kept
+    assert len(sched.running) == 4 and sched.paused == 1
     # One each is within both shares (2 of 4 each is b's share; a holds 3): no thrashing.
     step(sched, blocks)
-    assert b in sched.running and len([s for s in sched.running if s.group.tenant == "a"]) == 3
+    assert b in sched.running and sched.paused == 1
+    sched.remove(b)
+    blocks.release(b)
+    rows = step(sched, blocks)
+    assert (paused, 1, True) in rows  # resumes where it stopped
+
+
+def test_kv_pressure_takes_a_paused_sequence_blocks() -> None:
+    blocks = BlockManager(BlockAllocator(16, BS))
+    sched = Scheduler(blocks, max_batch_size=2, max_prefill_tokens=64, fair=True)
+    a1, a2 = tenant_seq("a", [1] * 7), tenant_seq("a", [3] * 7)
+    sched.add(a1)
+    sched.add(a2)
+    step(sched, blocks)
+    b = tenant_seq("b", [2] * 3)
+    sched.add(b)
+    step(sched, blocks)  # a2 paused with its blocks, b runs beside a1
+    assert a2.block_table and a2 in sched.waiting and b in sched.running
+    # With every running sequence already in the step, the paused one gives up its blocks.
+    assert sched._victim(b, {id(a1)}) is a2
+    sched.preempt(a2)
+    assert not a2.block_table and a2.num_cached == 0 and a2 in sched.waiting
 
 
 def test_fifo_never_preempts_for_fairness() -> None:
