@@ -228,8 +228,7 @@ class LLM:
     @property
     def tenancy(self) -> tenants.Tenancy:
         """This process's keys, rate limits and usage meter (shared with the middleware)."""
-        s = self.settings
-        return tenants.tenancy_for(s)
+        return tenants.tenancy_for(self.settings)
 
     def check_scope(self, adapter: str | None) -> None:
         """Refuse an adapter outside the request's key scope as the registry refuses a

@@ -82,6 +82,24 @@ async def _reply(
     await send({"type": "http.response.body", "body": body})
 
 
+def _is_tgi(scope: Scope) -> bool:
+    """A request to one of TGI's routes (``GET /`` is the docs page, not TGI's)."""
+    path = scope.get("path", "")
+    return path in TGI_PATHS and (scope.get("method") == "POST" or path == "/info")
+
+
+async def _refuse(send: Send, exc: OpenLLMCloneError, *, tgi: bool) -> None:
+    """A 401 (with ``WWW-Authenticate``), 403 or 429 (with ``Retry-After`` and the
+    ``x-ratelimit-*`` headers)."""
+    headers: list[tuple[bytes, bytes]] = []
+    if isinstance(exc, AuthenticationError):
+        headers.append((b"www-authenticate", b"Bearer"))
+    if isinstance(exc, RateLimitError):
+        headers.append((b"retry-after", str(max(1, math.ceil(exc.retry_after))).encode()))
+        headers += _encode(exc.headers)
+    await _reply(send, exc, headers, tgi=tgi)
+
+
 class GuardMiddleware:
     """Bearer-key authentication and a request body size limit (413)."""
 
@@ -98,66 +116,49 @@ class GuardMiddleware:
 
     @property
     def tenancy(self) -> Tenancy:
-        s = self.settings
-        return tenancy_for(s)
+        return tenancy_for(self.settings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        settings = self.settings
-        path = scope.get("path", "")
-        tenancy = self.tenancy
-        tgi = path in TGI_PATHS
         entry: KeyEntry | None = None
         ticket: Ticket | None = None
         extra: list[tuple[bytes, bytes]] = []
-        if path not in PUBLIC_PATHS and tenancy.enabled:
-            headers = dict(scope.get("headers") or [])
-            scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-            entry = tenancy.authenticate(token) if scheme.lower() == "bearer" else None
-            if entry is None:
-                await _reply(
-                    send,
-                    AuthenticationError("missing or invalid API key"),
-                    [(b"www-authenticate", b"Bearer")],
-                    tgi=tgi,
-                )
-                return
-            admin_route = path == "/v1/usage" or (
-                path.startswith("/v1/adapters") and scope.get("method") in ("POST", "DELETE")
-            )
-            if admin_route and not entry.admin:
-                await _reply(
-                    send,
-                    PermissionDeniedError("this route needs an admin API key"),
-                    tgi=tgi,
-                )
-                return
+        if scope.get("path", "") not in PUBLIC_PATHS and self.tenancy.enabled:
             try:
-                if path in GENERATION_PATHS and scope.get("method") == "POST":
-                    ticket, limits = tenancy.limiter.admit(entry)
-                else:
-                    limits = tenancy.limiter.headers(entry)
-            except RateLimitError as exc:
-                await _reply(
-                    send,
-                    exc,
-                    [
-                        (b"retry-after", str(max(1, math.ceil(exc.retry_after))).encode()),
-                        *_encode(exc.headers),
-                    ],
-                    tgi=tgi,
-                )
+                entry, ticket, limits = self._admit(scope)
+            except OpenLLMCloneError as exc:
+                await _refuse(send, exc, tgi=_is_tgi(scope))
                 return
             extra = _encode(limits)
         token_ctx = current_tenant.set(entry)
         try:
-            await self._guarded(scope, receive, _with_headers(send, extra), settings)
+            await self._guarded(scope, receive, _with_headers(send, extra), self.settings)
         finally:
             current_tenant.reset(token_ctx)
             if ticket is not None:
                 ticket.release()
+
+    def _admit(self, scope: Scope) -> tuple[KeyEntry, Ticket | None, list[tuple[str, str]]]:
+        """The request's key entry, its rate-limit ticket (generation routes) and the
+        ``x-ratelimit-*`` headers; raises the 401, 403 or 429 to answer instead."""
+        path, method = scope.get("path", ""), scope.get("method")
+        tenancy = self.tenancy
+        headers = dict(scope.get("headers") or [])
+        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        entry = tenancy.authenticate(token) if scheme.lower() == "bearer" else None
+        if entry is None:
+            raise AuthenticationError("missing or invalid API key")
+        admin_route = path == "/v1/usage" or (
+            path.startswith("/v1/adapters") and method in ("POST", "DELETE")
+        )
+        if admin_route and not entry.admin:
+            raise PermissionDeniedError("this route needs an admin API key")
+        if path in GENERATION_PATHS and method == "POST":
+            ticket, limits = tenancy.limiter.admit(entry)
+            return entry, ticket, limits
+        return entry, None, tenancy.limiter.headers(entry)
 
     async def _guarded(
         self, scope: Scope, receive: Receive, send: Send, settings: Settings

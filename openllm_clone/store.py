@@ -8,6 +8,7 @@ downloaded when online and fails at once (no hang) when offline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -115,16 +116,77 @@ def runner_facts(path: Path) -> dict[str, str]:
     return facts
 
 
+STAGING = ".openllm-clone-staging"  # beside the model store, on its filesystem
+
+
 def _save_to_store(
     name: str, fill: Any, *, labels: dict[str, str], metadata: dict[str, Any]
 ) -> str:
-    import bentoml
+    """Write a model into the store atomically: ``fill`` writes it into BentoML's
+    temporary folder; it is then copied into a staging folder beside the store and renamed
+    into place in one step, so an import killed at any point leaves either nothing in the
+    store or the whole model (BentoML's own save copies into the store folder directly: a
+    kill mid-copy left an entry without ``model.yaml`` that broke every listing). A disk
+    too small is refused before the copy, naming the folder and the bytes needed."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.models.model import Model, ModelContext
 
-    with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
+    store_root = Path(BentoMLContainer.model_store.get()._path)
+    staging_root = store_root.parent / STAGING
+    _sweep_staging(staging_root)
+    model = Model.create(  # what bentoml.models.create passes
+        name,
+        module="",
+        api_version="v1",
+        signatures={},
+        labels=labels,
+        metadata=metadata,
+        context=ModelContext(framework_name="", framework_versions={}),
+    )
+    try:
         late = fill(Path(model.path))
-        if isinstance(late, dict):  # facts known once the files are written; saved at exit
-            model.info.metadata.update(late)
+    except OSError as exc:  # a full temporary folder, most likely
+        raise ModelLoadError(f"could not write {model.tag} into {model.path}: {exc}") from exc
+    if isinstance(late, dict):  # facts known once the files are written
+        model.info.metadata.update(late)
+    model.flush()
+    model.validate()
+    final = store_root / model.tag.path()
+    needed = _folder_size(Path(model.path))
+    staging_root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(staging_root).free
+    if needed > free:
+        raise ModelLoadError(
+            f"not enough disk space to store {model.tag} in {store_root}: it needs "
+            f"{needed} bytes, {free} are free"
+        )
+    staging = staging_root / f"{model.tag.name}-{model.tag.version}-{os.getpid()}"
+    try:
+        shutil.copytree(model.path, staging)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(staging, final)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ModelLoadError(
+            f"could not write {model.tag} into {store_root} ({needed} bytes needed): {exc}"
+        ) from exc
+    latest = store_root / model.tag.latest_path()
+    tmp_latest = latest.with_name(f".latest-{os.getpid()}")
+    tmp_latest.write_text(model.tag.version or "")
+    os.replace(tmp_latest, latest)
     return str(model.tag)
+
+
+def _sweep_staging(root: Path, older_than: float = 3600.0) -> None:
+    """Remove staging folders left by killed imports (an hour old: not one in progress)."""
+    if not root.is_dir():
+        return
+    import time
+
+    for entry in root.iterdir():
+        with contextlib.suppress(OSError):
+            if time.time() - entry.stat().st_mtime > older_than:
+                shutil.rmtree(entry, ignore_errors=True)
 
 
 def import_model(source: str = DEFAULT_MODEL, *, name: str | None = None) -> str:
@@ -385,12 +447,33 @@ def resolve_model(ref: str = DEFAULT_MODEL, *, auto_import: bool = True) -> Reso
     )
 
 
+def _stored_models() -> list[Any]:
+    """Every model in the store that reads back; a folder that does not (half written by
+    an older BentoML save that was killed) is skipped with a warning instead of failing
+    the whole listing, as ``bentoml.models.list()`` does."""
+    import bentoml
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    root = Path(BentoMLContainer.model_store.get()._path)
+    found = []
+    for name_dir in sorted(root.iterdir()) if root.is_dir() else []:
+        if not name_dir.is_dir():
+            continue
+        for version_dir in sorted(name_dir.iterdir()):
+            if not version_dir.is_dir():
+                continue  # the `latest` file
+            try:
+                found.append(bentoml.models.get(f"{name_dir.name}:{version_dir.name}"))
+            except Exception as exc:  # noqa: BLE001 - any unreadable entry is skipped
+                logger.warning("skipping unreadable model store entry %s: %s", version_dir, exc)
+    found.sort(key=lambda m: m.info.creation_time, reverse=True)
+    return found
+
+
 def list_models() -> list[StoredModel]:
     """Everything openllm-clone put in the store, newest first."""
-    import bentoml
-
     out = []
-    for model in bentoml.models.list():
+    for model in _stored_models():
         kind = model.info.labels.get("kind")
         if kind not in (MODEL_LABEL, ADAPTER_LABEL):
             continue
