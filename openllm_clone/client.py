@@ -151,6 +151,13 @@ class _Base:
         """The exception for a transport failure: ``_Retry`` when nothing was sent."""
         if isinstance(exc, httpx.TimeoutException):
             return APITimeoutError(f"{what} timed out")
+        if isinstance(exc, httpx.RemoteProtocolError):
+            # The process serving it went away mid-answer (a killed worker, say): the
+            # request may have run, so it is not sent again; the caller may retry.
+            return APIConnectionError(
+                f"{what}: the server closed the connection before the answer ended ({exc}); "
+                "retry the request"
+            )
         error = APIConnectionError(f"cannot reach {self.endpoint}: {exc}")
         if isinstance(exc, httpx.ConnectError) and attempt < self.max_retries:
             return _Retry(_backoff(attempt), error)
