@@ -18,9 +18,12 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["SharedAdapters"]
+if TYPE_CHECKING:
+    from openllm_clone.settings import Settings
+
+__all__ = ["SharedAdapters", "shared_adapters"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,3 +91,11 @@ class SharedAdapters:
         """Forget ``name``; False when the file did not list it."""
         with self._locked() as entries:
             return entries.pop(name, None) is not None
+
+
+def shared_adapters(settings: Settings) -> SharedAdapters | None:
+    """The server's run-time adapter file (``--adapter-registry``), None when turned off."""
+    from openllm_clone.store import runtime_adapters_file
+
+    path = runtime_adapters_file(settings)
+    return SharedAdapters(path) if path else None

@@ -40,6 +40,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from openllm_clone.adapters.shared import shared_adapters
 
 from openllm_clone.errors import (
     AdapterIncompatibleError,
@@ -380,6 +381,11 @@ class Router:
         self.loads: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self.holding: dict[str, set[str]] = {}
         self.pids: dict[str, int] = {}
+        # Run-time adapters outlive the router: the same file a BentoML server keeps.
+        self.shared = shared_adapters(self.settings)
+        if self.shared is not None:
+            for name, entry in self.shared.entries().items():
+                self.specs[name] = {"name": name, **entry}
 
     # --- forwarding ----------------------------------------------------------------------
 
@@ -669,6 +675,10 @@ class Router:
         if answer["status"] == 200:
             # Known to the whole deployment from now on; other replicas load it on demand.
             self.specs[body.name] = spec
+            if self.shared is not None:
+                await asyncio.to_thread(
+                    self.shared.put, body.name, body.source, pinned=body.pinned, force=body.force
+                )
             self.unloaded.pop(body.name, None)
             self.loads[body.name][answer["body"].get("replica", "?")] += 1
         return JSONResponse(answer["body"], status_code=answer["status"])
@@ -682,6 +692,8 @@ class Router:
             return error_response(AdapterNotFoundError(f"adapter {name!r} is not loaded"))
         self.specs.pop(name, None)
         self.unloaded[name] = time.time()
+        if self.shared is not None:
+            await asyncio.to_thread(self.shared.remove, name)
         # Replicas free it on their next request (in-flight requests finish first).
         return JSONResponse({"name": name, "deleted": True})
 

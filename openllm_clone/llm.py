@@ -15,6 +15,7 @@ from openllm_clone import tenants
 from openllm_clone.errors import AdapterNotFoundError, InvalidRequestError
 from openllm_clone.protocol import ChatMessage, SamplingParams, new_request_id
 
+from .adapters.shared import shared_adapters
 from .engine.engine import Engine, EngineConfig, EngineObserver
 from .engine.sequence import RequestOutput, TokenLogprob
 from .settings import Settings
@@ -80,7 +81,7 @@ class LLM:
             roots=settings.adapter_roots,
             allow_pickle=settings.allow_pickle_adapters,
             max_bytes=settings.max_adapter_mb * 2**20,
-            shared=_shared_adapters(settings),
+            shared=shared_adapters(settings),
         )
         for spec in settings.adapters:
             self.adapters.register(spec.name, spec.source, pinned=spec.pinned, force=True)
@@ -355,12 +356,3 @@ class LLM:
                 "scheduling": "fair" if self.settings.fair_scheduling else "fifo",
             },
         }
-
-
-def _shared_adapters(settings: Settings) -> Any:
-    """The run-time adapter file every worker follows (None when turned off)."""
-    from openllm_clone.adapters.shared import SharedAdapters
-    from openllm_clone.store import runtime_adapters_file
-
-    path = runtime_adapters_file(settings)
-    return SharedAdapters(path) if path else None

@@ -199,8 +199,53 @@ def main() -> None:
         if args.tenant_keys:
             keys = json.loads(Path(args.tenant_keys).read_text())
             report["tenants"] = _tenant_checks(url, keys, auth)
+        report["router_restart"] = _router_restart(url, extra_dir, auth)
     report["server_alive_until_end"] = True
     Path(args.report).write_text(json.dumps(report))
+
+
+def _router_restart(url: str, adapter_dir: str, auth: dict[str, str]) -> dict[str, Any]:
+    """Load an adapter at run time, SIGKILL the router (Ray Serve starts a new one), and
+    serve the adapter again: the registration outlives the router."""
+    r = httpx.post(
+        f"{url}/v1/adapters",
+        json={"name": "zeta", "source": adapter_dir},
+        headers=auth,
+        timeout=120,
+    )
+    out: dict[str, Any] = {"loaded": r.status_code}
+    routers = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline") as fh:
+                    if "ServeReplica:openllm-clone:Router" in fh.read():
+                        routers.append(int(entry))
+            except OSError:
+                continue
+    out["routers"] = routers
+    for pid in routers:
+        os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 180:
+        try:
+            if httpx.get(f"{url}/v1/models", headers=auth, timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    out["recovered_s"] = round(time.monotonic() - t0, 1)
+    listed = httpx.get(f"{url}/v1/adapters", headers=auth, timeout=30).json()["data"]
+    out["listed"] = "zeta" in {a["name"] for a in listed}
+    g = httpx.post(
+        f"{url}/v1/generate",
+        json={"prompt": PROMPT, "adapter_name": "zeta", "max_new_tokens": 12},
+        headers=auth,
+        timeout=120,
+    )
+    out["status"] = g.status_code
+    out["tokens"] = g.json()["outputs"][0]["token_ids"] if g.status_code == 200 else g.text
+    return out
 
 
 def _tenant_checks(url: str, keys: dict[str, str], admin: dict[str, str]) -> dict[str, Any]:

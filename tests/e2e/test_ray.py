@@ -177,6 +177,12 @@ def test_two_ray_replicas_route_by_adapter_and_survive_a_replica_kill(
     assert after["unavailable"] >= 1, after  # at least the cut stream
     assert report["metrics_has_cache"]
     _check_tenants(report, expected12["alpha"])
+    # A run-time adapter outlives the router: killed, restarted by Ray Serve, it serves
+    # the adapter (alpha's weights under another name) from the run-time adapter file.
+    restart = report["router_restart"]
+    assert restart["loaded"] == 200 and restart["routers"], restart
+    assert restart["listed"] and restart["status"] == 200, restart
+    assert restart["tokens"] == expected12["alpha"]
 
 
 def _check_tenants(report: dict[str, Any], expected_alpha: list[int]) -> None:
