@@ -102,6 +102,22 @@ def make_adapter(
     return out
 
 
+def make_keys_file(path: Path, tenants: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """A keys file with one key per tenant (``{tenant: KeyEntry fields}``), written as
+    `openllm-clone keys` writes it; returns each tenant's key."""
+    from openllm_clone.tenants import KeyEntry, hash_key, new_key, save_keys
+
+    keys: dict[str, str] = {}
+    entries = []
+    for tenant, fields in tenants.items():
+        key_id, keys[tenant] = new_key()
+        entries.append(
+            KeyEntry(tenant=tenant, key_id=key_id, key_hash=hash_key(keys[tenant]), **fields)
+        )
+    save_keys(str(path), entries)
+    return keys
+
+
 def last_logits(llm: Any, prompts: list[list[int]]) -> Any:
     """Last-token logits of each prompt from one runner step (KV blocks freed after)."""
     from openllm_clone.runners.base import StepRow

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from openllm_clone.tenants import KeyEntry, hash_key, new_key, save_keys
+from tests.helpers import make_keys_file
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -100,18 +100,14 @@ def test_two_ray_replicas_route_by_adapter_and_survive_a_replica_kill(
         scenario += ["--adapter", f"{name}={path}"]
     # Tenants: an all-access admin key through the environment (the client reads it, the
     # server takes it as --api-key) and three scoped keys in a keys file.
-    keys: dict[str, str] = {}
-    entries = []
-    for tenant, fields in {
-        "acme": {"adapters": ["alpha"], "base_model": False},
-        "limited": {"requests_per_minute": 2},
-        "thrifty": {"tokens_per_minute": 30},
-    }.items():
-        key_id, keys[tenant] = new_key()
-        entries.append(
-            KeyEntry(tenant=tenant, key_id=key_id, key_hash=hash_key(keys[tenant]), **fields)
-        )
-    save_keys(str(tmp_path / "keys.toml"), entries)
+    keys = make_keys_file(
+        tmp_path / "keys.toml",
+        {
+            "acme": {"adapters": ["alpha"], "base_model": False},
+            "limited": {"requests_per_minute": 2},
+            "thrifty": {"tokens_per_minute": 30},
+        },
+    )
     (tmp_path / "tenant-keys.json").write_text(json.dumps(keys))
     scenario += ["--keys-file", str(tmp_path / "keys.toml")]
     scenario += ["--tenant-keys", str(tmp_path / "tenant-keys.json")]

@@ -19,6 +19,7 @@ import pytest
 
 from openllm_clone.tenants import KeyEntry, hash_key, load_keys, new_key, save_keys
 from openllm_clone.testing import Server, run_server
+from tests.helpers import make_keys_file
 
 pytestmark = pytest.mark.e2e
 
@@ -42,11 +43,7 @@ def _entry(tenant: str, **fields: Any) -> tuple[KeyEntry, str]:
 @pytest.fixture(scope="module")
 def keys_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("keys") / "keys.toml"
-    entries = []
-    for tenant, fields in SCOPES.items():
-        entry, KEYS[tenant] = _entry(tenant, **fields)
-        entries.append(entry)
-    save_keys(str(path), entries)
+    KEYS.update(make_keys_file(path, SCOPES))
     return path
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from openllm_clone.tenants import KeyEntry, hash_key, new_key, save_keys
 from openllm_clone.testing import run_server
+from tests.helpers import make_keys_file
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -19,18 +19,14 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def test_two_workers_serve_forty_concurrent_requests(
     tiny_model_dir: Path, tiny_adapters: dict[str, Path], tmp_path: Path
 ) -> None:
-    keys: dict[str, str] = {}
-    entries = []
-    for tenant, fields in {
-        "ops": {"adapters": ["*"], "admin": True},
-        "acme": {"adapters": ["alpha"], "base_model": False},
-        "limited": {"requests_per_minute": 4},
-    }.items():
-        key_id, keys[tenant] = new_key()
-        entries.append(
-            KeyEntry(tenant=tenant, key_id=key_id, key_hash=hash_key(keys[tenant]), **fields)
-        )
-    save_keys(str(tmp_path / "keys.toml"), entries)
+    keys = make_keys_file(
+        tmp_path / "keys.toml",
+        {
+            "ops": {"adapters": ["*"], "admin": True},
+            "acme": {"adapters": ["alpha"], "base_model": False},
+            "limited": {"requests_per_minute": 4},
+        },
+    )
     args = [str(tiny_model_dir), "--dtype", "float32", "--workers", "2", "--kv-cache-mb", "32"]
     args += ["--keys-file", str(tmp_path / "keys.toml")]
     args += ["--adapter-registry", str(tmp_path / "runtime-adapters.json")]
