@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import adapters_cmd, build, check, keys, models, query, serve
+from . import adapters_cmd, build, check, keys, models, query, serve, usage
 
 __all__ = ["app", "main"]
 
@@ -19,6 +19,7 @@ app.add_typer(query.app)
 app.add_typer(models.app)
 app.add_typer(build.app)
 app.add_typer(check.app)
+app.add_typer(usage.app)
 app.add_typer(adapters_cmd.app, name="adapters")
 app.add_typer(keys.app, name="keys")
 

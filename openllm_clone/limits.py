@@ -12,12 +12,17 @@ With ``--workers N`` every worker process keeps its own counters and enforces
 refused a little early when the workers' shares are used unevenly).
 
 :class:`UsageMeter` adds up requests and tokens per tenant and adapter since start
-(``GET /v1/usage``).
+(``GET /v1/usage``), and with ``--usage-log`` appends each finished request to a JSON-lines
+file (:class:`UsageLog`) that outlives restarts and that ``openllm-clone usage``
+summarises per day.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -30,7 +35,7 @@ from openllm_clone.errors import RateLimitError
 if TYPE_CHECKING:
     from openllm_clone.tenants import KeyEntry
 
-__all__ = ["RateLimiter", "Ticket", "UsageMeter"]
+__all__ = ["RateLimiter", "Ticket", "UsageLog", "UsageMeter", "summarize_usage"]
 
 WINDOW = 60.0
 
@@ -180,14 +185,86 @@ class RateLimiter:
                 state.in_flight -= 1
 
 
+class UsageLog:
+    """Append-only JSON lines, one per finished request. Lines are buffered and written
+    with one ``write`` (``O_APPEND``, so workers sharing the file never interleave a
+    line) and an ``fsync`` at most ``flush_every`` seconds after the first unwritten one,
+    and at exit: a killed process loses at most that last second."""
+
+    def __init__(self, path: str, flush_every: float = 1.0) -> None:
+        self.path = path
+        self.flush_every = flush_every
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atexit.register(self.flush)
+
+    def record(self, **fields: Any) -> None:
+        line = json.dumps({"ts": round(time.time(), 3), **fields}, separators=(",", ":"))
+        with self._lock:
+            self._lines.append(line + "\n")
+            if self._timer is None:
+                self._timer = threading.Timer(self.flush_every, self.flush)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def flush(self) -> None:
+        with self._lock:
+            data, self._lines = "".join(self._lines), []
+            self._timer = None
+        if not data:
+            return
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, data.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def summarize_usage(path: str) -> list[dict[str, Any]]:
+    """Totals per (UTC day, tenant, adapter) of a usage log, oldest day first."""
+    totals: dict[tuple[str, str, str], dict[str, Any]] = {}
+    with open(path) as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a crash mid-write
+            day = time.strftime("%Y-%m-%d", time.gmtime(row.get("ts", 0)))
+            key = (day, str(row.get("tenant", "-")), str(row.get("adapter") or ""))
+            t = totals.setdefault(
+                key,
+                {
+                    "day": key[0],
+                    "tenant": key[1],
+                    "adapter": key[2],
+                    "requests": 0,
+                    "errors": 0,
+                    "cancelled": 0,
+                    "prompt_tokens": 0,
+                    "completion_tokens": 0,
+                },
+            )
+            t["requests"] += 1
+            status = row.get("status")
+            t["cancelled"] += status == "cancelled"
+            t["errors"] += status not in ("ok", "cancelled")
+            t["prompt_tokens"] += int(row.get("prompt_tokens", 0))
+            t["completion_tokens"] += int(row.get("completion_tokens", 0))
+    return [totals[k] for k in sorted(totals)]
+
+
 class UsageMeter:
     """Requests and tokens per (tenant, adapter) since start: every request that reached
     the engine, with the tokens it computed (a cancelled one's too, counted as
     ``cancelled``; ``errors`` are the ones that failed)."""
 
-    def __init__(self) -> None:
+    def __init__(self, log: UsageLog | None = None) -> None:
         self._totals: dict[tuple[str, str], dict[str, int]] = {}
         self._lock = threading.Lock()
+        self.log = log
 
     def record(
         self, tenant: str, adapter: str | None, status: str, prompt: int, completion: int
@@ -210,6 +287,14 @@ class UsageMeter:
                 row["errors"] += 1
             row["prompt_tokens"] += prompt
             row["completion_tokens"] += completion
+        if self.log is not None:
+            self.log.record(
+                tenant=tenant,
+                adapter=adapter,
+                status=status,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+            )
 
     def snapshot(self) -> dict[str, Any]:
         """``{tenants: {name: {totals, adapters: {adapter: totals}}}}``."""

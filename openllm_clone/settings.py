@@ -145,6 +145,11 @@ class Settings(BaseModel):
         description="Admission order of waiting requests: fifo (arrival), fair (a weighted "
         "virtual token counter per tenant), auto (fair with --keys-file, else fifo).",
     )
+    usage_log: str | None = Field(
+        default=None,
+        description="Append each finished request (tenant, adapter, status, tokens) to this "
+        "JSON-lines file; `openllm-clone usage FILE` sums it per day.",
+    )
     max_body_bytes: int = Field(
         default=4 * 2**20, ge=1024, description="Largest request body accepted (413 beyond)."
     )
@@ -216,9 +221,9 @@ class Settings(BaseModel):
             raise ValueError(f"adapter names must be unique; repeated: {sorted(dupes)}")
         return self
 
-    @field_validator("keys_file")
+    @field_validator("keys_file", "usage_log")
     @classmethod
-    def _absolute_keys_file(cls, path: str | None) -> str | None:
+    def _absolute_paths(cls, path: str | None) -> str | None:
         # Workers may run in another directory (a bento's src/).
         return os.path.abspath(path) if path else None
 

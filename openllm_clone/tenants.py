@@ -43,7 +43,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from openllm_clone.errors import InvalidRequestError, PermissionDeniedError
-from openllm_clone.limits import RateLimiter, UsageMeter
+from openllm_clone.limits import RateLimiter, UsageLog, UsageMeter
 from openllm_clone.settings import Settings
 
 __all__ = [
@@ -338,6 +338,7 @@ class Tenancy:
         api_keys: list[str],
         admin_api_keys: list[str],
         workers: int = 1,
+        usage_log: str | None = None,
     ) -> None:
         self.keys = KeysFile(keys_file) if keys_file else None
         self.api_keys = list(api_keys)
@@ -346,7 +347,7 @@ class Tenancy:
         self._plain = _legacy("default", admin=not admin_api_keys)
         self._admin = _legacy("admin", admin=True)
         self.limiter = RateLimiter(share=1.0 / max(1, workers))
-        self.meter = UsageMeter()
+        self.meter = UsageMeter(UsageLog(usage_log) if usage_log else None)
 
     @property
     def enabled(self) -> bool:
@@ -377,8 +378,10 @@ def tenancy_for(settings: Settings) -> Tenancy:
     s = settings
     # Ray's router is one process whatever --workers says (a BentoML option).
     workers = s.workers if s.backend == "bentoml" else 1
-    key = (s.keys_file, tuple(s.api_keys), tuple(s.admin_api_keys), workers)
+    key = (s.keys_file, tuple(s.api_keys), tuple(s.admin_api_keys), workers, s.usage_log)
     found = _TENANCY.get(key)
     if found is None:
-        found = _TENANCY[key] = Tenancy(s.keys_file, s.api_keys, s.admin_api_keys, workers)
+        found = _TENANCY[key] = Tenancy(
+            s.keys_file, s.api_keys, s.admin_api_keys, workers, usage_log=s.usage_log
+        )
     return found

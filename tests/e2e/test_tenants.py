@@ -17,9 +17,10 @@ import httpx
 import openai
 import pytest
 
+from openllm_clone.limits import summarize_usage
 from openllm_clone.tenants import KeyEntry, hash_key, load_keys, new_key, save_keys
 from openllm_clone.testing import Server, run_server
-from tests.helpers import make_keys_file
+from tests.helpers import make_keys_file, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -65,6 +66,8 @@ def server(
         "64",
         "--keys-file",
         str(keys_file),
+        "--usage-log",
+        str(keys_file.parent / "usage.jsonl"),
         *(f"--adapter-id={n}={tiny_adapters[n]}" for n in ("alpha", "beta", "gamma")),
     ]
     with run_server(args, {}, log) as s:
@@ -229,7 +232,7 @@ def test_concurrency_limit_and_its_recovery(server: Server) -> None:
     assert again.status_code == 200
 
 
-def test_usage_equals_what_clients_were_told(server: Server) -> None:
+def test_usage_equals_what_clients_were_told(server: Server, keys_file: Path) -> None:
     """200 mixed requests (two tenants, base and adapters, streams and not, bad ones), and
     cancelled streams under a third tenant: /v1/usage per tenant and adapter equals the
     usage blocks the clients received; the cancelled ones are counted as cancelled."""
@@ -333,6 +336,19 @@ def test_usage_equals_what_clients_were_told(server: Server) -> None:
     )
     # Only an admin key reads usage.
     assert httpx.get(f"{server.url}/v1/usage", headers=_h("acme")).status_code == 403
+    # The usage log (fsynced within a second) sums to the same totals, and the CLI reads it.
+    log = keys_file.parent / "usage.jsonl"
+    for _ in range(50):
+        rows = summarize_usage(str(log)) if log.exists() else []
+        if sum(r["requests"] for r in rows) == sum(t["requests"] for t in usage.values()):
+            break
+        threading.Event().wait(0.2)
+    for tenant, totals in usage.items():
+        mine = [r for r in rows if r["tenant"] == tenant]
+        for key in ("requests", "prompt_tokens", "completion_tokens", "cancelled", "errors"):
+            assert sum(r[key] for r in mine) == totals[key], (tenant, key)
+    cli = run_cli("usage", str(log), "--json")
+    assert cli.returncode == 0 and "globex" in cli.stdout
 
 
 def test_keys_file_edits_apply_without_restart(server: Server, keys_file: Path) -> None:

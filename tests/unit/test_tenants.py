@@ -138,3 +138,41 @@ def test_usage_meter_totals() -> None:
     assert snap["acme"]["total_tokens"] == 18
     assert snap["acme"]["adapters"]["legal"]["completion_tokens"] == 5
     assert snap["acme"]["adapters"]["(base)"]["prompt_tokens"] == 3
+
+
+def test_usage_log_lines_from_two_writers_sum_per_day(tmp_path: Path) -> None:
+    """Two workers' meters append to one log; it holds every request once, and the daily
+    summary adds up as the meters do. Unflushed lines reach the file within a second."""
+    import time as _time
+
+    from openllm_clone.limits import UsageLog, summarize_usage
+
+    path = str(tmp_path / "usage.jsonl")
+    a, b = UsageMeter(UsageLog(path, flush_every=0.2)), UsageMeter(UsageLog(path, flush_every=0.2))
+    for i in range(50):
+        (a if i % 2 else b).record("acme", "legal" if i % 3 else None, "ok", 10, i)
+    a.record("globex", "x", "cancelled", 4, 1)
+    b.record("globex", "x", "error", 4, 0)
+    log = Path(path)
+    for _ in range(100):
+        if log.exists() and len(log.read_text().splitlines()) == 52:
+            break
+        _time.sleep(0.05)
+    rows = summarize_usage(path)
+    assert sum(r["requests"] for r in rows) == 52
+    acme = [r for r in rows if r["tenant"] == "acme"]
+    assert sum(r["completion_tokens"] for r in acme) == sum(range(50))
+    assert sum(r["prompt_tokens"] for r in acme) == 500
+    globex = [r for r in rows if r["tenant"] == "globex"]
+    assert globex == [
+        {
+            "day": globex[0]["day"],
+            "tenant": "globex",
+            "adapter": "x",
+            "requests": 2,
+            "errors": 1,
+            "cancelled": 1,
+            "prompt_tokens": 8,
+            "completion_tokens": 1,
+        }
+    ]
