@@ -48,7 +48,7 @@ start: setup
 	$(BIN)/openllm-clone start --port $(PORT)
 
 test: setup-dev
-	BENTOML_DO_NOT_TRACK=True HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	BENTOML_DO_NOT_TRACK=True HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra --durations=25 $(PYTEST_ARGS)
 
 # Formatting, the rules, and types (the package; tests and benchmarks are not typed).
 lint: setup-dev
