@@ -20,6 +20,8 @@ import tempfile
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from openllm_clone._files import FileStamp, file_stamp
+
 if TYPE_CHECKING:
     from openllm_clone.settings import Settings
 
@@ -33,15 +35,8 @@ class SharedAdapters:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: FileStamp | None = None
         self._entries: dict[str, dict[str, Any]] = {}
-
-    def _current_stamp(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _read(self) -> dict[str, dict[str, Any]]:
         try:
@@ -56,7 +51,7 @@ class SharedAdapters:
 
     def entries(self) -> dict[str, dict[str, Any]]:
         """The adapters the file lists now (re-read only when it changed)."""
-        stamp = self._current_stamp()
+        stamp = file_stamp(self.path)
         if stamp != self._stamp:
             self._entries = self._read()
             self._stamp = stamp

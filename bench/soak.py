@@ -36,25 +36,33 @@ from openllm_clone.testing import run_server  # noqa: E402
 OUT = Path(__file__).resolve().parent / "out"
 
 
-def group_stats(pgid: int) -> dict[str, float]:
-    """RSS (MB), open fds and threads summed over a process group."""
-    rss = fds = threads = 0.0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            if int(fields[2]) != pgid:  # field 5: the process group
+def tree_stats(root: int) -> dict[str, float]:
+    """RSS (MB), open fds and threads summed over ``root`` and all its descendants (the
+    CLI process, BentoML's workers: each in a process group of its own)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
                 continue
+    tree, grew = {root}, True
+    while grew:
+        more = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree |= more
+        grew = bool(more)
+    rss = fds = threads = 0.0
+    for pid in tree:
+        try:
             with open(f"/proc/{pid}/status") as fh:
                 status = dict(line.split(":", 1) for line in fh if ":" in line)
             rss += int(status["VmRSS"].split()[0]) / 1024
             threads += int(status["Threads"])
             fds += len(os.listdir(f"/proc/{pid}/fd"))
-        except (OSError, KeyError, ValueError, IndexError):
+        except (OSError, KeyError, ValueError):
             continue  # a process that ended meanwhile
-    return {"rss_mb": rss, "fds": fds, "threads": threads}
+    return {"rss_mb": rss, "fds": fds, "threads": threads, "processes": len(tree)}
 
 
 class Soak:
@@ -140,12 +148,12 @@ class Soak:
                     self.lost.append(f"adapter {call} answered {r.status_code}: {r.text[:200]}")
                 await asyncio.sleep(min(30.0, max(0.0, deadline - time.monotonic())))
 
-    async def sampler(self, pgid: int, deadline: float, out: list[dict[str, float]]) -> None:
+    async def sampler(self, root: int, deadline: float, out: list[dict[str, float]]) -> None:
         while time.monotonic() < deadline:
-            out.append({"t": time.monotonic() - self.t0, **group_stats(pgid)})
+            out.append({"t": time.monotonic() - self.t0, **tree_stats(root)})
             await asyncio.sleep(self.args.sample_every)
 
-    async def run(self, pgid: int, hot_source: str) -> list[dict[str, float]]:
+    async def run(self, root: int, hot_source: str) -> list[dict[str, float]]:
         deadline = self.t0 + 60 * self.args.minutes
         samples: list[dict[str, float]] = []
         limits = httpx.Limits(max_connections=self.args.concurrency + 8)
@@ -153,9 +161,9 @@ class Soak:
             await asyncio.gather(
                 *(self.worker(client, deadline) for _ in range(self.args.concurrency)),
                 self.hot_adapter(client, deadline, hot_source),
-                self.sampler(pgid, deadline, samples),
+                self.sampler(root, deadline, samples),
             )
-        samples.append({"t": time.monotonic() - self.t0, **group_stats(pgid)})
+        samples.append({"t": time.monotonic() - self.t0, **tree_stats(root)})
         return samples
 
 
@@ -217,6 +225,9 @@ def main() -> None:
     ap.add_argument("--json", help="write the report here")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
+    import logging
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
 
     from openllm_clone.store import resolve_model
 

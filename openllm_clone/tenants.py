@@ -42,6 +42,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from openllm_clone._files import FileStamp, file_stamp
 from openllm_clone.errors import InvalidRequestError, PermissionDeniedError
 from openllm_clone.limits import RateLimiter, UsageLog, UsageMeter
 from openllm_clone.settings import Settings
@@ -235,7 +236,7 @@ def save_keys(path: str, entries: list[KeyEntry]) -> None:
 
 @dataclass
 class _Table:
-    stamp: tuple[int, int, int] | None
+    stamp: FileStamp | None
     by_id: dict[str, KeyEntry]
 
 
@@ -247,12 +248,8 @@ class KeysFile:
         self._table = _Table(None, {})
         self._reload(strict=True)
 
-    def _stamp(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+    def _stamp(self) -> FileStamp | None:
+        return file_stamp(self.path)
 
     def _reload(self, strict: bool = False) -> None:
         stamp = self._stamp()
