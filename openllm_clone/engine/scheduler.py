@@ -13,8 +13,10 @@ every token the tenant's sequences compute, prompt tokens at 1 and generated tok
 (decoding a token costs more than prefilling one), divided by the tenant's weight; the
 waiting sequence whose tenant has the lowest counter goes next (arrival breaks ties). A
 tenant that comes back after idling starts at the lowest counter among the tenants with
-work, so idle time does not bank credit, and a tenant with 100 queued requests cannot
-starve one with 1: the second is admitted as soon as the batch has room.
+work, so idle time does not bank credit. When the batch is full and a waiting tenant
+holds less than its weighted share of it, the newest sequence of the tenant furthest over
+its share is paused (it keeps its KV blocks and resumes later), so a tenant with 100
+queued requests cannot make one with 1 wait for a whole batch to finish.
 """
 
 from __future__ import annotations
@@ -96,13 +98,17 @@ class Scheduler:
             return head
         # Equal counters (a tenant back from idle starts at the lowest): the tenant with
         # fewer running sequences first, then the line's order.
-        running: dict[str, int] = {}
-        for seq in self.running:
-            running[_tenant(seq)] = running.get(_tenant(seq), 0) + 1
+        running = self._running_per_tenant()
         return min(
             self.waiting,
             key=lambda s: (self.counters.get(_tenant(s), 0.0), running.get(_tenant(s), 0)),
         )
+
+    def _running_per_tenant(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for seq in self.running:
+            counts[_tenant(seq)] = counts.get(_tenant(seq), 0) + 1
+        return counts
 
     def _rebalance(self) -> None:
         """Fair mode, with the batch full: when a waiting tenant holds fewer running
@@ -113,12 +119,8 @@ class Scheduler:
         finish, however fair the admission order."""
         if len(self.running) < self.max_batch_size or not self.waiting:
             return
-        weights: dict[str, float] = {}
-        slots: dict[str, int] = {}
-        for seq in self._all():
-            weights[_tenant(seq)] = seq.group.weight
-        for seq in self.running:
-            slots[_tenant(seq)] = slots.get(_tenant(seq), 0) + 1
+        weights = {_tenant(seq): seq.group.weight for seq in self._all()}
+        slots = self._running_per_tenant()
         total = sum(weights.values())
         share = {t: self.max_batch_size * w / total for t, w in weights.items()}
         starved = any(slots.get(_tenant(seq), 0) + 1 <= share[_tenant(seq)] for seq in self.waiting)
