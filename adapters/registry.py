@@ -382,10 +382,12 @@ class AdapterRegistry:
     async def evict(self, name: str) -> bool:
         """Free ``name``'s slot now if it is idle and not pinned (it stays registered and
         loads again on its next request); False when it cannot be evicted."""
-        record = self._records.get(name)
-        if record is None or record.state != "ready" or record.pinned or record.in_use:
-            return False
         async with self._slots_changed:
+            # Checked under the lock: a request may take the slot while evict waits for it
+            # (another load holds the lock while its step-gap call runs).
+            record = self._records.get(name)
+            if record is None or record.state != "ready" or record.pinned or record.in_use:
+                return False
             await self._evict(record)
             self._slots_changed.notify_all()
         return True

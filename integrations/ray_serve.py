@@ -30,6 +30,7 @@ interface); see ``tests/e2e/test_ray.py``.
 # No `from __future__ import annotations`: Ray pickles the Router by value, and FastAPI
 # must see real classes (Request) in the route signatures, not strings.
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -213,6 +214,7 @@ class LLMReplica:
             return await self._load(name)
 
         self._hold = serve.multiplexed(max_num_models_per_replica=settings.max_adapters)(hold)
+        self._hold_key = hold  # where Ray keeps its cache of held adapters
         logger.info("replica %s (pid %d) serving %s", self.replica_id, self.pid, self.llm.name)
 
     async def _load(self, name: str) -> "_HeldAdapter":
@@ -232,6 +234,7 @@ class LLMReplica:
         for name, spec in (req.get("specs") or {}).items():
             record = registry.get(name)
             if record is not None and record.source != spec["source"] and not record.in_use:
+                self._drop_held(name)
                 await registry.unload(name)  # replaced under the same name
             if registry.get(name) is None:
                 registry.register(
@@ -243,10 +246,25 @@ class LLMReplica:
             self._unloaded.discard(name)
 
     async def _forget(self, name: str) -> None:
+        self._drop_held(name)
         try:
             await self.llm.adapters.unload(name)
         except OpenLLMCloneError as exc:
             logger.warning("could not unload %s: %s", name, exc)
+
+    def _drop_held(self, name: str) -> None:
+        """Take an unloaded adapter out of Ray's multiplex cache: left there, it would
+        keep one of the replica's ``max_adapters`` places, and every adapter beyond the
+        rest would evict another on each request (Ray has no public call for this; when
+        its internals differ, the entry ages out of its LRU instead)."""
+        wrapper = getattr(self._hold_key, "__serve_multiplex_wrapper", None)
+        models = getattr(wrapper, "models", None)
+        if isinstance(models, dict):
+            held = models.pop(name, None)
+            if isinstance(held, _HeldAdapter):
+                held.released = True  # the registry unloads it; nothing to evict
+            with contextlib.suppress(AttributeError):
+                wrapper._push_multiplexed_replica_info = True  # type: ignore[union-attr]
 
     async def handle(self, req: dict[str, Any]) -> AsyncIterator[Any]:
         """Serve one HTTP request (forwarded by the router); yields ASGI response parts."""

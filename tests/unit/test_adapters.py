@@ -346,3 +346,56 @@ async def test_workers_follow_one_runtime_adapter_file(
     assert worker().names() == ["kept"]
     with pytest.raises(AdapterNotFoundError):
         await a.delete("never")
+
+
+class _FakeWeights:
+    """What the registry reads of an adapter's weights, without tensors."""
+
+    base_model = None
+    rank = 8
+    alpha = 16.0
+    target_modules = ("q_proj",)
+    size_bytes = 1
+
+
+class _SlotHost(_NoHost):
+    """Records which adapter each slot holds; ``remove`` can be held up (a busy step)."""
+
+    def __init__(self) -> None:
+        self.slots: dict[int, Any] = {}
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def install(self, slot: int, weights: Any) -> None:
+        self.slots[slot] = weights
+
+    async def remove(self, slot: int) -> None:
+        await self.gate.wait()
+        self.slots.pop(slot, None)
+
+
+async def test_evict_never_frees_a_slot_a_request_took_while_it_waited() -> None:
+    """Ray's LRU asks the registry to evict an idle adapter; the eviction waits for the
+    registry's lock (held by another load whose step-gap call is slow). A request that
+    takes the adapter meanwhile keeps it: the eviction re-checks under the lock."""
+    from openllm_clone.adapters.registry import AdapterRegistry
+
+    host = _SlotHost()
+    registry = AdapterRegistry(host, max_loaded=2, base_model_aliases=[])
+    weights = {name: _FakeWeights() for name in ("a", "b", "c")}
+    registry._read = lambda source: asyncio.sleep(0, weights[source])  # type: ignore[method-assign]
+    for name in ("a", "b"):
+        await registry.load(name, name)
+    registry.get("b").last_used = 0.0  # b is the LRU victim of c's load  # type: ignore[union-attr]
+    host.gate.clear()  # b's removal (a step gap) is slow: c's load holds the lock meanwhile
+    load_c = asyncio.create_task(registry.load("c", "c"))
+    await asyncio.sleep(0.01)
+    evict_a = asyncio.create_task(registry.evict("a"))  # idle now: Ray's LRU dropped it
+    await asyncio.sleep(0.01)
+    slot = await registry.acquire("a")  # a request for a, while the eviction waits
+    host.gate.set()
+    await load_c
+    assert await evict_a is False
+    assert host.slots[slot] is weights["a"] and registry.get("a").state == "ready"  # type: ignore[union-attr]
+    await registry.release("a")
+    assert await registry.evict("a") is True
