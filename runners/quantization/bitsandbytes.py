@@ -148,7 +148,7 @@ def layer_sensitivity(
     linears = [[m for m in layer.modules() if isinstance(m, torch.nn.Linear)] for layer in layers]
     device = linears[0][0].weight.device
     # The originals wait in host memory when the model is on a GPU, so the GPU holds one
-    # copy of the weights; a layer's round trip is computed again each time (cheap).
+    # copy of the weights; each layer's round trip is computed once.
     originals = [
         [
             m.weight.data.to("cpu", copy=True) if device.type != "cpu" else m.weight.data
@@ -183,9 +183,11 @@ def layer_sensitivity(
         out = []
         for i in range(len(layers)):
             say(f"measuring layer {i + 1}/{len(layers)}")
+            kept = [m.weight.data for m in linears[i]]  # its round trip, put back after
             use(i, quantized=False)
             out.append(all_quantized - loss())
-            use(i, quantized=True)
+            for m, w in zip(linears[i], kept):
+                m.weight.data = w
     finally:
         for i in range(len(layers)):
             use(i, quantized=False)

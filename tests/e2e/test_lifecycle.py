@@ -106,7 +106,9 @@ def test_a_killed_worker_fails_its_stream_at_once_and_comes_back(
                 if events == 3:
                     killed_at = time.monotonic()
                     os.kill(worker, signal.SIGKILL)
-        assert time.monotonic() - killed_at < 5
+        # Ended by the kill, not by the client's 60 s read timeout (generous: a busy CI
+        # machine; it takes well under a second here).
+        assert time.monotonic() - killed_at < 30
         # The old worker is gone and the new one not ready: a probe with a timeout (as
         # orchestrators send them) does not get a 200 (the connection waits in the
         # socket's backlog until the new worker accepts it).

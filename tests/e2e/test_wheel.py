@@ -124,7 +124,7 @@ def test_plain_install_of_the_wheel_serves(
     # The same torch build as here (the CPU one); everything else as the wheel declares it.
     torch_spec = f"torch=={torch.__version__.split('+')[0]}"
     done = subprocess.run(
-        [python, "-m", "pip", "install", "--quiet", torch_spec, str(dist["wheel"])],
+        [python, "-m", "pip", "install", "--quiet", "--no-compile", torch_spec, str(dist["wheel"])],
         capture_output=True,
         text=True,
         timeout=1200,

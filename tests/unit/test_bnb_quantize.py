@@ -77,7 +77,7 @@ def test_sensitivity_finds_the_layer_that_4bit_damages(bentoml_home: Path) -> No
 
     path = str(resolve_model("smollm2").path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     target = 17  # not an edge layer, and low in SmolLM2's own order (29, 28, 13, 15, ...)
     damaged = model.model.layers[target]
     with torch.no_grad():
@@ -92,7 +92,7 @@ def test_sensitivity_finds_the_layer_that_4bit_damages(bentoml_home: Path) -> No
         ):
             proj.weight[:, ::64] = 8 * proj.weight.abs().max()  # one per 64-wide block
     before = {n: p.clone() for n, p in model.named_parameters()}
-    batches = [tokenizer(t, return_tensors="pt")["input_ids"] for t in BUILTIN_TEXTS[:3]]
+    batches = [tokenizer(t, return_tensors="pt")["input_ids"] for t in BUILTIN_TEXTS[:2]]
     layers = len(model.model.layers)
     for mode in ("fp4", "nf4"):
         sensitivity = layer_sensitivity(model, batches, mode)
