@@ -18,7 +18,7 @@ from typing import Any
 import bentoml
 
 from openllm_clone.api import build_app, build_root_app
-from openllm_clone.engine.engine import EngineObserver
+from openllm_clone.engine.config import EngineObserver
 from openllm_clone.engine.sequence import RequestGroup
 from openllm_clone.middleware import GuardMiddleware
 from openllm_clone.settings import Settings

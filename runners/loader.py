@@ -44,7 +44,7 @@ def pick_dtype(name: str, device: Any) -> Any:
 
 def choose_runner(config: Any, settings: Settings) -> str:
     """``fast`` or ``generic`` for this model config under ``--runner`` and ``--compile``."""
-    from .torch_runner import fast_refusal
+    from .fast_support import fast_refusal
 
     refusal = fast_refusal(config, settings.max_model_len)
     if settings.runner == "fast" and refusal is not None:

@@ -11,9 +11,11 @@ eager attention happens at load (:class:`~.generic.GenericRunner`).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from openllm_clone.errors import ModelLoadError
@@ -52,7 +54,7 @@ class Support:
 
 def supported_summary() -> str:
     """What runs, in one sentence."""
-    from .torch_runner import SUPPORTED_MODEL_TYPES
+    from .fast_support import SUPPORTED_MODEL_TYPES
 
     return (
         f"Supported: the fast runner for {', '.join(SUPPORTED_MODEL_TYPES)}; the generic runner "
@@ -63,6 +65,9 @@ def supported_summary() -> str:
 
 def check_model(path: Path, settings: Settings) -> Support:
     """Which runner would serve the model folder at ``path`` under ``settings``."""
+    plain = _plain_config(path)
+    if plain is not None and _plainly_fast(plain, settings):
+        return Support(str(plain["model_type"]), "fast")
     from transformers import AutoConfig
 
     try:
@@ -80,6 +85,32 @@ def check_model(path: Path, settings: Settings) -> Support:
         return Support(model_type, "fast")
     reason = _generic_refusal(config)
     return Support(model_type, None if reason else "generic", reason or "")
+
+
+def _plain_config(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _plainly_fast(plain: dict[str, Any], settings: Settings) -> bool:
+    """True when ``config.json`` alone shows that the fast runner serves the model, so
+    that ``start`` need not import transformers and torch (~5 s of every start) before
+    the worker does. Any doubt answers False and the full check runs: a quantized
+    checkpoint, Gemma (its config class's defaults decide soft-capping), or a family with
+    a sliding window whose file leaves the window to the class default."""
+    from .fast_support import GEMMA_MODEL_TYPES, SUPPORTED_MODEL_TYPES, fast_refusal
+
+    model_type = plain.get("model_type")
+    if settings.runner == "generic" or model_type not in SUPPORTED_MODEL_TYPES:
+        return False
+    if "quantization_config" in plain or model_type in GEMMA_MODEL_TYPES:
+        return False
+    if model_type != "llama" and not {"sliding_window", "max_position_embeddings"} <= set(plain):
+        return False
+    return fast_refusal(SimpleNamespace(**plain), settings.max_model_len) is None
 
 
 def _generic_refusal(config: Any) -> str | None:

@@ -34,6 +34,7 @@ from openllm_clone.errors import ModelLoadError
 from .attention import decode_attention, window_mask
 from .base import ModelInfo, StepRow, pack_rows
 from .compiled import CompiledDecoder, CompiledHead, DecodeGraph, check_compilable, rms_norm, rope
+from .fast_support import GEMMA_MODEL_TYPES, SUPPORTED_MODEL_TYPES, fast_refusal
 from .lora import LoraBank, LoraPlan
 from .packed import PackedLinear, packed_linears_work
 
@@ -41,42 +42,11 @@ __all__ = ["SUPPORTED_MODEL_TYPES", "TorchRunner", "fast_refusal"]
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 # Families whose queries and keys are RMS-normalised per head before rotary.
 QK_NORM_MODEL_TYPES = ("qwen3", "gemma3_text")
-# Gemma 3: norms scale by (1 + weight) in float32, four norms a layer (the attention and
-# MLP outputs are normalised too), local and global layers with their own rotary tables
-# and a sliding window on the local ones.
-GEMMA_MODEL_TYPES = ("gemma3_text",)
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 NULL_BLOCK = 0  # a zeroed block that padded attention reads point at
-
-
-def fast_refusal(config: Any, max_model_len: int | None = None) -> str | None:
-    """Why this runner cannot serve ``config`` (None when it can)."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        return (
-            f"model type {model_type!r} has no fast path (fast: {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
-    if model_type in GEMMA_MODEL_TYPES:
-        if getattr(config, "final_logit_softcapping", None) or getattr(
-            config, "attn_logit_softcapping", None
-        ):
-            return "logit soft-capping has no fast path"
-        return None  # its sliding layers are windowed here
-    window = getattr(config, "sliding_window", None)
-    if window is not None and getattr(config, "use_sliding_window", True):
-        context = min(
-            max_model_len or 1 << 62, int(getattr(config, "max_position_embeddings", 2048))
-        )
-        if window < context:
-            return (
-                f"its sliding window ({window} tokens) is shorter than the context ({context}); "
-                "the fast path has no window (--max-model-len within the window makes it fit)"
-            )
-    return None
 
 
 class TorchRunner:

@@ -37,7 +37,6 @@ import queue
 import random
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,6 +51,7 @@ from openllm_clone.protocol import SamplingParams, new_request_id
 from openllm_clone.runners.base import ModelRunner, StepRow, logit_rows
 
 from .block_manager import BlockManager
+from .config import EngineConfig, EngineObserver
 from .kv_cache import BlockAllocator, blocks_for
 from .sampling import sample_rows
 from .scheduler import ScheduledRow, Scheduler
@@ -62,34 +62,6 @@ __all__ = ["Engine", "EngineConfig", "EngineObserver"]
 logger = logging.getLogger(__name__)
 
 _TICKS_BETWEEN_STEPS = 8
-
-
-@dataclass
-class EngineConfig:
-    """Scheduling limits."""
-
-    max_batch_size: int = 16
-    max_queue: int = 256
-    max_prefill_tokens: int = 512
-    seed: int = 0
-    prefix_caching: bool = True
-    fair: bool = False  # admit waiting requests by tenant fairness instead of arrival
-
-
-class EngineObserver:
-    """Hooks for metrics; the default does nothing. Called from the engine thread."""
-
-    def on_step(self, running: int, waiting: int, kv_used: int, kv_total: int) -> None:
-        """After every step."""
-
-    def on_first_token(self, group: RequestGroup, ttft: float) -> None:
-        """When a request's first token is out."""
-
-    def on_finished(self, group: RequestGroup, status: str, latency: float) -> None:
-        """When a request ends (``status`` is ok, cancelled or error)."""
-
-    def on_fault_isolated(self, rows: int) -> None:
-        """A batched forward raised and ``rows`` rows were found to fail on their own."""
 
 
 class Engine:

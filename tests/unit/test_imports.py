@@ -28,3 +28,28 @@ print(sorted(m for m in ("torch", "transformers", "bentoml") if m in sys.modules
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_start_checks_a_fast_model_and_loads_the_service_without_torch(
+    tiny_model_dir: object,
+) -> None:
+    """``openllm-clone start`` reads the model's config and imports the BentoML service
+    before any worker starts: for a model the fast runner serves, neither needs torch or
+    transformers (the worker imports them; the CLI importing them too cost ~5 s a start)."""
+    code = f"""
+import sys
+from pathlib import Path
+import openllm_clone.service
+from openllm_clone.runners.support import check_model
+from openllm_clone.settings import Settings
+
+support = check_model(Path({str(tiny_model_dir)!r}), Settings(model="x", dtype="float32"))
+assert support.runner == "fast", support
+print(sorted(m for m in ("torch", "transformers") if m in sys.modules))
+generic = check_model(Path({str(tiny_model_dir)!r}), Settings(model="x", runner="generic"))
+print(generic.runner, "transformers" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # The generic check (asked for explicitly) does need transformers.
+    assert out.stdout.splitlines() == ["[]", "generic True"], out.stdout
