@@ -24,6 +24,12 @@ PROMPT = "Tell me about the sea"
 
 
 @pytest.fixture(scope="module")
+def tiny_server(shared_tiny_server: Server) -> Server:
+    """This module only sends requests: the session's shared server serves it."""
+    return shared_tiny_server
+
+
+@pytest.fixture(scope="module")
 def bento(
     tiny_model_dir: Path, tiny_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[str, Path]:

@@ -29,6 +29,12 @@ class Tokens(BaseCallbackHandler):
         self.tokens.append(token)
 
 
+@pytest.fixture(scope="module")
+def tiny_server(shared_tiny_server: Server) -> Server:
+    """This module only sends requests: the session's shared server serves it."""
+    return shared_tiny_server
+
+
 def test_llm_invoke_stream_batch_with_and_without_adapter(tiny_server: Server) -> None:
     llm = OpenLLMClone(endpoint=tiny_server.url, max_new_tokens=10)
     with HTTPClient(tiny_server.url) as client:
