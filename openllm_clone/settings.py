@@ -161,7 +161,8 @@ class Settings(BaseModel):
     kv_cache_mb: int = Field(
         default=1024,
         ge=1,
-        description="KV-cache pool size in MiB; blocks are handed out as tokens arrive.",
+        description="KV-cache pool size in MiB, claimed (zeroed) at start; blocks are handed "
+        "out as tokens arrive.",
     )
     block_size: int = Field(default=16, ge=1, le=256, description="Tokens per KV block.")
     max_prefill_tokens: int = Field(

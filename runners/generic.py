@@ -254,16 +254,15 @@ class GenericRunner:
         self.kv_bytes_per_token = per_token_bytes
         self.num_blocks = max(2, kv_cache_bytes // (per_token_bytes * block_size))
         slots = self.num_blocks * block_size
+        # Zeroed: the pool is resident from the start (see the fast runner).
         self.k_cache = [
-            torch.empty(slots, p.kv_heads, p.k_dim, dtype=p.dtype, device=self.device)
+            torch.zeros(slots, p.kv_heads, p.k_dim, dtype=p.dtype, device=self.device)
             for p in probes
         ]
         self.v_cache = [
-            torch.empty(slots, p.kv_heads, p.v_dim, dtype=p.dtype, device=self.device)
+            torch.zeros(slots, p.kv_heads, p.v_dim, dtype=p.dtype, device=self.device)
             for p in probes
         ]
-        for cache in (*self.k_cache, *self.v_cache):
-            cache[:block_size].zero_()
 
         # LoRA: every Linear-like module of the decoder layers that sees every token.
         self._plan: LoraPlan | None = None

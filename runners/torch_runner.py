@@ -102,12 +102,12 @@ class TorchRunner:
         self.scratch_slot = self.num_blocks * block_size
         # Keys and values of a token sit side by side, so one gather reads both.
         shape = (slots, 2, self.num_kv_heads, self.head_dim)
-        # torch.empty leaves pages untouched, so resident memory grows with use.
+        # Zeroed, so the whole pool is resident from the start: the server claims its
+        # memory once (a host without it fails at start, not hours later on a page fault),
+        # and resident memory stays flat as blocks are first used.
         self.kv_cache = [
-            torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers
+            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers
         ]
-        for cache in self.kv_cache:
-            cache[:block_size].zero_()
 
         dims = {}
         attn = self.layers[0].self_attn
