@@ -67,6 +67,7 @@ MORE_FAMILIES: dict[str, dict[str, Any]] = {
     },
     "exaone4": {"head_dim": 16, "sliding_window": WINDOW},
     "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "falcon": {"new_decoder_architecture": True, "num_kv_heads": 2},
 }
 
 

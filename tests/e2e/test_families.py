@@ -185,16 +185,17 @@ def _tiny_config_model(family: str, folder: Path, tokenizer: Any, **extra: Any) 
 
 
 @pytest.mark.parametrize(
-    ("family", "reason"),
+    ("family", "reason", "extra"),
     [
-        ("falcon", "AttentionInterface"),  # calls SDPA itself
-        ("mamba", "not attention"),  # a state-space model
+        # Computes attention itself (Falcon did too, until transformers 5.25).
+        ("gpt_neo", "AttentionInterface", {"attention_types": [[["global"], 2]]}),
+        ("mamba", "not attention", {}),  # a state-space model
     ],
 )
 def test_start_refuses_unservable_model_at_once(
-    family: str, reason: str, tokenizer: Any, tmp_path: Path
+    family: str, reason: str, extra: dict[str, Any], tokenizer: Any, tmp_path: Path
 ) -> None:
-    folder = _tiny_config_model(family, tmp_path / family, tokenizer)
+    folder = _tiny_config_model(family, tmp_path / family, tokenizer, **extra)
     code, output, seconds = _start([str(folder)], tmp_path)
     assert code != 0
     assert seconds < 30, f"took {seconds:.0f} s to refuse"

@@ -1,7 +1,7 @@
 """Families beyond the server matrix of tests/e2e/test_families.py, in-process: the engine's
 fp32 greedy tokens on the generic runner equal transformers' ``generate``, alone and
 batched (Cohere, StableLM, OLMoE, gpt-oss with attention sinks and sliding layers,
-EXAONE 4, Granite MoE)."""
+EXAONE 4, Granite MoE, Falcon's new decoder architecture from transformers 5.25)."""
 
 from __future__ import annotations
 
@@ -25,8 +25,18 @@ PROMPTS = [
 ]
 
 
+def _falcon_uses_the_interface() -> bool:
+    import inspect
+
+    from transformers.models.falcon import modeling_falcon
+
+    return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(modeling_falcon)
+
+
 @pytest.mark.parametrize("family", sorted(MORE_FAMILIES))
 async def test_more_families_match_generate(family: str, tokenizer: Any, tmp_path: Path) -> None:
+    if family == "falcon" and not _falcon_uses_the_interface():
+        pytest.skip("Falcon calls SDPA itself before transformers 5.25 (refused at start)")
     folder = make_family_model(family, tmp_path / family, tokenizer)
     llm = LLM.from_settings(Settings(model=str(folder), dtype="float32", kv_cache_mb=16))
     try:
