@@ -30,7 +30,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import pct, table  # noqa: E402
+from bench._common import median, pct, table  # noqa: E402
 from openllm_clone.testing import run_server  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -53,16 +53,37 @@ def tree_stats(root: int) -> dict[str, float]:
         tree |= more
         grew = bool(more)
     rss = fds = threads = 0.0
+    per_process: dict[str, float] = {}
     for pid in tree:
         try:
             with open(f"/proc/{pid}/status") as fh:
                 status = dict(line.split(":", 1) for line in fh if ":" in line)
-            rss += int(status["VmRSS"].split()[0]) / 1024
+            mb = int(status["VmRSS"].split()[0]) / 1024
             threads += int(status["Threads"])
             fds += len(os.listdir(f"/proc/{pid}/fd"))
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                words = fh.read().decode(errors="replace").split("\0")
         except (OSError, KeyError, ValueError):
             continue  # a process that ended meanwhile
-    return {"rss_mb": rss, "fds": fds, "threads": threads, "processes": len(tree)}
+        rss += mb
+        per_process[f"{pid} {_short(words)}"] = mb
+    return {"rss_mb": rss, "fds": fds, "threads": threads, "processes": len(tree)} | {
+        f"rss {name}": mb for name, mb in per_process.items()
+    }
+
+
+def _short(words: list[str]) -> str:
+    """A process's role from its command line: the module or script it runs."""
+    if "-m" in words[:-1]:
+        return words[words.index("-m") + 1]
+    return next((Path(w).name for w in words[1:] if w.endswith(".py")), Path(words[0]).name)
+
+
+def _drift(values: list[float]) -> float:
+    """Median of the last third minus the median of the first third: a trend, not the
+    momentary swing of open connections between two samples."""
+    third = max(1, len(values) // 3)
+    return median(values[-third:]) - median(values[:third])
 
 
 class Soak:
@@ -195,11 +216,27 @@ def report(soak: Soak, samples: list[dict[str, float]], args: argparse.Namespace
     threads = [s["threads"] for s in after]
     checks = {
         "rss_within_10pct": max(rss) <= 1.1 * min(rss),
-        "fds_flat": max(fds) - min(fds) <= 8,
-        "threads_flat": max(threads) - min(threads) <= 4,
+        "fds_flat": _drift(fds) <= 8,
+        "threads_flat": _drift(threads) <= 4,
         "p99_last_within_20pct_of_first": windows[-1]["p99"] <= 1.2 * windows[0]["p99"],
         "no_lost_requests": not soak.lost,
     }
+    # Which process grows: each one's RSS at the first and the last sample after warm-up.
+    names = [k for k in after[-1] if k.startswith("rss ") and k in after[0]]
+    print(
+        table(
+            ["process", "RSS MB after warm-up", "RSS MB at the end", "MB / min"],
+            [
+                [
+                    k[4:],
+                    after[0][k],
+                    after[-1][k],
+                    (after[-1][k] - after[0][k]) / max(1e-9, (after[-1]["t"] - after[0]["t"]) / 60),
+                ]
+                for k in names
+            ],
+        )
+    )
     print(f"\ncounts: {json.dumps(soak.counts, sort_keys=True)}")
     print(f"lost: {len(soak.lost)}" + "".join(f"\n  {x}" for x in soak.lost[:20]))
     for name, ok in checks.items():
@@ -223,6 +260,13 @@ def main() -> None:
     ap.add_argument("--sample-every", type=float, default=10.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the report here")
+    ap.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment for the server only (e.g. MALLOC_ARENA_MAX=2, or a tracemalloc hook)",
+    )
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     import logging
@@ -243,7 +287,8 @@ def main() -> None:
     for name, path in zip(names, dirs, strict=True):
         serve += ["--adapter-id", f"{name}={path}"]
     serve += ["--adapter-registry", "none"]
-    with run_server(serve, {}, OUT / "soak-server.log") as server:
+    env = dict(item.split("=", 1) for item in args.server_env)
+    with run_server(serve, env, OUT / "soak-server.log") as server:
         base = httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"][0]["id"]
         soak = Soak(server.url, [base, *names], args)
         samples = asyncio.run(soak.run(server.proc.pid, str(dirs[0])))

@@ -52,7 +52,9 @@ from openllm_clone.runners.base import ModelRunner, StepRow, logit_rows
 
 from .block_manager import BlockManager
 from .config import EngineConfig, EngineObserver
+from .faults import isolate_faults
 from .kv_cache import BlockAllocator, blocks_for
+from .outputs import append_token, grammar_mask, prompt_logprobs, token_logprobs, wants_all_logits
 from .sampling import sample_rows
 from .scheduler import ScheduledRow, Scheduler
 from .sequence import RequestGroup, RequestOutput, SeqDelta, SeqStatus, Sequence, TokenLogprob
@@ -359,10 +361,7 @@ class Engine:
                 block_table=r.seq.block_table,
                 adapter_slot=r.seq.group.adapter_slot,
                 need_logits=r.need_logits,
-                all_logits=(
-                    r.seq.group.wants_prompt_logits
-                    and r.seq.num_cached < len(r.seq.group.prompt_ids) - 1
-                ),
+                all_logits=wants_all_logits(r.seq),
             )
             for r in rows
         ]
@@ -384,7 +383,7 @@ class Engine:
             seq = r.seq
             k = logit_rows(row)
             if row.all_logits:
-                self._prompt_logprobs(seq, row.start_pos, logits[at : at + k])
+                prompt_logprobs(seq, row, logits[at : at + k])
             if r.need_logits:
                 if seq.params.max_new_tokens == 0:
                     self._finish_scoring(seq.group)
@@ -414,67 +413,25 @@ class Engine:
     def _isolate_fault(
         self, rows: list[ScheduledRow], step_rows: list[StepRow]
     ) -> tuple[list[ScheduledRow], list[StepRow], torch.Tensor]:
-        """After a failed step: run the rows again in halves until each failure is down to one
-        row, fail only those requests, and return the other rows with their logits.
-
-        Running rows again is safe: a row writes the keys and values of the same tokens into
-        the same slots each time."""
-        failed: dict[int, Exception] = {}
-        chunks: dict[int, torch.Tensor] = {}
-
-        def run(idx: list[int], known_bad: bool) -> None:
-            if not known_bad:
-                try:
-                    out = self._forward([step_rows[i] for i in idx])
-                except Exception as exc:  # noqa: BLE001 - split further below
-                    if len(idx) == 1:
-                        failed[idx[0]] = exc
-                        return
-                else:
-                    at = 0
-                    for i in idx:
-                        k = logit_rows(step_rows[i])
-                        chunks[i] = out[at : at + k]
-                        at += k
-                    return
-            mid = len(idx) // 2
-            run(idx[:mid], False)
-            run(idx[mid:], False)
-
-        if len(rows) == 1:
-            run([0], False)
-        else:
-            run(list(range(len(rows))), True)
-        bad_groups = {id(rows[i].seq.group) for i in failed}
-        for i, exc in failed.items():
+        """After a failed step: fail only the requests whose rows fail alone
+        (:func:`~.faults.isolate_faults`); the other rows go on with their logits."""
+        found = isolate_faults(self._forward, step_rows)
+        bad_groups = {id(rows[i].seq.group) for i in found.failed}
+        for i, exc in found.failed.items():
             group = rows[i].seq.group
             logger.error("request %s fails the forward on its own: %r", group.request_id, exc)
             self._fail(group, f"internal error during generation: {type(exc).__name__}: {exc}")
-        if failed:
-            self.faults_isolated += len(failed)
-            self.observer.on_fault_isolated(len(failed))
+        if found.failed:
+            self.faults_isolated += len(found.failed)
+            self.observer.on_fault_isolated(len(found.failed))
         keep = [
-            i for i in range(len(rows)) if i in chunks and id(rows[i].seq.group) not in bad_groups
+            i
+            for i in range(len(rows))
+            if i in found.logits and id(rows[i].seq.group) not in bad_groups
         ]
-        parts = [chunks[i] for i in keep if chunks[i].shape[0]]
+        parts = [found.logits[i] for i in keep if found.logits[i].shape[0]]
         logits = torch.cat(parts) if parts else torch.empty(0, self.runner.info.vocab_size)
         return [rows[i] for i in keep], [step_rows[i] for i in keep], logits
-
-    def _prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
-        """Record the prompt tokens' logprobs from a chunk's logits (row ``j`` is position
-        ``start + j`` and predicts the token after it); positions already recorded (before a
-        preemption) are skipped."""
-        group = seq.group
-        prompt = group.prompt_ids
-        first = len(group.prompt_lp) - start
-        last = min(logits.shape[0], len(prompt) - 1 - start)
-        if first >= last:
-            return
-        lp = torch.log_softmax(logits[first:last].float(), dim=-1)
-        targets = prompt[start + first + 1 : start + last + 1]
-        group.prompt_lp.extend(
-            _entries(lp, targets, [group.params.prompt_logprobs or 0] * len(targets))
-        )
 
     def _finish_scoring(self, group: RequestGroup) -> None:
         """End a ``max_new_tokens=0`` request: its prompt is scored, nothing is generated."""
@@ -514,7 +471,7 @@ class Engine:
         constrained = [i for i, s in enumerate(expanded) if s.matcher is not None]
         if constrained:
             try:
-                self._mask(batch_logits, [expanded[i] for i in constrained], constrained)
+                grammar_mask(batch_logits, [expanded[i] for i in constrained], constrained)
             except Exception as exc:  # a grammar fault fails the constrained requests only
                 logger.exception("grammar masking failed")
                 for i in constrained:
@@ -528,7 +485,7 @@ class Engine:
         )
         token_lp: dict[int, TokenLogprob] = {}
         if logprobs is not None:
-            entries = _entries(
+            entries = token_logprobs(
                 logprobs,
                 [tokens[i] for i in asking],
                 [expanded[i].params.logprobs or 0 for i in asking],
@@ -544,7 +501,9 @@ class Engine:
                 group.first_token_at = now
                 self.observer.on_first_token(group, now - group.arrival)
             try:
-                delta = self._append(seq, token)
+                delta = append_token(seq, token, self.eos_ids, self.max_model_len)
+                if delta.finish_reason is not None:
+                    self._retire(seq, delta.finish_reason)
                 if i in token_lp:
                     delta.logprobs = [token_lp[i]]
             except Exception as exc:  # one request's fault ends that request only
@@ -562,33 +521,6 @@ class Engine:
                 self._finish_group(live, "ok")
             self._push(live, deltas, finished=done)
 
-    @staticmethod
-    def _mask(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
-        """Forbid, row by row, the tokens each sequence's grammar does not allow."""
-        import xgrammar as xgr
-
-        vocab = seqs[0].group.constraint.vocab_size
-        bitmask = xgr.allocate_token_bitmask(len(seqs), vocab)
-        for k, seq in enumerate(seqs):
-            assert seq.matcher is not None  # only constrained rows come here
-            seq.matcher.fill_next_token_bitmask(bitmask, k)
-        sub = logits[rows, :vocab].contiguous()
-        xgr.apply_token_bitmask_inplace(sub, bitmask)
-        from openllm_clone.structured import TAIL_TOKENS
-
-        for k, seq in enumerate(seqs):
-            if seq.params.max_new_tokens - len(seq.output_ids) > TAIL_TOKENS:
-                continue
-            allowed = sub[k] > float("-inf")
-            for closers in seq.group.constraint.tail_tiers(allowed):
-                pick = allowed & closers[:vocab]
-                if bool(pick.any()):
-                    sub[k].masked_fill_(~pick, float("-inf"))
-                    break
-        logits[rows, :vocab] = sub
-        if logits.shape[1] > vocab:  # padded vocabulary rows beyond the tokenizer's
-            logits[rows, vocab:] = float("-inf")
-
     def _fork(self, parent: Sequence, child: Sequence) -> None:
         """Start ``child`` on the parent's prompt blocks (the last partial one copied)."""
         try:
@@ -601,31 +533,6 @@ class Engine:
         if copy is not None:
             self.runner.copy_block(*copy)
         self.scheduler.add_running(child)
-
-    def _append(self, seq: Sequence, token: int) -> SeqDelta:
-        seq.output_ids.append(token)
-        params = seq.params
-        finish: str | None = None
-        text = ""
-        if seq.matcher is not None and token not in self.eos_ids:
-            seq.matcher.accept_token(token)
-        if token in self.eos_ids and not params.ignore_eos:
-            finish = "stop"
-        else:
-            text = seq.stops.feed(seq.detok.add(token))
-            if seq.stops.stopped:
-                finish = "stop"
-        if finish is None and seq.matcher is not None and seq.matcher.is_terminated():
-            finish = "stop"
-        if finish is None and (
-            len(seq.output_ids) >= params.max_new_tokens or seq.num_tokens >= self.max_model_len
-        ):
-            finish = "length"
-        if finish is not None:
-            if not seq.stops.stopped:
-                text += seq.stops.feed(seq.detok.flush()) + seq.stops.flush()
-            self._retire(seq, finish)
-        return SeqDelta(index=seq.index, text=text, token_ids=[token], finish_reason=finish)
 
     def _retire(self, seq: Sequence, reason: str) -> None:
         seq.status = SeqStatus.FINISHED
@@ -677,17 +584,3 @@ class Engine:
             self._finish_group(group, "timeout" if status == 504 else "error")
             self._push(group, [], finished=True, error=message, error_status=status)
 
-
-def _entries(logprobs: torch.Tensor, targets: list[int], ks: list[int]) -> list[TokenLogprob]:
-    """Row ``j``'s ``targets[j]`` with its logprob and the row's ``ks[j]`` most likely tokens."""
-    chosen = logprobs.gather(1, torch.tensor(targets).unsqueeze(1))[:, 0].tolist()
-    tops = _top(logprobs, max(ks, default=0))
-    return [TokenLogprob(t, chosen[j], tops[j][: ks[j]]) for j, t in enumerate(targets)]
-
-
-def _top(logprobs: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
-    """Each row's ``k`` most likely tokens, most likely first: ``(token id, logprob)``."""
-    if k <= 0:
-        return [[] for _ in range(logprobs.shape[0])]
-    values, ids = torch.topk(logprobs, min(k, logprobs.shape[-1]), dim=-1)
-    return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
