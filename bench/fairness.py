@@ -5,8 +5,8 @@ Tenant A keeps ``--flood`` long requests in flight (each of its clients sends th
 as soon as one ends); tenant B sends one short request per second. Printed per mode:
 B's time to first token with A idle and with A flooding (p50, p99, pooled over the
 rounds), and the aggregate tokens/s streamed during the flood (median of the rounds), with
-the ratios the issue asks for (B's loaded p99 over its idle p99; fair's throughput over
-FIFO's). Each round starts a server per mode, alternating fifo and fair.
+the ratios the issue asks for (B's loaded p99 over its idle p99; fair's aggregate
+throughput, both tenants' tokens, over FIFO's). Each round starts a server per mode, alternating fifo and fair.
 
     python bench/fairness.py                        # SmolLM2, float32, 64 x 128 tokens
     python bench/fairness.py --dtype bfloat16 --duration 60
@@ -62,9 +62,12 @@ async def stream_one(
     return first
 
 
-async def b_arrivals(url: str, key: str, seconds: float, max_tokens: int) -> list[float]:
-    """One short request a second for ``seconds``; their TTFTs."""
-    counter = [0]
+async def b_arrivals(
+    url: str, key: str, seconds: float, max_tokens: int, counter: list[int] | None = None
+) -> list[float]:
+    """One short request a second for ``seconds``; their TTFTs (their tokens are added to
+    ``counter``)."""
+    counter = [0] if counter is None else counter
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         tasks = []
         t0 = time.perf_counter()
@@ -96,7 +99,8 @@ async def flood_and_b(
         flood = [asyncio.create_task(a_client(j)) for j in range(args.flood)]
         await asyncio.sleep(args.warmup)  # the queue fills and the batch runs full
         start_tokens, t0 = counter[0], time.perf_counter()
-        ttfts = await b_arrivals(url, keys["b"], args.duration, args.short_tokens)
+        # Aggregate throughput: A's tokens and B's (B's rows take batch slots from A).
+        ttfts = await b_arrivals(url, keys["b"], args.duration, args.short_tokens, counter)
         rate = (counter[0] - start_tokens) / (time.perf_counter() - t0)
         stop.set()
         for task in flood:

@@ -155,7 +155,9 @@ class Soak:
             await self.one(client)
 
     async def hot_adapter(self, client: httpx.AsyncClient, deadline: float, source: str) -> None:
-        """Load and unload an adapter at run time every minute."""
+        """Load and unload an adapter at run time every minute (``--hot-every``)."""
+        if self.args.hot_every <= 0:
+            return
         while time.monotonic() < deadline:
             for call in ("load", "unload"):
                 if call == "load":
@@ -167,12 +169,24 @@ class Soak:
                 self.count(f"adapter_{call}")
                 if r.status_code != 200:
                     self.lost.append(f"adapter {call} answered {r.status_code}: {r.text[:200]}")
-                await asyncio.sleep(min(30.0, max(0.0, deadline - time.monotonic())))
+                pause = self.args.hot_every / 2
+                await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
 
-    async def sampler(self, root: int, deadline: float, out: list[dict[str, float]]) -> None:
+    async def sampler(
+        self, client: httpx.AsyncClient, root: int, deadline: float, out: list[dict[str, float]]
+    ) -> None:
         while time.monotonic() < deadline:
             out.append({"t": time.monotonic() - self.t0, **tree_stats(root)})
+            out[-1]["stack_mb"] = await self.stack_mb(client)
             await asyncio.sleep(self.args.sample_every)
+
+    async def stack_mb(self, client: httpx.AsyncClient) -> float:
+        """The LoRA bank's cached float32 stacks (MB): bounded memory that RSS includes."""
+        try:
+            meta = (await client.get("/v1/metadata")).json()
+            return float(meta["adapter_cache"].get("stack_bytes", 0)) / 2**20
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return float("nan")
 
     async def run(self, root: int, hot_source: str) -> list[dict[str, float]]:
         deadline = self.t0 + 60 * self.args.minutes
@@ -182,9 +196,10 @@ class Soak:
             await asyncio.gather(
                 *(self.worker(client, deadline) for _ in range(self.args.concurrency)),
                 self.hot_adapter(client, deadline, hot_source),
-                self.sampler(root, deadline, samples),
+                self.sampler(client, root, deadline, samples),
             )
-        samples.append({"t": time.monotonic() - self.t0, **tree_stats(root)})
+            samples.append({"t": time.monotonic() - self.t0, **tree_stats(root)})
+            samples[-1]["stack_mb"] = await self.stack_mb(client)
         return samples
 
 
@@ -205,11 +220,26 @@ def report(soak: Soak, samples: list[dict[str, float]], args: argparse.Namespace
                 pct(lat, 50),
                 pct(lat, 99),
                 last["rss_mb"],
+                last.get("stack_mb", float("nan")),
                 int(last["fds"]),
                 int(last["threads"]),
             ]
         )
-    print(table(["window", "whole requests", "p50 s", "p99 s", "RSS MB", "fds", "threads"], rows))
+    print(
+        table(
+            [
+                "window",
+                "whole requests",
+                "p50 s",
+                "p99 s",
+                "RSS MB",
+                "LoRA stacks MB",
+                "fds",
+                "threads",
+            ],
+            rows,
+        )
+    )
     after = [s for s in samples if s["t"] >= 60 * args.warmup] or samples
     rss = [s["rss_mb"] for s in after]
     fds = [s["fds"] for s in after]
@@ -258,6 +288,9 @@ def main() -> None:
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--adapter-dir", action="append", default=[], help="use these adapters")
     ap.add_argument("--sample-every", type=float, default=10.0)
+    ap.add_argument(
+        "--hot-every", type=float, default=60.0, help="seconds per adapter load+unload (0: none)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the report here")
     ap.add_argument(

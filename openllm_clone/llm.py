@@ -337,7 +337,11 @@ class LLM:
             "num_parameters": info.num_parameters,
             "weight_bytes": info.weight_bytes,
             "adapters": [a for a in self.adapters.names() if self.visible(a)],
-            "adapter_cache": self.adapters.cache_stats(),
+            "adapter_cache": {
+                **self.adapters.cache_stats(),
+                # The LoRA bank's float32 stacks for batches (bounded; see runners/lora.py).
+                "stack_bytes": self.runner.lora.stack_bytes() if self.runner.lora else 0,
+            },
             "engine": self.engine.stats(),
             "compiled": self.runner.compiled_stats(),
             "config": {

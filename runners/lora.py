@@ -117,6 +117,14 @@ class LoraBank:
         self._tok_b: dict[str, torch.Tensor] = {}
         self._tok_views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def stack_bytes(self) -> int:
+        """Bytes of the float32 stacks kept between steps: the per-active-set cache (at
+        most ``_CACHE_BYTES``) and the per-token buffers."""
+        tok = sum(
+            t.numel() * t.element_size() for d in (self._tok_a, self._tok_b) for t in d.values()
+        )
+        return sum(self._cache_bytes.values()) + tok
+
     # --- validation and installation -------------------------------------------------
 
     def validate(self, weights: AdapterWeights, *, max_rank: int) -> None:

@@ -30,7 +30,7 @@ pytestmark = [
 ]
 
 PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time", "Water boils at"]
-NEW_TOKENS = 24
+NEW_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
