@@ -227,8 +227,10 @@ class LLMService:
     """Serves one base model and its LoRA adapters."""
 
     def __init__(self) -> None:
+        from openllm_clone._memory import fix_mmap_threshold
         from openllm_clone.llm import LLM
 
+        fix_mmap_threshold()  # before the model's memory: see _memory.py
         settings = Settings.from_env()
         _configure_logging(settings.log_level)
         tenancy = tenancy_for(settings)

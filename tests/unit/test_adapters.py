@@ -80,6 +80,8 @@ async def test_mixed_batch_rows_equal_merged_adapters(
         assert got == merged_greedy(tiny_model_dir, path, i, 16), adapter
     # The adapters really change the output.
     assert outputs[0] != outputs[1]
+    # The float32 stacks built for these batches are kept, and counted in /v1/metadata.
+    assert llm.metadata()["adapter_cache"]["stack_bytes"] == llm.runner.lora.stack_bytes() > 0
 
 
 async def test_gathered_decode_path_equals_alone(llm: LLM, tiny_adapters: dict[str, Path]) -> None:
