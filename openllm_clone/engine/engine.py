@@ -583,4 +583,3 @@ class Engine:
         if group.request_id in self._groups:
             self._finish_group(group, "timeout" if status == 504 else "error")
             self._push(group, [], finished=True, error=message, error_status=status)
-
