@@ -33,6 +33,7 @@ import logging
 import os
 import shutil
 import time
+import types
 from typing import Any
 
 import torch
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 
 from openllm_clone.errors import ModelLoadError
 
-__all__ = ["CompiledDecoder", "CompiledHead", "DecodeGraph", "buckets_for", "rms_norm", "rope"]
+__all__ = ["CompiledDecoder", "DecodeGraph", "buckets_for", "rms_norm", "rope"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,31 +113,52 @@ def check_compilable(
 
 
 class DecodeGraph(torch.nn.Module):
-    """One decode step of a Llama-family model over packed rows, written for Inductor.
+    """One decode step over packed rows, written for Inductor: the Llama family (Llama,
+    Mistral, Qwen2), Qwen3 (per-head q/k norms) and Gemma 3 (norms of the form
+    ``(1 + w)`` in float32, four of them a layer, q/k norms, and local layers with their
+    own rotary tables and a sliding window).
 
     Holds the fused q/k/v and gate/up weights; the Hugging Face modules are pointed
     at views of them, so the eager path and the graph share one copy of the weights.
+    Per-layer choices (local or global) are Python constants, unrolled when traced.
     """
 
     def __init__(
-        self, model: Any, *, num_heads: int, num_kv_heads: int, head_dim: int, scaling: float
+        self,
+        model: Any,
+        *,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scaling: float,
+        qk_norm: list[torch.Tensor] | None = None,
+        qk_eps: float = 0.0,
+        gemma: bool = False,
+        local_layers: list[bool] | None = None,
     ) -> None:
         super().__init__()
         inner = model.model
         self.embed = inner.embed_tokens
         self.lm_head = model.lm_head
-        self.norm_weight = inner.norm.weight
-        self.eps = float(inner.norm.variance_epsilon)
+        self.gemma = gemma
+        self.eps = float(_norm_eps(inner.norm))
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scaling = scaling
         self.act = inner.layers[0].mlp.act_fn
+        self.local = list(local_layers or [False] * len(inner.layers))
+        self.qk_eps = qk_eps
+        self.qk_norm = torch.nn.ParameterList(
+            [torch.nn.Parameter(w, requires_grad=False) for w in qk_norm or []]
+        )
         self.qkv = torch.nn.ParameterList()
         self.qkv_bias = torch.nn.ParameterList()
         self.o = torch.nn.ParameterList()
         self.gate_up = torch.nn.ParameterList()
         self.down = torch.nn.ParameterList()
-        self.norm1 = torch.nn.ParameterList()
-        self.norm2 = torch.nn.ParameterList()
+        # Per layer: the input norm and the one before the MLP; Gemma also normalises the
+        # attention and MLP outputs.
+        self.norms = torch.nn.ParameterList()
+        self.norm_weight = self._norm_param(inner.norm)
         self.has_bias = inner.layers[0].self_attn.q_proj.bias is not None
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -146,26 +168,61 @@ class DecodeGraph(torch.nn.Module):
             self.gate_up.append(_fuse([mlp.gate_proj, mlp.up_proj]))
             self.o.append(attn.o_proj.weight)
             self.down.append(mlp.down_proj.weight)
-            self.norm1.append(layer.input_layernorm.weight)
-            self.norm2.append(layer.post_attention_layernorm.weight)
+            names = (
+                (
+                    "input_layernorm",
+                    "post_attention_layernorm",
+                    "pre_feedforward_layernorm",
+                    "post_feedforward_layernorm",
+                )
+                if gemma
+                else ("input_layernorm", "post_attention_layernorm")
+            )
+            for name in names:
+                self.norms.append(self._norm_param(getattr(layer, name)))
+
+    def _norm_param(self, module: Any) -> torch.nn.Parameter:
+        """The weight a norm scales by: Gemma's ``1 + w`` in float32, else ``w``."""
+        w = module.weight.detach()
+        return torch.nn.Parameter(1.0 + w.float() if self.gemma else w, requires_grad=False)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.gemma:  # as Gemma's module: normalise and scale in float32, then round
+            return (F.rms_norm(x.float(), (x.shape[-1],), None, self.eps) * weight).to(x.dtype)
+        return rms_norm(x, weight, self.eps)
+
+    def _qk(self, qk: torch.Tensor, i: int) -> torch.Tensor:
+        """Qwen3 / Gemma 3: every query and key head normalised (as the eager step)."""
+        if not len(self.qk_norm):
+            return qk
+        normed = F.rms_norm(qk.float(), (self.head_dim,), None, self.qk_eps)
+        if self.gemma:
+            return (normed * self.qk_norm[i]).to(qk.dtype)
+        return normed.to(qk.dtype) * self.qk_norm[i]
 
     def forward(
         self,
         ids: torch.Tensor,
-        cos: torch.Tensor,
-        sin_signed: torch.Tensor,
+        tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
         slots: torch.Tensor,
         gather: torch.Tensor,
-        mask: torch.Tensor,
+        masks: tuple[torch.Tensor, torch.Tensor],
         caches: list[torch.Tensor],
     ) -> torch.Tensor:
+        """``tables``: cos and signed sin of global then local layers; ``masks``: the
+        attention mask of global then local (windowed) layers."""
         T = ids.shape[0]
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
+        per_layer = 4 if self.gemma else 2
         x = self.embed(ids)
         for i in range(len(self.qkv)):
-            h = rms_norm(x, self.norm1[i], self.eps)
+            local = self.local[i]
+            cos, sin_signed = (tables[2], tables[3]) if local else (tables[0], tables[1])
+            mask = masks[1] if local else masks[0]
+            n = self.norms[per_layer * i : per_layer * (i + 1)]
+            h = self._norm(x, n[0])
             qkv = F.linear(h, self.qkv[i], self.qkv_bias[i] if self.has_bias else None)
-            qk = qkv[:, : (H + KV) * D].reshape(T, H + KV, D)
+            qk = self._qk(qkv[:, : (H + KV) * D].reshape(T, H + KV, D), i)
             qk = rope(qk, cos, sin_signed)
             q, k = qk.split([H, KV], dim=1)
             v = qkv[:, (H + KV) * D :].reshape(T, KV, D)
@@ -180,11 +237,42 @@ class DecodeGraph(torch.nn.Module):
                 scale=self.scaling,
                 enable_gqa=True,
             )
-            x = F.linear(o.reshape(T, H * D), self.o[i]) + x
-            h = rms_norm(x, self.norm2[i], self.eps)
-            gate, up = F.linear(h, self.gate_up[i]).chunk(2, dim=-1)
-            x = F.linear(self.act(gate) * up, self.down[i]) + x
-        return self.lm_head(rms_norm(x, self.norm_weight, self.eps)).float()
+            a = F.linear(o.reshape(T, H * D), self.o[i])
+            if self.gemma:
+                x = self._norm(a, n[1]) + x
+                h = self._norm(x, n[2])
+                gate, up = F.linear(h, self.gate_up[i]).chunk(2, dim=-1)
+                x = self._norm(F.linear(self.act(gate) * up, self.down[i]), n[3]) + x
+            else:
+                x = a + x
+                h = self._norm(x, n[1])
+                gate, up = F.linear(h, self.gate_up[i]).chunk(2, dim=-1)
+                x = F.linear(self.act(gate) * up, self.down[i]) + x
+        return self.lm_head(self._norm(x, self.norm_weight)).float()
+
+
+def _own_code(graph: torch.nn.Module) -> None:
+    """Give ``graph.forward`` a code object of its own.
+
+    Dynamo keeps compiled graphs on the code object it traced (``forward``'s, shared by
+    every DecodeGraph in the process) and, with the module guards skipped, a second
+    graph passes the first one's guards; with freezing the weights are constants of the
+    compiled graph, so a second model in the process would run the first one's weights.
+    """
+    forward = type(graph).forward
+    own = types.FunctionType(
+        forward.__code__.replace(),  # a new code object: its own compiled-graph cache
+        forward.__globals__,
+        forward.__name__,
+        forward.__defaults__,
+        forward.__closure__,
+    )
+    graph.forward = types.MethodType(own, graph)  # type: ignore[method-assign]
+
+
+def _norm_eps(module: Any) -> float:
+    eps = getattr(module, "variance_epsilon", None)
+    return float(eps if eps is not None else module.eps)
 
 
 def _fuse(modules: list[Any], attr: str = "weight") -> torch.nn.Parameter:
@@ -202,6 +290,7 @@ class CompiledDecoder:
     """The compiled graph, its buckets and the padding that feeds it."""
 
     def __init__(self, graph: DecodeGraph, *, max_batch_size: int, scratch_slot: int) -> None:
+        _own_code(graph)
         self.graph = graph
         self.buckets = buckets_for(max_batch_size)
         self.scratch_slot = scratch_slot
@@ -226,14 +315,16 @@ class CompiledDecoder:
     def __call__(
         self,
         ids: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
         slots: torch.Tensor,
         gather: torch.Tensor,
         lens: torch.Tensor,
         caches: list[torch.Tensor],
+        window: int | None = None,
     ) -> torch.Tensor:
-        """Run ``len(ids)`` decode rows (padded to a bucket); logits for the real rows."""
+        """Run ``len(ids)`` decode rows (padded to a bucket); logits for the real rows.
+        ``tables``: cos and signed sin ``[rows, 1, D]`` of global, then local layers;
+        ``window``: the local layers' sliding window (None: no local layers)."""
         n = ids.shape[0]
         b = self.bucket(n)
         assert b is not None
@@ -241,20 +332,25 @@ class CompiledDecoder:
         if b > n:
             pad = b - n
             ids = torch.cat([ids, ids.new_zeros(pad)])
-            cos = torch.cat([cos, cos[:1].expand(pad, -1, -1)])
-            sin = torch.cat([sin, sin[:1].expand(pad, -1, -1)])
+            tables = tuple(  # type: ignore[assignment]
+                torch.cat([t, t[:1].expand(pad, -1, -1)]) for t in tables
+            )
             slots = torch.cat([slots, slots.new_full((pad,), self.scratch_slot)])
             gather = torch.cat([gather, gather.new_zeros(pad, width)])  # the null block
             lens = torch.cat([lens, lens.new_ones(pad)])
-        mask = (torch.arange(width) < lens.unsqueeze(1))[:, None, None, :]
+        k_pos = torch.arange(width).unsqueeze(0)
+        mask = k_pos < lens.unsqueeze(1)
+        local = mask & (k_pos > (lens - 1).unsqueeze(1) - window) if window else mask
+        masks = (mask[:, None, None, :], local[:, None, None, :])
         torch._dynamo.mark_dynamic(gather, 1)
-        torch._dynamo.mark_dynamic(mask, 3)
+        for m in masks:
+            torch._dynamo.mark_dynamic(m, 3)
         started = time.perf_counter() if b not in self.ready else None
         # Inductor reads these when it compiles (torch.compile's ``options`` did not
         # turn freezing on in torch 2.13): weights become prepacked constants and the
         # projections Inductor's C++ micro-GEMMs.
         with _inductor_config.patch(_INDUCTOR_OPTIONS):
-            logits = self.fn(ids, cos, sin, slots, gather, mask, caches)
+            logits = self.fn(ids, tables, slots, gather, masks, caches)
         if started is not None:
             self.ready.add(b)
             logger.info(
@@ -263,31 +359,3 @@ class CompiledDecoder:
         self.steps += 1
         self.last_rows = n
         return logits[:n]
-
-
-class CompiledHead:
-    """The output head of one-row steps as a compiled graph (``--compile`` on families
-    without a compiled decode step: Qwen3, Gemma 3).
-
-    At batch 1 a large vocabulary's head is most of a step: Gemma-3-270M's is 262,144 x
-    640 (335 MB in bf16), 16-17 ms through oneDNN's prepacked mat-vec here against
-    10.9 ms as Inductor's frozen C++ micro-GEMM (~31 GB/s). Compiled for one row only
-    (~10 s at start-up); batches keep the prepacked head.
-    """
-
-    def __init__(self, head: torch.nn.Module) -> None:
-        self.head = head
-        self.steps = 0
-        self.fn = torch.compile(
-            head,
-            fullgraph=True,
-            dynamic=False,
-            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
-        )
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of one row ``x [1, hidden]``."""
-        with _inductor_config.patch(_INDUCTOR_OPTIONS):
-            out = self.fn(x)
-        self.steps += 1
-        return out

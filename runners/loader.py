@@ -122,13 +122,10 @@ def load_runner(path: Path, settings: Settings, *, model_id: str) -> tuple[Any, 
     runner.info.weight_bytes = weight_bytes
     if runner.compiled:
         compiling = time.perf_counter()
-        if runner.compiled_buckets:
-            logger.info(
-                "compiling the decode step for batch sizes %s (~40 s each on 2 cores)",
-                runner.compiled_buckets,
-            )
-        else:
-            logger.info("compiling the output head for one-row steps (~10 s)")
+        logger.info(
+            "compiling the decode step for batch sizes %s (~40 s each on 2 cores)",
+            runner.compiled_buckets,
+        )
         try:
             runner.warmup()
         except Exception as exc:  # Inductor's errors are many and deep: name the flag

@@ -33,7 +33,7 @@ from openllm_clone.errors import ModelLoadError
 
 from .attention import decode_attention, window_mask
 from .base import ModelInfo, StepRow, pack_rows
-from .compiled import CompiledDecoder, CompiledHead, DecodeGraph, check_compilable, rms_norm, rope
+from .compiled import CompiledDecoder, DecodeGraph, check_compilable, rms_norm, rope
 from .fast_support import GEMMA_MODEL_TYPES, SUPPORTED_MODEL_TYPES, fast_refusal
 from .lora import LoraBank, LoraPlan
 from .packed import PackedLinear, packed_linears_work
@@ -158,22 +158,29 @@ class TorchRunner:
                 self._qk_norm.append(
                     torch.cat([qw.expand(self.num_heads, -1), kw.expand(self.num_kv_heads, -1)])
                 )
-        self._compiled_head: CompiledHead | None = None
+        self._window_size: int | None = None  # the compiled graph's local layers' window
         if compile:
             check_compilable(model, self.device, self.dtype, quantization)
-            if self._qk_norm is None:
-                graph = DecodeGraph(
-                    model,
-                    num_heads=self.num_heads,
-                    num_kv_heads=self.num_kv_heads,
-                    head_dim=self.head_dim,
-                    scaling=self.scaling,
+            windows = {w for w in self.windows if w is not None}
+            if len(windows) > 1:
+                raise ModelLoadError(
+                    f"--compile supports one sliding window per model, not {sorted(windows)}"
                 )
-                self._compiled = CompiledDecoder(
-                    graph, max_batch_size=max_batch_size, scratch_slot=self.scratch_slot
-                )
-            else:  # Qwen3, Gemma 3: no decode graph yet; the output head of one-row steps
-                self._compiled_head = CompiledHead(self.lm_head)
+            self._window_size = next(iter(windows), None)
+            graph = DecodeGraph(
+                model,
+                num_heads=self.num_heads,
+                num_kv_heads=self.num_kv_heads,
+                head_dim=self.head_dim,
+                scaling=self.scaling,
+                qk_norm=self._qk_norm,
+                qk_eps=self._qk_eps,
+                gemma=self.gemma,
+                local_layers=[w is not None for w in self.windows],
+            )
+            self._compiled = CompiledDecoder(
+                graph, max_batch_size=max_batch_size, scratch_slot=self.scratch_slot
+            )
         # The compiled graph prepacks its own copy; the eager path then keeps plain Linears.
         self._fused = None if self._compiled is not None else self._pack_layers()
         self.info = ModelInfo(
@@ -285,14 +292,11 @@ class TorchRunner:
 
     @property
     def compiled(self) -> bool:
-        """True when decode steps (or, for Qwen3/Gemma 3, their output head) run compiled."""
-        return self._compiled is not None or self._compiled_head is not None
+        """True when decode steps run compiled."""
+        return self._compiled is not None
 
     def compiled_stats(self) -> dict[str, Any] | None:
-        """``--compile``: the batch buckets and how many decode steps ran compiled (for
-        Qwen3 and Gemma 3, how many one-row steps ran the compiled head)."""
-        if self._compiled_head is not None:
-            return {"buckets": [], "head_steps": self._compiled_head.steps}
+        """``--compile``: the batch buckets and how many decode steps ran compiled."""
         if self._compiled is None:
             return None
         return {"buckets": list(self._compiled.buckets), "steps": self._compiled.steps}
@@ -304,11 +308,6 @@ class TorchRunner:
 
     def warmup(self) -> None:
         """Compile the decode graph for every bucket now (a no-op without ``--compile``)."""
-        if self._compiled_head is not None:
-            with torch.inference_mode():
-                self._compiled_head(
-                    torch.zeros(1, self.config.hidden_size, dtype=self.dtype, device=self.device)
-                )
         if self._compiled is None:
             return
         with torch.inference_mode():
@@ -348,9 +347,17 @@ class TorchRunner:
         width = -(-max(context) // bs) * bs
         gather, _ = self._decode_gather(rows, width=width)
         assert gather is not None
-        cos, sin = self._rope_tables(pos)
+        if self.layer_types:  # Gemma 3: global and local layers rotate differently
+            kinds = set(self.layer_types)
+            local = "sliding_attention" if "sliding_attention" in kinds else "full_attention"
+            tables = (*self._rope_tables(pos, "full_attention"), *self._rope_tables(pos, local))
+        else:
+            cos, sin = self._rope_tables(pos)
+            tables = (cos, sin, cos, sin)
         lens = torch.tensor(context, device=self.device)
-        return self._compiled(ids, cos, sin, slots, gather, lens, self.kv_cache)
+        return self._compiled(
+            ids, tables, slots, gather, lens, self.kv_cache, window=self._window_size
+        )
 
     def _step(self, rows: list[StepRow]) -> torch.Tensor:
         if self._compiled is not None and all(
@@ -442,8 +449,6 @@ class TorchRunner:
             return torch.empty(0, self.info.vocab_size)
         last = self._norm(self.norm, hidden[torch.tensor(packed.wanted, device=dev)])
         head: Any = self._packed_head if self._fused is not None else self.lm_head
-        if self._compiled_head is not None and last.shape[0] == 1:
-            head = self._compiled_head
         logits = head(last).float()
         return logits[torch.tensor(packed.back, device=dev)].cpu()  # the caller's row order
 

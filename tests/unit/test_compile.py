@@ -128,6 +128,32 @@ async def test_adapter_rows_take_the_eager_path(pair: Any, tiny_adapters: dict[s
     assert ours[0].token_ids[0] != ours[1].token_ids[0]
 
 
+def test_two_compiled_graphs_in_one_process_keep_their_own_weights() -> None:
+    """With freezing the weights are constants of the compiled graph, and Dynamo keeps
+    graphs on the traced code object, so without a code object of its own a second
+    model's graph passed the first one's guards and ran its weights."""
+    import torch._inductor.config as inductor_config
+    from openllm_clone.runners.compiled import _own_code
+
+    class Scale(torch.nn.Module):
+        def __init__(self, w: float) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.full((2, 2), w), requires_grad=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.w
+
+    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    graphs = []
+    for w in (1.0, 2.0):
+        module = Scale(w)
+        _own_code(module)
+        graphs.append(torch.compile(module, fullgraph=True, options=options))
+    x = torch.ones(1, 2)
+    with torch.inference_mode(), inductor_config.patch({"freezing": True}):
+        assert [g(x)[0, 0].item() for g in graphs] == [2.0, 4.0]
+
+
 def test_clear_errors_where_compile_cannot_run(tiny_model_dir: Path, monkeypatch: Any) -> None:
     model = torch.nn.Linear(2, 2)
     with pytest.raises(ModelLoadError, match="CPU only"):
@@ -143,26 +169,37 @@ def test_clear_errors_where_compile_cannot_run(tiny_model_dir: Path, monkeypatch
         make_llm(tiny_model_dir, compile=True)
 
 
-def test_compiled_head_on_gemma3_equals_generate(tokenizer: Any, tmp_path: Path) -> None:
-    """--compile on Gemma 3 (no decode graph yet) compiles the output head of one-row steps;
-    fp32 greedy tokens still equal transformers' generate."""
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])
+def test_compiled_step_on_qwen3_and_gemma3_equals_generate(
+    family: str, tokenizer: Any, tmp_path: Path
+) -> None:
+    """--compile on the fast runner's other families: Qwen3's per-head q/k norms; Gemma 3's
+    (1 + w) norms, four a layer, and its local layers (own rotary tables, a sliding window
+    shorter than these prompts). fp32 greedy tokens equal transformers' generate, three
+    requests at once (decode rows in the graph beside eager prompt chunks) and alone."""
     from tests.families import make_family_model, reference_greedy
 
-    folder = make_family_model("gemma3_text", tmp_path / "gemma3", tokenizer)
+    folder = make_family_model(family, tmp_path / family, tokenizer)
     llm = LLM.from_settings(
-        Settings(model=str(folder), dtype="float32", kv_cache_mb=16, compile=True)
+        Settings(
+            model=str(folder), dtype="float32", kv_cache_mb=16, compile=True, max_batch_size=4
+        )
     )
     try:
         llm.runner.warmup()
         assert llm.runner.tier == "fast" and llm.runner.compiled
-        ids = [llm.tokenize("The quick brown fox"), llm.tokenize("Once upon a time")]
+        texts = ["The quick brown fox jumps over the lazy dog", "Once upon a time", "Hello"]
+        ids = [llm.tokenize(t) for t in texts]
         want = reference_greedy(folder, ids, 12)
         params = SamplingParams(max_new_tokens=12, ignore_eos=True)
 
-        async def run() -> list[list[int]]:
-            return [(await llm.complete(x, params)).token_ids[0] for x in ids]
+        async def run() -> tuple[list[list[int]], list[int]]:
+            together = await asyncio.gather(*(llm.complete(x, params) for x in ids))
+            alone = await llm.complete(ids[0], params)
+            return [c.token_ids[0] for c in together], alone.token_ids[0]
 
-        assert asyncio.run(run()) == want
-        assert llm.metadata()["compiled"]["head_steps"] >= 20
+        together, alone = asyncio.run(run())
+        assert together == want and alone == want[0]
+        assert llm.metadata()["compiled"]["steps"] >= 2 * 11  # decode steps ran compiled
     finally:
         llm.shutdown()
