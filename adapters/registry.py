@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from openllm_clone.engine.sequence import AdapterRef
 from openllm_clone.errors import (
     AdapterIncompatibleError,
     AdapterNotFoundError,
@@ -72,6 +73,7 @@ class AdapterRecord:
     unloading: bool = False
     force: bool = False  # skip the base-model check when it loads (start-up adapters)
     shared: bool = False  # listed in the server's run-time adapter file (every worker)
+    load: int = 0  # which load this is (the registry counts them): prefix-cache keys use it
 
     def info(self) -> AdapterInfo:
         """Public view for ``GET /v1/adapters``."""
@@ -129,6 +131,7 @@ class AdapterRegistry:
         self.shared = shared  # run-time adapters of every worker (POST /v1/adapters)
         self._records: dict[str, AdapterRecord] = {}
         self._free_slots = list(range(max_loaded, 0, -1))
+        self._loads = 0  # loads so far: each install gets the next number
         self._name_locks: dict[str, asyncio.Lock] = {}
         self._slots_changed = asyncio.Condition()
         # Adapter cache statistics: a request whose adapter was ready is a hit; one that
@@ -281,6 +284,8 @@ class AdapterRegistry:
             record.source = src
             record.pinned = record.pinned or pinned
             record.slot = slot
+            self._loads += 1
+            record.load = self._loads
             record.state = "ready"
             record.error = None
             record.rank = weights.rank
@@ -410,8 +415,9 @@ class AdapterRegistry:
 
     # --- serving -------------------------------------------------------------------------
 
-    async def acquire(self, name: str) -> int:
-        """Slot for a request naming ``name``, loading it on demand; pair with release."""
+    async def acquire(self, name: str) -> AdapterRef:
+        """The adapter (slot, load) for a request naming ``name``, loading it on demand;
+        pair with release."""
         record = await self._known(name)
         if record is None or record.unloading:
             raise AdapterNotFoundError(f"adapter {name!r} is not loaded", param="adapter_name")
@@ -428,7 +434,7 @@ class AdapterRegistry:
             raise
         record.requests_served += 1
         record.last_used = time.monotonic()
-        return record.slot
+        return AdapterRef(name, record.slot, record.load)
 
     async def release(self, name: str) -> None:
         """The request naming ``name`` is over."""

@@ -18,6 +18,7 @@ from openllm_clone.protocol import ChatMessage, SamplingParams, new_request_id
 from .adapters.shared import shared_adapters
 from .engine.engine import Engine, EngineConfig, EngineObserver
 from .engine.sequence import RequestOutput, TokenLogprob
+from .runners.base import ModelInfo
 from .settings import Settings
 
 __all__ = ["LLM", "Completion"]
@@ -89,12 +90,17 @@ class LLM:
         self._grammars: Any = None
 
     @property
+    def info(self) -> ModelInfo:
+        """What the routes need to know about the model (id, vocabulary, context length)."""
+        return self.runner.info
+
+    @property
     def grammars(self) -> Any:
         """The grammar compiler for structured output (xgrammar, created on first use)."""
         if self._grammars is None:
             from openllm_clone.structured import GrammarFactory
 
-            self._grammars = GrammarFactory(self.tokenizer, self.runner.info.vocab_size)
+            self._grammars = GrammarFactory(self.tokenizer, self.info.vocab_size)
         return self._grammars
 
     def constraint_for(self, response_format: dict[str, Any] | None) -> Any:
@@ -197,7 +203,7 @@ class LLM:
     def resolve_model_name(self, model: str | None) -> str | None:
         """OpenAI ``model``: the base model's name (or empty) means no adapter. An adapter
         outside the request's key scope gets the answer of a missing one."""
-        if model is None or model == "" or model == self.name or model == self.runner.info.model_id:
+        if model is None or model == "" or model == self.name or model == self.info.model_id:
             return None
         if self.adapters.get(model) is None or not self.visible(model):
             raise AdapterNotFoundError(
@@ -255,14 +261,13 @@ class LLM:
         tenants.check_max_tokens(params.max_new_tokens)
         self.engine.check_prompt(prompt_ids, params)
         entry = tenants.current_tenant.get()
-        slot = await self.adapters.acquire(adapter) if adapter else 0
+        ref = await self.adapters.acquire(adapter) if adapter else None
         last: RequestOutput | None = None
         try:
             async for out in self.engine.generate(
                 prompt_ids,
                 params,
-                adapter=adapter,
-                adapter_slot=slot,
+                adapter=ref,
                 request_id=request_id or new_request_id(),
                 constraint=constraint,
                 timeout=self.settings.timeout,

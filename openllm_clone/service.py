@@ -157,12 +157,12 @@ class PrometheusObserver(EngineObserver):
         prompt, completion = len(group.prompt_ids), group.completion_tokens()
         tenant = group.tenant or "-"
         if self.tenancy is not None:
-            self.tenancy.meter.record(tenant, group.adapter, status, prompt, completion)
+            self.tenancy.meter.record(tenant, group.adapter_name, status, prompt, completion)
             if group.tenant is not None:
                 self.tenancy.limiter.record_tokens(group.tenant, prompt + completion)
         if group.tenant is None:
             return
-        adapter = self._adapter_label(group.adapter)
+        adapter = self._adapter_label(group.adapter_name)
         self.tenant_requests.labels(tenant=tenant, adapter=adapter, status=status).inc()
         self.tenant_tokens.labels(tenant=tenant, adapter=adapter, kind="prompt").inc(prompt)
         self.tenant_tokens.labels(tenant=tenant, adapter=adapter, kind="completion").inc(completion)
@@ -174,7 +174,7 @@ class PrometheusObserver(EngineObserver):
         line: dict[str, Any] = {
             "request_id": group.request_id,
             "worker": os.getpid(),
-            "adapter": group.adapter,
+            "adapter": group.adapter_name,
             "tenant": group.tenant,
             "status": status,
             "prompt_tokens": len(group.prompt_ids),
@@ -188,7 +188,7 @@ class PrometheusObserver(EngineObserver):
             line["prompt"] = self.tokenizer.decode(group.prompt_ids)
         request_log.info(json.dumps(line))
         self._meter(group, status, latency)
-        self.requests.labels(status=status, adapter=group.adapter or "").inc()
+        self.requests.labels(status=status, adapter=group.adapter_name or "").inc()
         self.duration.observe(latency)
         self.generated.inc(generated)
         self.prompt.inc(len(group.prompt_ids))

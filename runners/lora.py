@@ -95,8 +95,6 @@ class LoraBank:
         self.module_layers = module_layers or {name: set(range(num_layers)) for name in module_dims}
         self.num_layers = num_layers
         self.num_slots = num_slots  # usable slots; index 0 is reserved for "none"
-        # Bumped whenever a slot's weights change (prefix-cache keys include it).
-        self.generation = [0] * (num_slots + 1)
         self.dtype = dtype
         self.device = device
         self.rank = 0
@@ -209,7 +207,6 @@ class LoraBank:
         self._forget(slot)
 
     def _forget(self, slot: int) -> None:
-        self.generation[slot] += 1  # KV computed with the old weights is stale now
         for key in [k for k in self._cache if slot in k[1]]:
             del self._cache[key]
             self._cache_bytes.pop(key, None)

@@ -54,10 +54,17 @@ from .block_manager import BlockManager
 from .config import EngineConfig, EngineObserver
 from .faults import isolate_faults
 from .kv_cache import BlockAllocator, blocks_for
-from .outputs import append_token, grammar_mask, prompt_logprobs, token_logprobs, wants_all_logits
-from .sampling import sample_rows
+from .sampling import grammar_mask, prompt_logprobs, sample_rows, token_logprobs
 from .scheduler import ScheduledRow, Scheduler
-from .sequence import RequestGroup, RequestOutput, SeqDelta, SeqStatus, Sequence, TokenLogprob
+from .sequence import (
+    AdapterRef,
+    RequestGroup,
+    RequestOutput,
+    SeqDelta,
+    SeqStatus,
+    Sequence,
+    TokenLogprob,
+)
 
 __all__ = ["Engine", "EngineConfig", "EngineObserver"]
 
@@ -162,8 +169,7 @@ class Engine:
         prompt_ids: list[int],
         params: SamplingParams,
         *,
-        adapter: str | None = None,
-        adapter_slot: int = 0,
+        adapter: AdapterRef | None = None,
         request_id: str | None = None,
         constraint: Any = None,
         timeout: float | None = None,
@@ -187,7 +193,6 @@ class Engine:
             prompt_ids=list(prompt_ids),
             params=params,
             adapter=adapter,
-            adapter_slot=adapter_slot,
             queue=asyncio.Queue(),
             constraint=constraint,
             tenant=tenant,
@@ -331,10 +336,6 @@ class Engine:
 
     def _add(self, group: RequestGroup) -> None:
         self._groups[group.request_id] = group
-        lora = self.runner.lora
-        if lora is not None and group.adapter_slot:
-            # Which adapter (and which load of it) computes this request's keys and values.
-            group.adapter_key = (group.adapter_slot, lora.generation[group.adapter_slot])
         seed = group.params.seed
         if seed is None and not group.params.greedy:
             seed = self._seeds.getrandbits(63)
@@ -361,7 +362,7 @@ class Engine:
                 block_table=r.seq.block_table,
                 adapter_slot=r.seq.group.adapter_slot,
                 need_logits=r.need_logits,
-                all_logits=wants_all_logits(r.seq),
+                all_logits=r.seq.wants_all_logits,
             )
             for r in rows
         ]
@@ -501,7 +502,7 @@ class Engine:
                 group.first_token_at = now
                 self.observer.on_first_token(group, now - group.arrival)
             try:
-                delta = append_token(seq, token, self.eos_ids, self.max_model_len)
+                delta = seq.append_token(token, self.eos_ids, self.max_model_len)
                 if delta.finish_reason is not None:
                     self._retire(seq, delta.finish_reason)
                 if i in token_lp:

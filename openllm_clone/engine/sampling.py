@@ -1,14 +1,96 @@
-"""Token selection for a batch of rows, each with its own sampling parameters."""
+"""From a row's logits to its token, each row with its own sampling parameters.
+
+In the order the engine applies them: log-probabilities (of the model's own distribution,
+taken before anything edits the logits), the grammar mask of structured output, the
+repetition, frequency and presence penalties, ``logit_bias``, then greedy or top-k/top-p
+sampling.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from openllm_clone.protocol import SamplingParams
+from openllm_clone.protocol import SamplingParams, TokenLogprob
 
-__all__ = ["apply_logit_bias", "apply_openai_penalties", "apply_repetition_penalty", "sample_rows"]
+if TYPE_CHECKING:
+    from openllm_clone.runners.base import StepRow
+
+    from .sequence import Sequence as Seq
+
+__all__ = [
+    "apply_logit_bias",
+    "apply_openai_penalties",
+    "apply_repetition_penalty",
+    "grammar_mask",
+    "prompt_logprobs",
+    "sample_rows",
+    "token_logprobs",
+]
+
+
+def token_logprobs(logprobs: torch.Tensor, targets: list[int], ks: list[int]) -> list[TokenLogprob]:
+    """Row ``j``'s ``targets[j]`` with its logprob and the row's ``ks[j]`` most likely tokens."""
+    chosen = logprobs.gather(1, torch.tensor(targets).unsqueeze(1))[:, 0].tolist()
+    tops = _top(logprobs, max(ks, default=0))
+    return [TokenLogprob(t, chosen[j], tops[j][: ks[j]]) for j, t in enumerate(targets)]
+
+
+def _top(logprobs: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """Each row's ``k`` most likely tokens, most likely first: ``(token id, logprob)``."""
+    if k <= 0:
+        return [[] for _ in range(logprobs.shape[0])]
+    values, ids = torch.topk(logprobs, min(k, logprobs.shape[-1]), dim=-1)
+    return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+
+
+def prompt_logprobs(seq: Seq, row: StepRow, logits: torch.Tensor) -> None:
+    """Record the prompt tokens' logprobs from a chunk's logits (row ``j`` is position
+    ``row.start_pos + j`` and predicts the token after it); positions already recorded
+    (before a preemption) are skipped."""
+    group, start = seq.group, row.start_pos
+    prompt = group.prompt_ids
+    first = len(group.prompt_lp) - start
+    last = min(logits.shape[0], len(prompt) - 1 - start)
+    if first >= last:
+        return
+    lp = torch.log_softmax(logits[first:last].float(), dim=-1)
+    targets = prompt[start + first + 1 : start + last + 1]
+    group.prompt_lp.extend(
+        token_logprobs(lp, targets, [group.params.prompt_logprobs or 0] * len(targets))
+    )
+
+
+def grammar_mask(logits: torch.Tensor, seqs: list[Seq], rows: list[int]) -> None:
+    """Forbid, row by row, the tokens each sequence's grammar does not allow (in place).
+    Near the end of its token budget a row is narrowed to the tokens that close its
+    structure soonest (the constraint's tail tiers)."""
+    import xgrammar as xgr
+
+    from openllm_clone.structured import TAIL_TOKENS
+
+    vocab = seqs[0].group.constraint.vocab_size
+    bitmask = xgr.allocate_token_bitmask(len(seqs), vocab)
+    for k, seq in enumerate(seqs):
+        assert seq.matcher is not None  # only constrained rows come here
+        seq.matcher.fill_next_token_bitmask(bitmask, k)
+    sub = logits[rows, :vocab].contiguous()
+    xgr.apply_token_bitmask_inplace(sub, bitmask)
+    for k, seq in enumerate(seqs):
+        if seq.params.max_new_tokens - len(seq.output_ids) > TAIL_TOKENS:
+            continue
+        allowed = sub[k] > float("-inf")
+        for closers in seq.group.constraint.tail_tiers(allowed):
+            pick = allowed & closers[:vocab]
+            if bool(pick.any()):
+                sub[k].masked_fill_(~pick, float("-inf"))
+                break
+    logits[rows, :vocab] = sub
+    if logits.shape[1] > vocab:  # padded vocabulary rows beyond the tokenizer's
+        logits[rows, vocab:] = float("-inf")
+
 
 # Below this, dividing by the temperature overflows for ordinary logits: decode greedily,
 # which is the limit of sampling as the temperature goes to zero.

@@ -19,7 +19,27 @@ if TYPE_CHECKING:
 
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 
-__all__ = ["RequestGroup", "RequestOutput", "SeqDelta", "SeqStatus", "Sequence", "TokenLogprob"]
+__all__ = [
+    "AdapterRef",
+    "RequestGroup",
+    "RequestOutput",
+    "SeqDelta",
+    "SeqStatus",
+    "Sequence",
+    "TokenLogprob",
+]
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """The adapter a request runs with, fixed when it is accepted: its name, its slot in
+    the runner's LoRA bank, and which load of the adapter that slot holds (prefix-cache
+    keys include it, so KV computed under an earlier occupant of the slot is not reused).
+    The adapter registry hands it out (``acquire``) and keeps the slot for the request."""
+
+    name: str
+    slot: int
+    load: int
 
 
 class SeqStatus(enum.Enum):
@@ -37,8 +57,7 @@ class RequestGroup:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    adapter: str | None
-    adapter_slot: int
+    adapter: AdapterRef | None
     queue: asyncio.Queue[RequestOutput]
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -47,11 +66,25 @@ class RequestGroup:
     forked: bool = False
     constraint: Any = None  # a structured.Constraint: every sequence gets a matcher
     deadline: float | None = None  # perf_counter time after which the request is failed
-    adapter_key: Any = None  # (slot, load generation) of the adapter: part of prefix-cache keys
     prompt_lp: list[TokenLogprob] = field(default_factory=list)  # for prompt tokens 1, 2, ...
     prompt_lp_sent: bool = False
     tenant: str | None = None  # whose key sent it (fair scheduling, metering, token limits)
     weight: float = 1.0  # the tenant's share of the engine under fair scheduling
+
+    @property
+    def adapter_name(self) -> str | None:
+        """The adapter's name (None: the base model)."""
+        return self.adapter.name if self.adapter is not None else None
+
+    @property
+    def adapter_slot(self) -> int:
+        """The adapter's LoRA-bank slot (0: none)."""
+        return self.adapter.slot if self.adapter is not None else 0
+
+    @property
+    def adapter_key(self) -> tuple[int, int] | None:
+        """(slot, load) of the adapter: part of this request's prefix-cache keys."""
+        return (self.adapter.slot, self.adapter.load) if self.adapter is not None else None
 
     @property
     def wants_prompt_logits(self) -> bool:
@@ -121,3 +154,33 @@ class Sequence:
         self.num_cached = 0
         self.num_registered = 0
         self.status = SeqStatus.WAITING
+
+    def append_token(self, token: int, eos_ids: set[int], max_model_len: int) -> SeqDelta:
+        """Add a sampled token: its grammar state, its text (held back while it may
+        still become a stop string) and its finish reason, when this token ends it."""
+        self.output_ids.append(token)
+        params = self.params
+        finish: str | None = None
+        text = ""
+        if self.matcher is not None and token not in eos_ids:
+            self.matcher.accept_token(token)
+        if token in eos_ids and not params.ignore_eos:
+            finish = "stop"
+        else:
+            text = self.stops.feed(self.detok.add(token))
+            if self.stops.stopped:
+                finish = "stop"
+        if finish is None and self.matcher is not None and self.matcher.is_terminated():
+            finish = "stop"
+        if finish is None and (
+            len(self.output_ids) >= params.max_new_tokens or self.num_tokens >= max_model_len
+        ):
+            finish = "length"
+        if finish is not None and not self.stops.stopped:
+            text += self.stops.feed(self.detok.flush()) + self.stops.flush()
+        return SeqDelta(index=self.index, text=text, token_ids=[token], finish_reason=finish)
+
+    @property
+    def wants_all_logits(self) -> bool:
+        """True while the prompt still has positions whose logprobs the request asked for."""
+        return self.group.wants_prompt_logits and self.num_cached < len(self.group.prompt_ids) - 1

@@ -329,7 +329,7 @@ async def test_workers_follow_one_runtime_adapter_file(
     a, b = worker(), worker()
     await a.add("late", str(tiny_adapters["alpha"]), force=True)
     assert "late" in b.names()
-    assert await b.acquire("late") > 0  # loaded there on first use
+    assert (await b.acquire("late")).slot > 0  # loaded there on first use
     with pytest.raises(OpenLLMCloneError):
         await a.add("bad", str(tmp_path / "nowhere"))
     assert "bad" not in b.names() and "bad" not in SharedAdapters(path).entries()
@@ -394,10 +394,28 @@ async def test_evict_never_frees_a_slot_a_request_took_while_it_waited() -> None
     await asyncio.sleep(0.01)
     evict_a = asyncio.create_task(registry.evict("a"))  # idle now: Ray's LRU dropped it
     await asyncio.sleep(0.01)
-    slot = await registry.acquire("a")  # a request for a, while the eviction waits
+    slot = (await registry.acquire("a")).slot  # a request for a, while the eviction waits
     host.gate.set()
     await load_c
     assert await evict_a is False
     assert host.slots[slot] is weights["a"] and registry.get("a").state == "ready"  # type: ignore[union-attr]
     await registry.release("a")
     assert await registry.evict("a") is True
+
+
+async def test_each_load_of_a_slot_is_a_new_adapter_for_the_prefix_cache() -> None:
+    from openllm_clone.adapters.registry import AdapterRegistry
+
+    host = _SlotHost()
+    registry = AdapterRegistry(host, max_loaded=1, base_model_aliases=[])
+    weights = {name: _FakeWeights() for name in ("a", "b")}
+    registry._read = lambda source: asyncio.sleep(0, weights[source])  # type: ignore[method-assign]
+    refs = []
+    for name in ("a", "b", "a"):  # one slot: each load evicts the previous adapter
+        await registry.load(name, name)
+        refs.append(await registry.acquire(name))
+        await registry.release(name)
+    assert [r.slot for r in refs] == [1, 1, 1]
+    assert [r.name for r in refs] == ["a", "b", "a"]
+    assert len({r.load for r in refs}) == 3  # so the KV of one never serves another
+    assert await registry.acquire("a") == refs[2]  # the same load while it stays

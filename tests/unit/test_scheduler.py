@@ -13,22 +13,20 @@ import pytest
 from openllm_clone.engine.block_manager import BlockManager
 from openllm_clone.engine.kv_cache import BlockAllocator
 from openllm_clone.engine.scheduler import Scheduler
-from openllm_clone.engine.sequence import RequestGroup, SeqStatus, Sequence
+from openllm_clone.engine.sequence import AdapterRef, RequestGroup, SeqStatus, Sequence
 from openllm_clone.protocol import SamplingParams
 
 BS = 4  # tokens per block
 
 
-def seq(prompt: list[int], *, adapter_key: object = None, n: int = 1) -> Sequence:
+def seq(prompt: list[int], *, adapter: AdapterRef | None = None, n: int = 1) -> Sequence:
     group = RequestGroup(
         request_id=f"r{id(prompt)}",
         prompt_ids=prompt,
         params=SamplingParams(max_new_tokens=8, n=n),
-        adapter=None,
-        adapter_slot=0,
+        adapter=adapter,
         queue=asyncio.Queue(),
     )
-    group.adapter_key = adapter_key
     s = Sequence(group, 0, tokenizer=None, generator=None)
     group.seqs.append(s)
     return s
@@ -111,10 +109,18 @@ def test_prefix_matching_reuses_full_blocks_of_the_same_adapter_only() -> None:
     first = seq(prompt)
     sched.add(first)
     step(sched, blocks)
-    again, other_adapter = seq(list(prompt)), seq(list(prompt), adapter_key=(1, 0))
+    again, other_adapter = seq(list(prompt)), seq(list(prompt), adapter=AdapterRef("a", 1, 1))
     assert blocks.match_prefix(again) == 2 and again.num_cached == 8
     assert again.block_table == first.block_table[:2]
     assert blocks.match_prefix(other_adapter) == 0
+    # Blocks computed under one load of an adapter serve later requests of that load only,
+    # not a later occupant of the same slot (a reload, or another adapter).
+    sched.add(other_adapter)
+    step(sched, blocks)
+    same_load = seq(list(prompt), adapter=AdapterRef("a", 1, 1))
+    assert blocks.match_prefix(same_load) == 2
+    reloaded = seq(list(prompt), adapter=AdapterRef("a", 1, 2))
+    assert blocks.match_prefix(reloaded) == 0
     # The block of the last known token is never taken: its logits are needed.
     exact = seq(list(range(8)))
     assert blocks.match_prefix(exact) == 1
