@@ -96,7 +96,7 @@ async def _compare(settings: Any, prompts: list[str], n: int) -> tuple[list[Any]
         batched = [
             c.token_ids[0] for c in await asyncio.gather(*(llm.complete(x, params) for x in ids))
         ]
-        tier = str(llm.runner.info.extra.get("runner"))
+        tier = str(llm.info.extra.get("runner"))
     finally:
         llm.shutdown()
     reference = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()

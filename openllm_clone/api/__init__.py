@@ -102,9 +102,10 @@ def _install_handlers(
 def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
     """The FastAPI app for ``/v1``; ``get_llm`` returns the process's LLM."""
     app = FastAPI(title="openllm-clone", version="0.1.0", servers=[{"url": "/v1"}])
+    app.state.get_llm = get_llm  # the routes read it: api.common.llm_of
     _install_handlers(app, lambda _, exc: error_response(exc))
     for family in (openllm, openai, adapters):
-        app.include_router(family.router(get_llm))
+        app.include_router(family.routes)
     _document_bodies(app)
     return app
 
@@ -124,9 +125,10 @@ def build_root_app(get_llm: Callable[[], LLM]) -> FastAPI:
             return tgi.error_response(exc)
         return error_response(exc)
 
+    app.state.get_llm = get_llm
     _install_handlers(app, respond)
-    app.include_router(tgi.router(get_llm))
-    app.include_router(tokenizer.router(get_llm))
+    app.include_router(tgi.routes)
+    app.include_router(tokenizer.routes)
     return app
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "adapter_for",
     "error_response",
     "json_body",
+    "llm_of",
     "merged_adapter",
     "open_stream",
     "parse_body",
@@ -38,6 +39,13 @@ __all__ = [
     "usage",
     "validation_error",
 ]
+
+
+def llm_of(request: Request) -> LLM:
+    """The process's LLM, for a route of an app made by :func:`~openllm_clone.api.build_app`
+    or :func:`~openllm_clone.api.build_root_app` (which keep its getter in ``app.state``)."""
+    llm: LLM = request.app.state.get_llm()
+    return llm
 
 
 def sse(payload: Any) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
@@ -24,6 +25,7 @@ from openllm_clone.protocol import (
     ChatMessage,
     CompletionRequest,
     RequestOutput,
+    SamplingParams,
     SeqDelta,
     new_request_id,
     unix_time,
@@ -34,6 +36,7 @@ from openllm_clone.tenants import cap_max_tokens, current_tenant
 from .common import (
     adapter_for,
     json_body,
+    llm_of,
     open_stream,
     parse_body,
     sampling,
@@ -45,248 +48,270 @@ from .common import (
 if TYPE_CHECKING:
     from openllm_clone.llm import LLM
 
-__all__ = ["router"]
+__all__ = ["routes"]
 
 
-def router(get_llm: Callable[[], LLM]) -> APIRouter:
-    """The OpenAI routes over the process's LLM."""
-    routes = APIRouter()
+routes = APIRouter()
 
-    def _model_cards(llm: LLM) -> list[dict[str, Any]]:
-        created = unix_time()
-        entry = current_tenant.get()
-        data = []
-        if entry is None or entry.base_model:
-            data.append(
-                {
-                    "id": llm.name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "openllm-clone",
-                    "root": llm.runner.info.model_id,
-                    "parent": None,
-                }
-            )
-        for info in llm.visible_adapters():
-            data.append(
-                {
-                    "id": info.name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "openllm-clone",
-                    "root": info.source,
-                    "parent": llm.name,
-                }
-            )
-        return data
 
-    @routes.get("/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": _model_cards(get_llm())}
-
-    @routes.get("/models/{model_id:path}")
-    async def model_card(model_id: str) -> dict[str, Any]:
-        for card in _model_cards(get_llm()):
-            if card["id"] == model_id:
-                return card
-        raise NotFoundError(f"model {model_id!r} does not exist", param="model")
-
-    @routes.post("/completions")
-    async def completions(request: Request) -> Any:
-        llm = get_llm()
-        body = parse_body(CompletionRequest, await json_body(request))
-        adapter = await adapter_for(llm, llm.resolve_model_name(body.model), body.merged_adapters)
-        params = sampling(body.sampling_params)
-        prompts = body.prompt_list()
-        ids = [llm.tokenize(p) if isinstance(p, str) else p for p in prompts]
-        for x in ids:  # every prompt is checked before any of them starts generating
-            llm.engine.check_prompt(x, params)
-        texts = (
-            [p if isinstance(p, str) else llm.tokenizer.decode(p) for p in prompts]
-            if body.echo
-            else []
+def _model_cards(llm: LLM) -> list[dict[str, Any]]:
+    """The base model (when the key may use it) and each adapter the key may use."""
+    created = unix_time()
+    entry = current_tenant.get()
+    data = []
+    if entry is None or entry.base_model:
+        data.append(
+            {
+                "id": llm.name,
+                "object": "model",
+                "created": created,
+                "owned_by": "openllm-clone",
+                "root": llm.info.model_id,
+                "parent": None,
+            }
         )
-        constraint = llm.constraint_for(body.response_format)
-        rid = new_request_id("cmpl")
-        base = {
-            "id": rid,
-            "object": "text_completion",
-            "created": unix_time(),
-            "model": served_name(llm, body.model, adapter),
-        }
-        n = params.n
-        if body.stream:
-            streams = []
-            try:
-                for i, x in enumerate(ids):
-                    streams.append(
-                        await open_stream(
-                            llm,
-                            x,
-                            params,
-                            adapter,
-                            rid if len(ids) == 1 else f"{rid}-{i}",
-                            constraint,
-                        )
-                    )
-            except BaseException:
-                for opened in streams:
-                    await opened.aclose()  # type: ignore[attr-defined]
-                raise
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            echoed: set[int] = set()
-            offsets: dict[int, int] = {}
-
-            def choice(out: RequestOutput, d: SeqDelta) -> dict[str, Any]:
-                text = d.text
-                prompt_lp = None
-                if body.echo and d.index not in echoed:
-                    echoed.add(d.index)
-                    text = texts[d.index // n] + text
-                    prompt_lp = out.prompt_logprobs
-                logprobs = None
-                if body.logprobs is not None:
-                    logprobs, offsets[d.index] = _completion_logprobs(
-                        llm,
-                        prompt_lp,
-                        ids[d.index // n],
-                        d.logprobs,
-                        offsets.get(d.index, 0),
-                    )
-                return {
-                    "index": d.index,
-                    "text": text,
-                    "logprobs": logprobs,
-                    "finish_reason": d.finish_reason,
-                }
-
-            merged = streams[0] if len(streams) == 1 else _merge_streams(streams, n)
-            return _openai_stream(merged, base, include_usage, choice)
-        results = await asyncio.gather(
-            *(
-                llm.complete(
-                    x,
-                    params,
-                    adapter=adapter,
-                    request_id=rid if len(ids) == 1 else f"{rid}-{i}",
-                    constraint=constraint,
-                )
-                for i, x in enumerate(ids)
-            )
+    for info in llm.visible_adapters():
+        data.append(
+            {
+                "id": info.name,
+                "object": "model",
+                "created": created,
+                "owned_by": "openllm-clone",
+                "root": info.source,
+                "parent": llm.name,
+            }
         )
-        choices = []
-        for p, result in enumerate(results):
-            for i, t in enumerate(result.texts):
-                logprobs = None
-                if body.logprobs is not None and result.logprobs is not None:
-                    logprobs, _ = _completion_logprobs(
-                        llm,
-                        result.prompt_logprobs if body.echo else None,
-                        ids[p],
-                        result.logprobs[i],
-                        0,
-                    )
-                choices.append(
-                    {
-                        "index": p * n + i,
-                        "text": (texts[p] + t) if body.echo else t,
-                        "logprobs": logprobs,
-                        "finish_reason": result.finish_reasons[i],
-                    }
+    return data
+
+
+@routes.get("/models")
+async def models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": _model_cards(llm_of(request))}
+
+
+@routes.get("/models/{model_id:path}")
+async def model_card(model_id: str, request: Request) -> dict[str, Any]:
+    for card in _model_cards(llm_of(request)):
+        if card["id"] == model_id:
+            return card
+    raise NotFoundError(f"model {model_id!r} does not exist", param="model")
+
+
+@dataclass
+class _Completion:
+    """A parsed completions request: its prompts (token ids; the texts when echoed)."""
+
+    body: CompletionRequest
+    adapter: str | None
+    params: SamplingParams
+    ids: list[list[int]]
+    texts: list[str]
+    constraint: Any
+    rid: str
+    base: dict[str, Any]
+
+    def request_id(self, p: int) -> str:
+        """Prompt ``p``'s engine request id (the response's id when there is one prompt)."""
+        return self.rid if len(self.ids) == 1 else f"{self.rid}-{p}"
+
+
+@routes.post("/completions")
+async def completions(request: Request) -> Any:
+    llm = llm_of(request)
+    body = parse_body(CompletionRequest, await json_body(request))
+    adapter = await adapter_for(llm, llm.resolve_model_name(body.model), body.merged_adapters)
+    params = sampling(body.sampling_params)
+    prompts = body.prompt_list()
+    ids = [llm.tokenize(p) if isinstance(p, str) else p for p in prompts]
+    for x in ids:  # every prompt is checked before any of them starts generating
+        llm.engine.check_prompt(x, params)
+    texts = (
+        [p if isinstance(p, str) else llm.tokenizer.decode(p) for p in prompts] if body.echo else []
+    )
+    rid = new_request_id("cmpl")
+    base = {
+        "id": rid,
+        "object": "text_completion",
+        "created": unix_time(),
+        "model": served_name(llm, body.model, adapter),
+    }
+    req = _Completion(
+        body, adapter, params, ids, texts, llm.constraint_for(body.response_format), rid, base
+    )
+    if body.stream:
+        return await _stream_completion(llm, req)
+    return await _whole_completion(llm, req)
+
+
+async def _stream_completion(llm: LLM, req: _Completion) -> StreamingResponse:
+    """All prompts' streams as one SSE stream (choice ``p * n + i``)."""
+    body, n = req.body, req.params.n
+    streams = []
+    try:
+        for p, x in enumerate(req.ids):
+            streams.append(
+                await open_stream(
+                    llm, x, req.params, req.adapter, req.request_id(p), req.constraint
                 )
+            )
+    except BaseException:
+        for opened in streams:
+            await opened.aclose()  # type: ignore[attr-defined]
+        raise
+    echoed: set[int] = set()
+    offsets: dict[int, int] = {}
+
+    def choice(out: RequestOutput, d: SeqDelta) -> dict[str, Any]:
+        text = d.text
+        prompt_lp = None
+        if body.echo and d.index not in echoed:
+            echoed.add(d.index)
+            text = req.texts[d.index // n] + text
+            prompt_lp = out.prompt_logprobs
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs, offsets[d.index] = _completion_logprobs(
+                llm, prompt_lp, req.ids[d.index // n], d.logprobs, offsets.get(d.index, 0)
+            )
         return {
-            **base,
-            "choices": choices,
-            "usage": usage(
-                sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
-            ),
+            "index": d.index,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": d.finish_reason,
         }
 
-    @routes.post("/chat/completions")
-    async def chat_completions(request: Request) -> Any:
-        llm = get_llm()
-        body = parse_body(ChatCompletionRequest, await json_body(request))
-        adapter = await adapter_for(llm, llm.resolve_model_name(body.model), body.merged_adapters)
-        tool_plan = plan_tools(body.tools or [], body.tool_choice)
-        messages = body.messages
-        if tool_plan is not None:
-            messages = _with_system(messages, tool_plan.system_prompt)
-            constraint = llm.grammars.json_schema(tool_plan.schema)
-        else:
-            constraint = llm.constraint_for(body.response_format)
-        prompt = llm.chat_prompt(messages)
-        ids = llm.tokenize(prompt)
-        default_max = max(1, llm.runner.info.max_model_len - len(ids))
-        params = sampling(lambda: body.sampling_params(cap_max_tokens(min(default_max, 4096))))
-        rid = new_request_id("chatcmpl")
-        base = {
-            "id": rid,
-            "object": "chat.completion",
-            "created": unix_time(),
-            "model": served_name(llm, body.model, adapter),
-        }
-        if body.stream and tool_plan is not None:
-            result = await llm.complete(
-                ids, params, adapter=adapter, request_id=rid, constraint=constraint
-            )
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _tool_stream(
-                {**base, "object": "chat.completion.chunk"},
-                result,
-                include_usage,
-                lambda i: _chat_logprobs(llm, result, i, body.logprobs),
-            )
-        if body.stream:
-            stream = await open_stream(llm, ids, params, adapter, rid, constraint)
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunk_base = {**base, "object": "chat.completion.chunk"}
-            first: set[int] = set()
+    merged = streams[0] if len(streams) == 1 else _merge_streams(streams, n)
+    return _openai_stream(merged, req.base, _include_usage(body), choice)
 
-            def choice(out: RequestOutput, d: SeqDelta) -> dict[str, Any]:
-                delta: dict[str, Any] = (
-                    {"content": d.text} if d.text or d.finish_reason is None else {}
-                )
-                if d.index not in first:
-                    first.add(d.index)
-                    delta = {"role": "assistant", "content": d.text}
-                logprobs = None
-                if body.logprobs:
-                    logprobs = {
-                        "content": chat_logprobs(llm.token_strings, d.logprobs or []),
-                        "refusal": None,
-                    }
-                return {
-                    "index": d.index,
-                    "delta": delta,
-                    "logprobs": logprobs,
-                    "finish_reason": d.finish_reason,
-                }
 
-            return _openai_stream(stream, chunk_base, include_usage, choice)
-        result = await llm.complete(
-            ids, params, adapter=adapter, request_id=rid, constraint=constraint
+async def _whole_completion(llm: LLM, req: _Completion) -> dict[str, Any]:
+    """Every prompt to the end (scheduled together), then one response."""
+    body, n = req.body, req.params.n
+    results = await asyncio.gather(
+        *(
+            llm.complete(
+                x,
+                req.params,
+                adapter=req.adapter,
+                request_id=req.request_id(p),
+                constraint=req.constraint,
+            )
+            for p, x in enumerate(req.ids)
         )
-        choices = []
-        for i, text in enumerate(result.texts):
-            message: dict[str, Any] = {"role": "assistant", "content": text}
-            reason = result.finish_reasons[i]
-            if tool_plan is not None:
-                content, calls = parse_tool_output(text)
-                message["content"] = content
-                if calls:
-                    message["tool_calls"] = calls
-                    reason = "tool_calls"
-            logprobs = _chat_logprobs(llm, result, i, body.logprobs)
+    )
+    choices = []
+    for p, result in enumerate(results):
+        for i, t in enumerate(result.texts):
+            logprobs = None
+            if body.logprobs is not None and result.logprobs is not None:
+                logprobs, _ = _completion_logprobs(
+                    llm,
+                    result.prompt_logprobs if body.echo else None,
+                    req.ids[p],
+                    result.logprobs[i],
+                    0,
+                )
             choices.append(
-                {"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason}
+                {
+                    "index": p * n + i,
+                    "text": (req.texts[p] + t) if body.echo else t,
+                    "logprobs": logprobs,
+                    "finish_reason": result.finish_reasons[i],
+                }
             )
+    return {
+        **req.base,
+        "choices": choices,
+        "usage": usage(
+            sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
+        ),
+    }
+
+
+@routes.post("/chat/completions")
+async def chat_completions(request: Request) -> Any:
+    llm = llm_of(request)
+    body = parse_body(ChatCompletionRequest, await json_body(request))
+    adapter = await adapter_for(llm, llm.resolve_model_name(body.model), body.merged_adapters)
+    tool_plan = plan_tools(body.tools or [], body.tool_choice)
+    messages = body.messages
+    if tool_plan is not None:
+        messages = _with_system(messages, tool_plan.system_prompt)
+        constraint = llm.grammars.json_schema(tool_plan.schema)
+    else:
+        constraint = llm.constraint_for(body.response_format)
+    ids = llm.tokenize(llm.chat_prompt(messages))
+    default_max = max(1, llm.info.max_model_len - len(ids))
+    params = sampling(lambda: body.sampling_params(cap_max_tokens(min(default_max, 4096))))
+    rid = new_request_id("chatcmpl")
+    base = {
+        "id": rid,
+        "object": "chat.completion",
+        "created": unix_time(),
+        "model": served_name(llm, body.model, adapter),
+    }
+    chunk_base = {**base, "object": "chat.completion.chunk"}
+    if body.stream and tool_plan is None:
+        stream = await open_stream(llm, ids, params, adapter, rid, constraint)
+        return _openai_stream(stream, chunk_base, _include_usage(body), _chat_choice(llm, body))
+    result = await llm.complete(ids, params, adapter=adapter, request_id=rid, constraint=constraint)
+    if body.stream:  # tool calls: the answer is parsed whole, then streamed
+        return _tool_stream(
+            chunk_base,
+            result,
+            _include_usage(body),
+            lambda i: _chat_logprobs(llm, result, i, body.logprobs),
+        )
+    choices = []
+    for i, text in enumerate(result.texts):
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        reason = result.finish_reasons[i]
+        if tool_plan is not None:
+            content, calls = parse_tool_output(text)
+            message["content"] = content
+            if calls:
+                message["tool_calls"] = calls
+                reason = "tool_calls"
+        logprobs = _chat_logprobs(llm, result, i, body.logprobs)
+        choices.append(
+            {"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason}
+        )
+    return {
+        **base,
+        "choices": choices,
+        "usage": usage(result.prompt_tokens, result.completion_tokens),
+    }
+
+
+def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+def _chat_choice(
+    llm: LLM, body: ChatCompletionRequest
+) -> Callable[[RequestOutput, SeqDelta], dict[str, Any]]:
+    """A streamed chat delta as an OpenAI chunk choice (the role in each choice's first)."""
+    first: set[int] = set()
+
+    def choice(out: RequestOutput, d: SeqDelta) -> dict[str, Any]:
+        delta: dict[str, Any] = {"content": d.text} if d.text or d.finish_reason is None else {}
+        if d.index not in first:
+            first.add(d.index)
+            delta = {"role": "assistant", "content": d.text}
+        logprobs = None
+        if body.logprobs:
+            logprobs = {
+                "content": chat_logprobs(llm.token_strings, d.logprobs or []),
+                "refusal": None,
+            }
         return {
-            **base,
-            "choices": choices,
-            "usage": usage(result.prompt_tokens, result.completion_tokens),
+            "index": d.index,
+            "delta": delta,
+            "logprobs": logprobs,
+            "finish_reason": d.finish_reason,
         }
 
-    return routes
+    return choice
 
 
 def _with_system(messages: list[ChatMessage], text: str) -> list[ChatMessage]:

@@ -12,7 +12,7 @@ just-in-time from the model store); ``adapter_source="local"`` loads a folder un
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import APIRouter, Request
@@ -29,12 +29,12 @@ from openllm_clone.protocol import (
 )
 from openllm_clone.tenants import cap_max_tokens
 
-from .common import json_body, merged_adapter, parse_body, sse, validation_error
+from .common import json_body, llm_of, merged_adapter, parse_body, sse, validation_error
 
 if TYPE_CHECKING:
     from openllm_clone.llm import LLM
 
-__all__ = ["PATHS", "TGIParameters", "TGIRequest", "error_response", "router"]
+__all__ = ["PATHS", "TGIParameters", "TGIRequest", "error_response", "routes"]
 
 PATHS = frozenset({"/", "/generate", "/generate_stream", "/info"})
 
@@ -150,7 +150,7 @@ class _Plan:
         if p.truncate is not None:
             self.ids = self.ids[-p.truncate :]  # TGI keeps the prompt's last tokens
         self.top = p.top_n_tokens if p.top_n_tokens is not None else (p.return_k_alternatives or 0)
-        remaining = max(1, llm.runner.info.max_model_len - len(self.ids))
+        remaining = max(1, llm.info.max_model_len - len(self.ids))
         try:
             self.params = SamplingParams(
                 # LoRAX's default: up to the context's end (capped as chat's default is).
@@ -208,7 +208,7 @@ async def _adapter(llm: LLM, p: TGIParameters) -> str | None:
             )
         return await merged_adapter(llm, m.ids, m.weights)
     name = p.adapter_id
-    if not name or name in (llm.name, llm.runner.info.model_id):
+    if not name or name in (llm.name, llm.info.model_id):
         return None
     llm.check_scope(name)  # before a local folder is read
     if p.adapter_source == "local":
@@ -264,131 +264,131 @@ def _prefill(llm: LLM, plan: _Plan, prompt_lp: list[Any] | None) -> list[dict[st
     ]
 
 
-def router(get_llm: Callable[[], LLM]) -> APIRouter:
-    """The TGI / LoRAX routes over the process's LLM."""
-    routes = APIRouter()
+# The TGI / LoRAX routes over the process's LLM.
+routes = APIRouter()
 
-    async def _plan(request: Request, stream: bool | None = None) -> tuple[LLM, _Plan, str | None]:
-        """``stream``: what the route does (``POST /`` goes by the body's ``stream``)."""
-        llm = get_llm()
-        body = parse_body(TGIRequest, await json_body(request))
-        if stream is not None:
-            body = body.model_copy(update={"stream": stream})
-        plan = _Plan(llm, body)
-        adapter = await _adapter(llm, body.parameters)
-        llm.engine.check_prompt(plan.ids, plan.params)
-        return llm, plan, adapter
 
-    async def _answer(llm: LLM, plan: _Plan, adapter: str | None) -> dict[str, Any]:
-        result = await llm.complete(
-            plan.ids, plan.params, adapter=adapter, constraint=plan.constraint
-        )
-        assert result.logprobs is not None
-        n = len(result.texts)
+async def _plan(request: Request, stream: bool | None = None) -> tuple[LLM, _Plan, str | None]:
+    """``stream``: what the route does (``POST /`` goes by the body's ``stream``)."""
+    llm = llm_of(request)
+    body = parse_body(TGIRequest, await json_body(request))
+    if stream is not None:
+        body = body.model_copy(update={"stream": stream})
+    plan = _Plan(llm, body)
+    adapter = await _adapter(llm, body.parameters)
+    llm.engine.check_prompt(plan.ids, plan.params)
+    return llm, plan, adapter
 
-        def total(i: int) -> float:
-            return sum((e.logprob for e in result.logprobs[i]), 0.0)  # type: ignore[index]
 
-        order = sorted(range(n), key=total, reverse=True)  # best_of: the likeliest sample wins
-        prefix = plan.body.inputs if plan.return_full_text else ""
+async def _answer(llm: LLM, plan: _Plan, adapter: str | None) -> dict[str, Any]:
+    result = await llm.complete(plan.ids, plan.params, adapter=adapter, constraint=plan.constraint)
+    assert result.logprobs is not None
+    n = len(result.texts)
 
-        def sequence(i: int) -> dict[str, Any]:
-            tokens = result.token_ids[i]
-            return {
-                "generated_text": prefix + result.texts[i],
-                "finish_reason": _finish(llm, result.finish_reasons[i], tokens, plan.params),
-                "generated_tokens": len(tokens),
-                "seed": plan.params.seed,
-                "prefill": _prefill(llm, plan, result.prompt_logprobs),
-                "tokens": [_token(llm, e, plan) for e in result.logprobs[i]],  # type: ignore[index]
-                **(
-                    {"top_tokens": [_top_tokens(llm, e) for e in result.logprobs[i]]}  # type: ignore[index]
-                    if plan.top
-                    else {}
-                ),
-            }
+    def total(i: int) -> float:
+        return sum((e.logprob for e in result.logprobs[i]), 0.0)  # type: ignore[index]
 
-        best = sequence(order[0])
-        answer: dict[str, Any] = {"generated_text": best.pop("generated_text")}
-        if plan.details:
-            best["prompt_tokens"] = result.prompt_tokens
-            if n > 1:
-                best["best_of_sequences"] = [sequence(i) for i in order[1:]]
-            answer["details"] = best
-        return answer
+    order = sorted(range(n), key=total, reverse=True)  # best_of: the likeliest sample wins
+    prefix = plan.body.inputs if plan.return_full_text else ""
 
-    def _stream(llm: LLM, plan: _Plan, adapter: str | None) -> StreamingResponse:
-        async def events() -> AsyncIterator[str]:
-            text = plan.body.inputs if plan.return_full_text else ""
-            tokens: list[int] = []
-            try:
-                async for out in llm.stream(
-                    plan.ids,
-                    plan.params,
-                    adapter=adapter,
-                    request_id=new_request_id("tgi"),
-                    constraint=plan.constraint,
-                ):
-                    for d in out.deltas:
-                        text += d.text
-                        tokens.extend(d.token_ids)
-                        for k, entry in enumerate(d.logprobs or []):
-                            last = d.finish_reason is not None and k == len(d.logprobs or []) - 1
-                            event: dict[str, Any] = {
-                                "token": _token(llm, entry, plan),
-                                "generated_text": text if last else None,
-                                "details": None,
-                            }
-                            if plan.top:
-                                event["top_tokens"] = _top_tokens(llm, entry)
-                            if last:
-                                event["details"] = {
-                                    "finish_reason": _finish(
-                                        llm, d.finish_reason, tokens, plan.params
-                                    ),
-                                    "generated_tokens": len(tokens),
-                                    "prompt_tokens": out.prompt_tokens,
-                                    "seed": plan.params.seed,
-                                }
-                            yield sse(event)
-            except OpenLLMCloneError as exc:
-                yield sse({"error": exc.message, "error_type": "generation"})
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    @routes.post("/")
-    async def compat(request: Request) -> Any:
-        llm, plan, adapter = await _plan(request)
-        if plan.body.stream:
-            return _stream(llm, plan, adapter)
-        return [await _answer(llm, plan, adapter)]
-
-    @routes.post("/generate")
-    async def generate(request: Request) -> Any:
-        llm, plan, adapter = await _plan(request, stream=False)
-        return await _answer(llm, plan, adapter)
-
-    @routes.post("/generate_stream")
-    async def generate_stream(request: Request) -> Any:
-        llm, plan, adapter = await _plan(request, stream=True)
-        return _stream(llm, plan, adapter)
-
-    @routes.get("/info")
-    async def info() -> dict[str, Any]:
-        llm = get_llm()
-        meta = llm.runner.info
+    def sequence(i: int) -> dict[str, Any]:
+        tokens = result.token_ids[i]
         return {
-            "model_id": meta.model_id,
-            "model_dtype": meta.dtype,
-            "model_device_type": meta.device,
-            "max_input_length": meta.max_model_len - 1,
-            "max_total_tokens": meta.max_model_len,
-            "max_concurrent_requests": llm.settings.max_batch_size + llm.settings.max_queue,
-            "max_best_of": MAX_N,
-            "max_stop_sequences": 16,
-            "router": "openllm-clone",
-            "version": "0.1.0",
-            "adapters": llm.adapters.names(),
+            "generated_text": prefix + result.texts[i],
+            "finish_reason": _finish(llm, result.finish_reasons[i], tokens, plan.params),
+            "generated_tokens": len(tokens),
+            "seed": plan.params.seed,
+            "prefill": _prefill(llm, plan, result.prompt_logprobs),
+            "tokens": [_token(llm, e, plan) for e in result.logprobs[i]],  # type: ignore[index]
+            **(
+                {"top_tokens": [_top_tokens(llm, e) for e in result.logprobs[i]]}  # type: ignore[index]
+                if plan.top
+                else {}
+            ),
         }
 
-    return routes
+    best = sequence(order[0])
+    answer: dict[str, Any] = {"generated_text": best.pop("generated_text")}
+    if plan.details:
+        best["prompt_tokens"] = result.prompt_tokens
+        if n > 1:
+            best["best_of_sequences"] = [sequence(i) for i in order[1:]]
+        answer["details"] = best
+    return answer
+
+
+def _stream(llm: LLM, plan: _Plan, adapter: str | None) -> StreamingResponse:
+    async def events() -> AsyncIterator[str]:
+        text = plan.body.inputs if plan.return_full_text else ""
+        tokens: list[int] = []
+        try:
+            async for out in llm.stream(
+                plan.ids,
+                plan.params,
+                adapter=adapter,
+                request_id=new_request_id("tgi"),
+                constraint=plan.constraint,
+            ):
+                for d in out.deltas:
+                    text += d.text
+                    tokens.extend(d.token_ids)
+                    for k, entry in enumerate(d.logprobs or []):
+                        last = d.finish_reason is not None and k == len(d.logprobs or []) - 1
+                        event: dict[str, Any] = {
+                            "token": _token(llm, entry, plan),
+                            "generated_text": text if last else None,
+                            "details": None,
+                        }
+                        if plan.top:
+                            event["top_tokens"] = _top_tokens(llm, entry)
+                        if last:
+                            event["details"] = {
+                                "finish_reason": _finish(llm, d.finish_reason, tokens, plan.params),
+                                "generated_tokens": len(tokens),
+                                "prompt_tokens": out.prompt_tokens,
+                                "seed": plan.params.seed,
+                            }
+                        yield sse(event)
+        except OpenLLMCloneError as exc:
+            yield sse({"error": exc.message, "error_type": "generation"})
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@routes.post("/")
+async def compat(request: Request) -> Any:
+    llm, plan, adapter = await _plan(request)
+    if plan.body.stream:
+        return _stream(llm, plan, adapter)
+    return [await _answer(llm, plan, adapter)]
+
+
+@routes.post("/generate")
+async def generate(request: Request) -> Any:
+    llm, plan, adapter = await _plan(request, stream=False)
+    return await _answer(llm, plan, adapter)
+
+
+@routes.post("/generate_stream")
+async def generate_stream(request: Request) -> Any:
+    llm, plan, adapter = await _plan(request, stream=True)
+    return _stream(llm, plan, adapter)
+
+
+@routes.get("/info")
+async def info(request: Request) -> dict[str, Any]:
+    llm = llm_of(request)
+    meta = llm.info
+    return {
+        "model_id": meta.model_id,
+        "model_dtype": meta.dtype,
+        "model_device_type": meta.device,
+        "max_input_length": meta.max_model_len - 1,
+        "max_total_tokens": meta.max_model_len,
+        "max_concurrent_requests": llm.settings.max_batch_size + llm.settings.max_queue,
+        "max_best_of": MAX_N,
+        "max_stop_sequences": 16,
+        "router": "openllm-clone",
+        "version": "0.1.0",
+        "adapters": llm.adapters.names(),
+    }
