@@ -37,7 +37,6 @@ import contextlib
 import inspect
 import logging
 import re
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,37 +46,26 @@ import torch
 from openllm_clone.errors import ModelLoadError
 
 from .attention import attend, decode_attention, window_mask
+from .attention_hook import (
+    ATTENTION_NAME,
+    NO_ATTENTION,
+    Probe,
+    install_paged_attention,
+    linear_dims,
+    local,
+    probe_attention,
+)
 from .base import ModelInfo, StepRow, pack_rows
 from .lora import LoraBank, LoraPlan
 
-__all__ = [
-    "ATTENTION_NAME",
-    "NO_ATTENTION",
-    "GenericRunner",
-    "accepts_attention_functions",
-    "install_paged_attention",
-    "linear_dims",
-    "probe_attention",
-]
+__all__ = ["GenericRunner"]
 
 logger = logging.getLogger(__name__)
 
-ATTENTION_NAME = "openllm_clone_paged"
 NULL_BLOCK = 0  # a zeroed block that padded attention reads point at
 _LAYER_PATH = re.compile(r"^(?P<container>.+?)\.(?P<layer>\d+)\.")
 # Tokens in the self-check: a prompt chunk, then one token at a time.
 _CHECK_PREFILL, _CHECK_DECODE = 6, 3
-
-
-@dataclass
-class _Probe:
-    """What the first forward learns about each attention call."""
-
-    module: Any
-    kv_heads: int
-    k_dim: int
-    v_dim: int
-    dtype: torch.dtype
 
 
 @dataclass
@@ -91,121 +79,6 @@ class _StepState:
     prefill: list[tuple[int, int, int, torch.Tensor]]  # (offset, n, start_pos, slots [ctx])
     layer: int = 0
     masks: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)
-
-
-class _Local(threading.local):
-    runner: GenericRunner | None = None
-    probe: list[_Probe] | None = None
-
-
-_local = _Local()
-_registered = False
-
-
-def _register() -> None:
-    """Register the paged attention function with transformers (once per process)."""
-    global _registered
-    if _registered:
-        return
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTENTION_NAME, _paged_attention)
-    _registered = True
-
-
-def _paged_attention(
-    module: Any,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: Any,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    s_aux: torch.Tensor | None = None,
-    **_: Any,
-) -> tuple[torch.Tensor, None]:
-    """transformers' attention signature: ``query [1, H, T, D]``, ``key/value [1, KV, T, D]``
-    (rotary already applied); returns ``[1, T, H, Dv]``."""
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    sinks = s_aux if s_aux is not None else getattr(module, "sinks", None)
-    if _local.probe is not None:  # the first forward: learn the shapes, attend causally
-        _local.probe.append(_Probe(module, key.shape[1], key.shape[-1], value.shape[-1], key.dtype))
-        T = query.shape[2]
-        pos = torch.arange(T, device=query.device)
-        mask = window_mask(pos.unsqueeze(1), pos.unsqueeze(0), sliding_window)
-        out = attend(query, key, value, mask, scaling, softcap, sinks)
-        return out.transpose(1, 2), None
-    runner = _local.runner
-    if runner is None:
-        raise RuntimeError(f"{ATTENTION_NAME} attention called outside a runner step")
-    return runner._paged(query, key, value, scaling, sliding_window, softcap, sinks), None
-
-
-NO_ATTENTION = (
-    "no attention layer goes through transformers' AttentionInterface (its attention "
-    "calls its own kernels, or it is a state-space or recurrent model)"
-)
-
-
-def accepts_attention_functions(model: Any) -> bool:
-    """transformers' own test: does the modeling code dispatch through AttentionInterface?"""
-    probe = getattr(model, "_can_set_attn_implementation", None)
-    if probe is None:
-        return True
-    try:
-        return bool(probe())
-    except Exception:  # the probe reads source files; without them, let the load decide
-        return True
-
-
-def install_paged_attention(model: Any) -> str | None:
-    """Switch ``model`` to the paged attention; the reason it cannot be, or None."""
-    _register()
-    if not accepts_attention_functions(model):
-        return (
-            "its attention does not go through transformers' AttentionInterface (the modeling "
-            "code calls its own kernels)"
-        )
-    try:
-        model.set_attn_implementation(ATTENTION_NAME)
-    except (ValueError, KeyError, AttributeError, NotImplementedError) as exc:
-        return f"its modeling code does not accept a custom attention function ({exc})"
-    return None
-
-
-def probe_attention(model: Any, tokens: int, device: Any) -> list[_Probe]:
-    """A forward of ``tokens`` tokens with plain causal attention (no cache, any device,
-    ``meta`` included): every attention call's module and shapes, in call order."""
-    probes: list[_Probe] = []
-    _local.probe = probes
-    try:
-        with torch.inference_mode():
-            ids = (torch.arange(tokens, device=device) % 97 + 1).unsqueeze(0)
-            pos = torch.arange(tokens, device=device).unsqueeze(0)
-            model(input_ids=ids, position_ids=pos, use_cache=False)
-    finally:
-        _local.probe = None
-    return probes
-
-
-def linear_dims(module: Any) -> tuple[int, int] | None:
-    """``(in_features, out_features)`` of a Linear-like module (plain, quantized, or GPT-2's
-    ``Conv1D``), or None for anything else."""
-    if isinstance(module, torch.nn.Linear):
-        return int(module.in_features), int(module.out_features)
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        weight = module.weight  # [in, out]
-        return int(weight.shape[0]), int(weight.shape[1])
-    if list(module.children()):
-        return None
-    in_features = getattr(module, "in_features", None)
-    out_features = getattr(module, "out_features", None)
-    if isinstance(in_features, int) and isinstance(out_features, int):
-        return in_features, out_features  # GPTQ's QuantLinear and friends
-    return None
 
 
 class GenericRunner:
@@ -304,7 +177,7 @@ class GenericRunner:
 
     # --- set-up ---------------------------------------------------------------------
 
-    def _probe(self, model_type: str) -> list[_Probe]:
+    def _probe(self, model_type: str) -> list[Probe]:
         """One small forward that records every attention call's module and shapes."""
         try:
             probes = probe_attention(self.model, 4, self.device)
@@ -324,7 +197,7 @@ class GenericRunner:
             )
         return probes
 
-    def _decoder_layers(self, probes: list[_Probe], model_type: str) -> tuple[str, list[Any]]:
+    def _decoder_layers(self, probes: list[Probe], model_type: str) -> tuple[str, list[Any]]:
         """The ModuleList of decoder layers that holds the attention modules."""
         names = {id(m): n for n, m in self.model.named_modules()}
         containers = set()
@@ -466,12 +339,12 @@ class GenericRunner:
 
     @contextlib.contextmanager
     def _stepping(self) -> Iterator[None]:
-        previous = _local.runner
-        _local.runner = self
+        previous = local.runner
+        local.runner = self
         try:
             yield
         finally:
-            _local.runner = previous
+            local.runner = previous
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy one KV block in every layer (copy-on-write for forked samples)."""

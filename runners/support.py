@@ -133,7 +133,7 @@ def _generic_refusal(config: Any) -> str | None:
         return None  # quantized layers are not built on meta: the load-time check decides
     import torch
 
-    from .generic import NO_ATTENTION, install_paged_attention, probe_attention
+    from .attention_hook import NO_ATTENTION, install_paged_attention, probe_attention
 
     try:
         with torch.device("meta"):

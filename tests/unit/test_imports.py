@@ -16,10 +16,12 @@ def test_api_and_the_ray_router_import_no_torch() -> None:
 import sys
 import openllm_clone.api as api
 import openllm_clone.integrations.ray_serve as ray_router
+import openllm_clone.integrations.ray_replica as ray_replica
 from openllm_clone.errors import AdapterNotFoundError
 from openllm_clone.protocol import RequestOutput, SeqDelta, TokenLogprob
 
-body = ray_router._error_message(AdapterNotFoundError("no adapter x"))
+assert ray_router.LLMReplica is ray_replica.LLMReplica
+body = ray_replica._error_message(AdapterNotFoundError("no adapter x"))
 assert "no adapter x" in str(body), body
 assert api.error_response(AdapterNotFoundError("x")).status_code == 404
 RequestOutput("r", [SeqDelta(0, "a", [1], None, [TokenLogprob(1, -0.5)])], 1, 1, True)
