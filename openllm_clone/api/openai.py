@@ -128,13 +128,8 @@ async def completions(request: Request) -> Any:
     texts = (
         [p if isinstance(p, str) else llm.tokenizer.decode(p) for p in prompts] if body.echo else []
     )
-    rid = new_request_id("cmpl")
-    base = {
-        "id": rid,
-        "object": "text_completion",
-        "created": unix_time(),
-        "model": served_name(llm, body.model, adapter),
-    }
+    base = _response_base(llm, "cmpl", "text_completion", body.model, adapter)
+    rid = base["id"]
     req = _Completion(
         body, adapter, params, ids, texts, llm.constraint_for(body.response_format), rid, base
     )
@@ -243,13 +238,8 @@ async def chat_completions(request: Request) -> Any:
     ids = llm.tokenize(llm.chat_prompt(messages))
     default_max = max(1, llm.info.max_model_len - len(ids))
     params = sampling(lambda: body.sampling_params(cap_max_tokens(min(default_max, 4096))))
-    rid = new_request_id("chatcmpl")
-    base = {
-        "id": rid,
-        "object": "chat.completion",
-        "created": unix_time(),
-        "model": served_name(llm, body.model, adapter),
-    }
+    base = _response_base(llm, "chatcmpl", "chat.completion", body.model, adapter)
+    rid = base["id"]
     chunk_base = {**base, "object": "chat.completion.chunk"}
     if body.stream and tool_plan is None:
         stream = await open_stream(llm, ids, params, adapter, rid, constraint)
@@ -280,6 +270,18 @@ async def chat_completions(request: Request) -> Any:
         **base,
         "choices": choices,
         "usage": usage(result.prompt_tokens, result.completion_tokens),
+    }
+
+
+def _response_base(
+    llm: LLM, prefix: str, kind: str, asked: str, adapter: str | None
+) -> dict[str, Any]:
+    """What every response and chunk of one request carries: id, object, created, model."""
+    return {
+        "id": new_request_id(prefix),
+        "object": kind,
+        "created": unix_time(),
+        "model": served_name(llm, asked, adapter),
     }
 
 
