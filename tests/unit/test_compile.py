@@ -181,9 +181,7 @@ def test_compiled_step_on_qwen3_and_gemma3_equals_generate(
 
     folder = make_family_model(family, tmp_path / family, tokenizer)
     llm = LLM.from_settings(
-        Settings(
-            model=str(folder), dtype="float32", kv_cache_mb=16, compile=True, max_batch_size=4
-        )
+        Settings(model=str(folder), dtype="float32", kv_cache_mb=16, compile=True, max_batch_size=4)
     )
     try:
         llm.runner.warmup()
