@@ -51,7 +51,6 @@ from .attention_hook import (
     NO_ATTENTION,
     Probe,
     install_paged_attention,
-    linear_dims,
     local,
     probe_attention,
 )
@@ -79,6 +78,23 @@ class _StepState:
     prefill: list[tuple[int, int, int, torch.Tensor]]  # (offset, n, start_pos, slots [ctx])
     layer: int = 0
     masks: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)
+
+
+def linear_dims(module: Any) -> tuple[int, int] | None:
+    """``(in_features, out_features)`` of a Linear-like module (plain, quantized, or GPT-2's
+    ``Conv1D``), or None for anything else."""
+    if isinstance(module, torch.nn.Linear):
+        return int(module.in_features), int(module.out_features)
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        weight = module.weight  # [in, out]
+        return int(weight.shape[0]), int(weight.shape[1])
+    if list(module.children()):
+        return None
+    in_features = getattr(module, "in_features", None)
+    out_features = getattr(module, "out_features", None)
+    if isinstance(in_features, int) and isinstance(out_features, int):
+        return in_features, out_features  # GPTQ's QuantLinear and friends
+    return None
 
 
 class GenericRunner:

@@ -348,12 +348,11 @@ class TorchRunner:
         gather, _ = self._decode_gather(rows, width=width)
         assert gather is not None
         if self.layer_types:  # Gemma 3: global and local layers rotate differently
-            kinds = set(self.layer_types)
-            local = "sliding_attention" if "sliding_attention" in kinds else "full_attention"
-            tables = (*self._rope_tables(pos, "full_attention"), *self._rope_tables(pos, local))
+            glob = self._rope_tables(pos, "full_attention")
+            local = self._rope_tables(pos, "sliding_attention") if self._window_size else glob
         else:
-            cos, sin = self._rope_tables(pos)
-            tables = (cos, sin, cos, sin)
+            glob = local = self._rope_tables(pos)
+        tables = (*glob, *local)
         lens = torch.tensor(context, device=self.device)
         return self._compiled(
             ids, tables, slots, gather, lens, self.kv_cache, window=self._window_size
