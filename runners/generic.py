@@ -321,12 +321,16 @@ class GenericRunner:
         logger.info("generic runner self-check passed (relative error %.2g)", err)
 
     def _pack_linears(self) -> int:
-        """Run plain bf16 Linear modules through oneDNN-prepacked weights (CPU): about 1.5x
-        faster than ``F.linear``, as in the fast runner. A weight no other module shares is
+        """Run plain bf16 or float32 Linear modules through oneDNN-prepacked weights (CPU),
+        as the fast runner does (see :mod:`.packed`). A weight no other module shares is
         released (the packed copy replaces it); quantized layers keep their own modules."""
         from .packed import PackedLinear, packed_linears_work
 
-        if self.device.type != "cpu" or self.dtype != torch.bfloat16 or not packed_linears_work():
+        if (
+            self.device.type != "cpu"
+            or self.dtype not in (torch.bfloat16, torch.float32)
+            or not packed_linears_work(self.dtype)
+        ):
             return 0
         owners: dict[int, int] = {}
         for module in self.model.modules():
@@ -339,7 +343,7 @@ class GenericRunner:
                 type(module) is not torch.nn.Linear
                 or weight is None
                 or type(weight.data) is not torch.Tensor
-                or weight.dtype != torch.bfloat16
+                or weight.dtype != self.dtype
             ):
                 continue
             packed = PackedLinear(weight, module.bias)

@@ -1,7 +1,9 @@
-"""bf16 Linear layers prepacked for oneDNN (CPU): about 1.5x faster than ``F.linear``.
+"""Linear layers prepacked for oneDNN (CPU), bf16 or float32.
 
-Both runners use it: the fast runner for its fused projections and head, the generic
-runner for every plain bf16 Linear of the model.
+On a 2-core CPU, bf16 runs about 1.5x faster than ``F.linear``; float32 at 16 rows
+about 1.3x on the projections and 2.2x on a large head (SmolLM2's 49152 x 576: 12.8 ms
+against 27.7 ms), about the same at one row. Both runners use it: the fast runner for its
+fused projections and head, the generic runner for every plain Linear of the model.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ __all__ = ["PackedLinear", "packed_linears_work"]
 
 
 class PackedLinear:
-    """A bf16 Linear prepacked for oneDNN."""
+    """A bf16 or float32 Linear prepacked for oneDNN."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.out_features = weight.shape[0]
@@ -24,13 +26,13 @@ class PackedLinear:
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
-def packed_linears_work() -> bool:
-    """True when this machine's torch runs prepacked bf16 Linears correctly."""
+def packed_linears_work(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """True when this machine's torch runs prepacked Linears of ``dtype`` correctly."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        w = torch.randn(64, 64, dtype=torch.bfloat16)
-        x = torch.randn(3, 64, dtype=torch.bfloat16)
+        w = torch.randn(64, 64, dtype=dtype)
+        x = torch.randn(3, 64, dtype=dtype)
         y = PackedLinear(w, None)(x)
         return bool(torch.allclose(y.float(), F.linear(x, w).float(), atol=0.5, rtol=0.05))
     except (RuntimeError, AttributeError):

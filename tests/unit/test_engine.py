@@ -27,6 +27,14 @@ def llm(tiny_model_dir: Path) -> Any:
     instance.shutdown()
 
 
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path) -> Any:
+    """transformers' own model from the same folder (the runner's copy has packed weights)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+
+
 def prompts(n: int) -> list[str]:
     topics = [
         "the sea",
@@ -49,9 +57,9 @@ def prompts(n: int) -> list[str]:
     return [f"Tell me about {topics[i % len(topics)]}, part {i}." * (1 + i % 3) for i in range(n)]
 
 
-def test_runner_logits_match_transformers(llm: LLM) -> None:
+def test_runner_logits_match_transformers(llm: LLM, reference: Any) -> None:
     runner = llm.runner
-    model = runner.model
+    model = reference
     gen = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (5, 1, 40, 17)]
     blocks = llm.engine.blocks
@@ -82,10 +90,10 @@ async def test_greedy_outputs_are_batch_invariant(llm: LLM) -> None:
     assert llm.engine.stats()["kv_blocks_used"] == 0
 
 
-async def test_matches_transformers_generate(llm: LLM) -> None:
+async def test_matches_transformers_generate(llm: LLM, reference: Any) -> None:
     ids = llm.tokenize("The quick brown fox")
     ours = (await llm.complete(ids, SamplingParams(max_new_tokens=12))).token_ids[0]
-    ref = llm.runner.model.generate(
+    ref = reference.generate(
         torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
     )
     assert ours == ref[0, len(ids) :].tolist()
@@ -160,16 +168,16 @@ def test_block_allocator_prefix_cache() -> None:
 
 
 async def test_prefix_cache_skips_computing_a_shared_prefix(
-    llm: LLM, tiny_adapters: dict[str, Path]
+    llm: LLM, tiny_adapters: dict[str, Path], reference: Any
 ) -> None:
-    engine, model = llm.engine, llm.runner.model
+    engine, model = llm.engine, reference
     system = llm.tokenize("You are a helpful assistant who answers briefly. " * 12)[:64]
     assert len(system) == 64  # 4 blocks
     first = system + llm.tokenize(" Tell me about the sea.")
     second = system + llm.tokenize(" What is a violin?")
     params = SamplingParams(max_new_tokens=10)
 
-    def reference(ids: list[int]) -> list[int]:
+    def expected(ids: list[int]) -> list[int]:
         out = model.generate(
             torch.tensor([ids]),
             max_new_tokens=10,
@@ -182,10 +190,10 @@ async def test_prefix_cache_skips_computing_a_shared_prefix(
     hits = engine.stats()["prefix_cache_hits"]
     computed_before = engine.steps
     got = (await llm.complete(first, params)).token_ids[0]
-    assert got == reference(first)
+    assert got == expected(first)
     # Another question after the same system prompt: its 4 blocks come from the cache.
     got = (await llm.complete(second, params)).token_ids[0]
-    assert got == reference(second)
+    assert got == expected(second)
     assert engine.stats()["prefix_cache_hits"] - hits >= 4
     # The same prompt again: everything but the block holding its last token is reused.
     again = (await llm.complete(second, params)).token_ids[0]
