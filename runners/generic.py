@@ -326,11 +326,7 @@ class GenericRunner:
         released (the packed copy replaces it); quantized layers keep their own modules."""
         from .packed import PackedLinear, packed_linears_work
 
-        if (
-            self.device.type != "cpu"
-            or self.dtype not in (torch.bfloat16, torch.float32)
-            or not packed_linears_work(self.dtype)
-        ):
+        if self.device.type != "cpu" or not packed_linears_work(self.dtype):
             return 0
         owners: dict[int, int] = {}
         for module in self.model.modules():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PackedLinear", "packed_linears_work"]
+__all__ = ["PACKED_DTYPES", "PackedLinear", "packed_linears_work"]
 
 
 class PackedLinear:
@@ -26,9 +26,13 @@ class PackedLinear:
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
-def packed_linears_work(dtype: torch.dtype = torch.bfloat16) -> bool:
-    """True when this machine's torch runs prepacked Linears of ``dtype`` correctly."""
-    if not torch.backends.mkldnn.is_available():
+PACKED_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def packed_linears_work(dtype: torch.dtype) -> bool:
+    """True when Linears of ``dtype`` can be prepacked (bf16 or float32) and this
+    machine's torch runs them correctly."""
+    if dtype not in PACKED_DTYPES or not torch.backends.mkldnn.is_available():
         return False
     try:
         w = torch.randn(64, 64, dtype=dtype)

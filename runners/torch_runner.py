@@ -197,15 +197,14 @@ class TorchRunner:
         )
 
     def _pack_layers(self) -> list[dict[str, PackedLinear]] | None:
-        """Fuse q/k/v and gate/up and prepack them, for plain bf16 or float32 Linears on CPU
-        (oneDNN's prepacked float32 weights: 1.3x ``F.linear`` on the projections and 2.2x
-        on the head at 16 rows on a 2-core AVX2 CPU).
+        """Fuse q/k/v and gate/up and prepack them (see :mod:`.packed`), for plain bf16 or
+        float32 Linears on CPU.
 
         The original Linear weights are released afterwards (the packed copy replaces
         them), so memory does not double. Quantized or non-CPU layers keep their own
         modules.
         """
-        if self.device.type != "cpu" or self.dtype not in (torch.bfloat16, torch.float32):
+        if self.device.type != "cpu" or not packed_linears_work(self.dtype):
             return None
         names = ATTN_MODULES + MLP_MODULES
         for layer in self.layers:
@@ -223,8 +222,6 @@ class TorchRunner:
                 return None
         head = self.lm_head.weight
         if type(head.data) is not torch.Tensor or head.dtype != self.dtype:
-            return None
-        if not packed_linears_work(self.dtype):
             return None
         packed = []
         for layer in self.layers:
