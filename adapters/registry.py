@@ -277,9 +277,16 @@ class AdapterRegistry:
             slot = await self._take_slot()
             try:
                 await self.host.install(slot, weights)
-            except Exception:
-                self._free_slots.append(slot)
+            except BaseException:
+                self._give_back(slot)
                 raise
+            if existing is not None and self._records.get(name) is not existing:
+                # Unloaded while it loaded (a load without a request, like Ray's multiplex
+                # hold, is not counted in in_use): it must not come back.
+                self._give_back(slot)
+                async with self._slots_changed:
+                    self._slots_changed.notify_all()
+                raise AdapterNotFoundError(f"adapter {name!r} was unloaded while it loaded")
             record = existing or AdapterRecord(name=name, source=src)
             record.source = src
             record.pinned = record.pinned or pinned
@@ -375,12 +382,31 @@ class AdapterRegistry:
         ]
         return min(candidates, key=lambda r: r.last_used, default=None)
 
-    async def _evict(self, record: AdapterRecord) -> None:
+    async def _empty(self, record: AdapterRecord) -> int:
+        """Take a ready record out of its slot and free the slot; 0 when it held none.
+        The state changes before the step-gap await, so that a second caller (two unloads
+        of one name, an eviction racing an unload) never frees the slot again."""
+        if record.state != "ready" or record.slot == 0:
+            return 0
         slot = record.slot
         record.state = "registered"
         record.slot = 0
-        await self.host.remove(slot)
+        try:
+            await self.host.remove(slot)
+        finally:
+            self._give_back(slot)
+        return slot
+
+    def _give_back(self, slot: int) -> None:
+        if slot in self._free_slots:
+            # Freed twice, it would be handed to two adapters, and one would serve with the
+            # other's weights (a bookkeeping bug: logged loudly, never acted on).
+            logger.error("adapter slot %d freed twice; ignored", slot)
+            return
         self._free_slots.append(slot)
+
+    async def _evict(self, record: AdapterRecord) -> None:
+        slot = await self._empty(record)
         self.evictions += 1
         logger.info("adapter %s evicted from slot %d (LRU)", record.name, slot)
 
@@ -464,10 +490,9 @@ class AdapterRegistry:
                     await asyncio.wait_for(self._slots_changed.wait(), timeout=remaining)
                 except TimeoutError:
                     continue
-            if record.state == "ready":
-                await self.host.remove(record.slot)
-                self._free_slots.append(record.slot)
-            self._records.pop(name, None)
+            await self._empty(record)  # nothing left to free when another unload ran first
+            if self._records.get(name) is record:
+                self._records.pop(name)
             self._slots_changed.notify_all()
 
 

@@ -419,3 +419,53 @@ async def test_each_load_of_a_slot_is_a_new_adapter_for_the_prefix_cache() -> No
     assert [r.name for r in refs] == ["a", "b", "a"]
     assert len({r.load for r in refs}) == 3  # so the KV of one never serves another
     assert await registry.acquire("a") == refs[2]  # the same load while it stays
+
+
+async def test_two_unloads_of_one_adapter_free_its_slot_once() -> None:
+    """A run-time adapter deleted on the router is unloaded twice on a replica (the
+    router's "unloaded" list and the shared file, both at once). The second unload must
+    not free the slot again: two later adapters would share it and one would serve with
+    the other's weights."""
+    from openllm_clone.adapters.registry import AdapterRegistry
+
+    host = _SlotHost()
+    registry = AdapterRegistry(host, max_loaded=3, base_model_aliases=[])
+    weights = {name: _FakeWeights() for name in ("a", "b", "c", "d")}
+    registry._read = lambda source: asyncio.sleep(0, weights[source])  # type: ignore[method-assign]
+    await registry.load("a", "a")
+    host.gate.clear()  # the step gap is slow: both unloads see the record before either ends
+    first = asyncio.create_task(registry.unload("a"))
+    second = asyncio.create_task(registry.unload("a"))
+    await asyncio.sleep(0.01)
+    host.gate.set()
+    await asyncio.gather(first, second)
+    assert registry.get("a") is None
+    slots = [(await registry.load(n, n)).slot for n in ("b", "c", "d")]
+    assert sorted(slots) == [1, 2, 3]
+    assert all(host.slots[s] is weights[n] for s, n in zip(slots, "bcd"))
+
+
+async def test_an_adapter_unloaded_while_it_loads_gives_its_slot_back() -> None:
+    """Ray's multiplex load (no request counted yet) races an unload of the same name:
+    the load ends without the adapter and its slot is free again."""
+    from openllm_clone.adapters.registry import AdapterRegistry
+
+    host = _SlotHost()
+    registry = AdapterRegistry(host, max_loaded=1, base_model_aliases=[])
+    weights = {name: _FakeWeights() for name in ("a", "b")}
+    gate = asyncio.Event()
+
+    async def read(source: str) -> Any:
+        await gate.wait()
+        return weights[source]
+
+    registry._read = read  # type: ignore[method-assign]
+    registry.register("a", "a")
+    load = asyncio.create_task(registry.load("a"))
+    await asyncio.sleep(0.01)
+    await registry.unload("a")
+    gate.set()
+    with pytest.raises(AdapterNotFoundError):
+        await load
+    assert registry.get("a") is None and registry._free_slots == [1]
+    assert (await registry.load("b", "b")).slot == 1
