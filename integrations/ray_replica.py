@@ -158,15 +158,15 @@ class LLMReplica:
     """One engine with its adapters; runs the ``/v1`` app for requests the router sends."""
 
     def __init__(self, settings_json: str) -> None:
-        from openllm_clone._memory import fix_mmap_threshold
+        from openllm_clone._memory import heap_trimmer
         from openllm_clone.api import build_app
         from openllm_clone.llm import LLM
 
-        fix_mmap_threshold()  # a long-running server: see openllm_clone/_memory.py
         settings = Settings.model_validate_json(settings_json)
         logging.getLogger("openllm_clone").setLevel(settings.log_level)
         self.settings = settings
         self.llm = LLM.from_settings(settings)
+        self.llm.engine.heap_trimmer = heap_trimmer()  # a long-running server: see _memory.py
         self.app = build_app(lambda: self.llm)
         context = serve.get_replica_context()
         self.replica_id = f"{context.replica_id.unique_id}"

@@ -227,10 +227,9 @@ class LLMService:
     """Serves one base model and its LoRA adapters."""
 
     def __init__(self) -> None:
-        from openllm_clone._memory import fix_mmap_threshold
+        from openllm_clone._memory import heap_trimmer
         from openllm_clone.llm import LLM
 
-        fix_mmap_threshold()  # before the model's memory: see _memory.py
         settings = Settings.from_env()
         _configure_logging(settings.log_level)
         tenancy = tenancy_for(settings)
@@ -241,6 +240,7 @@ class LLMService:
             _report_fatal(exc)
             raise
         observer.tokenizer = self.llm.tokenizer
+        self.llm.engine.heap_trimmer = heap_trimmer()  # a long-running server: see _memory.py
         _state["llm"] = self.llm
         logger.info("openllm-clone serving %s", self.llm.name)
 

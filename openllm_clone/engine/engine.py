@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from openllm_clone._memory import HeapTrimmer
 from openllm_clone.errors import (
     CapacityError,
     InvalidRequestError,
@@ -109,6 +110,8 @@ class Engine:
         self._seeds = random.Random(self.config.seed)
         self.steps = 0
         self.faults_isolated = 0  # rows failed alone after a batched step raised
+        # Servers hand glibc's free heap pages back now and then (openllm_clone/_memory.py).
+        self.heap_trimmer: HeapTrimmer | None = None
         # Tests only (never set from HTTP): called with a step's rows before the forward.
         self.fault_hook: Callable[[list[StepRow]], None] | None = None
 
@@ -239,6 +242,7 @@ class Engine:
             "prefix_cache_blocks": self.blocks.num_cached,
             "prefix_cache_hits": self.blocks.prefix_hits,
             "prefix_cache_queries": self.blocks.prefix_queries,
+            "heap_trims": self.heap_trimmer.trims if self.heap_trimmer is not None else 0,
         }
 
     def shutdown(self) -> None:
@@ -290,6 +294,8 @@ class Engine:
                 logger.exception("engine step failed")
                 for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
                     self._fail(seq.group, f"internal error during generation: {exc}")
+            if self.heap_trimmer is not None:  # servers: see openllm_clone/_memory.py
+                self.heap_trimmer.after_step(worked=worked, idle=not self.scheduler)
             # Let HTTP handlers run (and new requests arrive) between steps. One tick is
             # not enough: starting a stream takes a handful of callbacks in a row, and
             # each tick would otherwise cost a whole step.

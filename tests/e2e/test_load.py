@@ -193,6 +193,7 @@ def test_300_requests_at_concurrency_32(loaded: Server) -> None:
     # Nothing left behind: no running sequence, no KV block held, memory back where it was.
     engine = out["meta"]["engine"]
     assert engine["running"] == 0 and engine["pending"] == 0 and engine["kv_blocks_used"] == 0
+    assert engine["heap_trims"] >= 1  # the server hands free heap pages back when idle
     rss_after = _rss_mb(loaded.proc.pid)
     assert rss_after <= out["rss_before"] * 1.10, (out["rss_before"], rss_after)
     # /metrics counted every request that reached the engine.
