@@ -78,11 +78,10 @@ class HeapTrimmer:
         now = time.monotonic()
         if not idle and now - self._last < self.interval:
             return False
-        started = time.perf_counter()
         self._trim(0)
-        self._last, self._dirty = time.monotonic(), False
+        self._last, self._dirty = now, False
         self.trims += 1
-        logger.debug("malloc_trim in %.1f ms", 1000 * (time.perf_counter() - started))
+        logger.debug("malloc_trim in %.1f ms", 1000 * (time.monotonic() - now))
         return True
 
 
