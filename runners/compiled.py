@@ -1,48 +1,50 @@
-"""The decode step as one ``torch.compile`` graph per batch size (``--compile``, CPU).
+"""The decode step compiled ahead of time and kept on disk (``--compile``, CPU).
 
 A batch-1 bf16 decode step in eager PyTorch on CPU is ~120 matrix-vector products
 (oneDNN reaches ~19 GB/s on SmolLM2's narrow 576-wide layers, against ~30 GB/s for
 wide ones) plus ~1,500 small ops at 2-5 us each. Compiled with Inductor's freezing
-and max-autotune, the projections run in Inductor's C++ AMX/AVX-512 micro-GEMMs on
-prepacked weights and the norms, rotary and activations fuse into a few loops:
-measured on this 2-core CPU for SmolLM2 bf16, batch 1 25.3 -> 15.3 ms a step and
-batch 16 ~34 -> 23.6 ms (see bench/serving.py).
+and max-autotune, the projections run in Inductor's C++ micro-GEMMs on prepacked
+weights and the norms, rotary and activations fuse into a few loops (see
+bench/serving.py and bench/models.py).
 
 What the graph covers: decode steps (one new token per row) with no adapter rows.
 The paged KV cache stays the runner's: the graph writes each row's new key/value
-into its slot (an in-place ``index_put_`` on the cache, which Inductor keeps in
-place) and gathers the row's context by flat cache index, so the cache layout,
-the block allocator and prefix sharing are unchanged. Prompt chunks and steps with
-adapters run the runner's eager code on the same weights.
+into its slot (an in-place ``index_put_`` on the cache, which stays in place) and
+gathers the row's context by flat cache index, so the cache layout, the block
+allocator and prefix sharing are unchanged. Prompt chunks and steps with adapters run
+the runner's eager code on the same weights.
 
-Shapes: the number of rows is padded to a bucket (1, 4, 16, 64, ... up to the
-largest batch) and compiled once per bucket; the context length is a dynamic
-dimension, padded to whole KV blocks. Padding rows read the zeroed null block and
-write a scratch slot that no sequence owns.
-
-Cost: compiling takes ~35-40 s per bucket on 2 cores for SmolLM2, at every start
-(Inductor's FX cache bypasses graphs holding oneDNN-packed weights: "mkldnn tensors
-unpickleable"; with ``cpp.weight_prepack`` off the graph caches, but the GEMMs fall
-back to ``aten::mm`` and the gain is gone), and the prepacked weights are a second copy
-of the projections (+1x weight memory).
+How: ``torch.export`` of :class:`DecodeGraph` with the rows, the context length and
+the cache size as dynamic dimensions, compiled by AOTInductor into one package
+(``decode.pt2``: the kernels and the prepacked weights) under the compile cache,
+keyed by the model's files, dtype, limits, this module's code, torch's version, the
+CPU's vector ISA and the thread count. The first start compiles it (SmolLM2 on 2
+cores: ~75-95 s, once for every batch size); later starts load it in about a second.
+``torch.compile`` could not be persisted: Inductor's cache bypasses graphs holding
+oneDNN-packed weights ("mkldnn tensors unpickleable"), and it compiled one graph per
+batch bucket (~40 s each) at every start, each with its own packed copy of the weights.
+Cost: the package's prepacked weights are a second copy of the projections (+1x
+weight memory), and the package on disk is about that size.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import logging
 import os
 import shutil
 import time
-import types
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch._inductor.config as _inductor_config
 import torch.nn.functional as F
 
 from openllm_clone.errors import ModelLoadError
 
-__all__ = ["CompiledDecoder", "DecodeGraph", "buckets_for", "rms_norm", "rope"]
+__all__ = ["CompiledDecoder", "DecodeGraph", "package_key", "rms_norm", "rope"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,17 +76,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype == torch.float32:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype).mul_(weight)
-
-
-def buckets_for(max_batch_size: int) -> list[int]:
-    """Row counts compiled for: powers of 4 below the largest batch, then the largest."""
-    out = []
-    n = 1
-    while n < max_batch_size:
-        out.append(n)
-        n *= 4
-    out.append(max_batch_size)
-    return out
 
 
 def check_compilable(
@@ -251,25 +242,6 @@ class DecodeGraph(torch.nn.Module):
         return self.lm_head(self._norm(x, self.norm_weight)).float()
 
 
-def _own_code(graph: torch.nn.Module) -> None:
-    """Give ``graph.forward`` a code object of its own.
-
-    Dynamo keeps compiled graphs on the code object it traced (``forward``'s, shared by
-    every DecodeGraph in the process) and, with the module guards skipped, a second
-    graph passes the first one's guards; with freezing the weights are constants of the
-    compiled graph, so a second model in the process would run the first one's weights.
-    """
-    forward = type(graph).forward
-    own = types.FunctionType(
-        forward.__code__.replace(),  # a new code object: its own compiled-graph cache
-        forward.__globals__,
-        forward.__name__,
-        forward.__defaults__,
-        forward.__closure__,
-    )
-    graph.forward = types.MethodType(own, graph)  # type: ignore[method-assign]
-
-
 def _norm_eps(module: Any) -> float:
     eps = getattr(module, "variance_epsilon", None)
     return float(eps if eps is not None else module.eps)
@@ -287,32 +259,125 @@ def _fuse(modules: list[Any], attr: str = "weight") -> torch.nn.Parameter:
 
 
 class CompiledDecoder:
-    """The compiled graph, its buckets and the padding that feeds it."""
+    """The decode graph compiled ahead of time into an AOTInductor package, persisted.
 
-    def __init__(self, graph: DecodeGraph, *, max_batch_size: int, scratch_slot: int) -> None:
-        _own_code(graph)
+    One package serves every batch size from 1 to ``max_batch_size`` and every context
+    length (both dynamic dimensions), so there is one compile per model, one prepacked
+    copy of the weights in memory and no padding of rows. The package is written under
+    ``cache_dir`` (keyed by what went into it: see :func:`package_key`) and loaded from
+    there at the next start in about a second; a broken or unloadable package is
+    compiled again.
+    """
+
+    def __init__(
+        self,
+        graph: DecodeGraph,
+        *,
+        max_batch_size: int,
+        max_model_len: int,
+        cache_dir: Path,
+    ) -> None:
         self.graph = graph
-        self.buckets = buckets_for(max_batch_size)
-        self.scratch_slot = scratch_slot
-        self.ready: set[int] = set()
-        self.steps = 0  # decode steps run through the graph
+        self.max_batch_size = max_batch_size
+        self.max_model_len = max_model_len
+        self.cache_dir = cache_dir
+        self.package = cache_dir / "decode.pt2"
+        self.fn: Any = None
+        self.source: str | None = None  # "disk" (a persisted package) or "compiled"
+        self.seconds = 0.0  # time to compile or load
+        self.steps = 0  # decode steps run through the package
         self.last_rows = 0
-        self.fn = torch.compile(
-            graph,
-            fullgraph=True,
-            dynamic=False,
-            # The weights never change after start-up: do not guard on every module.
-            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
+
+    @property
+    def ready(self) -> bool:
+        return self.fn is not None
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "max_rows": self.max_batch_size,
+            "steps": self.steps,
+            "source": self.source,
+            "seconds": round(self.seconds, 2),
+            "package": str(self.package),
+        }
+
+    def prepare(self, example: tuple[Any, ...]) -> None:
+        """Load the persisted package, or compile and persist it (``example``: the
+        graph's inputs for a couple of rows, as :meth:`inputs` builds them)."""
+        if self.fn is not None:
+            return
+        started = time.perf_counter()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        # One compile per package: a second worker starting beside the first waits here,
+        # then loads what the first one wrote.
+        with open(self.cache_dir / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if self.package.exists():
+                    try:
+                        self.fn = torch._inductor.aoti_load_package(str(self.package))
+                        self.fn(*example)  # a broken package fails here, not on a request
+                        self.source = "disk"
+                    except Exception as exc:
+                        logger.warning(
+                            "compiled decode step in %s could not be loaded (%s: %s); "
+                            "compiling it again",
+                            self.package,
+                            type(exc).__name__,
+                            str(exc)[:300],
+                        )
+                        self.fn = None
+                if self.fn is None:
+                    logger.info(
+                        "compiling the decode step into %s (once per model, dtype and "
+                        "machine; ~1-2 min on 2 cores for a 135M model)",
+                        self.package,
+                    )
+                    self._compile(example)
+                    self.fn = torch._inductor.aoti_load_package(str(self.package))
+                    self.fn(*example)
+                    self.source = "compiled"
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        self.seconds = time.perf_counter() - started
+        logger.info(
+            "decode step %s in %.1f s (%s)",
+            "loaded" if self.source == "disk" else "compiled",
+            self.seconds,
+            self.package,
         )
 
-    def bucket(self, rows: int) -> int | None:
-        """The smallest bucket holding ``rows`` rows, or None past the largest."""
-        for b in self.buckets:
-            if rows <= b:
-                return b
-        return None
+    def _compile(self, example: tuple[Any, ...]) -> None:
+        from torch.export import Dim
 
-    def __call__(
+        ids, tables, _, _, masks, caches = example
+        rows = Dim("rows", min=1, max=self.max_batch_size) if self.max_batch_size > 1 else None
+        width = Dim("context", min=2, max=max(self.max_model_len + 16, 32))
+        cache_slots = Dim("cache_slots", min=2)
+
+        def dims(**at: Any) -> dict[int, Any] | None:
+            got = {int(k[1:]): v for k, v in at.items() if v is not None}
+            return got or None
+
+        dynamic = (
+            dims(d0=rows),
+            tuple(dims(d0=rows) for _ in tables),
+            dims(d0=rows),
+            dims(d0=rows, d1=width),
+            tuple(dims(d0=rows, d3=width) for _ in masks),
+            [dims(d0=cache_slots) for _ in caches],
+        )
+        program = torch.export.export(self.graph, example, dynamic_shapes=dynamic, strict=False)
+        partial = self.package.with_name(f"{self.package.stem}.partial-{os.getpid()}.pt2")
+        try:
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=str(partial), inductor_configs=dict(_INDUCTOR_OPTIONS)
+            )
+            os.replace(partial, self.package)
+        finally:
+            partial.unlink(missing_ok=True)
+
+    def inputs(
         self,
         ids: torch.Tensor,
         tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
@@ -321,41 +386,36 @@ class CompiledDecoder:
         lens: torch.Tensor,
         caches: list[torch.Tensor],
         window: int | None = None,
-    ) -> torch.Tensor:
-        """Run ``len(ids)`` decode rows (padded to a bucket); logits for the real rows.
-        ``tables``: cos and signed sin ``[rows, 1, D]`` of global, then local layers;
-        ``window``: the local layers' sliding window (None: no local layers)."""
-        n = ids.shape[0]
-        b = self.bucket(n)
-        assert b is not None
+    ) -> tuple[Any, ...]:
+        """The graph's arguments; ``window``: the local layers' sliding window."""
         width = gather.shape[1]
-        if b > n:
-            pad = b - n
-            ids = torch.cat([ids, ids.new_zeros(pad)])
-            tables = tuple(  # type: ignore[assignment]
-                torch.cat([t, t[:1].expand(pad, -1, -1)]) for t in tables
-            )
-            slots = torch.cat([slots, slots.new_full((pad,), self.scratch_slot)])
-            gather = torch.cat([gather, gather.new_zeros(pad, width)])  # the null block
-            lens = torch.cat([lens, lens.new_ones(pad)])
         k_pos = torch.arange(width).unsqueeze(0)
         mask = k_pos < lens.unsqueeze(1)
         local = mask & (k_pos > (lens - 1).unsqueeze(1) - window) if window else mask
         masks = (mask[:, None, None, :], local[:, None, None, :])
-        torch._dynamo.mark_dynamic(gather, 1)
-        for m in masks:
-            torch._dynamo.mark_dynamic(m, 3)
-        started = time.perf_counter() if b not in self.ready else None
-        # Inductor reads these when it compiles (torch.compile's ``options`` did not
-        # turn freezing on in torch 2.13): weights become prepacked constants and the
-        # projections Inductor's C++ micro-GEMMs.
-        with _inductor_config.patch(_INDUCTOR_OPTIONS):
-            logits = self.fn(ids, tables, slots, gather, masks, caches)
-        if started is not None:
-            self.ready.add(b)
-            logger.info(
-                "compiled the decode step for %d rows in %.1f s", b, time.perf_counter() - started
-            )
+        return ids, tables, slots, gather, masks, caches
+
+    def run(self, inputs: tuple[Any, ...]) -> torch.Tensor:
+        """Run ``len(ids)`` decode rows (at most ``max_batch_size``): fp32 logits."""
+        assert self.fn is not None, "prepare() first"
+        logits = self.fn(*inputs)
         self.steps += 1
-        self.last_rows = n
-        return logits[:n]
+        self.last_rows = int(inputs[0].shape[0])
+        return logits
+
+
+def package_key(parts: dict[str, Any]) -> str:
+    """A short hash of everything a compiled package depends on: ``parts`` (the model's
+    files, dtype, sizes, ...) plus this module's code, torch's version, the CPU's vector
+    ISA and the thread count Inductor's kernels are built for."""
+    from torch._inductor import cpu_vec_isa
+
+    everything = {
+        **parts,
+        "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        "torch": torch.__version__,
+        "isa": str(cpu_vec_isa.pick_vec_isa()),
+        "threads": torch.get_num_threads(),
+    }
+    blob = json.dumps(everything, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

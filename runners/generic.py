@@ -377,11 +377,6 @@ class GenericRunner:
         """Nothing runs compiled."""
         return None
 
-    @property
-    def compiled_buckets(self) -> list[int]:
-        """No compiled buckets."""
-        return []
-
     def warmup(self) -> None:
         """Nothing to compile."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,14 @@ from typing import Any
 from openllm_clone.errors import ModelLoadError
 from openllm_clone.settings import Settings
 
-__all__ = ["choose_runner", "load_runner", "pick_device", "pick_dtype"]
+__all__ = [
+    "choose_runner",
+    "compile_cache_dir",
+    "emulated_bf16_warning",
+    "load_runner",
+    "pick_device",
+    "pick_dtype",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +48,57 @@ def pick_dtype(name: str, device: Any) -> Any:
     except Exception:  # older builds lack the probe
         native_bf16 = False
     return torch.bfloat16 if native_bf16 else torch.float32
+
+
+def emulated_bf16_warning(dtype: Any, device: Any) -> str | None:
+    """What to tell a user who asked for bf16 on a CPU that only emulates it, or None."""
+    import torch
+
+    if dtype != torch.bfloat16 or device.type != "cpu":
+        return None
+    try:
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return None
+    except Exception:  # older builds lack the probe: say nothing rather than guess
+        return None
+    return (
+        "bfloat16 on this CPU is emulated (no AVX512-BF16 or AMX): its matrix products run "
+        "about 2x slower than float32 here (bench/models.py); --dtype auto picks float32 "
+        "on this machine, bfloat16 halves the weights' memory"
+    )
+
+
+def compile_cache_dir(settings: Settings, path: Path, model_id: str, dtype: Any) -> Path | None:
+    """Where ``--compile`` keeps this model's compiled step: a folder under
+    ``--compile-cache`` named after the model and a key of everything the package
+    depends on (see :func:`~.compiled.package_key`); None when turned off."""
+    from .compiled import package_key
+
+    chosen = settings.compile_cache
+    if chosen is not None and chosen.lower() == "none":
+        return None
+    if chosen is None:
+        from bentoml._internal.configuration.containers import BentoMLContainer
+
+        root = Path(str(BentoMLContainer.bentoml_home.get())) / "openllm-clone" / "compiled"
+    else:
+        root = Path(chosen).expanduser().resolve()
+    files = sorted(
+        (str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
+        for f in path.rglob("*")
+        if f.is_file()
+    )
+    key = package_key(
+        {
+            "model": str(path.resolve()),
+            "files": files,
+            "dtype": str(dtype),
+            "max_batch_size": settings.max_batch_size,
+            "max_model_len": settings.max_model_len,
+        }
+    )
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id).strip("_")[-60:] or "model"
+    return root / f"{name}-{key}"
 
 
 def choose_runner(config: Any, settings: Settings) -> str:
@@ -73,6 +132,9 @@ def load_runner(path: Path, settings: Settings, *, model_id: str) -> tuple[Any, 
 
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
+    warning = emulated_bf16_warning(dtype, device)
+    if warning is not None:
+        logger.warning(warning)
     started = time.perf_counter()
     try:
         config = AutoConfig.from_pretrained(str(path))
@@ -113,7 +175,13 @@ def load_runner(path: Path, settings: Settings, *, model_id: str) -> tuple[Any, 
         from .torch_runner import TorchRunner
 
         runner = TorchRunner(
-            model, compile=settings.compile, max_batch_size=settings.max_batch_size, **common
+            model,
+            compile=settings.compile,
+            max_batch_size=settings.max_batch_size,
+            compile_cache=compile_cache_dir(settings, Path(path), model_id, dtype)
+            if settings.compile
+            else None,
+            **common,
         )
     else:
         from .generic import GenericRunner
@@ -121,19 +189,13 @@ def load_runner(path: Path, settings: Settings, *, model_id: str) -> tuple[Any, 
         runner = GenericRunner(model, **common)
     runner.info.weight_bytes = weight_bytes
     if runner.compiled:
-        compiling = time.perf_counter()
-        logger.info(
-            "compiling the decode step for batch sizes %s (~40 s each on 2 cores)",
-            runner.compiled_buckets,
-        )
         try:
-            runner.warmup()
+            runner.warmup()  # loads the compiled step from the cache, or compiles it
         except Exception as exc:  # Inductor's errors are many and deep: name the flag
             raise ModelLoadError(
                 f"--compile could not compile the decode step ({type(exc).__name__}: "
                 f"{str(exc)[:500]}); start without --compile"
             ) from exc
-        logger.info("decode step compiled in %.1f s", time.perf_counter() - compiling)
     logger.info(
         "loaded %s (%s, %s runner, %s%s on %s, %.0f MiB of weights) in %.1f s; "
         "KV cache %d blocks of %d tokens",

@@ -24,6 +24,8 @@ fit here.
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,6 +68,7 @@ class TorchRunner:
         quantization: str | None = None,
         compile: bool = False,
         max_batch_size: int = 16,
+        compile_cache: Path | None = None,
     ) -> None:
         config = model.config
         refusal = fast_refusal(config, max_model_len)
@@ -97,7 +100,7 @@ class TorchRunner:
         per_token_bytes = per_token * torch.tensor([], dtype=self.dtype).element_size()
         self.num_blocks = max(2, kv_cache_bytes // (per_token_bytes * block_size))
         self.kv_bytes_per_token = per_token_bytes
-        # One block past the allocator's: the scratch slot padded compiled rows write.
+        # One block past the allocator's: the scratch slot the compiled step's warm-up writes.
         slots = (self.num_blocks + 1) * block_size
         self.scratch_slot = self.num_blocks * block_size
         # Keys and values of a token sit side by side, so one gather reads both.
@@ -178,8 +181,13 @@ class TorchRunner:
                 gemma=self.gemma,
                 local_layers=[w is not None for w in self.windows],
             )
+            if compile_cache is None:  # nowhere to keep it: compile at every start
+                compile_cache = Path(tempfile.mkdtemp(prefix="openllm-clone-compiled-"))
             self._compiled = CompiledDecoder(
-                graph, max_batch_size=max_batch_size, scratch_slot=self.scratch_slot
+                graph,
+                max_batch_size=max_batch_size,
+                max_model_len=self.max_model_len,
+                cache_dir=compile_cache,
             )
         # The compiled graph prepacks its own copy; the eager path then keeps plain Linears.
         self._fused = None if self._compiled is not None else self._pack_layers()
@@ -295,24 +303,17 @@ class TorchRunner:
         return self._compiled is not None
 
     def compiled_stats(self) -> dict[str, Any] | None:
-        """``--compile``: the batch buckets and how many decode steps ran compiled."""
-        if self._compiled is None:
-            return None
-        return {"buckets": list(self._compiled.buckets), "steps": self._compiled.steps}
-
-    @property
-    def compiled_buckets(self) -> list[int]:
-        """Batch sizes the compiled graph is built for (empty without ``--compile``)."""
-        return [] if self._compiled is None else list(self._compiled.buckets)
+        """``--compile``: where the compiled step came from (``disk`` or ``compiled``),
+        the most rows it takes and how many decode steps ran through it."""
+        return None if self._compiled is None else self._compiled.stats()
 
     def warmup(self) -> None:
-        """Compile the decode graph for every bucket now (a no-op without ``--compile``)."""
+        """Load or compile the decode step now (a no-op without ``--compile``)."""
         if self._compiled is None:
             return
+        rows = [StepRow([0], 1, [NULL_BLOCK]) for _ in range(self._compiled.max_batch_size)]
         with torch.inference_mode():
-            for b in self._compiled.buckets:
-                rows = [StepRow([0], 1, [NULL_BLOCK]) for _ in range(b)]
-                self._run_compiled(rows, scratch=True)
+            self._compiled.prepare(self._compiled_inputs(rows, scratch=True))
 
     def _rope_tables(
         self, pos: torch.Tensor, layer_type: str | None = None
@@ -328,8 +329,8 @@ class TorchRunner:
         sin[..., : self.head_dim // 2].neg_()  # rotate_half's sign, see compiled.rope
         return cos, sin
 
-    def _run_compiled(self, rows: list[StepRow], *, scratch: bool = False) -> torch.Tensor:
-        """Decode rows through the compiled graph: fp32 logits, one per row."""
+    def _compiled_inputs(self, rows: list[StepRow], *, scratch: bool = False) -> tuple[Any, ...]:
+        """The compiled graph's arguments for decode ``rows``."""
         assert self._compiled is not None
         bs = self.block_size
         ids = torch.tensor([r.token_ids[0] for r in rows], device=self.device)
@@ -353,16 +354,23 @@ class TorchRunner:
             glob = local = self._rope_tables(pos)
         tables = (*glob, *local)
         lens = torch.tensor(context, device=self.device)
-        return self._compiled(
+        return self._compiled.inputs(
             ids, tables, slots, gather, lens, self.kv_cache, window=self._window_size
         )
+
+    def _run_compiled(self, rows: list[StepRow]) -> torch.Tensor:
+        """Decode rows through the compiled graph: fp32 logits, one per row."""
+        assert self._compiled is not None
+        if not self._compiled.ready:  # warmup() was skipped: load or compile now
+            self.warmup()
+        return self._compiled.run(self._compiled_inputs(rows))
 
     def _step(self, rows: list[StepRow]) -> torch.Tensor:
         if self._compiled is not None and all(
             r.adapter_slot == 0 and not r.all_logits for r in rows
         ):
             decode = [i for i, r in enumerate(rows) if len(r.token_ids) == 1]
-            if decode and self._compiled.bucket(len(decode)) is not None:
+            if decode and len(decode) <= self._compiled.max_batch_size:
                 return self._split_step(rows, decode)
         return self._eager_step(rows)
 

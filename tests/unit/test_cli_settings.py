@@ -57,3 +57,19 @@ def test_start_builds_the_settings_it_is_given(monkeypatch, tmp_path) -> None:  
     )
     assert settings.api_keys == ["k1", "k2"] and not settings.prefix_caching
     assert [a.name for a in settings.adapters] == ["a"]
+
+
+def test_explicit_bf16_warns_only_where_the_cpu_emulates_it() -> None:
+    """``--dtype bfloat16`` on a CPU without native bf16 is said to be slow; ``auto`` picks
+    float32 there, so it never warns."""
+    import torch
+    from openllm_clone.runners.loader import emulated_bf16_warning, pick_dtype
+
+    cpu = torch.device("cpu")
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    warning = emulated_bf16_warning(torch.bfloat16, cpu)
+    assert (warning is None) == native
+    if warning is not None:
+        assert "emulated" in warning and "float32" in warning
+    assert emulated_bf16_warning(torch.float32, cpu) is None
+    assert emulated_bf16_warning(pick_dtype("auto", cpu), cpu) is None

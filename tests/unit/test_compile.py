@@ -1,6 +1,7 @@
-"""``--compile``: the decode step as a torch.compile graph gives the eager engine's results.
+"""``--compile``: the decode step compiled ahead of time (AOTInductor) gives the eager
+engine's results, and a later start loads it from the compile cache.
 
-Slow (Inductor compiles two batch buckets of the tiny model, ~1 min on 2 cores).
+Slow (AOTInductor compiles the tiny model's step, about a minute on 2 cores).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 from openllm_clone.runners.base import StepRow
-from openllm_clone.runners.compiled import buckets_for, check_compilable
+from openllm_clone.runners.compiled import check_compilable
 
 from openllm_clone.errors import ModelLoadError
 from openllm_clone.llm import LLM
@@ -35,32 +36,32 @@ def make_llm(model_dir: Path, **overrides: Any) -> LLM:
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_model_dir: Path) -> Any:
-    compiled = make_llm(tiny_model_dir, compile=True)
+def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("compiled")
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_model_dir: Path, compile_cache: Path) -> Any:
+    compiled = make_llm(tiny_model_dir, compile=True, compile_cache=str(compile_cache))
     eager = make_llm(tiny_model_dir)
     yield compiled, eager
     compiled.shutdown()
     eager.shutdown()
 
 
-def test_buckets() -> None:
-    assert buckets_for(1) == [1]
-    assert buckets_for(16) == [1, 4, 16]
-    assert buckets_for(20) == [1, 4, 16, 20]
-    assert buckets_for(64) == [1, 4, 16, 64]
-
-
-def test_compiled_runner_is_built_and_warm(pair: Any) -> None:
+def test_compiled_runner_is_built_and_warm(pair: Any, compile_cache: Path) -> None:
     compiled, eager = pair
     assert compiled.runner.compiled and not eager.runner.compiled
-    assert compiled.runner.compiled_buckets == [1, 4]
-    assert compiled.runner._compiled.ready == {1, 4}  # warmed up at load, not on a request
-    assert compiled.metadata()["compiled"]["buckets"] == [1, 4]
+    assert compiled.runner._compiled.ready  # compiled at load, not on a request
+    stats = compiled.metadata()["compiled"]
+    assert stats["source"] == "compiled" and stats["max_rows"] == 4
+    package = Path(stats["package"])
+    assert package.is_file() and package.parent.parent == compile_cache
     assert eager.metadata()["compiled"] is None
 
 
 def test_decode_logits_match_the_eager_runner(pair: Any) -> None:
-    """Same cache state, one to four decode rows (bucket 4 padded for 2 and 3 rows)."""
+    """Same cache state, one to four decode rows (one package, a dynamic row count)."""
     compiled, eager = pair
     gen = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (7, 30, 3, 19)]
@@ -128,30 +129,48 @@ async def test_adapter_rows_take_the_eager_path(pair: Any, tiny_adapters: dict[s
     assert ours[0].token_ids[0] != ours[1].token_ids[0]
 
 
-def test_two_compiled_graphs_in_one_process_keep_their_own_weights() -> None:
-    """With freezing the weights are constants of the compiled graph, and Dynamo keeps
-    graphs on the traced code object, so without a code object of its own a second
-    model's graph passed the first one's guards and ran its weights."""
-    import torch._inductor.config as inductor_config
-    from openllm_clone.runners.compiled import _own_code
+async def test_a_later_start_loads_the_compiled_step_from_the_cache(
+    pair: Any, tiny_model_dir: Path, compile_cache: Path
+) -> None:
+    """The same model, dtype and limits: the package is loaded, not compiled, and computes
+    what the first one did; a broken package is compiled again; another model (its own
+    weights are constants of its package) gets a package of its own."""
+    compiled, _ = pair
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    ids = compiled.tokenize("Once upon a time")
+    want = (await compiled.complete(ids, params)).token_ids[0]
+    package = Path(compiled.metadata()["compiled"]["package"])
 
-    class Scale(torch.nn.Module):
-        def __init__(self, w: float) -> None:
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.full((2, 2), w), requires_grad=False)
+    again = make_llm(tiny_model_dir, compile=True, compile_cache=str(compile_cache))
+    try:
+        stats = again.metadata()["compiled"]
+        assert stats["source"] == "disk" and stats["package"] == str(package)
+        steps = stats["steps"]
+        assert (await again.complete(ids, params)).token_ids[0] == want
+        assert again.metadata()["compiled"]["steps"] >= steps + 11
+    finally:
+        again.shutdown()
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x @ self.w
+    other_dir = tiny_model_dir.parent / "tiny-llama-other"
+    if not other_dir.exists():
+        import shutil
 
-    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-    graphs = []
-    for w in (1.0, 2.0):
-        module = Scale(w)
-        _own_code(module)
-        graphs.append(torch.compile(module, fullgraph=True, options=options))
-    x = torch.ones(1, 2)
-    with torch.inference_mode(), inductor_config.patch({"freezing": True}):
-        assert [g(x)[0, 0].item() for g in graphs] == [2.0, 4.0]
+        shutil.copytree(tiny_model_dir, other_dir)
+        cfg = other_dir / "config.json"
+        cfg.write_text(cfg.read_text().replace("}", ', "openllm_clone_test": 1}', 1))
+    package.write_bytes(b"not a package")  # and the first model's package breaks
+    for folder, source in ((other_dir, "compiled"), (tiny_model_dir, "compiled")):
+        llm = make_llm(folder, compile=True, compile_cache=str(compile_cache))
+        try:
+            stats = llm.metadata()["compiled"]
+            assert stats["source"] == source
+            if folder == other_dir:
+                assert stats["package"] != str(package)
+            else:
+                assert stats["package"] == str(package)
+                assert (await llm.complete(ids, params)).token_ids[0] == want
+        finally:
+            llm.shutdown()
 
 
 def test_clear_errors_where_compile_cannot_run(tiny_model_dir: Path, monkeypatch: Any) -> None:
