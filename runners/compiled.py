@@ -16,7 +16,7 @@ the runner's eager code on the same weights.
 
 How: ``torch.export`` of :class:`DecodeGraph` with the rows, the context length and
 the cache size as dynamic dimensions, compiled by AOTInductor into one package
-(``decode.pt2``: the kernels and the prepacked weights) under the compile cache,
+(``decode/``, unpacked: the kernels and the prepacked weights) under the compile cache,
 keyed by the model's files, dtype, limits, this module's code, torch's version, the
 CPU's vector ISA and the thread count. The first start compiles it (SmolLM2 on 2
 cores: ~75-95 s, once for every batch size); later starts load it in about a second.
@@ -36,6 +36,7 @@ import logging
 import os
 import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -281,7 +282,7 @@ class CompiledDecoder:
         self.max_batch_size = max_batch_size
         self.max_model_len = max_model_len
         self.cache_dir = cache_dir
-        self.package = cache_dir / "decode.pt2"
+        self.package = cache_dir / "decode"  # an unpacked AOTInductor package
         self.fn: Any = None
         self.source: str | None = None  # "disk" (a persisted package) or "compiled"
         self.seconds = 0.0  # time to compile or load
@@ -315,7 +316,7 @@ class CompiledDecoder:
             try:
                 if self.package.exists():
                     try:
-                        self.fn = torch._inductor.aoti_load_package(str(self.package))
+                        self.fn = _load_unpacked(self.package)
                         self.fn(*example)  # a broken package fails here, not on a request
                         self.source = "disk"
                     except Exception as exc:
@@ -334,7 +335,7 @@ class CompiledDecoder:
                         self.package,
                     )
                     self._compile(example)
-                    self.fn = torch._inductor.aoti_load_package(str(self.package))
+                    self.fn = _load_unpacked(self.package)
                     self.fn(*example)
                     self.source = "compiled"
             finally:
@@ -368,14 +369,23 @@ class CompiledDecoder:
             [dims(d0=cache_slots) for _ in caches],
         )
         program = torch.export.export(self.graph, example, dynamic_shapes=dynamic, strict=False)
-        partial = self.package.with_name(f"{self.package.stem}.partial-{os.getpid()}.pt2")
+        partial = self.cache_dir / f"decode.partial-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
         try:
+            archive = partial / "decode.pt2"
+            partial.mkdir(parents=True)
             torch._inductor.aoti_compile_and_package(
-                program, package_path=str(partial), inductor_configs=dict(_INDUCTOR_OPTIONS)
+                program, package_path=str(archive), inductor_configs=dict(_INDUCTOR_OPTIONS)
             )
-            os.replace(partial, self.package)
+            # Kept unpacked: a .pt2 is extracted to a temporary folder at every load
+            # (~1x the weights), and left behind when the process is killed.
+            with zipfile.ZipFile(archive) as zipped:
+                zipped.extractall(partial / "unpacked")
+            (root,) = (partial / "unpacked").iterdir()  # the archive's one top folder
+            shutil.rmtree(self.package, ignore_errors=True)  # a broken one, if any
+            os.replace(root, self.package)
         finally:
-            partial.unlink(missing_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)
 
     def inputs(
         self,
@@ -402,6 +412,15 @@ class CompiledDecoder:
         self.steps += 1
         self.last_rows = int(inputs[0].shape[0])
         return logits
+
+
+def _load_unpacked(folder: Path) -> Any:
+    """An AOTInductor package unpacked in ``folder``, loaded in place (torch's loader
+    takes a folder as well as a .pt2; ``aoti_load_package`` only passes files)."""
+    from torch._inductor.package.package import AOTICompiledModel
+
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(folder), "model", False, 1, -1)
+    return AOTICompiledModel(loader)
 
 
 def package_key(parts: dict[str, Any]) -> str:
