@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from openllm_clone.errors import OpenLLMCloneError
+from openllm_clone.settings import Settings
 
 from ._common import console, fail, human_bytes, out
 
@@ -19,9 +20,30 @@ def import_(
     source: str = typer.Argument("smollm2", help="smollm2, a local folder, or a hub id."),
     name: str | None = typer.Option(None, help="Name in the store."),
     adapter: bool = typer.Option(False, "--adapter", help="SOURCE is a peft LoRA adapter folder."),
+    compile: bool = typer.Option(
+        False,
+        "--compile",
+        help="Also compile the decode step into the compile cache now, so that "
+        "`start --compile` with the same --dtype, --max-batch-size and --max-model-len "
+        "loads it in seconds.",
+    ),
+    dtype: str = typer.Option("auto", help="With --compile: the dtype `start` will use."),
+    max_batch_size: int = typer.Option(
+        Settings.model_fields["max_batch_size"].default,
+        help="With --compile: the --max-batch-size `start` will use.",
+    ),
+    max_model_len: int | None = typer.Option(
+        None, help="With --compile: the --max-model-len `start` will use."
+    ),
+    compile_cache: str | None = typer.Option(
+        None, help=Settings.model_fields["compile_cache"].description
+    ),
 ) -> None:
     """Put a model (or, with --adapter, a LoRA adapter) into the BentoML model store."""
     from openllm_clone.store import import_adapter, import_model
+
+    if compile and adapter:
+        fail("--compile compiles a base model; it does not apply to --adapter")
 
     try:
         with console.status(f"importing {source}"):
@@ -33,7 +55,45 @@ def import_(
         fail(exc.message)
     if not adapter:
         _warn_if_unservable(tag)
+    if compile:
+        _compile_ahead(tag, dtype, max_batch_size, max_model_len, compile_cache)
     out.print(tag)
+
+
+def _compile_ahead(
+    tag: str, dtype: str, max_batch_size: int, max_model_len: int | None, cache: str | None
+) -> None:
+    """Load the model as `start --compile` would, which compiles its decode step into
+    the compile cache (or finds it there), then let it go."""
+    import pydantic
+    from openllm_clone.runners.loader import load_runner
+
+    from openllm_clone.store import resolve_model
+
+    try:
+        settings = Settings.model_validate(
+            dict(
+                model=tag,
+                dtype=dtype,
+                compile=True,
+                max_batch_size=max_batch_size,
+                max_model_len=max_model_len,
+                compile_cache=cache,
+            )
+        )
+    except pydantic.ValidationError as exc:
+        fail(str(exc))
+    try:
+        with console.status(f"compiling the decode step of {tag} (~1-2 min)"):
+            runner, _ = load_runner(resolve_model(tag).path, settings, model_id=tag)
+    except OpenLLMCloneError as exc:
+        fail(exc.message)
+    stats = runner.compiled_stats() or {}
+    console.print(
+        f"decode step {'found' if stats.get('source') == 'disk' else 'compiled'} "
+        f"in {stats.get('seconds', 0):.1f} s: {stats.get('package')}",
+        soft_wrap=True,
+    )
 
 
 def _warn_if_unservable(tag: str) -> None:

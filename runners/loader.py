@@ -68,7 +68,7 @@ def emulated_bf16_warning(dtype: Any, device: Any) -> str | None:
     )
 
 
-def compile_cache_dir(settings: Settings, path: Path, model_id: str, dtype: Any) -> Path | None:
+def compile_cache_dir(settings: Settings, path: Path, dtype: Any) -> Path | None:
     """Where ``--compile`` keeps this model's compiled step: a folder under
     ``--compile-cache`` named after the model and a key of everything the package
     depends on (see :func:`~.compiled.package_key`); None when turned off."""
@@ -97,8 +97,10 @@ def compile_cache_dir(settings: Settings, path: Path, model_id: str, dtype: Any)
             "max_model_len": settings.max_model_len,
         }
     )
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id).strip("_")[-60:] or "model"
-    return root / f"{name}-{key}"
+    # Named after the folder (a store model's name and version), not how it was asked
+    # for: `import --compile` and `start` by tag, alias or path find the same package.
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(path.resolve().parts[-2:]))
+    return root / f"{name.strip('_')[-60:] or 'model'}-{key}"
 
 
 def choose_runner(config: Any, settings: Settings) -> str:
@@ -178,7 +180,7 @@ def load_runner(path: Path, settings: Settings, *, model_id: str) -> tuple[Any, 
             model,
             compile=settings.compile,
             max_batch_size=settings.max_batch_size,
-            compile_cache=compile_cache_dir(settings, Path(path), model_id, dtype)
+            compile_cache=compile_cache_dir(settings, Path(path), dtype)
             if settings.compile
             else None,
             **common,

@@ -23,7 +23,7 @@ from openllm_clone.settings import Settings
 pytestmark = pytest.mark.slow
 
 
-def make_llm(model_dir: Path, **overrides: Any) -> LLM:
+def make_llm(model_dir: Path | str, **overrides: Any) -> LLM:
     settings = Settings(
         model=str(model_dir),
         dtype="float32",
@@ -220,5 +220,39 @@ def test_compiled_step_on_qwen3_and_gemma3_equals_generate(
         together, alone = asyncio.run(run())
         assert together == want and alone == want[0]
         assert llm.metadata()["compiled"]["steps"] >= 2 * 11  # decode steps ran compiled
+    finally:
+        llm.shutdown()
+
+
+def test_import_compiles_ahead_for_start(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`import --compile` leaves the package where `start --compile` of the stored model
+    (same dtype and limits) finds it: the start loads it instead of compiling."""
+    from openllm_clone.cli import app
+    from typer.testing import CliRunner
+
+    cache = tmp_path / "compiled"
+    result = CliRunner().invoke(
+        app,
+        [
+            "import",
+            str(tiny_model_dir),
+            "--name",
+            "tiny-ahead",
+            "--compile",
+            "--dtype",
+            "float32",
+            "--max-batch-size",
+            "4",
+            "--compile-cache",
+            str(cache),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "decode step compiled" in result.output
+    tag = result.output.strip().splitlines()[-1]
+    llm = make_llm(tag, compile=True, compile_cache=str(cache))
+    try:
+        stats = llm.metadata()["compiled"]
+        assert stats["source"] == "disk" and Path(stats["package"]).parent.parent == cache
     finally:
         llm.shutdown()
