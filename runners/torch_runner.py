@@ -182,7 +182,9 @@ class TorchRunner:
                 local_layers=[w is not None for w in self.windows],
             )
             if compile_cache is None:  # nowhere to keep it: compile at every start
-                compile_cache = Path(tempfile.mkdtemp(prefix="openllm-clone-compiled-"))
+                # Removed when the process exits (the package is ~1x the weights).
+                self._compile_tmp = tempfile.TemporaryDirectory(prefix="openllm-clone-compiled-")
+                compile_cache = Path(self._compile_tmp.name)
             self._compiled = CompiledDecoder(
                 graph,
                 max_batch_size=max_batch_size,

@@ -256,3 +256,28 @@ def test_import_compiles_ahead_for_start(tiny_model_dir: Path, tmp_path: Path) -
         assert stats["source"] == "disk" and Path(stats["package"]).parent.parent == cache
     finally:
         llm.shutdown()
+
+
+def test_compile_cache_folder_and_key(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`none` turns the cache off; the default lies under BENTOML_HOME; the key follows
+    what the package bakes in (dtype, limits, the model's files), not how the model is
+    named."""
+    import os
+
+    from openllm_clone.runners.loader import compile_cache_dir
+
+    def folder(**kw: Any) -> Path | None:
+        settings = Settings(model=str(tiny_model_dir), compile=True, **kw)
+        return compile_cache_dir(settings, tiny_model_dir, torch.float32)
+
+    assert folder(compile_cache="none") is None
+    default = folder()
+    assert default is not None
+    assert default.parent == Path(os.environ["BENTOML_HOME"]) / "openllm-clone" / "compiled"
+    mine = folder(compile_cache=str(tmp_path))
+    assert mine is not None and mine.parent == tmp_path and mine.name == default.name
+    assert folder(compile_cache=str(tmp_path), max_batch_size=8) != mine
+    assert folder(compile_cache=str(tmp_path), max_model_len=64) != mine
+    assert folder(compile_cache=str(tmp_path), model_name="other") == mine
+    settings = Settings(model=str(tiny_model_dir), compile=True, compile_cache=str(tmp_path))
+    assert compile_cache_dir(settings, tiny_model_dir, torch.bfloat16) != mine
