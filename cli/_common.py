@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+
+from openllm_clone.settings import Settings
 
 console = Console(stderr=True)
 out = Console()
@@ -27,6 +29,14 @@ def fail(message: str, code: int = 1) -> NoReturn:
     """Print an error and exit."""
     console.print(f"[bold red]error:[/] {message}")
     sys.exit(code)
+
+
+def settings_or_fail(fields: dict[str, Any]) -> Settings:
+    """Settings from command-line values, or exit 2 with pydantic's reason."""
+    try:
+        return Settings.model_validate(fields)
+    except ValueError as exc:
+        fail(str(exc), 2)
 
 
 def human_bytes(n: float) -> str:

@@ -11,9 +11,9 @@ import typer
 from rich.table import Table
 
 from openllm_clone.errors import OpenLLMCloneError
-from openllm_clone.settings import Settings, parse_adapter_spec
+from openllm_clone.settings import parse_adapter_spec
 
-from ._common import console, fail, human_bytes, out
+from ._common import console, fail, human_bytes, out, settings_or_fail
 
 app = typer.Typer()
 
@@ -38,19 +38,20 @@ def build(
     from openllm_clone.bento import build_bento
 
     try:
-        settings = Settings.model_validate(
-            dict(
-                model=model,
-                quantize=quantize,
-                dtype=dtype,
-                compile=compile,
-                adapters=[parse_adapter_spec(a) for a in adapter_id],
-                max_batch_size=max_batch_size,
-                max_adapters=max_adapters,
-            )
-        )
+        adapters = [parse_adapter_spec(a) for a in adapter_id]
     except ValueError as exc:
         fail(str(exc), 2)
+    settings = settings_or_fail(
+        dict(
+            model=model,
+            quantize=quantize,
+            dtype=dtype,
+            compile=compile,
+            adapters=adapters,
+            max_batch_size=max_batch_size,
+            max_adapters=max_adapters,
+        )
+    )
     started = time.perf_counter()
     try:
         with console.status("building the bento"):

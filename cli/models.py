@@ -10,7 +10,7 @@ from rich.table import Table
 from openllm_clone.errors import OpenLLMCloneError
 from openllm_clone.settings import Settings
 
-from ._common import console, fail, human_bytes, out
+from ._common import console, fail, human_bytes, out, settings_or_fail
 
 app = typer.Typer()
 
@@ -44,6 +44,21 @@ def import_(
 
     if compile and adapter:
         fail("--compile compiles a base model; it does not apply to --adapter")
+    # Checked before the import: a bad --dtype must not leave a model behind half done.
+    ahead = (
+        settings_or_fail(
+            dict(
+                model=source,
+                dtype=dtype,
+                compile=True,
+                max_batch_size=max_batch_size,
+                max_model_len=max_model_len,
+                compile_cache=compile_cache,
+            )
+        )
+        if compile
+        else None
+    )
 
     try:
         with console.status(f"importing {source}"):
@@ -55,34 +70,18 @@ def import_(
         fail(exc.message)
     if not adapter:
         _warn_if_unservable(tag)
-    if compile:
-        _compile_ahead(tag, dtype, max_batch_size, max_model_len, compile_cache)
+    if ahead is not None:
+        _compile_ahead(tag, ahead.model_copy(update={"model": tag}))
     out.print(tag)
 
 
-def _compile_ahead(
-    tag: str, dtype: str, max_batch_size: int, max_model_len: int | None, cache: str | None
-) -> None:
+def _compile_ahead(tag: str, settings: Settings) -> None:
     """Load the model as `start --compile` would, which compiles its decode step into
     the compile cache (or finds it there), then let it go."""
-    import pydantic
     from openllm_clone.runners.loader import load_runner
 
     from openllm_clone.store import resolve_model
 
-    try:
-        settings = Settings.model_validate(
-            dict(
-                model=tag,
-                dtype=dtype,
-                compile=True,
-                max_batch_size=max_batch_size,
-                max_model_len=max_model_len,
-                compile_cache=cache,
-            )
-        )
-    except pydantic.ValidationError as exc:
-        fail(str(exc))
     try:
         with console.status(f"compiling the decode step of {tag} (~1-2 min)"):
             runner, _ = load_runner(resolve_model(tag).path, settings, model_id=tag)

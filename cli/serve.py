@@ -13,7 +13,7 @@ import typer
 from openllm_clone.errors import OpenLLMCloneError
 from openllm_clone.settings import FATAL_FILE_ENV, Settings, parse_adapter_spec
 
-from ._common import console, fail
+from ._common import console, fail, settings_or_fail
 
 app = typer.Typer()
 
@@ -109,54 +109,55 @@ def start(
         return [v for raw in values for v in raw.split(",") if v.strip()]
 
     try:
-        settings = Settings.model_validate(
-            dict(
-                model=model,
-                host=host,
-                port=port,
-                dtype=dtype,
-                device=device,
-                quantize=quantize,
-                compile=compile,
-                compile_cache=compile_cache,
-                prefix_caching=prefix_caching,
-                runner=runner,
-                max_batch_size=max_batch_size,
-                max_prefill_tokens=max_prefill_tokens,
-                block_size=block_size,
-                max_queue=max_queue,
-                seed=seed,
-                timeout=timeout,
-                workers=workers,
-                backend=backend,
-                replicas=replicas,
-                max_replicas=max_replicas,
-                cpus_per_replica=cpus_per_replica,
-                gpus_per_replica=gpus_per_replica,
-                ray_address=ray_address,
-                routing=routing,
-                api_keys=split(api_key),
-                admin_api_keys=split(admin_api_key),
-                keys_file=keys_file,
-                scheduling=scheduling,
-                usage_log=usage_log,
-                max_body_bytes=max_body_bytes,
-                adapters=[parse_adapter_spec(a) for a in split(adapter_id)],
-                max_adapters=max_adapters,
-                max_adapter_rank=max_adapter_rank,
-                adapter_registry=adapter_registry,
-                adapter_roots=split(adapter_root),
-                allow_pickle_adapters=allow_pickle_adapters,
-                max_adapter_mb=max_adapter_mb,
-                max_model_len=max_model_len,
-                kv_cache_mb=kv_cache_mb,
-                model_name=model_name,
-                log_level=log_level.upper(),
-                log_prompts=log_prompts,
-            )
-        )
+        adapters = [parse_adapter_spec(a) for a in split(adapter_id)]
     except ValueError as exc:
         fail(str(exc), 2)
+    settings = settings_or_fail(
+        dict(
+            model=model,
+            host=host,
+            port=port,
+            dtype=dtype,
+            device=device,
+            quantize=quantize,
+            compile=compile,
+            compile_cache=compile_cache,
+            prefix_caching=prefix_caching,
+            runner=runner,
+            max_batch_size=max_batch_size,
+            max_prefill_tokens=max_prefill_tokens,
+            block_size=block_size,
+            max_queue=max_queue,
+            seed=seed,
+            timeout=timeout,
+            workers=workers,
+            backend=backend,
+            replicas=replicas,
+            max_replicas=max_replicas,
+            cpus_per_replica=cpus_per_replica,
+            gpus_per_replica=gpus_per_replica,
+            ray_address=ray_address,
+            routing=routing,
+            api_keys=split(api_key),
+            admin_api_keys=split(admin_api_key),
+            keys_file=keys_file,
+            scheduling=scheduling,
+            usage_log=usage_log,
+            max_body_bytes=max_body_bytes,
+            adapters=adapters,
+            max_adapters=max_adapters,
+            max_adapter_rank=max_adapter_rank,
+            adapter_registry=adapter_registry,
+            adapter_roots=split(adapter_root),
+            allow_pickle_adapters=allow_pickle_adapters,
+            max_adapter_mb=max_adapter_mb,
+            max_model_len=max_model_len,
+            kv_cache_mb=kv_cache_mb,
+            model_name=model_name,
+            log_level=log_level.upper(),
+            log_prompts=log_prompts,
+        )
+    )
     serve(settings)
 
 

@@ -304,7 +304,7 @@ class CompiledDecoder:
 
     def prepare(self, example: tuple[Any, ...]) -> None:
         """Load the persisted package, or compile and persist it (``example``: the
-        graph's inputs for a couple of rows, as :meth:`inputs` builds them)."""
+        graph's inputs for ``max_batch_size`` rows, the shape hint Inductor tunes for)."""
         if self.fn is not None:
             return
         started = time.perf_counter()
@@ -316,8 +316,7 @@ class CompiledDecoder:
             try:
                 if self.package.exists():
                     try:
-                        self.fn = _load_unpacked(self.package)
-                        self.fn(*example)  # a broken package fails here, not on a request
+                        self._load(example)
                         self.source = "disk"
                     except Exception as exc:
                         logger.warning(
@@ -327,16 +326,14 @@ class CompiledDecoder:
                             type(exc).__name__,
                             str(exc)[:300],
                         )
-                        self.fn = None
-                if self.fn is None:
+                if self.source is None:
                     logger.info(
                         "compiling the decode step into %s (once per model, dtype and "
                         "machine; ~1-2 min on 2 cores for a 135M model)",
                         self.package,
                     )
                     self._compile(example)
-                    self.fn = _load_unpacked(self.package)
-                    self.fn(*example)
+                    self._load(example)
                     self.source = "compiled"
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
@@ -348,6 +345,13 @@ class CompiledDecoder:
             self.package,
         )
 
+    def _load(self, example: tuple[Any, ...]) -> None:
+        """Load the package and run it once on ``example``: a broken package fails here,
+        not on a request."""
+        fn = _load_unpacked(self.package)
+        fn(*example)
+        self.fn = fn
+
     def _compile(self, example: tuple[Any, ...]) -> None:
         from torch.export import Dim
 
@@ -356,17 +360,14 @@ class CompiledDecoder:
         width = Dim("context", min=2, max=max(self.max_model_len + 16, 32))
         cache_slots = Dim("cache_slots", min=2)
 
-        def dims(**at: Any) -> dict[int, Any] | None:
-            got = {int(k[1:]): v for k, v in at.items() if v is not None}
-            return got or None
-
+        by_row = {0: rows} if rows is not None else {}
         dynamic = (
-            dims(d0=rows),
-            tuple(dims(d0=rows) for _ in tables),
-            dims(d0=rows),
-            dims(d0=rows, d1=width),
-            tuple(dims(d0=rows, d3=width) for _ in masks),
-            [dims(d0=cache_slots) for _ in caches],
+            by_row or None,  # ids
+            tuple(by_row or None for _ in tables),
+            by_row or None,  # slots
+            {**by_row, 1: width},  # gather
+            tuple({**by_row, 3: width} for _ in masks),
+            [{0: cache_slots} for _ in caches],
         )
         program = torch.export.export(self.graph, example, dynamic_shapes=dynamic, strict=False)
         partial = self.cache_dir / f"decode.partial-{os.getpid()}"

@@ -82,7 +82,7 @@ def compile_cache_dir(settings: Settings, path: Path, dtype: Any) -> Path | None
 
         root = Path(str(BentoMLContainer.bentoml_home.get())) / "openllm-clone" / "compiled"
     else:
-        root = Path(chosen).expanduser().resolve()
+        root = Path(chosen)  # made absolute by Settings
     files = sorted(
         (str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
         for f in path.rglob("*")
