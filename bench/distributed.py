@@ -119,7 +119,7 @@ def main() -> None:
 
     resolved = resolve_model(args.model)
     model = resolved.tag or str(resolved.path)
-    base = [model, "--dtype", "bfloat16", "--kv-cache-mb", "256"]
+    base = [model, "--dtype", "bfloat16", "--kv-cache-mb", "256", "--compile", "off"]
     jobs = [(p, args.new_tokens, None) for p, _ in workload(args.requests, seed=1)]
     OUT.mkdir(exist_ok=True)
     logs = Path(tempfile.mkdtemp(prefix="bench-dist-"))

@@ -144,6 +144,8 @@ def main() -> None:
             args.model,
             "--dtype",
             args.dtype,
+            "--compile",  # the eager step in every mode: no background compile mid-run
+            "off",
             "--max-batch-size",
             str(args.max_batch_size),
             "--max-queue",

@@ -315,10 +315,17 @@ def main() -> None:
     ap.add_argument("--sequential", type=int, default=3, help="HF one-at-a-time requests to time")
     ap.add_argument("--skip-baselines", action="store_true")
     ap.add_argument(
+        "--compile",
+        default="on",
+        choices=["auto", "on", "off"],
+        help="the server's --compile (on: compiled before the first request)",
+    )
+    ap.add_argument(
         "--no-compile",
         dest="compile",
-        action="store_false",
-        help="serve with the eager decode step instead of --compile",
+        action="store_const",
+        const="off",
+        help="the eager decode step (--compile off)",
     )
     ap.add_argument(
         "--logprobs-only",
@@ -341,10 +348,9 @@ def main() -> None:
     server_results: dict[str, Any] = {}
     log = OUT / "serving-server.log"
     serve_args = [args.model, "--dtype", args.dtype, "--max-batch-size", str(max(64, args.batch))]
-    if args.compile:
-        serve_args.append("--compile")
-    # Compiling four batch buckets takes minutes on 2 cores the first time.
-    with run_server(serve_args, {}, log, ready_timeout=900 if args.compile else 240) as server:
+    serve_args += ["--compile", args.compile]
+    # Compiling the decode step takes minutes on 2 cores the first time.
+    with run_server(serve_args, {}, log, ready_timeout=900) as server:
         url = server.url
         if args.logprobs_only:
             logprobs_row(url, fixed[: args.batch], args.batch)
@@ -432,7 +438,7 @@ def main() -> None:
             rows.append([label, base[key], "", "", "", "", "baseline", ""])
     print(
         f"\nmodel {args.model}, dtype {args.dtype}, {args.new_tokens} new tokens, greedy, "
-        f"{os.cpu_count()} cores, decode step {'compiled' if args.compile else 'eager'}"
+        f"{os.cpu_count()} cores, --compile {args.compile}"
     )
     print(
         table(

@@ -280,6 +280,7 @@ def main() -> None:
     )
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--compile", default="off", choices=["auto", "on", "off"])
     ap.add_argument("--minutes", type=float, default=30.0)
     ap.add_argument("--warmup", type=float, default=5.0, help="minutes before the leak checks")
     ap.add_argument("--window", type=float, default=5.0, help="minutes per reported window")
@@ -315,7 +316,7 @@ def main() -> None:
 
         dirs = make_adapters(model_dir, Path(tempfile.mkdtemp()), args.adapters)
     names = [f"a{i}" for i in range(len(dirs))]
-    serve = [args.model, "--dtype", args.dtype, "--max-batch-size", "16"]
+    serve = [args.model, "--dtype", args.dtype, "--max-batch-size", "16", "--compile", args.compile]
     serve += ["--max-adapters", str(len(dirs) + 2)]
     for name, path in zip(names, dirs, strict=True):
         serve += ["--adapter-id", f"{name}={path}"]

@@ -24,7 +24,12 @@ def build(
     adapter_id: list[str] = typer.Option([], "--adapter-id", help="NAME=PATH (repeatable)."),
     quantize: str | None = typer.Option(None, help="int8, int4, nf4, fp4, gptq, torchao-int8."),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
-    compile: bool = typer.Option(False, "--compile", help="Baked: torch.compile the decode step."),
+    compile: str = typer.Option(
+        "auto",
+        "--compile",
+        metavar="auto|on|off",
+        help="Baked: the compiled decode step (see `start --help`).",
+    ),
     flavour: str = typer.Option("cpu", help="cpu (PyTorch CPU wheels) or cuda."),
     bento_version: str | None = typer.Option(None, "--bento-version", help="Bento version."),
     max_batch_size: int = typer.Option(16, help="Baked serving setting."),

@@ -63,7 +63,7 @@ def start(
     device: str = _opt("device"),
     quantize: str | None = _opt("quantize"),
     runner: str = _opt("runner"),
-    compile: bool = _opt("compile", "--compile"),
+    compile: str = _opt("compile", "--compile", metavar="auto|on|off"),
     compile_cache: str | None = _opt("compile_cache"),
     max_batch_size: int = _opt("max_batch_size"),
     max_prefill_tokens: int = _opt("max_prefill_tokens"),

@@ -161,7 +161,7 @@ def build_bento(
         docker: dict[str, Any] = {"python_version": "3.11"}
         if flavour == "cuda":
             docker["cuda_version"] = "12.1.1"
-        if settings.compile:  # Inductor builds its C++ kernels at start-up
+        if flavour == "cpu" and settings.compile != "off":  # Inductor's C++ kernels
             docker["system_packages"] = ["g++"]
         bento = bentoml.bentos.build(
             "openllm_clone.service:LLMService",
@@ -174,7 +174,7 @@ def build_bento(
                 "model": model_tag,
                 "flavour": flavour,
                 "quantize": needs or "none",
-                "compile": str(settings.compile).lower(),
+                "compile": settings.compile,
                 "adapters": ",".join(a.name for a in adapters) or "none",
             },
             models=[model_tag, *(a.source for a in adapters)],

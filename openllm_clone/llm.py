@@ -155,8 +155,9 @@ class LLM:
         self._started = True
 
     def shutdown(self) -> None:
-        """Stop the engine thread."""
+        """Stop the engine thread (and a background compile)."""
         self.engine.shutdown()
+        self.runner.close()
 
     # --- prompts ---------------------------------------------------------------------
 

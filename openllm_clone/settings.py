@@ -29,7 +29,24 @@ FATAL_FILE_ENV = "OPENLLM_CLONE_FATAL_FILE"
 SETTINGS_FILE = "openllm_clone_settings.json"
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Compile = Literal["auto", "on", "off"]
 Quantize = Literal["int8", "int4", "nf4", "fp4", "gptq", "torchao-int8"]
+
+
+def _compile_default() -> str:
+    """``--compile``'s default: ``OPENLLM_CLONE_COMPILE`` (read when Settings are built,
+    so a test suite or a CI can turn background compiles off), else auto."""
+    return _compile_value(os.environ.get("OPENLLM_CLONE_COMPILE") or "auto")
+
+
+def _compile_value(value: object) -> str:
+    """``--compile`` as auto/on/off; booleans and their usual spellings are accepted."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    text = str(value).strip().lower()
+    return {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}.get(
+        text, text
+    )
 
 
 class AdapterSpec(BaseModel):
@@ -77,15 +94,19 @@ class Settings(BaseModel):
         "has native bf16 support (or on CUDA), else float32.",
     )
     device: str = Field(default="auto", description="cpu, cuda, cuda:N or auto.")
-    compile: bool = Field(
-        default=False,
-        description="Compile the decode step ahead of time with AOTInductor (CPU, "
-        "unquantized): faster decode; the first start of a model compiles it (~1-2 min), "
-        "later starts load it from the compile cache in seconds.",
+    compile: Compile = Field(
+        default_factory=_compile_default,
+        validate_default=True,
+        description="Decode steps through a step compiled ahead of time by AOTInductor (CPU, "
+        "unquantized float32/bfloat16, fast runner). auto (the default): load it from the "
+        "compile cache if it is there, else serve eagerly at once and compile it in a "
+        "background process (~1-2 min for a 135M model), then switch; on: compile before "
+        "serving (an error where it cannot run); off: never. Default from "
+        "OPENLLM_CLONE_COMPILE, else auto.",
     )
     compile_cache: str | None = Field(
         default=None,
-        description="Folder where --compile keeps compiled decode steps for later starts; "
+        description="Folder where compiled decode steps are kept for later starts; "
         "default: <BENTOML_HOME>/openllm-clone/compiled; `none` compiles at every start.",
     )
     runner: Literal["auto", "fast", "generic"] = Field(
@@ -233,6 +254,11 @@ class Settings(BaseModel):
     def _absolute_paths(cls, path: str | None) -> str | None:
         # Workers may run in another directory (a bento's src/).
         return os.path.abspath(path) if path else None
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_mode(cls, value: object) -> object:
+        return _compile_value(value) if value is not None else "auto"
 
     @field_validator("compile_cache")
     @classmethod

@@ -125,6 +125,10 @@ class ModelRunner(Protocol):
         """Compile what ``--compile`` compiles, before the first request."""
         ...
 
+    def close(self) -> None:
+        """Release what outlives the process's objects (a background compile)."""
+        ...
+
     @property
     def compiled(self) -> bool:
         """True when some of the step runs compiled."""

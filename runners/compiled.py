@@ -35,6 +35,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -45,7 +47,15 @@ import torch.nn.functional as F
 
 from openllm_clone.errors import ModelLoadError
 
-__all__ = ["CompiledDecoder", "DecodeGraph", "package_key", "rms_norm", "rope"]
+__all__ = [
+    "BackgroundCompile",
+    "CompiledDecoder",
+    "DecodeGraph",
+    "check_compilable",
+    "package_key",
+    "rms_norm",
+    "rope",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -267,12 +277,13 @@ class CompiledDecoder:
     copy of the weights in memory and no padding of rows. The package is written under
     ``cache_dir`` (keyed by what went into it: see :func:`package_key`) and loaded from
     there at the next start in about a second; a broken or unloadable package is
-    compiled again.
+    compiled again. Without a ``graph`` it only loads (``--compile auto``: the package
+    is compiled by :class:`BackgroundCompile` in another process).
     """
 
     def __init__(
         self,
-        graph: DecodeGraph,
+        graph: DecodeGraph | None,
         *,
         max_batch_size: int,
         max_model_len: int,
@@ -308,6 +319,23 @@ class CompiledDecoder:
         if self.fn is not None:
             return
         started = time.perf_counter()
+        if self.graph is None:  # load only: the package appears by an atomic rename
+            if not self.package.exists():
+                raise ModelLoadError(f"no compiled decode step in {self.package}")
+            self._load(example)
+            self.source = "disk"
+        else:
+            self._load_or_compile(example)
+        self.seconds = time.perf_counter() - started
+        logger.info(
+            "decode step %s in %.1f s (%s)",
+            "loaded" if self.source == "disk" else "compiled",
+            self.seconds,
+            self.package,
+        )
+
+    def _load_or_compile(self, example: tuple[Any, ...]) -> None:
+        assert self.graph is not None
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         # One compile per package: a second worker starting beside the first waits here,
         # then loads what the first one wrote.
@@ -337,13 +365,6 @@ class CompiledDecoder:
                     self.source = "compiled"
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-        self.seconds = time.perf_counter() - started
-        logger.info(
-            "decode step %s in %.1f s (%s)",
-            "loaded" if self.source == "disk" else "compiled",
-            self.seconds,
-            self.package,
-        )
 
     def _load(self, example: tuple[Any, ...]) -> None:
         """Load the package and run it once on ``example``: a broken package fails here,
@@ -355,6 +376,7 @@ class CompiledDecoder:
     def _compile(self, example: tuple[Any, ...]) -> None:
         from torch.export import Dim
 
+        assert self.graph is not None
         ids, tables, _, _, masks, caches = example
         rows = Dim("rows", min=1, max=self.max_batch_size) if self.max_batch_size > 1 else None
         width = Dim("context", min=2, max=max(self.max_model_len + 16, 32))
@@ -413,6 +435,86 @@ class CompiledDecoder:
         self.steps += 1
         self.last_rows = int(inputs[0].shape[0])
         return logits
+
+
+class BackgroundCompile:
+    """``--compile auto`` on a model with no package in the cache yet: the package is
+    compiled by a child process (``python -m openllm_clone.runners.compile_worker``) at
+    a lower CPU priority while the server answers requests with the eager step; the
+    runner polls it between steps and loads the package when it is there.
+
+    The child loads the model from its folder itself (the server's weights are already
+    packed for the eager step), holds the compile cache's lock like an in-process
+    compile, and exits when its parent does. Its output goes to ``compile.log`` in the
+    package's folder.
+    """
+
+    def __init__(
+        self,
+        *,
+        model_path: Path,
+        dtype: torch.dtype,
+        max_batch_size: int,
+        max_model_len: int,
+        cache_dir: Path,
+    ) -> None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        self.log = cache_dir / "compile.log"
+        self.started = time.monotonic()
+        cmd = [
+            sys.executable,
+            "-m",
+            "openllm_clone.runners.compile_worker",
+            "--model",
+            str(model_path),
+            "--dtype",
+            str(dtype).replace("torch.", ""),
+            "--max-batch-size",
+            str(max_batch_size),
+            "--max-model-len",
+            str(max_model_len),
+            "--cache-dir",
+            str(cache_dir),
+            "--threads",
+            str(torch.get_num_threads()),  # the package is keyed by the server's count
+        ]
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        logger.info(
+            "decode steps run eagerly while the compiled step is built in the background "
+            "(pid %d, ~1-2 min for a 135M model on 2 cores; log: %s); later starts load it "
+            "in seconds",
+            self.proc.pid,
+            self.log,
+        )
+
+    def poll(self) -> int | None:
+        """The child's exit status, or None while it runs."""
+        return self.proc.poll()
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def tail(self, chars: int = 600) -> str:
+        """The end of the child's log (why it failed)."""
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return " ".join(text[-chars:].split())
+
+    def stop(self) -> None:
+        """Stop the child (the server is shutting down)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def _load_unpacked(folder: Path) -> Any:

@@ -380,6 +380,9 @@ class GenericRunner:
     def warmup(self) -> None:
         """Nothing to compile."""
 
+    def close(self) -> None:
+        """Nothing to release."""
+
     @torch.inference_mode()
     def step(self, rows: list[StepRow]) -> torch.Tensor:
         """One forward over packed rows; fp32 logits as :func:`~.base.logit_rows` says."""

@@ -110,7 +110,7 @@ def choose_runner(config: Any, settings: Settings) -> str:
     refusal = fast_refusal(config, settings.max_model_len)
     if settings.runner == "fast" and refusal is not None:
         raise ModelLoadError(f"--runner fast cannot serve this model: {refusal}; use --runner auto")
-    if settings.compile:
+    if settings.compile == "on":
         if settings.runner == "generic":
             raise ModelLoadError(
                 "--compile needs the fast runner; --runner generic has no compiled step"
@@ -181,13 +181,16 @@ def load_runner(path: Path, settings: Settings, *, model_id: str) -> tuple[Any, 
             compile=settings.compile,
             max_batch_size=settings.max_batch_size,
             compile_cache=compile_cache_dir(settings, Path(path), dtype)
-            if settings.compile
+            if settings.compile != "off"
             else None,
+            model_path=Path(path),
             **common,
         )
     else:
         from .generic import GenericRunner
 
+        if settings.compile == "auto":
+            logger.info("decode steps run eagerly (the generic runner has no compiled step)")
         runner = GenericRunner(model, **common)
     runner.info.weight_bytes = weight_bytes
     if runner.compiled:

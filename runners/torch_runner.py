@@ -35,7 +35,14 @@ from openllm_clone.errors import ModelLoadError
 
 from .attention import decode_attention, window_mask
 from .base import ModelInfo, StepRow, pack_rows
-from .compiled import CompiledDecoder, DecodeGraph, check_compilable, rms_norm, rope
+from .compiled import (
+    BackgroundCompile,
+    CompiledDecoder,
+    DecodeGraph,
+    check_compilable,
+    rms_norm,
+    rope,
+)
 from .fast_support import GEMMA_MODEL_TYPES, SUPPORTED_MODEL_TYPES, fast_refusal
 from .lora import LoraBank, LoraPlan
 from .packed import PackedLinear, packed_linears_work
@@ -66,9 +73,10 @@ class TorchRunner:
         max_model_len: int | None = None,
         max_adapters: int = 8,
         quantization: str | None = None,
-        compile: bool = False,
+        compile: str | bool = "off",
         max_batch_size: int = 16,
         compile_cache: Path | None = None,
+        model_path: Path | None = None,
     ) -> None:
         config = model.config
         refusal = fast_refusal(config, max_model_len)
@@ -161,26 +169,44 @@ class TorchRunner:
                 self._qk_norm.append(
                     torch.cat([qw.expand(self.num_heads, -1), kw.expand(self.num_kv_heads, -1)])
                 )
-        self._window_size: int | None = None  # the compiled graph's local layers' window
-        if compile:
-            check_compilable(model, self.device, self.dtype, quantization)
-            windows = {w for w in self.windows if w is not None}
-            if len(windows) > 1:
-                raise ModelLoadError(
-                    f"--compile supports one sliding window per model, not {sorted(windows)}"
+        # --compile: on (compile or load before serving), auto (load the package if the
+        # cache has it, else build it in a background process and switch when it is
+        # there), off. See .compiled.
+        mode = ("on" if compile else "off") if isinstance(compile, bool) else compile
+        windows = {w for w in self.windows if w is not None}
+        self._window_size: int | None = next(iter(windows), None)  # the local layers' window
+        self._background: BackgroundCompile | None = None
+        self._compile_failed: str | None = None
+        self._model_path = model_path
+        if mode != "off":
+            try:
+                check_compilable(model, self.device, self.dtype, quantization)
+                if len(windows) > 1:
+                    raise ModelLoadError(
+                        f"--compile supports one sliding window per model, not {sorted(windows)}"
+                    )
+                if mode == "auto" and model_path is None:
+                    raise ModelLoadError("no model folder to compile from")
+            except ModelLoadError as exc:
+                if mode == "on":
+                    raise
+                logger.info("decode steps run eagerly (no compiled step: %s)", exc.message)
+                mode = "off"
+        self.compile_mode = mode
+        if mode != "off":
+            graph = None
+            if mode == "on":  # compiled in this process: the graph shares the weights
+                graph = DecodeGraph(
+                    model,
+                    num_heads=self.num_heads,
+                    num_kv_heads=self.num_kv_heads,
+                    head_dim=self.head_dim,
+                    scaling=self.scaling,
+                    qk_norm=self._qk_norm,
+                    qk_eps=self._qk_eps,
+                    gemma=self.gemma,
+                    local_layers=[w is not None for w in self.windows],
                 )
-            self._window_size = next(iter(windows), None)
-            graph = DecodeGraph(
-                model,
-                num_heads=self.num_heads,
-                num_kv_heads=self.num_kv_heads,
-                head_dim=self.head_dim,
-                scaling=self.scaling,
-                qk_norm=self._qk_norm,
-                qk_eps=self._qk_eps,
-                gemma=self.gemma,
-                local_layers=[w is not None for w in self.windows],
-            )
             if compile_cache is None:  # nowhere to keep it: compile at every start
                 # Removed when the process exits (the package is ~1x the weights).
                 self._compile_tmp = tempfile.TemporaryDirectory(prefix="openllm-clone-compiled-")
@@ -191,8 +217,10 @@ class TorchRunner:
                 max_model_len=self.max_model_len,
                 cache_dir=compile_cache,
             )
-        # The compiled graph prepacks its own copy; the eager path then keeps plain Linears.
-        self._fused = None if self._compiled is not None else self._pack_layers()
+        # The eager step (prompt chunks, adapter rows, and every step until the compiled
+        # one is there) runs on prepacked layers; with --compile on they are packed once
+        # the package is loaded (the export needs the plain weights).
+        self._fused = None if mode == "on" else self._pack_layers()
         self.info = ModelInfo(
             model_id=model_id,
             architecture=(getattr(config, "architectures", None) or [type(model).__name__])[0],
@@ -301,21 +329,88 @@ class TorchRunner:
 
     @property
     def compiled(self) -> bool:
-        """True when decode steps run compiled."""
+        """True when decode steps run compiled (or will, once the package is built)."""
         return self._compiled is not None
 
     def compiled_stats(self) -> dict[str, Any] | None:
-        """``--compile``: where the compiled step came from (``disk`` or ``compiled``),
-        the most rows it takes and how many decode steps ran through it."""
-        return None if self._compiled is None else self._compiled.stats()
+        """The compiled step: ``mode`` (on/auto), ``state`` (ready, compiling, or failed
+        with its ``error``), where it came from (``disk`` or ``compiled``), the most rows
+        it takes and how many decode steps ran through it; None when off."""
+        if self._compiled is None:
+            if self._compile_failed is None:
+                return None
+            return {"mode": self.compile_mode, "state": "failed", "error": self._compile_failed}
+        state = "ready" if self._compiled.ready else "compiling"
+        if self._background is None and not self._compiled.ready:
+            state = "pending"
+        return {"mode": self.compile_mode, "state": state, **self._compiled.stats()}
 
     def warmup(self) -> None:
-        """Load or compile the decode step now (a no-op without ``--compile``)."""
-        if self._compiled is None:
+        """Before the first request: ``--compile on`` loads or compiles the decode step
+        (then packs the eager layers); ``auto`` loads it from the cache, or starts the
+        background compile. A no-op with ``--compile off``."""
+        if self._compiled is None or self._compiled.ready:
             return
+        if self.compile_mode == "on":
+            self.compile_step()
+            self._compiled.graph = None  # its fused weights: the package has its own
+            self._fused = self._pack_layers()
+            return
+        if self._compiled.package.exists():
+            try:
+                self.compile_step()
+                return
+            except Exception as exc:
+                logger.warning(
+                    "compiled decode step in %s could not be loaded (%s: %s); building it "
+                    "again in the background",
+                    self._compiled.package,
+                    type(exc).__name__,
+                    str(exc)[:300],
+                )
+        if self._background is None:
+            assert self._model_path is not None
+            self._background = BackgroundCompile(
+                model_path=self._model_path,
+                dtype=self.dtype,
+                max_batch_size=self._compiled.max_batch_size,
+                max_model_len=self.max_model_len,
+                cache_dir=self._compiled.cache_dir,
+            )
+
+    def compile_step(self) -> None:
+        """Load the compiled decode step from the cache, or (``--compile on``) compile it."""
+        assert self._compiled is not None
         rows = [StepRow([0], 1, [NULL_BLOCK]) for _ in range(self._compiled.max_batch_size)]
         with torch.inference_mode():
             self._compiled.prepare(self._compiled_inputs(rows, scratch=True))
+
+    def _poll_background(self) -> None:
+        """Between steps: switch to the compiled step once the background compile is done."""
+        assert self._background is not None and self._compiled is not None
+        status = self._background.poll()
+        if status is None:
+            return
+        background, self._background = self._background, None
+        error = f"the compile process exited with status {status}: {background.tail()}"
+        if status == 0:
+            try:
+                self.compile_step()
+                logger.info(
+                    "decode steps now run compiled (built in the background in %.0f s)",
+                    background.seconds,
+                )
+                return
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        logger.warning("decode steps stay eager: %s (log: %s)", error, background.log)
+        self._compiled, self._compile_failed = None, error
+
+    def close(self) -> None:
+        """Stop a background compile (the server is shutting down)."""
+        if self._background is not None:
+            self._background.stop()
+            self._background = None
 
     def _rope_tables(
         self, pos: torch.Tensor, layer_type: str | None = None
@@ -363,13 +458,18 @@ class TorchRunner:
     def _run_compiled(self, rows: list[StepRow]) -> torch.Tensor:
         """Decode rows through the compiled graph: fp32 logits, one per row."""
         assert self._compiled is not None
-        if not self._compiled.ready:  # warmup() was skipped: load or compile now
-            self.warmup()
         return self._compiled.run(self._compiled_inputs(rows))
 
     def _step(self, rows: list[StepRow]) -> torch.Tensor:
-        if self._compiled is not None and all(
-            r.adapter_slot == 0 and not r.all_logits for r in rows
+        if self._compiled is not None and not self._compiled.ready:
+            if self._background is not None:
+                self._poll_background()
+            elif self.compile_mode == "on" or self._compile_failed is None:
+                self.warmup()  # warmup() was skipped: load (or compile) now
+        if (
+            self._compiled is not None
+            and self._compiled.ready
+            and all(r.adapter_slot == 0 and not r.all_logits for r in rows)
         ):
             decode = [i for i, r in enumerate(rows) if len(r.token_ids) == 1]
             if decode and len(decode) <= self._compiled.max_batch_size:

@@ -11,6 +11,11 @@ import pytest
 
 from tests.helpers import Server, make_adapter, make_tiny_model, run_server, smollm2_tokenizer
 
+# Servers and LLMs in tests run the eager step unless a test asks for --compile: with the
+# default (auto) every new tiny model would start a background compile (~1 min of CPU
+# each on 2 cores). tests/unit/test_compile.py covers auto, on and the cache.
+os.environ.setdefault("OPENLLM_CLONE_COMPILE", "off")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def bentoml_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:

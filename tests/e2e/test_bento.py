@@ -167,12 +167,12 @@ def test_bentos_list_prune_and_containerize_without_docker(bento: tuple[str, Pat
     from openllm_clone.settings import Settings
 
     settings = Settings(
-        model=bentoml.bentos.get(tag).info.labels["model"], dtype="float32", compile=True
+        model=bentoml.bentos.get(tag).info.labels["model"], dtype="float32", compile="on"
     )
     second: BuiltBento = build_bento(settings)
     # --compile is baked, and the image gets the C++ compiler Inductor needs.
     assert second.dockerfile.exists() and "g++" in second.dockerfile.read_text()
-    assert bentoml.bentos.get(second.tag).info.labels["compile"] == "true"
+    assert bentoml.bentos.get(second.tag).info.labels["compile"] == "on"
     assert list_bentos()[0].tag == bentoml.bentos.get(second.tag).tag
     deleted = prune_bentos(keep=1)
     assert tag in deleted and all(str(b.tag) != tag for b in list_bentos())

@@ -25,12 +25,14 @@ pytestmark = pytest.mark.slow
 
 def make_llm(model_dir: Path | str, **overrides: Any) -> LLM:
     settings = Settings(
-        model=str(model_dir),
-        dtype="float32",
-        device="cpu",
-        max_batch_size=4,
-        kv_cache_mb=32,
-        **overrides,
+        **{
+            "model": str(model_dir),
+            "dtype": "float32",
+            "device": "cpu",
+            "max_batch_size": 4,
+            "kv_cache_mb": 32,
+            **overrides,
+        }
     )
     return LLM.from_settings(settings)
 
@@ -188,6 +190,79 @@ def test_clear_errors_where_compile_cannot_run(tiny_model_dir: Path, monkeypatch
         check_compilable(model, torch.device("cpu"), torch.bfloat16, None)
     with pytest.raises(ModelLoadError, match="C\\+\\+ compiler"):
         make_llm(tiny_model_dir, compile=True)
+    # The default (auto) serves eagerly where the compiled step cannot run.
+    llm = make_llm(tiny_model_dir, compile="auto")
+    try:
+        assert llm.runner.compile_mode == "off" and llm.metadata()["compiled"] is None
+    finally:
+        llm.shutdown()
+
+
+async def test_auto_serves_eagerly_then_switches_to_the_step_built_in_the_background(
+    pair: Any, tiny_model_dir: Path, compile_cache: Path
+) -> None:
+    """--compile auto (the default) with no package for this key (3 rows): the server is
+    ready at once and answers eagerly while a child process compiles; the next step after
+    the child is done runs compiled, with the same tokens; a later start loads it."""
+    _, eager = pair
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    ids = eager.tokenize("Once upon a time")
+    want = (await eager.complete(ids, params)).token_ids[0]
+    llm = make_llm(
+        tiny_model_dir, compile="auto", compile_cache=str(compile_cache), max_batch_size=3
+    )
+    try:
+        stats = llm.metadata()["compiled"]
+        assert (stats["mode"], stats["state"], stats["steps"]) == ("auto", "compiling", 0)
+        background = llm.runner._background
+        assert (await llm.complete(ids, params)).token_ids[0] == want  # eager meanwhile
+        assert background.proc.wait(timeout=900) == 0, background.tail()
+        assert (await llm.complete(ids, params)).token_ids[0] == want
+        stats = llm.metadata()["compiled"]
+        assert stats["state"] == "ready" and stats["steps"] >= 11
+        assert llm.runner.packed  # adapter rows and prompts keep the packed eager layers
+    finally:
+        llm.shutdown()
+    again = make_llm(
+        tiny_model_dir, compile="auto", compile_cache=str(compile_cache), max_batch_size=3
+    )
+    try:
+        stats = again.metadata()["compiled"]
+        assert (stats["state"], stats["source"]) == ("ready", "disk")
+        assert again.runner._background is None
+        assert (await again.complete(ids, params)).token_ids[0] == want
+    finally:
+        again.shutdown()
+
+
+async def test_auto_stays_eager_when_the_background_compile_fails_and_stops_with_the_server(
+    pair: Any, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    _, eager = pair
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    ids = eager.tokenize("Hello there")
+    want = (await eager.complete(ids, params)).token_ids[0]
+    # The child loads the model from its folder: gone by then, it fails.
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "doomed")
+    llm = make_llm(folder, compile="auto", compile_cache=str(tmp_path / "cache"))
+    try:
+        shutil.rmtree(folder)
+        background = llm.runner._background
+        assert background.proc.wait(timeout=300) != 0
+        assert (await llm.complete(ids, params)).token_ids[0] == want
+        stats = llm.metadata()["compiled"]
+        assert stats["state"] == "failed" and "exited with status" in stats["error"]
+        assert not llm.runner.compiled
+    finally:
+        llm.shutdown()
+    # Shutting down stops a compile still running.
+    llm = make_llm(tiny_model_dir, compile="auto", compile_cache=str(tmp_path / "cache"))
+    background = llm.runner._background
+    assert background is not None and background.poll() is None
+    llm.shutdown()
+    assert background.poll() is not None
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])
