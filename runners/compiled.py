@@ -7,12 +7,15 @@ and max-autotune, the projections run in Inductor's C++ micro-GEMMs on prepacked
 weights and the norms, rotary and activations fuse into a few loops (see
 bench/serving.py and bench/models.py).
 
-What the graph covers: decode steps (one new token per row) with no adapter rows.
-The paged KV cache stays the runner's: the graph writes each row's new key/value
-into its slot (an in-place ``index_put_`` on the cache, which stays in place) and
-gathers the row's context by flat cache index, so the cache layout, the block
-allocator and prefix sharing are unchanged. Prompt chunks and steps with adapters run
-the runner's eager code on the same weights.
+What the graph covers: decode steps (one new token per row), each row with its own
+adapter or none. The paged KV cache stays the runner's: the graph writes each row's
+new key/value into its slot (an in-place ``index_put_`` on the cache, which stays in
+place) and gathers the row's context by flat cache index, so the cache layout, the
+block allocator and prefix sharing are unchanged. Adapters are inputs, not constants:
+the graph takes the LoRA bank's stacks (every slot, slot 0 zeros) and each row's slot,
+gathers each row's A and B and adds its delta with two batched mat-vecs per
+projection, so loading or evicting an adapter never recompiles. Prompt chunks run the
+runner's eager code.
 
 How: ``torch.export`` of :class:`DecodeGraph` with the rows, the context length and
 the cache size as dynamic dimensions, compiled by AOTInductor into one package
@@ -48,6 +51,7 @@ import torch.nn.functional as F
 from openllm_clone.errors import ModelLoadError
 
 __all__ = [
+    "LORA_MODULES",
     "BackgroundCompile",
     "CompiledDecoder",
     "DecodeGraph",
@@ -64,6 +68,18 @@ _INDUCTOR_OPTIONS = {
     "max_autotune": True,
     "max_autotune_gemm_backends": "CPP,ATEN",
 }
+
+
+# The adapted projections, in the order of the graph's LoRA inputs.
+LORA_MODULES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -210,12 +226,26 @@ class DecodeGraph(torch.nn.Module):
         gather: torch.Tensor,
         masks: tuple[torch.Tensor, torch.Tensor],
         caches: list[torch.Tensor],
+        lora: tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]],
     ) -> torch.Tensor:
         """``tables``: cos and signed sin of global then local layers; ``masks``: the
-        attention mask of global then local (windowed) layers."""
+        attention mask of global then local (windowed) layers; ``lora``: each row's
+        adapter slot and :class:`~.lora.LoraBank`'s stacks ``A[m] [L, S, r, in]``,
+        ``B[m] [L, S, r, out]`` for each module of :data:`LORA_MODULES` (slot 0 is
+        zeros: rows without an adapter add nothing)."""
         T = ids.shape[0]
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
         per_layer = 4 if self.gemma else 2
+        row_slots, lora_a, lora_b = lora
+
+        def delta(y: torch.Tensor, x_in: torch.Tensor, m: int, i: int) -> torch.Tensor:
+            """``y`` plus each row's own adapter delta, in float32 as the eager step: the
+            segmented gather-matmul of Punica / S-LoRA with segments of one row."""
+            a = lora_a[m][i][row_slots].float()  # [T, r, in]
+            b = lora_b[m][i][row_slots].float()  # [T, r, out]
+            xa = torch.bmm(a, x_in.float().unsqueeze(-1))  # [T, r, 1]
+            return (y.float() + torch.bmm(xa.transpose(1, 2), b).squeeze(1)).to(y.dtype)
+
         x = self.embed(ids)
         for i in range(len(self.qkv)):
             local = self.local[i]
@@ -224,6 +254,8 @@ class DecodeGraph(torch.nn.Module):
             n = self.norms[per_layer * i : per_layer * (i + 1)]
             h = self._norm(x, n[0])
             qkv = F.linear(h, self.qkv[i], self.qkv_bias[i] if self.has_bias else None)
+            q_, k_, v_ = qkv.split([H * D, KV * D, KV * D], dim=-1)
+            qkv = torch.cat([delta(q_, h, 0, i), delta(k_, h, 1, i), delta(v_, h, 2, i)], dim=-1)
             qk = self._qk(qkv[:, : (H + KV) * D].reshape(T, H + KV, D), i)
             qk = rope(qk, cos, sin_signed)
             q, k = qk.split([H, KV], dim=1)
@@ -239,17 +271,18 @@ class DecodeGraph(torch.nn.Module):
                 scale=self.scaling,
                 enable_gqa=True,
             )
-            a = F.linear(o.reshape(T, H * D), self.o[i])
+            o = o.reshape(T, H * D)
+            a = delta(F.linear(o, self.o[i]), o, 3, i)
             if self.gemma:
                 x = self._norm(a, n[1]) + x
                 h = self._norm(x, n[2])
-                gate, up = F.linear(h, self.gate_up[i]).chunk(2, dim=-1)
-                x = self._norm(F.linear(self.act(gate) * up, self.down[i]), n[3]) + x
             else:
                 x = a + x
                 h = self._norm(x, n[1])
-                gate, up = F.linear(h, self.gate_up[i]).chunk(2, dim=-1)
-                x = F.linear(self.act(gate) * up, self.down[i]) + x
+            gate, up = F.linear(h, self.gate_up[i]).chunk(2, dim=-1)
+            act = self.act(delta(gate, h, 4, i)) * delta(up, h, 5, i)
+            down = delta(F.linear(act, self.down[i]), act, 6, i)
+            x = (self._norm(down, n[3]) if self.gemma else down) + x
         return self.lm_head(self._norm(x, self.norm_weight)).float()
 
 
@@ -377,10 +410,12 @@ class CompiledDecoder:
         from torch.export import Dim
 
         assert self.graph is not None
-        ids, tables, _, _, masks, caches = example
+        ids, tables, _, _, masks, caches, lora = example
         rows = Dim("rows", min=1, max=self.max_batch_size) if self.max_batch_size > 1 else None
         width = Dim("context", min=2, max=max(self.max_model_len + 16, 32))
         cache_slots = Dim("cache_slots", min=2)
+        lora_slots = Dim("lora_slots", min=2)  # the bank's slots (slot 0: none)
+        lora_rank = Dim("lora_rank", min=2)
 
         by_row = {0: rows} if rows is not None else {}
         dynamic = (
@@ -390,6 +425,11 @@ class CompiledDecoder:
             {**by_row, 1: width},  # gather
             tuple({**by_row, 3: width} for _ in masks),
             [{0: cache_slots} for _ in caches],
+            (
+                by_row or None,
+                [{1: lora_slots, 2: lora_rank} for _ in lora[1]],
+                [{1: lora_slots, 2: lora_rank} for _ in lora[2]],
+            ),
         )
         program = torch.export.export(self.graph, example, dynamic_shapes=dynamic, strict=False)
         partial = self.cache_dir / f"decode.partial-{os.getpid()}"
@@ -418,6 +458,7 @@ class CompiledDecoder:
         gather: torch.Tensor,
         lens: torch.Tensor,
         caches: list[torch.Tensor],
+        lora: tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]],
         window: int | None = None,
     ) -> tuple[Any, ...]:
         """The graph's arguments; ``window``: the local layers' sliding window."""
@@ -426,7 +467,7 @@ class CompiledDecoder:
         mask = k_pos < lens.unsqueeze(1)
         local = mask & (k_pos > (lens - 1).unsqueeze(1) - window) if window else mask
         masks = (mask[:, None, None, :], local[:, None, None, :])
-        return ids, tables, slots, gather, masks, caches
+        return ids, tables, slots, gather, masks, caches, lora
 
     def run(self, inputs: tuple[Any, ...]) -> torch.Tensor:
         """Run ``len(ids)`` decode rows (at most ``max_batch_size``): fp32 logits."""

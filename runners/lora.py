@@ -114,6 +114,8 @@ class LoraBank:
         self._tok_a: dict[str, torch.Tensor] = {}
         self._tok_b: dict[str, torch.Tensor] = {}
         self._tok_views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # The compiled step's adapter inputs before any adapter is installed.
+        self._zero_stacks: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def stack_bytes(self) -> int:
         """Bytes of the float32 stacks kept between steps: the per-active-set cache (at
@@ -155,7 +157,9 @@ class LoraBank:
                 )
 
     def _grow(self, rank: int) -> None:
-        """Make room for ``rank``; existing slots are copied, zero-padded."""
+        """Make room for ``rank``; existing slots are copied, zero-padded. At least rank 2
+        (the compiled step's smallest)."""
+        rank = max(rank, 2)
         if rank <= self.rank:
             return
         for name, (in_features, out_features) in self.module_dims.items():
@@ -279,6 +283,38 @@ class LoraBank:
             )
         self._remember(key, stacks)
         return stacks
+
+    def graph_inputs(
+        self, row_slots: list[int], modules: tuple[str, ...], *, hint: int | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """The compiled decode step's adapter inputs: each row's slot and the stacks
+        ``A[m] [L, S, r, in]``, ``B[m] [L, S, r, out]`` of each of ``modules`` (the bank's
+        own tensors, in the model dtype; before any adapter, zeros of rank 2).
+        ``hint``: zeros with ``hint`` slots and rank 3 (or 5) instead: the compile's
+        example, sized so that no other dimension of it shares a size."""
+        slots = torch.tensor(row_slots, device=self.device)
+        if hint is not None:  # the compile's example: made for it, not kept
+            rank = 3 if hint != 3 else 5
+            a = [self._zeros(m, hint, rank, 0) for m in modules]
+            return slots, a, [self._zeros(m, hint, rank, 1) for m in modules]
+        if self.rank:
+            return slots, [self._a[m] for m in modules], [self._b[m] for m in modules]
+        if self._zero_stacks is None:
+            self._zero_stacks = (
+                [self._zeros(m, self.num_slots + 1, 2, 0) for m in modules],
+                [self._zeros(m, self.num_slots + 1, 2, 1) for m in modules],
+            )
+        return slots, *self._zero_stacks
+
+    def _zeros(self, module: str, num_slots: int, rank: int, side: int) -> torch.Tensor:
+        return torch.zeros(
+            self.num_layers,
+            num_slots,
+            rank,
+            self.module_dims[module][side],
+            dtype=self.dtype,
+            device=self.device,
+        )
 
     def _token_stacks(
         self, token_slots: tuple[int, ...]

@@ -36,6 +36,7 @@ from openllm_clone.errors import ModelLoadError
 from .attention import decode_attention, window_mask
 from .base import ModelInfo, StepRow, pack_rows
 from .compiled import (
+    LORA_MODULES,
     BackgroundCompile,
     CompiledDecoder,
     DecodeGraph,
@@ -451,8 +452,15 @@ class TorchRunner:
             glob = local = self._rope_tables(pos)
         tables = (*glob, *local)
         lens = torch.tensor(context, device=self.device)
+        # The warm-up's adapter stacks are the export's shape hint: sizes above the row
+        # count and odd, so that no other dimension of the example has them.
+        lora = self.lora.graph_inputs(
+            [r.adapter_slot for r in rows],
+            LORA_MODULES,
+            hint=2 * self._compiled.max_batch_size + 3 if scratch else None,
+        )
         return self._compiled.inputs(
-            ids, tables, slots, gather, lens, self.kv_cache, window=self._window_size
+            ids, tables, slots, gather, lens, self.kv_cache, lora, window=self._window_size
         )
 
     def _run_compiled(self, rows: list[StepRow]) -> torch.Tensor:
@@ -469,7 +477,7 @@ class TorchRunner:
         if (
             self._compiled is not None
             and self._compiled.ready
-            and all(r.adapter_slot == 0 and not r.all_logits for r in rows)
+            and not any(r.all_logits for r in rows)
         ):
             decode = [i for i, r in enumerate(rows) if len(r.token_ids) == 1]
             if decode and len(decode) <= self._compiled.max_batch_size:

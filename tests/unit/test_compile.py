@@ -116,7 +116,9 @@ async def test_greedy_outputs_equal_the_eager_engine(pair: Any) -> None:
     assert compiled.engine.stats()["kv_blocks_used"] == 0
 
 
-async def test_adapter_rows_take_the_eager_path(pair: Any, tiny_adapters: dict[str, Path]) -> None:
+async def test_adapter_rows_run_in_the_compiled_step(
+    pair: Any, tiny_adapters: dict[str, Path]
+) -> None:
     compiled, eager = pair
     for llm in pair:
         await llm.adapters.load("alpha", str(tiny_adapters["alpha"]))
@@ -125,11 +127,43 @@ async def test_adapter_rows_take_the_eager_path(pair: Any, tiny_adapters: dict[s
     ref = await asyncio.gather(
         eager.complete(ids, params, adapter="alpha"), eager.complete(ids, params)
     )
+    steps = compiled.runner._compiled.steps
     ours = await asyncio.gather(
         compiled.complete(ids, params, adapter="alpha"), compiled.complete(ids, params)
     )
     assert [c.token_ids[0] for c in ours] == [c.token_ids[0] for c in ref]
     assert ours[0].token_ids[0] != ours[1].token_ids[0]
+    assert compiled.runner._compiled.steps >= steps + 11  # one row with, one without
+
+
+async def test_mixed_adapter_rows_in_the_compiled_step_equal_merge_and_unload(
+    pair: Any, tiny_model_dir: Path, tiny_adapters: dict[str, Path]
+) -> None:
+    """Four requests at once, three adapters of other ranks and targets (all projections
+    rank 8, q/v rank 16, MLP rank 8) and none: their decode rows share compiled steps,
+    and each one's greedy tokens equal transformers' generate on peft's merge_and_unload
+    of its adapter."""
+    from tests.families import reference_greedy
+
+    compiled, _ = pair
+    which = ["m-alpha", "m-gamma", None, "m-delta"]
+    for name in which:
+        if name is not None:
+            await compiled.adapters.load(name, str(tiny_adapters[name[2:]]))
+    ids = [compiled.tokenize(f"Mixed adapters, request number {i}.") for i in range(4)]
+    want = [
+        reference_greedy(
+            tiny_model_dir, [x], 10, adapter=tiny_adapters[name[2:]] if name else None
+        )[0]
+        for x, name in zip(ids, which)
+    ]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    steps = compiled.runner._compiled.steps
+    got = await asyncio.gather(
+        *(compiled.complete(x, params, adapter=name) for x, name in zip(ids, which))
+    )
+    assert [c.token_ids[0] for c in got] == want
+    assert compiled.runner._compiled.steps >= steps + 9
 
 
 async def test_a_later_start_loads_the_compiled_step_from_the_cache(
