@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 PORT ?= 3000
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-dev start test lint clean
+.PHONY: setup setup-dev start test lint clean bench-peers
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ lint: setup-dev
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy openllm_clone adapters runners cli integrations
+
+# vLLM CPU and llama.cpp in their own venvs for bench/peers.py (never needed by the tests).
+bench-peers: setup-dev
+	PYTHON=$(PYTHON) TORCH_SPEC='$(TORCH_SPEC)' bench/setup_peers.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache
