@@ -35,8 +35,9 @@ Quantize = Literal["int8", "int4", "nf4", "fp4", "gptq", "torchao-int8"]
 
 def _compile_default() -> str:
     """``--compile``'s default: ``OPENLLM_CLONE_COMPILE`` (read when Settings are built,
-    so a test suite or a CI can turn background compiles off), else auto."""
-    return _compile_value(os.environ.get("OPENLLM_CLONE_COMPILE") or "auto")
+    so a test suite or a CI can turn background compiles off), else auto; normalised by
+    the field's validator like any other value."""
+    return os.environ.get("OPENLLM_CLONE_COMPILE") or "auto"
 
 
 def _compile_value(value: object) -> str:

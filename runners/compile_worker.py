@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         max_model_len=args.max_model_len,
         compile="on",
         max_batch_size=args.max_batch_size,
-        compile_cache=args.cache_dir,
+        compile_cache=lambda: args.cache_dir,
     )
     runner.compile_step()
     stats = runner.compiled_stats() or {}

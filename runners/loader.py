@@ -180,9 +180,7 @@ def load_runner(path: Path, settings: Settings, *, model_id: str) -> tuple[Any, 
             model,
             compile=settings.compile,
             max_batch_size=settings.max_batch_size,
-            compile_cache=compile_cache_dir(settings, Path(path), dtype)
-            if settings.compile != "off"
-            else None,
+            compile_cache=lambda: compile_cache_dir(settings, Path(path), dtype),
             model_path=Path(path),
             **common,
         )

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +75,9 @@ class TorchRunner:
         max_model_len: int | None = None,
         max_adapters: int = 8,
         quantization: str | None = None,
-        compile: str | bool = "off",
+        compile: str = "off",
         max_batch_size: int = 16,
-        compile_cache: Path | None = None,
+        compile_cache: Callable[[], Path | None] | None = None,
         model_path: Path | None = None,
     ) -> None:
         config = model.config
@@ -173,7 +174,7 @@ class TorchRunner:
         # --compile: on (compile or load before serving), auto (load the package if the
         # cache has it, else build it in a background process and switch when it is
         # there), off. See .compiled.
-        mode = ("on" if compile else "off") if isinstance(compile, bool) else compile
+        mode = compile
         windows = {w for w in self.windows if w is not None}
         self._window_size: int | None = next(iter(windows), None)  # the local layers' window
         self._background: BackgroundCompile | None = None
@@ -208,15 +209,18 @@ class TorchRunner:
                     gemma=self.gemma,
                     local_layers=[w is not None for w in self.windows],
                 )
-            if compile_cache is None:  # nowhere to keep it: compile at every start
+            # Asked only here: keying the cache reads the model's files and probes the
+            # CPU, work a start that cannot compile has no use for.
+            cache_dir = compile_cache() if compile_cache is not None else None
+            if cache_dir is None:  # nowhere to keep it: compile at every start
                 # Removed when the process exits (the package is ~1x the weights).
                 self._compile_tmp = tempfile.TemporaryDirectory(prefix="openllm-clone-compiled-")
-                compile_cache = Path(self._compile_tmp.name)
+                cache_dir = Path(self._compile_tmp.name)
             self._compiled = CompiledDecoder(
                 graph,
                 max_batch_size=max_batch_size,
                 max_model_len=self.max_model_len,
-                cache_dir=compile_cache,
+                cache_dir=cache_dir,
             )
         # The eager step (prompt chunks, adapter rows, and every step until the compiled
         # one is there) runs on prepacked layers; with --compile on they are packed once
@@ -472,7 +476,7 @@ class TorchRunner:
         if self._compiled is not None and not self._compiled.ready:
             if self._background is not None:
                 self._poll_background()
-            elif self.compile_mode == "on" or self._compile_failed is None:
+            else:
                 self.warmup()  # warmup() was skipped: load (or compile) now
         if (
             self._compiled is not None
