@@ -164,16 +164,32 @@ def sample_rows(
         apply_logit_bias(logits[i], p.logit_bias)
     # Extreme penalties can overflow: keep every logit finite or -inf.
     logits.nan_to_num_(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max / 4)
-    greedy = logits.argmax(dim=-1).tolist()
-    out: list[int] = []
-    for i, p in enumerate(params):
-        if p.greedy or p.temperature < _MIN_TEMPERATURE:
-            out.append(int(greedy[i]))
-            continue
-        row = _filter(logits[i].double() / p.temperature, p.top_k, p.top_p)
-        probs = torch.softmax(row, dim=-1)
-        if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
-            out.append(int(greedy[i]))  # degenerate distribution: its mode is the answer
-            continue
-        out.append(int(torch.multinomial(probs, 1, generator=generators[i]).item()))
+    out = logits.argmax(dim=-1).tolist()
+    drawn = [i for i, p in enumerate(params) if not (p.greedy or p.temperature < _MIN_TEMPERATURE)]
+    if not drawn:
+        return out
+    # The sampled rows together: one softmax and one cumulative sum over the batch, and one
+    # uniform draw per row from its own generator (inverse CDF). torch.multinomial drew
+    # one exponential per vocabulary entry from the generator: 26 ms a step for 16 rows of
+    # a 49k vocabulary on 2 cores, a third of a compiled decode step; this takes about 5 ms.
+    rows = (logits if len(drawn) == len(params) else logits[torch.tensor(drawn)]).float()
+    temps = [params[i].temperature for i in drawn]
+    if any(t != 1.0 for t in temps):  # in place: the caller is done with the logits
+        rows = rows.div_(torch.tensor(temps, dtype=rows.dtype).unsqueeze(1))
+    for j, i in enumerate(drawn):
+        p = params[i]
+        if (p.top_k and p.top_k < rows.shape[-1]) or p.top_p < 1.0:
+            rows[j] = _filter(rows[j].double(), p.top_k, p.top_p).float()
+    probs = torch.softmax(rows, dim=-1)
+    cdf = probs.double().cumsum(dim=-1)  # float64: the tail keeps its mass
+    total = cdf[:, -1]
+    u = torch.stack([torch.rand((), generator=generators[i], dtype=torch.float64) for i in drawn])
+    picks = torch.searchsorted(cdf, (u * total).unsqueeze(1), right=True).squeeze(1)
+    picks = picks.clamp_(max=rows.shape[-1] - 1).tolist()
+    usable = (torch.isfinite(total) & (total > 0)).tolist()
+    for j, i in enumerate(drawn):
+        # A degenerate distribution (all -inf or NaN): its mode is the answer. The first
+        # index whose cumulative mass exceeds the draw never has zero probability.
+        if usable[j]:
+            out[i] = int(picks[j])
     return out

@@ -49,6 +49,28 @@ def test_greedy_and_seeded_sampling() -> None:
     assert all(x == a[0] for x in a) and a[0][0] == 1 and a[0][1] in (0, 3)
 
 
+def test_sampled_frequencies_follow_the_distribution() -> None:
+    """Inverse-CDF draws: each token as often as its probability, a zero one never."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = torch.log(probs).expand(16, -1)
+    params = [SamplingParams(temperature=1.0)] * 16
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(16)]
+    counts = torch.zeros(5)
+    for _ in range(250):
+        for t in sample_rows(logits.clone(), params, gens, [[]] * 16):
+            counts[t] += 1
+    assert counts[4] == 0
+    assert (counts / counts.sum() - probs).abs().max() < 0.03
+    # Temperature sharpens: at 0.5 the weights are probs**2, renormalised.
+    sharp = probs**2 / (probs**2).sum()
+    half = [SamplingParams(temperature=0.5)] * 16
+    counts.zero_()
+    for _ in range(250):
+        for t in sample_rows(logits.clone(), half, gens, [[]] * 16):
+            counts[t] += 1
+    assert (counts / counts.sum() - sharp).abs().max() < 0.03
+
+
 def test_top_p_keeps_only_the_nucleus() -> None:
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
     params = [SamplingParams(temperature=1.0, top_p=0.5)]
