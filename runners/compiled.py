@@ -50,6 +50,9 @@ import torch.nn.functional as F
 
 from openllm_clone.errors import ModelLoadError
 
+from . import kernels
+from .kernels import pack_weight
+
 __all__ = [
     "LORA_MODULES",
     "BackgroundCompile",
@@ -153,11 +156,14 @@ class DecodeGraph(torch.nn.Module):
         qk_eps: float = 0.0,
         gemma: bool = False,
         local_layers: list[bool] | None = None,
+        packed: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         inner = model.model
         self.embed = inner.embed_tokens
-        self.lm_head = model.lm_head
+        # Projections through kernels.linear_packed with weights stored in this dtype
+        # (bfloat16 only where that is exact or the model's own dtype), else F.linear.
+        self.packed = packed
         self.gemma = gemma
         self.eps = float(_norm_eps(inner.norm))
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -178,14 +184,22 @@ class DecodeGraph(torch.nn.Module):
         self.norms = torch.nn.ParameterList()
         self.norm_weight = self._norm_param(inner.norm)
         self.has_bias = inner.layers[0].self_attn.q_proj.bias is not None
+        first = inner.layers[0]
+        self.n_qkv = sum(
+            m.weight.shape[0]
+            for m in (first.self_attn.q_proj, first.self_attn.k_proj, first.self_attn.v_proj)
+        )
+        self.n_o = first.self_attn.o_proj.weight.shape[0]
+        self.n_gate_up = first.mlp.gate_proj.weight.shape[0] + first.mlp.up_proj.weight.shape[0]
+        self.n_down = first.mlp.down_proj.weight.shape[0]
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            self.qkv.append(_fuse([attn.q_proj, attn.k_proj, attn.v_proj]))
+            self.qkv.append(self._weight(_fuse([attn.q_proj, attn.k_proj, attn.v_proj])))
             if self.has_bias:
                 self.qkv_bias.append(_fuse([attn.q_proj, attn.k_proj, attn.v_proj], "bias"))
-            self.gate_up.append(_fuse([mlp.gate_proj, mlp.up_proj]))
-            self.o.append(attn.o_proj.weight)
-            self.down.append(mlp.down_proj.weight)
+            self.gate_up.append(self._weight(_fuse([mlp.gate_proj, mlp.up_proj])))
+            self.o.append(self._weight(attn.o_proj.weight))
+            self.down.append(self._weight(mlp.down_proj.weight))
             names = (
                 (
                     "input_layernorm",
@@ -198,6 +212,26 @@ class DecodeGraph(torch.nn.Module):
             )
             for name in names:
                 self.norms.append(self._norm_param(getattr(layer, name)))
+        head = model.lm_head
+        self.n_head = head.weight.shape[0]
+        self.head = self._weight(head.weight)
+        self.head_bias = head.bias
+
+    def _weight(self, w: torch.nn.Parameter) -> torch.nn.Parameter:
+        """The projection's weight as the graph holds it: packed, or the model's own."""
+        if self.packed is None:
+            return w
+        return torch.nn.Parameter(pack_weight(w, self.packed), requires_grad=False)
+
+    def _lin(
+        self, x: torch.Tensor, w: torch.Tensor, n: int, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, w, bias)
+        y = torch.ops.openllm_clone.linear_packed(x.float(), w, n)
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype)
 
     def _norm_param(self, module: Any) -> torch.nn.Parameter:
         """The weight a norm scales by: Gemma's ``1 + w`` in float32, else ``w``."""
@@ -253,7 +287,7 @@ class DecodeGraph(torch.nn.Module):
             mask = masks[1] if local else masks[0]
             n = self.norms[per_layer * i : per_layer * (i + 1)]
             h = self._norm(x, n[0])
-            qkv = F.linear(h, self.qkv[i], self.qkv_bias[i] if self.has_bias else None)
+            qkv = self._lin(h, self.qkv[i], self.n_qkv, self.qkv_bias[i] if self.has_bias else None)
             q_, k_, v_ = qkv.split([H * D, KV * D, KV * D], dim=-1)
             qkv = torch.cat([delta(q_, h, 0, i), delta(k_, h, 1, i), delta(v_, h, 2, i)], dim=-1)
             qk = self._qk(qkv[:, : (H + KV) * D].reshape(T, H + KV, D), i)
@@ -272,18 +306,19 @@ class DecodeGraph(torch.nn.Module):
                 enable_gqa=True,
             )
             o = o.reshape(T, H * D)
-            a = delta(F.linear(o, self.o[i]), o, 3, i)
+            a = delta(self._lin(o, self.o[i], self.n_o), o, 3, i)
             if self.gemma:
                 x = self._norm(a, n[1]) + x
                 h = self._norm(x, n[2])
             else:
                 x = a + x
                 h = self._norm(x, n[1])
-            gate, up = F.linear(h, self.gate_up[i]).chunk(2, dim=-1)
+            gate, up = self._lin(h, self.gate_up[i], self.n_gate_up).chunk(2, dim=-1)
             act = self.act(delta(gate, h, 4, i)) * delta(up, h, 5, i)
-            down = delta(F.linear(act, self.down[i]), act, 6, i)
+            down = delta(self._lin(act, self.down[i], self.n_down), act, 6, i)
             x = (self._norm(down, n[3]) if self.gemma else down) + x
-        return self.lm_head(self._norm(x, self.norm_weight)).float()
+        last = self._norm(x, self.norm_weight)
+        return self._lin(last, self.head, self.n_head, self.head_bias).float()
 
 
 def _norm_eps(module: Any) -> float:
@@ -327,10 +362,14 @@ class CompiledDecoder:
         self.max_model_len = max_model_len
         self.cache_dir = cache_dir
         self.package = cache_dir / "decode"  # an unpacked AOTInductor package
+        self.kernels = cache_dir / "kernels"  # the packed linear kernel it calls, if any
         self.fn: Any = None
         self.source: str | None = None  # "disk" (a persisted package) or "compiled"
         self.seconds = 0.0  # time to compile or load
         self.steps = 0  # decode steps run through the package
+        # How the package's projections run: "packed-bfloat16" / "packed-float32"
+        # (kernels.linear_packed, weights stored in that dtype) or "aten" (F.linear).
+        self.linear: str | None = None
         self.last_rows = 0
 
     @property
@@ -344,6 +383,7 @@ class CompiledDecoder:
             "source": self.source,
             "seconds": round(self.seconds, 2),
             "package": str(self.package),
+            "linear": self.linear,
         }
 
     def prepare(self, example: tuple[Any, ...]) -> None:
@@ -402,9 +442,15 @@ class CompiledDecoder:
     def _load(self, example: tuple[Any, ...]) -> None:
         """Load the package and run it once on ``example``: a broken package fails here,
         not on a request."""
+        if self.kernels.exists():  # the package calls the packed linear kernel
+            kernels.load(self.kernels)
         fn = _load_unpacked(self.package)
         fn(*example)
         self.fn = fn
+        try:
+            self.linear = json.loads((self.package / _ABOUT).read_text()).get("linear")
+        except (OSError, ValueError):
+            self.linear = None
 
     def _compile(self, example: tuple[Any, ...]) -> None:
         from torch.export import Dim
@@ -431,6 +477,8 @@ class CompiledDecoder:
                 [{1: lora_slots, 2: lora_rank} for _ in lora[2]],
             ),
         )
+        if self.graph.packed is not None:
+            kernels.build(self.kernels)
         program = torch.export.export(self.graph, example, dynamic_shapes=dynamic, strict=False)
         partial = self.cache_dir / f"decode.partial-{os.getpid()}"
         shutil.rmtree(partial, ignore_errors=True)
@@ -445,6 +493,9 @@ class CompiledDecoder:
             with zipfile.ZipFile(archive) as zipped:
                 zipped.extractall(partial / "unpacked")
             (root,) = (partial / "unpacked").iterdir()  # the archive's one top folder
+            packed = self.graph.packed
+            linear = "aten" if packed is None else f"packed-{str(packed).replace('torch.', '')}"
+            (root / _ABOUT).write_text(json.dumps({"linear": linear}))
             shutil.rmtree(self.package, ignore_errors=True)  # a broken one, if any
             os.replace(root, self.package)
         finally:
@@ -558,6 +609,9 @@ class BackgroundCompile:
                 self.proc.wait()
 
 
+_ABOUT = "openllm_clone.json"  # what the package was built with, beside its files
+
+
 def _load_unpacked(folder: Path) -> Any:
     """An AOTInductor package unpacked in ``folder``, loaded in place (torch's loader
     takes a folder as well as a .pt2; ``aoti_load_package`` only passes files)."""
@@ -576,6 +630,8 @@ def package_key(parts: dict[str, Any]) -> str:
     everything = {
         **parts,
         "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        "kernels": hashlib.sha256(kernels.KERNEL_SOURCE.encode()).hexdigest(),
+        "packed_linear": os.environ.get("OPENLLM_CLONE_PACKED_LINEAR", "1"),
         "torch": torch.__version__,
         "isa": str(cpu_vec_isa.pick_vec_isa()),
         "threads": torch.get_num_threads(),

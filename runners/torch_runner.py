@@ -24,6 +24,7 @@ fit here.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 
 from openllm_clone.errors import ModelLoadError
 
+from . import kernels
 from .attention import decode_attention, window_mask
 from .base import ModelInfo, StepRow, pack_rows
 from .compiled import (
@@ -208,6 +210,7 @@ class TorchRunner:
                     qk_eps=self._qk_eps,
                     gemma=self.gemma,
                     local_layers=[w is not None for w in self.windows],
+                    packed=self._packed_dtype(model),
                 )
             # Asked only here: keying the cache reads the model's files and probes the
             # CPU, work a start that cannot compile has no use for.
@@ -304,6 +307,27 @@ class TorchRunner:
         bs = self.block_size
         for cache in self.kv_cache:
             cache[dst * bs : (dst + 1) * bs].copy_(cache[src * bs : (src + 1) * bs])
+
+    def _packed_dtype(self, model: Any) -> torch.dtype | None:
+        """How the compiled step stores its projections for :mod:`.kernels`: bfloat16
+        where that is exact (a bf16 model, or float32 weights that are all bf16 values),
+        else float32; None (F.linear) where the kernel cannot run or
+        ``OPENLLM_CLONE_PACKED_LINEAR=0``."""
+        if os.environ.get("OPENLLM_CLONE_PACKED_LINEAR", "1") == "0" or not kernels.available():
+            return None
+        if self.dtype == torch.bfloat16:
+            return torch.bfloat16
+        weights = [p for name, p in model.named_parameters() if name.endswith("proj.weight")]
+        weights.append(model.lm_head.weight)
+        chosen = torch.bfloat16 if kernels.bf16_exact(weights) else torch.float32
+        logger.info(
+            "compiled step: projections in %s (%s)",
+            chosen,
+            "float32 math on bfloat16 values, exact"
+            if chosen == torch.bfloat16
+            else "the weights are not all bfloat16 values",
+        )
+        return chosen
 
     @staticmethod
     def _linear_dims(module: Any) -> tuple[int, int]:

@@ -44,7 +44,11 @@ def make_tiny_model(
     hidden: int = 64,
     max_len: int = 1024,
 ) -> Path:
-    """A random Llama with SmolLM2's tokenizer; dims are multiples of 64 (4-bit friendly)."""
+    """A random Llama with SmolLM2's tokenizer; dims are multiples of 64 (4-bit friendly).
+
+    Its float32 weights are bfloat16 values, as in most checkpoints: the compiled step
+    stores such weights in bfloat16 (exact), the path SmolLM2-class models take.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -64,6 +68,9 @@ def make_tiny_model(
         pad_token_id=tokenizer.eos_token_id,
     )
     model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return path

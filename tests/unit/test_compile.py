@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from openllm_clone.runners import kernels
 from openllm_clone.runners.base import StepRow
 from openllm_clone.runners.compiled import check_compilable
 
@@ -57,6 +58,8 @@ def test_compiled_runner_is_built_and_warm(pair: Any, compile_cache: Path) -> No
     assert compiled.runner._compiled.ready  # compiled at load, not on a request
     stats = compiled.metadata()["compiled"]
     assert stats["source"] == "compiled" and stats["max_rows"] == 4
+    # The tiny model's float32 weights are bf16 values: stored in bf16, exact.
+    assert stats["linear"] == ("packed-bfloat16" if kernels.available() else "aten")
     package = Path(stats["package"])
     assert package.is_dir() and package.parent.parent == compile_cache
     assert list(package.rglob("*.so"))  # kept unpacked: nothing to extract at each load
@@ -316,6 +319,9 @@ def test_compiled_step_on_qwen3_and_gemma3_equals_generate(
     try:
         llm.runner.warmup()
         assert llm.runner.tier == "fast" and llm.runner.compiled
+        # random float32 weights (not bf16 values): packed in float32
+        linear = llm.metadata()["compiled"]["linear"]
+        assert linear == ("packed-float32" if kernels.available() else "aten")
         texts = ["The quick brown fox jumps over the lazy dog", "Once upon a time", "Hello"]
         ids = [llm.tokenize(t) for t in texts]
         want = reference_greedy(folder, ids, 12)
@@ -333,11 +339,16 @@ def test_compiled_step_on_qwen3_and_gemma3_equals_generate(
         llm.shutdown()
 
 
-def test_import_compiles_ahead_for_start(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_import_compiles_ahead_for_start(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
     """`import --compile` leaves the package where `start --compile` of the stored model
-    (same dtype and limits) finds it: the start loads it instead of compiling."""
+    (same dtype and limits) finds it: the start loads it instead of compiling. With the
+    packed kernel off (what a CPU without AVX2 gets) the graph runs F.linear."""
     from openllm_clone.cli import app
     from typer.testing import CliRunner
+
+    monkeypatch.setenv("OPENLLM_CLONE_PACKED_LINEAR", "0")
 
     cache = tmp_path / "compiled"
     result = CliRunner().invoke(
@@ -363,6 +374,15 @@ def test_import_compiles_ahead_for_start(tiny_model_dir: Path, tmp_path: Path) -
     try:
         stats = llm.metadata()["compiled"]
         assert stats["source"] == "disk" and Path(stats["package"]).parent.parent == cache
+        assert stats["linear"] == "aten"
+        ids = llm.tokenize("Once upon a time")
+        params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+        eager = make_llm(tiny_model_dir)
+        try:
+            want = asyncio.run(eager.complete(ids, params)).token_ids[0]
+        finally:
+            eager.shutdown()
+        assert asyncio.run(llm.complete(ids, params)).token_ids[0] == want
     finally:
         llm.shutdown()
 
