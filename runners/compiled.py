@@ -32,6 +32,7 @@ weight memory), and the package on disk is about that size.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -60,6 +61,7 @@ __all__ = [
     "DecodeGraph",
     "check_compilable",
     "package_key",
+    "prune_cache",
     "rms_norm",
     "rope",
 ]
@@ -356,8 +358,10 @@ class CompiledDecoder:
         max_batch_size: int,
         max_model_len: int,
         cache_dir: Path,
+        prune: bool = False,
     ) -> None:
         self.graph = graph
+        self.prune = prune  # after a compile, remove packages unused for 14 days beside it
         self.max_batch_size = max_batch_size
         self.max_model_len = max_model_len
         self.cache_dir = cache_dir
@@ -400,6 +404,8 @@ class CompiledDecoder:
         else:
             self._load_or_compile(example)
         self.seconds = time.perf_counter() - started
+        with contextlib.suppress(OSError):  # when it was last used, for prune_cache
+            (self.cache_dir / _LAST_USED).touch()
         logger.info(
             "decode step %s in %.1f s (%s)",
             "loaded" if self.source == "disk" else "compiled",
@@ -415,6 +421,7 @@ class CompiledDecoder:
         with open(self.cache_dir / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
+                _remove_partials(self.cache_dir)
                 if self.package.exists():
                     try:
                         self._load(example)
@@ -436,6 +443,8 @@ class CompiledDecoder:
                     self._compile(example)
                     self._load(example)
                     self.source = "compiled"
+                    if self.prune:
+                        prune_cache(self.cache_dir.parent, keep=self.cache_dir)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -610,6 +619,49 @@ class BackgroundCompile:
 
 
 _ABOUT = "openllm_clone.json"  # what the package was built with, beside its files
+_LAST_USED = ".last-used"  # touched at each load or compile
+
+
+def _remove_partials(folder: Path) -> None:
+    """Remove what compiles killed midway left (``decode.partial-<pid>``, ~1x the
+    weights each), unless their process is still running."""
+    for partial in folder.glob("decode.partial-*"):
+        try:
+            os.kill(int(partial.name.rsplit("-", 1)[1]), 0)
+            continue  # still compiling (another process under another lock? keep it)
+        except ValueError:
+            pass
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        logger.info("removing %s, left by a compile that did not finish", partial)
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def prune_cache(root: Path, *, keep: Path | None = None, days: float = 14.0) -> list[Path]:
+    """Remove compiled steps under ``root`` not loaded for ``days`` (packages of older
+    code, torch versions or settings pile up: each is about the size of the weights);
+    a folder whose lock is held is in use and kept. Returns what was removed."""
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    now = time.time()
+    for folder in root.iterdir():
+        marker = folder / _LAST_USED
+        if folder == keep or not marker.is_file():  # only folders CompiledDecoder made
+            continue
+        if now - marker.stat().st_mtime < days * 86400:
+            continue
+        with open(folder / ".lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+        logger.info("removed %s from the compile cache (unused for %.0f days)", folder, days)
+    return removed
 
 
 def _load_unpacked(folder: Path) -> Any:

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import platform
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -213,10 +215,31 @@ _loaded: Path | None = None
 
 
 def available() -> bool:
-    """True on an x86-64 CPU with AVX2 and FMA (what the kernel is written for)."""
+    """True on an x86-64 CPU with AVX2 and FMA (what the kernel is written for), with
+    ninja to build it (a dependency of the package)."""
+    from torch.utils.cpp_extension import is_ninja_available
+
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return False
+    _ninja_on_path()
+    return bool(is_ninja_available())
+
+
+def _ninja_on_path() -> None:
+    """torch looks for ``ninja`` on PATH; the pip package's binary sits in the
+    environment's bin folder, which is not on PATH when the server was started by the
+    full path of its script (``.venv/bin/openllm-clone``)."""
+    try:
+        import ninja  # type: ignore[import-untyped]
+
+        folder = str(ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        folder = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if folder not in path.split(os.pathsep):
+        os.environ["PATH"] = folder + (os.pathsep + path if path else "")
 
 
 def loaded() -> bool:
@@ -234,6 +257,7 @@ def build(folder: Path) -> Path:
 
     library = _library(folder)
     if not library.exists():
+        _ninja_on_path()
         folder.mkdir(parents=True, exist_ok=True)
         if _loaded is not None:  # built for another package in this process: same code
             shutil.copyfile(_loaded, library)

@@ -215,6 +215,7 @@ class TorchRunner:
             # Asked only here: keying the cache reads the model's files and probes the
             # CPU, work a start that cannot compile has no use for.
             cache_dir = compile_cache() if compile_cache is not None else None
+            kept = cache_dir is not None
             if cache_dir is None:  # nowhere to keep it: compile at every start
                 # Removed when the process exits (the package is ~1x the weights).
                 self._compile_tmp = tempfile.TemporaryDirectory(prefix="openllm-clone-compiled-")
@@ -224,6 +225,7 @@ class TorchRunner:
                 max_batch_size=max_batch_size,
                 max_model_len=self.max_model_len,
                 cache_dir=cache_dir,
+                prune=kept,
             )
         # The eager step (prompt chunks, adapter rows, and every step until the compiled
         # one is there) runs on prepacked layers; with --compile on they are packed once

@@ -139,6 +139,20 @@ def test_plain_install_of_the_wheel_serves(
     )
     assert where.returncode == 0, where.stderr
     assert str(venv) in where.stdout and str(ROOT) not in where.stdout
+    # What the compiled step's kernel needs to build came with the install (ninja, found
+    # without the venv's bin folder on PATH).
+    from openllm_clone.runners import kernels
+
+    probe = subprocess.run(
+        [python, "-c", "from openllm_clone.runners import kernels; print(kernels.available())"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "PATH": "/usr/local/bin:/usr/bin:/bin"},
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == str(kernels.available())
     args = [str(tiny_model_dir), "--dtype", "float32", "--kv-cache-mb", "16"]
     env = {"PYTHONPATH": "", "BENTOML_HOME": str(tmp_path / "bentoml")}
     with run_server(args, env, tmp_path / "server.log", python=python, cwd=tmp_path) as server:

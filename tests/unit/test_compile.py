@@ -410,3 +410,34 @@ def test_compile_cache_folder_and_key(tiny_model_dir: Path, tmp_path: Path) -> N
     assert folder(compile_cache=str(tmp_path), model_name="other") == mine
     settings = Settings(model=str(tiny_model_dir), compile=True, compile_cache=str(tmp_path))
     assert compile_cache_dir(settings, tiny_model_dir, torch.bfloat16) != mine
+
+
+def test_prune_cache_and_partials_left_by_killed_compiles(tmp_path: Path) -> None:
+    """Packages unused for 14 days go (unless their lock is held); a compile killed
+    midway leaves decode.partial-<pid>, removed once that process is gone."""
+    import fcntl
+    import os
+    import time
+
+    from openllm_clone.runners.compiled import _remove_partials, prune_cache
+
+    old, fresh, busy, foreign = (tmp_path / n for n in ("m-old", "m-new", "m-busy", "other"))
+    for folder in (old, fresh, busy, foreign):
+        (folder / "decode").mkdir(parents=True)
+    for folder in (old, fresh, busy):
+        (folder / ".last-used").touch()
+    month_ago = time.time() - 30 * 86400
+    for folder in (old, busy):
+        os.utime(folder / ".last-used", (month_ago, month_ago))
+    with open(busy / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a server using it
+        assert prune_cache(tmp_path, keep=fresh) == [old]
+    assert not old.exists() and fresh.exists() and busy.exists()
+    assert foreign.exists()  # not a folder the compiled step made: never touched
+
+    dead = fresh / "decode.partial-999999999"
+    alive = fresh / f"decode.partial-{os.getpid()}"
+    for p in (dead, alive):
+        p.mkdir()
+    _remove_partials(fresh)
+    assert not dead.exists() and alive.exists()
