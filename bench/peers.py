@@ -36,13 +36,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._common import rss_peak_mb, table  # noqa: E402
-from openllm_clone.testing import free_port  # noqa: E402
+from openllm_clone.testing import free_port, run_process  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
@@ -67,38 +65,24 @@ def server(
 ) -> Iterator[dict[str, Any]]:
     """Start ``cmd``, wait until ``/v1/models`` answers; stop the process group after."""
     log = OUT / f"peers-{name}.log"
+    url = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **env},
-            start_new_session=True,
-        )
-    info: dict[str, Any] = {"url": f"http://127.0.0.1:{port}", "proc": proc, "log": log}
-    try:
-        while True:
-            if proc.poll() is not None:
-                tail = log.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{info['url']}/v1/models", timeout=5).status_code == 200:
-                    break
-            if time.perf_counter() - started > ready_timeout:
-                raise RuntimeError(f"{name} not ready after {ready_timeout:.0f} s (log: {log})")
-            time.sleep(0.5)
+    with run_process(
+        cmd,
+        env,
+        log,
+        f"{url}/v1/models",
+        ready_timeout,
+        name=name,
+        stop=signal.SIGTERM,
+        stop_timeout=60,
+    ) as proc:
+        info: dict[str, Any] = {"url": url, "proc": proc, "log": log}
         info["ready_s"] = time.perf_counter() - started
-        yield info
-    finally:
-        info["rss_mb"] = rss_peak_mb(proc.pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            yield info
+        finally:
+            info["rss_mb"] = rss_peak_mb(proc.pid)  # before the group is stopped
 
 
 def bench_serve(

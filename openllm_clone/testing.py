@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["Server", "free_port", "run_server"]
+__all__ = ["Server", "free_port", "run_process", "run_server"]
 
 
 def free_port() -> int:
@@ -64,6 +64,28 @@ def run_server(
         "--host",
         "127.0.0.1",
     ]
+    url = f"http://127.0.0.1:{port}"
+    with run_process(cmd, env, log, f"{url}/readyz", ready_timeout, cwd=cwd) as proc:
+        yield Server(url, proc, log)
+
+
+@contextlib.contextmanager
+def run_process(
+    cmd: list[str],
+    env: dict[str, str],
+    log: Path,
+    ready_url: str,
+    ready_timeout: float,
+    *,
+    cwd: Path | None = None,
+    name: str = "server",
+    stop: signal.Signals = signal.SIGINT,
+    stop_timeout: float = 20.0,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``cmd`` in a process group of its own (output to ``log``), wait until
+    ``ready_url`` answers 200, and stop the group after (``stop``, then SIGKILL after
+    ``stop_timeout`` s). Raises RuntimeError with the log's tail if it exits or is not
+    ready in ``ready_timeout``. Shared by :func:`run_server` and bench/peers.py."""
     with open(log, "wb") as fh:
         proc = subprocess.Popen(
             cmd,
@@ -73,30 +95,29 @@ def run_server(
             start_new_session=True,
             cwd=cwd,
         )
-    server = Server(f"http://127.0.0.1:{port}", proc, log)
+
+    def tail() -> str:
+        return log.read_text(errors="replace")[-4000:]
+
     try:
         deadline = time.monotonic() + ready_timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited with {proc.returncode}:\n{server.logs()[-4000:]}"
-                )
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail()}")
             try:
-                if httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200:
+                if httpx.get(ready_url, timeout=5).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"server not ready in {ready_timeout} s:\n{server.logs()[-4000:]}"
-                )
+                raise RuntimeError(f"{name} not ready in {ready_timeout} s:\n{tail()}")
             time.sleep(0.5)
-        yield server
+        yield proc
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGINT)
+            os.killpg(proc.pid, stop)
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=stop_timeout)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)

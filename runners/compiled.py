@@ -629,9 +629,7 @@ def _remove_partials(folder: Path) -> None:
         try:
             os.kill(int(partial.name.rsplit("-", 1)[1]), 0)
             continue  # still compiling (another process under another lock? keep it)
-        except ValueError:
-            pass
-        except ProcessLookupError:
+        except (ValueError, ProcessLookupError):  # not a pid, or its process is gone
             pass
         except PermissionError:
             continue  # alive, another user's
@@ -683,7 +681,7 @@ def package_key(parts: dict[str, Any]) -> str:
         **parts,
         "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
         "kernels": hashlib.sha256(kernels.KERNEL_SOURCE.encode()).hexdigest(),
-        "packed_linear": os.environ.get("OPENLLM_CLONE_PACKED_LINEAR", "1"),
+        "packed_linear": kernels.enabled(),
         "torch": torch.__version__,
         "isa": str(cpu_vec_isa.pick_vec_isa()),
         "threads": torch.get_num_threads(),

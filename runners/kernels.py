@@ -41,6 +41,7 @@ __all__ = [
     "available",
     "bf16_exact",
     "build",
+    "enabled",
     "load",
     "loaded",
     "pack_weight",
@@ -217,6 +218,12 @@ def available() -> bool:
         return False
     _ninja_on_path()
     return bool(is_ninja_available())
+
+
+def enabled() -> bool:
+    """:func:`available`, unless ``OPENLLM_CLONE_PACKED_LINEAR=0`` turns the kernel off
+    (the compiled step then runs ``F.linear``). Part of the compile cache's key."""
+    return os.environ.get("OPENLLM_CLONE_PACKED_LINEAR", "1") != "0" and available()
 
 
 def _ninja_on_path() -> None:

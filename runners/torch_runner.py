@@ -24,7 +24,6 @@ fit here.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -315,7 +314,7 @@ class TorchRunner:
         where that is exact (a bf16 model, or float32 weights that are all bf16 values),
         else float32; None (F.linear) where the kernel cannot run or
         ``OPENLLM_CLONE_PACKED_LINEAR=0``."""
-        if os.environ.get("OPENLLM_CLONE_PACKED_LINEAR", "1") == "0" or not kernels.available():
+        if not kernels.enabled():
             return None
         if self.dtype == torch.bfloat16:
             return torch.bfloat16
