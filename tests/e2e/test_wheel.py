@@ -130,29 +130,31 @@ def test_plain_install_of_the_wheel_serves(
         timeout=1200,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    where = subprocess.run(
-        [python, "-c", "import openllm_clone.runners.quantization as q; print(q.__file__)"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
-    assert where.returncode == 0, where.stderr
-    assert str(venv) in where.stdout and str(ROOT) not in where.stdout
+
+    def run_code(code: str, **env: str) -> str:
+        """``code`` in the installed venv, outside this tree; its stdout."""
+        done = subprocess.run(
+            [python, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+            env={**os.environ, **env},
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    where = run_code("import openllm_clone.runners.quantization as q; print(q.__file__)")
+    assert str(venv) in where and str(ROOT) not in where
     # What the compiled step's kernel needs to build came with the install (ninja, found
     # without the venv's bin folder on PATH).
     from openllm_clone.runners import kernels
 
-    probe = subprocess.run(
-        [python, "-c", "from openllm_clone.runners import kernels; print(kernels.available())"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        env={**os.environ, "PATH": "/usr/local/bin:/usr/bin:/bin"},
+    probe = run_code(
+        "from openllm_clone.runners import kernels; print(kernels.available())",
+        PATH="/usr/local/bin:/usr/bin:/bin",
     )
-    assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.strip() == str(kernels.available())
+    assert probe.strip() == str(kernels.available())
     args = [str(tiny_model_dir), "--dtype", "float32", "--kv-cache-mb", "16"]
     env = {"PYTHONPATH": "", "BENTOML_HOME": str(tmp_path / "bentoml")}
     with run_server(args, env, tmp_path / "server.log", python=python, cwd=tmp_path) as server:
