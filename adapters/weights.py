@@ -113,6 +113,12 @@ def read_adapter(
         raise AdapterIncompatibleError(f"only LoRA adapters are served, not {peft_type}")
     if config.get("use_dora"):
         raise AdapterIncompatibleError("DoRA adapters are not supported")
+    if config.get("target_parameters"):
+        raise AdapterIncompatibleError(
+            f"LoRA on parameters (peft target_parameters {config['target_parameters']}, as "
+            "peft makes for the fused experts of MoE models) is not supported: train the "
+            "adapter on Linear modules (target_modules) only"
+        )
     if config.get("modules_to_save"):
         raise AdapterIncompatibleError(
             f"adapters with modules_to_save ({config['modules_to_save']}) are not supported"

@@ -115,8 +115,9 @@ def naive_peft(
     new_tokens: int,
     dtype: str,
     count: int,
+    device: str = "cpu",
 ) -> float:
-    """peft set_adapter per request, requests one after another."""
+    """peft set_adapter per request, requests one after another (on the engine's device)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -125,13 +126,13 @@ def naive_peft(
     peft_model = PeftModel.from_pretrained(model, str(paths[0]), adapter_name="a0")
     for i, p in enumerate(paths[1:count], start=1):
         peft_model.load_adapter(str(p), adapter_name=f"a{i}")
-    peft_model.eval()
+    peft_model.to(device).eval()
     t = time.perf_counter()
     with torch.no_grad():
         for i, ids in enumerate(prompts):
             peft_model.set_adapter(f"a{i % count}")
             peft_model.generate(
-                input_ids=torch.tensor([ids]),
+                input_ids=torch.tensor([ids], device=device),
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
                 do_sample=False,
@@ -193,6 +194,7 @@ def main() -> None:
         return res
 
     res = asyncio.run(go())
+    device = llm.runner.info.device
     llm.shutdown()
     naive = naive_peft(
         base_dir,
@@ -201,6 +203,7 @@ def main() -> None:
         args.new_tokens,
         args.dtype,
         min(16, max(counts)),
+        device,
     )
     rows = [["no adapters (baseline)", res["none"], "1.00x", f"{res['none'] / naive:.2f}x"]]
     for n in counts:
@@ -221,7 +224,7 @@ def main() -> None:
         ["naive: peft set_adapter, one at a time", naive, f"{naive / res['none']:.2f}x", "1.00x"]
     )
     print(
-        f"\nmodel {args.model}, {args.dtype}, rank 8 on all 7 projections, {args.requests} "
+        f"\nmodel {args.model}, {args.dtype} on {device}, rank 8 on all 7 projections, {args.requests} "
         f"concurrent requests x {args.new_tokens} tokens (greedy, ignore_eos)"
     )
     print(table(["engine", "tok/s", "vs no adapters", "vs naive"], rows))

@@ -502,9 +502,17 @@ def runtime_adapters_file(settings: Settings) -> str | None:
     chosen = settings.adapter_registry
     if chosen is not None:
         return None if chosen.lower() == "none" else os.path.abspath(chosen)
-    from bentoml._internal.configuration.containers import BentoMLContainer
-
     model = settings.model_name or settings.model.split(":")[0]  # a tag's version changes
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("_")
-    home = str(BentoMLContainer.bentoml_home.get())
+    home = bentoml_home()
     return os.path.join(home, "openllm-clone", f"adapters-{name[-80:]}-{settings.port}.json")
+
+
+def bentoml_home() -> str:
+    """BentoML's home folder by BentoML's own rule (``$BENTOML_HOME`` with variables and
+    ``~`` expanded, else ``~/bentoml``), found without importing BentoML: an engine in a
+    Ray worker or on a machine with only torch runs without it."""
+    home = os.environ.get("BENTOML_HOME") or os.path.join(os.path.expanduser("~"), "bentoml")
+    while (expanded := os.path.expanduser(os.path.expandvars(home))) != home:
+        home = expanded
+    return home

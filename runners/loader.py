@@ -78,9 +78,9 @@ def compile_cache_dir(settings: Settings, path: Path, dtype: Any) -> Path | None
     if chosen is not None and chosen.lower() == "none":
         return None
     if chosen is None:
-        from bentoml._internal.configuration.containers import BentoMLContainer
+        from openllm_clone.store import bentoml_home
 
-        root = Path(str(BentoMLContainer.bentoml_home.get())) / "openllm-clone" / "compiled"
+        root = Path(bentoml_home()) / "openllm-clone" / "compiled"
     else:
         root = Path(chosen)  # made absolute by Settings
     files = sorted(

@@ -105,8 +105,9 @@ def make_family_model(
     return path
 
 
-def reference_model(path: Path, adapter: Path | None = None) -> Any:
-    """The transformers model in fp32; with ``adapter``, peft's ``merge_and_unload`` of it."""
+def reference_model(path: Path, adapter: Path | None = None, *, device: str = "cpu") -> Any:
+    """The transformers model in fp32 on ``device``; with ``adapter``, peft's
+    ``merge_and_unload`` of it."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -115,36 +116,45 @@ def reference_model(path: Path, adapter: Path | None = None) -> Any:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
-    return model
+    return model.to(device)
 
 
-def reference_logprobs(path: Path, tokens: list[int], *, adapter: Path | None = None) -> Any:
-    """Row ``p``: the reference model's fp32 log_softmax for the token after position ``p``."""
+def reference_logprobs(
+    path: Path, tokens: list[int], *, adapter: Path | None = None, device: str = "cpu"
+) -> Any:
+    """Row ``p``: the reference model's fp32 log_softmax for the token after position ``p``
+    (on the CPU, whatever ``device`` computed it)."""
     import torch
 
     with torch.inference_mode():
-        logits = reference_model(path, adapter)(torch.tensor([tokens])).logits[0]
-        return torch.log_softmax(logits.float(), dim=-1)
+        model = reference_model(path, adapter, device=device)
+        logits = model(torch.tensor([tokens], device=device)).logits[0]
+        return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
 def reference_greedy(
-    path: Path, prompts: list[list[int]], max_new_tokens: int, *, adapter: Path | None = None
+    path: Path,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    adapter: Path | None = None,
+    device: str = "cpu",
 ) -> list[list[int]]:
-    """transformers ``generate(do_sample=False)`` in fp32, one prompt at a time, EOS ignored;
-    with ``adapter``, on peft's ``merge_and_unload`` of it."""
+    """transformers ``generate(do_sample=False)`` in fp32 on ``device``, one prompt at a
+    time, EOS ignored; with ``adapter``, on peft's ``merge_and_unload`` of it."""
     import torch
 
-    model = reference_model(path, adapter)
+    model = reference_model(path, adapter, device=device)
     out = []
     with torch.inference_mode():
         for ids in prompts:
             gen = model.generate(
-                torch.tensor([ids]),
+                torch.tensor([ids], device=device),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 eos_token_id=None,
                 pad_token_id=0,
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
             )
             out.append(gen[0, len(ids) :].tolist())
     return out

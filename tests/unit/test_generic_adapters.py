@@ -10,36 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from openllm_clone.errors import AdapterIncompatibleError
 from openllm_clone.llm import LLM
 from openllm_clone.protocol import SamplingParams
 from openllm_clone.settings import Settings
 from tests.families import make_family_model, reference_greedy
+from tests.helpers import make_adapter
 
 pytestmark = pytest.mark.slow
 
 NEW_TOKENS = 12
 PROMPTS = ["The weather today is", "A story about a cat who", "Numbers: one two three"]
-
-
-def _adapter(base: Path, out: Path, seed: int, rank: int) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=2 * rank,
-        target_modules="all-linear",
-        init_lora_weights=False,
-        task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(model, config)
-    peft_model.save_pretrained(str(out))
-    return out
 
 
 @pytest.mark.parametrize(
@@ -72,8 +54,8 @@ async def test_mixed_adapters_equal_merged(
     monkeypatch.setattr(lora_mod, "_PER_TOKEN_MIN_ADAPTERS", per_token_from)
     base = make_family_model(family, tmp_path / family, tokenizer)
     adapters = {
-        "one": _adapter(base, tmp_path / "one", seed=1, rank=8),
-        "two": _adapter(base, tmp_path / "two", seed=2, rank=4),
+        "one": make_adapter(base, tmp_path / "one", seed=1, rank=8, targets="all-linear"),
+        "two": make_adapter(base, tmp_path / "two", seed=2, rank=4, targets="all-linear"),
     }
     llm = LLM.from_settings(
         Settings(model=str(base), dtype="float32", kv_cache_mb=16, max_adapters=2, runner=runner)
@@ -101,7 +83,6 @@ async def test_adapter_for_a_missing_module_is_refused(
     tokenizer: Any, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     """An adapter made for Llama names q_proj; GPT-2 has no such module: 422, nothing loaded."""
-    from tests.helpers import make_adapter
 
     base = make_family_model("gpt2", tmp_path / "gpt2", tokenizer)
     llama_adapter = make_adapter(tiny_model_dir, tmp_path / "llama-adapter", seed=1, rank=4)
@@ -110,5 +91,23 @@ async def test_adapter_for_a_missing_module_is_refused(
         with pytest.raises(AdapterIncompatibleError, match="does not exist in the base model"):
             await llm.adapters.load("llama", str(llama_adapter), force=True)
         assert "llama" not in llm.adapters.names()
+    finally:
+        llm.shutdown()
+
+
+async def test_moe_expert_parameters_are_refused_clearly(tokenizer: Any, tmp_path: Path) -> None:
+    """peft's ``all-linear`` on a MoE model also adapts the fused expert parameters
+    (``target_parameters``): refused with that reason; attention-only adapters load."""
+    base = make_family_model("qwen3_moe", tmp_path / "moe", tokenizer)
+    experts = make_adapter(base, tmp_path / "experts", seed=1, rank=4, targets="all-linear")
+    attention = make_adapter(
+        base, tmp_path / "attention", seed=1, rank=4, targets=["q_proj", "v_proj"]
+    )
+    llm = LLM.from_settings(Settings(model=str(base), dtype="float32", kv_cache_mb=16))
+    try:
+        with pytest.raises(AdapterIncompatibleError, match="target_parameters"):
+            await llm.adapters.load("experts", str(experts))
+        await llm.adapters.load("attention", str(attention))
+        assert llm.adapters.names() == ["attention"]
     finally:
         llm.shutdown()
