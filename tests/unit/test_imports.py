@@ -55,3 +55,24 @@ print(generic.runner, "transformers" in sys.modules)
     assert out.returncode == 0, out.stderr[-3000:]
     # The generic check (asked for explicitly) does need transformers.
     assert out.stdout.splitlines() == ["[]", "generic True"], out.stdout
+
+
+def test_the_engine_runs_without_bentoml(tiny_model_dir: object) -> None:
+    """The engine and the runners never import BentoML (ARCHITECTURE.md): an LLM loads,
+    answers and unloads in a process where ``import bentoml`` fails (a Ray worker or a
+    GPU machine with only torch, transformers, peft and pydantic)."""
+    code = f"""
+import asyncio, sys
+sys.modules["bentoml"] = None  # import bentoml raises ImportError from here on
+from openllm_clone.llm import LLM
+from openllm_clone.protocol import SamplingParams
+from openllm_clone.settings import Settings
+
+llm = LLM.from_settings(Settings(model={str(tiny_model_dir)!r}, dtype="float32", kv_cache_mb=16))
+out = asyncio.run(llm.complete(llm.tokenize("Hello"), SamplingParams(max_new_tokens=4)))
+llm.shutdown()
+print(len(out.token_ids[0]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-1] == "4", out.stdout
