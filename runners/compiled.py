@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from openllm_clone.errors import ModelLoadError
 
 from . import kernels
-from .kernels import pack_weight
+from .kernels import pack_quant, pack_weight
 
 __all__ = [
     "LORA_MODULES",
@@ -220,17 +220,40 @@ class DecodeGraph(torch.nn.Module):
         self.head_bias = head.bias
 
     def _weight(self, w: torch.nn.Parameter) -> torch.nn.Parameter:
-        """The projection's weight as the graph holds it: packed, or the model's own."""
+        """The projection's weight as the graph holds it: packed, or the model's own.
+        Float32 weights whose values are exactly GGUF Q4_1 or Q8_0 blocks (a checkpoint
+        dequantized from a GGUF) keep those blocks (:func:`~.kernels.pack_quant`)."""
         if self.packed is None:
             return w
+        if self.packed == torch.float32:
+            quant = pack_quant(w)
+            if quant is not None:
+                return torch.nn.Parameter(quant, requires_grad=False)
         return torch.nn.Parameter(pack_weight(w, self.packed), requires_grad=False)
+
+    def linear_format(self) -> str:
+        """How the projections run: ``aten`` (F.linear) or ``packed-`` and the storage
+        formats, e.g. ``packed-bfloat16``, ``packed-float32``, ``packed-q4_1+q8_0``."""
+        if self.packed is None:
+            return "aten"
+        weights = [*self.qkv, *self.o, *self.gate_up, *self.down, self.head]
+        formats = {
+            kernels.QUANT_FORMATS[int(w.shape[-1])]
+            if w.dtype == torch.uint8
+            else str(w.dtype).replace("torch.", "")
+            for w in weights
+        }
+        return "packed-" + "+".join(sorted(formats))
 
     def _lin(
         self, x: torch.Tensor, w: torch.Tensor, n: int, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         if self.packed is None:
             return F.linear(x, w, bias)
-        y = torch.ops.openllm_clone.linear_packed(x.float(), w, n)
+        if w.dtype == torch.uint8:
+            y = torch.ops.openllm_clone.linear_quant(x.float(), w, n)
+        else:
+            y = torch.ops.openllm_clone.linear_packed(x.float(), w, n)
         if bias is not None:
             y = y + bias.float()
         return y.to(x.dtype)
@@ -371,8 +394,8 @@ class CompiledDecoder:
         self.source: str | None = None  # "disk" (a persisted package) or "compiled"
         self.seconds = 0.0  # time to compile or load
         self.steps = 0  # decode steps run through the package
-        # How the package's projections run: "packed-bfloat16" / "packed-float32"
-        # (kernels.linear_packed, weights stored in that dtype) or "aten" (F.linear).
+        # How the package's projections run: DecodeGraph.linear_format() ("aten",
+        # "packed-bfloat16", "packed-float32", "packed-q4_1+q8_0", ...).
         self.linear: str | None = None
         self.last_rows = 0
 
@@ -502,8 +525,8 @@ class CompiledDecoder:
             with zipfile.ZipFile(archive) as zipped:
                 zipped.extractall(partial / "unpacked")
             (root,) = (partial / "unpacked").iterdir()  # the archive's one top folder
-            packed = self.graph.packed
-            linear = "aten" if packed is None else f"packed-{str(packed).replace('torch.', '')}"
+            linear = self.graph.linear_format()
+            logger.info("compiled step: projections stored as %s", linear)
             (root / _ABOUT).write_text(json.dumps({"linear": linear}))
             shutil.rmtree(self.package, ignore_errors=True)  # a broken one, if any
             os.replace(root, self.package)

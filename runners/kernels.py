@@ -18,9 +18,20 @@ reached ~80 GFLOP/s at 16 rows on 2 AVX2 cores where this one reaches 115-135, a
 at one row it streams the weights at ~33 GB/s, two blocks per pass (the numbers are in
 the README).
 
+``torch.ops.openllm_clone.linear_quant(x, w, n)`` does the same for weights whose float32
+values are exactly GGUF Q4_1 or Q8_0 blocks (a checkpoint converted from a GGUF file, as
+the embedded SmolLM2 is: Q4_1 projections, a Q8_0 embedding), found by
+:func:`pack_quant` and kept as those blocks: 5 or 8.5 bits a weight instead of 32, each
+weight rebuilt in float32 exactly (``d * q + m`` with one rounding, as GGUF's own
+dequantizer) and multiplied in the same order as the float32 kernel, so the results are
+the float32 kernel's bits. At one row the rebuild is interleaved with the sums (the step
+stops being bound by memory: SmolLM2's projections read ~95 MB a step instead of
+540 MB); at more rows each block is rebuilt once into float32 in cache and the
+float32 passes read it there.
+
 The C++ source is built with :func:`torch.utils.cpp_extension.load_inline` into the
 compile cache beside the AOTInductor package that calls it (~25 s, once), and loaded
-from there by later starts before the package. AVX2 and FMA (x86-64) only: elsewhere
+from there by later starts before the package. AVX2, FMA and F16C (x86-64) only: elsewhere
 :func:`available` is False and the compiled step keeps ``F.linear``.
 """
 
@@ -38,12 +49,14 @@ import torch
 
 __all__ = [
     "KERNEL_SOURCE",
+    "QUANT_FORMATS",
     "available",
     "bf16_exact",
     "build",
     "enabled",
     "load",
     "loaded",
+    "pack_quant",
     "pack_weight",
 ]
 
@@ -57,6 +70,7 @@ KERNEL_SOURCE = r"""
 #include <immintrin.h>
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 namespace {
 constexpr int NB = 16;
@@ -132,8 +146,11 @@ inline void gemv2(const float* X, const W* wa, const W* wb, int64_t K, float* ou
   _mm256_storeu_ps(outb + 8, _mm256_add_ps(b1, b3));
 }
 
-template <typename W>
-void run(const float* X, const W* Wp, float* Y, int64_t M, int64_t K, int64_t n) {
+// Both kernels' parallel loop over blocks of 16 output features: at one row two blocks
+// per pass (`pair`: two memory streams a thread), at more rows (and an odd block) the
+// block's float32 weights (`block`) against 4 rows at a time.
+template <typename T, typename Pair, typename Block>
+void drive(const float* X, float* Y, int64_t M, int64_t K, int64_t n, Pair pair, Block block) {
   const int64_t blocks = (n + NB - 1) / NB;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     alignas(32) float tile[4 * NB];
@@ -141,24 +158,25 @@ void run(const float* X, const W* Wp, float* Y, int64_t M, int64_t K, int64_t n)
       const int64_t half = (b1 - b0) / 2;
       for (int64_t j = 0; j < half; ++j) {
         const int64_t ba = b0 + j, bb = b0 + half + j;
-        gemv2(X, Wp + ba * K * NB, Wp + bb * K * NB, K, tile, tile + NB);
+        pair(ba, bb, tile, tile + NB);
         std::memcpy(Y + ba * NB, tile, sizeof(float) * std::min<int64_t>(NB, n - ba * NB));
         std::memcpy(Y + bb * NB, tile + NB, sizeof(float) * std::min<int64_t>(NB, n - bb * NB));
       }
       b0 += 2 * half;  // an odd block left: the general path below
     }
+    std::vector<float> scratch;
     for (int64_t b = b0; b < b1; ++b) {
-      const W* wb = Wp + b * K * NB;
+      const T* wb = block(b, scratch);
       const int64_t n0 = b * NB;
       const int nr = static_cast<int>(std::min<int64_t>(NB, n - n0));
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int mr = static_cast<int>(std::min<int64_t>(4, M - m0));
         const float* xm = X + m0 * K;
         switch (mr) {
-          case 1: micro<W, 1, 4>(xm, K, wb, K, tile); break;
-          case 2: micro<W, 2, 2>(xm, K, wb, K, tile); break;
-          case 3: micro<W, 3, 1>(xm, K, wb, K, tile); break;
-          default: micro<W, 4, 1>(xm, K, wb, K, tile); break;
+          case 1: micro<T, 1, 4>(xm, K, wb, K, tile); break;
+          case 2: micro<T, 2, 2>(xm, K, wb, K, tile); break;
+          case 3: micro<T, 3, 1>(xm, K, wb, K, tile); break;
+          default: micro<T, 4, 1>(xm, K, wb, K, tile); break;
         }
         for (int i = 0; i < mr; ++i)
           std::memcpy(Y + (m0 + i) * n + n0, tile + i * NB, sizeof(float) * nr);
@@ -166,7 +184,138 @@ void run(const float* X, const W* Wp, float* Y, int64_t M, int64_t K, int64_t n)
     }
   });
 }
+
+// Block-quantized weights, exactly as GGUF's Q4_1 (w = d * q + m, q in 0..15) and Q8_0
+// (w = d * q, q in -127..127) store them, with d and m float16 per 32 inputs of one
+// output feature. Per 16-feature block and group of 32 k: the quants ([32 k][16
+// features]: Q4_1 two per byte, feature j low and j + 8 high; Q8_0 one int8 each), then
+// the 16 scales d, then (Q4_1) the 16 offsets m. d * q is exact in float32 (11 + 8 bits
+// at most), so a weight is rebuilt with one rounding, as GGUF's own float32 dequantizer
+// does, and the sums below are those of the float32 kernel over the same values, in
+// the same order: the same bits, from 5 or 8.5 bits a weight instead of 32.
+struct Q4_1 {
+  static constexpr int64_t BYTES = 32 * 8 + 2 * 32;
+  struct S { __m256 d0, d1, m0, m1; };
+  static inline S scales(const uint8_t* g) {
+    const __m128i* s = reinterpret_cast<const __m128i*>(g + 32 * 8);
+    return {_mm256_cvtph_ps(_mm_loadu_si128(s)), _mm256_cvtph_ps(_mm_loadu_si128(s + 1)),
+            _mm256_cvtph_ps(_mm_loadu_si128(s + 2)), _mm256_cvtph_ps(_mm_loadu_si128(s + 3))};
+  }
+  static inline void at(const uint8_t* g, int kk, const S& s, __m256& w0, __m256& w1) {
+    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(g + kk * 8));
+    const __m128i low = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(v, low), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low);
+    w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s.d0, s.m0);
+    w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s.d1, s.m1);
+  }
+};
+struct Q8_0 {
+  static constexpr int64_t BYTES = 32 * 16 + 32;
+  struct S { __m256 d0, d1; };
+  static inline S scales(const uint8_t* g) {
+    const __m128i* s = reinterpret_cast<const __m128i*>(g + 32 * 16);
+    return {_mm256_cvtph_ps(_mm_loadu_si128(s)), _mm256_cvtph_ps(_mm_loadu_si128(s + 1))};
+  }
+  static inline void at(const uint8_t* g, int kk, const S& s, __m256& w0, __m256& w1) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(g + kk * 16));
+    w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), s.d0);
+    w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))), s.d1);
+  }
+};
+
+// gemv2<> over quantized groups: two blocks per pass, even and odd k in two sets.
+template <typename F>
+inline void gemv2_q(const float* X, const uint8_t* wa, const uint8_t* wb, int64_t K, float* outa,
+                    float* outb) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+  for (int64_t g = 0; g < K / 32; ++g) {
+    const uint8_t* ga = wa + g * F::BYTES;
+    const uint8_t* gb = wb + g * F::BYTES;
+    const typename F::S sa = F::scales(ga), sb = F::scales(gb);
+    const float* x = X + g * 32;
+    for (int kk = 0; kk < 32; kk += 2) {
+      __m256 p0, p1, q0, q1;
+      __m256 x0 = _mm256_broadcast_ss(x + kk), x1 = _mm256_broadcast_ss(x + kk + 1);
+      F::at(ga, kk, sa, p0, p1);
+      F::at(gb, kk, sb, q0, q1);
+      a0 = _mm256_fmadd_ps(p0, x0, a0);
+      a1 = _mm256_fmadd_ps(p1, x0, a1);
+      b0 = _mm256_fmadd_ps(q0, x0, b0);
+      b1 = _mm256_fmadd_ps(q1, x0, b1);
+      F::at(ga, kk + 1, sa, p0, p1);
+      F::at(gb, kk + 1, sb, q0, q1);
+      a2 = _mm256_fmadd_ps(p0, x1, a2);
+      a3 = _mm256_fmadd_ps(p1, x1, a3);
+      b2 = _mm256_fmadd_ps(q0, x1, b2);
+      b3 = _mm256_fmadd_ps(q1, x1, b3);
+    }
+  }
+  _mm256_storeu_ps(outa, _mm256_add_ps(a0, a2));
+  _mm256_storeu_ps(outa + 8, _mm256_add_ps(a1, a3));
+  _mm256_storeu_ps(outb, _mm256_add_ps(b0, b2));
+  _mm256_storeu_ps(outb + 8, _mm256_add_ps(b1, b3));
+}
+
+// One block of quantized weights rebuilt in float32, [K][16] as the float32 kernel reads.
+template <typename F>
+inline void dequant(const uint8_t* wb, int64_t K, float* out) {
+  for (int64_t g = 0; g < K / 32; ++g) {
+    const uint8_t* gp = wb + g * F::BYTES;
+    const typename F::S s = F::scales(gp);
+    for (int kk = 0; kk < 32; ++kk) {
+      __m256 w0, w1;
+      F::at(gp, kk, s, w0, w1);
+      _mm256_storeu_ps(out + (g * 32 + kk) * NB, w0);
+      _mm256_storeu_ps(out + (g * 32 + kk) * NB + 8, w1);
+    }
+  }
+}
+
+template <typename W>
+void run(const float* X, const W* Wp, float* Y, int64_t M, int64_t K, int64_t n) {
+  drive<W>(
+      X, Y, M, K, n,
+      [&](int64_t a, int64_t b, float* oa, float* ob) {
+        gemv2(X, Wp + a * K * NB, Wp + b * K * NB, K, oa, ob);
+      },
+      [&](int64_t b, std::vector<float>&) { return Wp + b * K * NB; });
+}
+
+// Quantized: at one row the weights are rebuilt inside the sums (gemv2_q); otherwise
+// each block is rebuilt once into float32 (K x 16, in L2) and the float32 passes read
+// it there, rather than rebuilding the weights in every pass of 4 rows.
+template <typename F>
+void run_q(const float* X, const uint8_t* Wq, float* Y, int64_t M, int64_t K, int64_t n) {
+  const int64_t stride = (K / 32) * F::BYTES;
+  drive<float>(
+      X, Y, M, K, n,
+      [&](int64_t a, int64_t b, float* oa, float* ob) {
+        gemv2_q<F>(X, Wq + a * stride, Wq + b * stride, K, oa, ob);
+      },
+      [&](int64_t b, std::vector<float>& dense) {
+        dense.resize(K * NB);
+        dequant<F>(Wq + b * stride, K, dense.data());
+        return static_cast<const float*>(dense.data());
+      });
+}
 }  // namespace
+
+at::Tensor linear_quant(const at::Tensor& x, const at::Tensor& w, int64_t n) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "linear_quant: x must be [M, K] float32");
+  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.size(1) * 32 == x.size(1) &&
+                  w.size(0) * NB >= n && (w.size(2) == Q4_1::BYTES || w.size(2) == Q8_0::BYTES),
+              "linear_quant: w must be packed [ceil(n/16), K/32, 320 (Q4_1) or 544 (Q8_0)] bytes");
+  auto xc = x.contiguous();
+  auto wc = w.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1);
+  auto y = at::empty({M, n}, xc.options());
+  if (M == 0 || n == 0) return y;
+  if (wc.size(2) == Q4_1::BYTES)
+    run_q<Q4_1>(xc.data_ptr<float>(), wc.data_ptr<uint8_t>(), y.data_ptr<float>(), M, K, n);
+  else
+    run_q<Q8_0>(xc.data_ptr<float>(), wc.data_ptr<uint8_t>(), y.data_ptr<float>(), M, K, n);
+  return y;
+}
 
 at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int64_t n) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "linear_packed: x must be [M, K] float32");
@@ -187,11 +336,14 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int64_t n) {
   return y;
 }
 
-TORCH_LIBRARY_IMPL(openllm_clone, CPU, m) { m.impl("linear_packed", &linear_packed); }
+TORCH_LIBRARY_IMPL(openllm_clone, CPU, m) {
+  m.impl("linear_packed", &linear_packed);
+  m.impl("linear_quant", &linear_quant);
+}
 """
 
 _NAME = "openllm_clone_kernels_" + hashlib.sha256(KERNEL_SOURCE.encode()).hexdigest()[:12]
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 
 # The op's schema and shape function live here, so export can trace it before any
 # build, and the C++ library only registers the CPU kernel.
@@ -199,8 +351,16 @@ _lib = torch.library.Library("openllm_clone", "DEF")
 _lib.define("linear_packed(Tensor x, Tensor w, int n) -> Tensor")
 
 
+_lib.define("linear_quant(Tensor x, Tensor w, int n) -> Tensor")
+
+
 @torch.library.register_fake("openllm_clone::linear_packed")
 def _linear_packed_fake(x: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], n))
+
+
+@torch.library.register_fake("openllm_clone::linear_quant")
+def _linear_quant_fake(x: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
     return x.new_empty((x.shape[0], n))
 
 
@@ -307,3 +467,91 @@ def bf16_exact(weights: list[torch.Tensor]) -> bool:
         if not torch.equal(w.to(torch.bfloat16).to(w.dtype), w):
             return False
     return True
+
+
+QUANT_FORMATS = {320: "q4_1", 544: "q8_0"}  # bytes per (16 features, 32 k) -> format
+_GROUP = 32
+
+
+def pack_quant(weight: torch.Tensor) -> torch.Tensor | None:
+    """``[n, K]`` weights whose values are exactly GGUF Q4_1 or Q8_0 blocks (a
+    checkpoint dequantized from such a GGUF, as the embedded SmolLM2 is) packed for
+    ``linear_quant`` (see the kernel source for the layout); None when they are not,
+    or K is not a multiple of 32. Q4_1 is tried first (5 bits a weight, 8.5 for Q8_0)."""
+    w = weight.detach()
+    if w.dim() != 2 or w.shape[1] % _GROUP or not w.is_floating_point():
+        return None
+    w = w.float()
+    found = _find_q4_1(w)
+    if found is not None:
+        return _pack_groups(found[0], [found[1], found[2]], nibbles=True)
+    found8 = _find_q8_0(w)
+    if found8 is not None:
+        return _pack_groups(found8[0], [found8[1]], nibbles=False)
+    return None
+
+
+def _fp16_exact(t: torch.Tensor) -> bool:
+    return bool(torch.equal(t.half().float(), t))
+
+
+def _find_q4_1(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(q uint8 [n, K], d fp16 [n, G], m fp16 [n, G]) with ``d * q + m == w`` in float32
+    for every weight, or None. m is each group's minimum (its q is 0); d is found from
+    the maximum (q 15, as GGUF's quantizer makes it), or a float16 step either side."""
+    g = w.view(w.shape[0], -1, _GROUP)
+    m = g.amin(-1)
+    if not _fp16_exact(m):
+        return None
+    span = g.amax(-1) - m
+    base = (span / 15).half()
+    bits = base.view(torch.int16)
+    q_found = torch.zeros(g.shape, dtype=torch.uint8)
+    d_found = torch.zeros_like(base)
+    done = span == 0  # constant groups: q 0, d 0, m the value
+    for step in (0, 1, -1):
+        d16 = (bits + step).clamp(min=0).view(torch.float16)
+        d = d16.float().unsqueeze(-1)
+        q = torch.where(d > 0, (g - m.unsqueeze(-1)) / d, 0.0).round_().clamp_(0, 15)
+        ok = ((q * d + m.unsqueeze(-1)) == g).all(-1) & ~done
+        q_found[ok] = q[ok].to(torch.uint8)
+        d_found[ok] = d16[ok]
+        done |= ok
+        if bool(done.all()):
+            return q_found.view(w.shape), d_found, m.half()
+    return None
+
+
+def _find_q8_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(q int8 [n, K], d fp16 [n, G]) with ``d * q == w`` in float32, or None; d is each
+    group's largest magnitude over 127 (as GGUF's quantizer makes it)."""
+    g = w.view(w.shape[0], -1, _GROUP)
+    d = g.abs().amax(-1) / 127
+    if not _fp16_exact(d):
+        return None
+    dd = d.unsqueeze(-1)
+    q = torch.where(dd > 0, g / dd, 0.0).round_()
+    if bool((q.abs() > 127).any()) or not torch.equal(q * dd, g):
+        return None
+    return q.to(torch.int8).view(w.shape), d.half()
+
+
+def _pack_groups(q: torch.Tensor, scales: list[torch.Tensor], *, nibbles: bool) -> torch.Tensor:
+    """q [n, K] and float16 scales [n, G] -> uint8 [ceil(n / 16), G, bytes]: per block of
+    16 features and group of 32 k, the quants as [32 k][16 features] (two per byte, low
+    nibble feature j and high j + 8, when ``nibbles``), then each scale's 16 values."""
+    n, k = q.shape
+    blocks, groups = -(-n // BLOCK), k // _GROUP
+    pad = blocks * BLOCK - n
+    qp = torch.cat([q, q.new_zeros(pad, k)]) if pad else q
+    qp = qp.view(blocks, BLOCK, groups, _GROUP).permute(0, 2, 3, 1)  # [b, G, 32, 16]
+    if nibbles:
+        body = (qp[..., :8] | (qp[..., 8:] << 4)).contiguous().view(torch.uint8)
+    else:
+        body = qp.contiguous().view(torch.uint8)
+    parts = [body.reshape(blocks, groups, -1)]
+    for s in scales:
+        sp = torch.cat([s, s.new_zeros(pad, groups)]) if pad else s
+        sp = sp.view(blocks, BLOCK, groups).permute(0, 2, 1).contiguous()  # [b, G, 16]
+        parts.append(sp.view(torch.uint8).reshape(blocks, groups, 2 * BLOCK))
+    return torch.cat(parts, dim=-1).contiguous()

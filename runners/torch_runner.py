@@ -326,7 +326,8 @@ class TorchRunner:
             chosen,
             "float32 math on bfloat16 values, exact"
             if chosen == torch.bfloat16
-            else "the weights are not all bfloat16 values",
+            else "the weights are not all bfloat16 values; those that are exactly GGUF "
+            "Q4_1 or Q8_0 blocks keep them",
         )
         return chosen
 

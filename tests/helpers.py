@@ -12,6 +12,7 @@ __all__ = [
     "alone_base_mixed",
     "closeness",
     "free_port",
+    "gguf_values",
     "make_adapter",
     "make_tiny_model",
     "run_cli",
@@ -193,3 +194,26 @@ def closeness(logits: Any, ref: Any) -> tuple[float, float]:
     cosine = torch.nn.functional.cosine_similarity(logits, ref, dim=-1).min().item()
     top1 = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
     return cosine, top1
+
+
+def gguf_values(w: Any, fmt: str) -> Any:
+    """``w`` (float32 ``[n, K]``, K a multiple of 32) through GGUF's reference quantizer
+    and float32 dequantizer for ``fmt`` (``q4_1``: ``d * q + m``, q in 0..15; ``q8_0``:
+    ``d * q``, q in -127..127; d and m float16 per 32 inputs): the values of a
+    checkpoint converted from such a GGUF, as the embedded SmolLM2 is."""
+    import torch
+
+    g = w.float().reshape(w.shape[0], -1, 32)
+    if fmt == "q4_1":
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        d = (hi - lo) / 15
+        inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+        q = ((g - lo) * inv + 0.5).floor().clamp(max=15)
+        out = q * d.half().float() + lo.half().float()
+    elif fmt == "q8_0":
+        d = g.abs().amax(-1, keepdim=True) / 127
+        inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+        out = (g * inv).round() * d.half().float()
+    else:
+        raise ValueError(fmt)
+    return out.reshape(w.shape)

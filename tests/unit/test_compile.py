@@ -302,26 +302,46 @@ async def test_auto_stays_eager_when_the_background_compile_fails_and_stops_with
     assert background.poll() is not None
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])
+def _as_gguf(folder: Path) -> None:
+    """Rewrite a model's weights as a GGUF Q4_1 checkpoint converted to float32 has them:
+    every projection's values Q4_1 blocks, the output head's Q8_0 (as SmolLM2's)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import gguf_values
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("proj.weight"):
+                param.copy_(gguf_values(param, "q4_1"))
+        model.lm_head.weight.copy_(gguf_values(model.lm_head.weight, "q8_0"))
+    model.save_pretrained(str(folder))
+
+
+@pytest.mark.parametrize(
+    ("family", "weights", "linear"),
+    [("qwen3", "random", "packed-float32"), ("gemma3_text", "gguf", "packed-q4_1+q8_0")],
+)
 def test_compiled_step_on_qwen3_and_gemma3_equals_generate(
-    family: str, tokenizer: Any, tmp_path: Path
+    family: str, weights: str, linear: str, tokenizer: Any, tmp_path: Path
 ) -> None:
     """--compile on the fast runner's other families: Qwen3's per-head q/k norms; Gemma 3's
     (1 + w) norms, four a layer, and its local layers (own rotary tables, a sliding window
     shorter than these prompts). fp32 greedy tokens equal transformers' generate, three
-    requests at once (decode rows in the graph beside eager prompt chunks) and alone."""
+    requests at once (decode rows in the graph beside eager prompt chunks) and alone.
+    Random float32 weights are packed in float32; GGUF-valued ones keep their blocks."""
     from tests.families import make_family_model, reference_greedy
 
     folder = make_family_model(family, tmp_path / family, tokenizer)
+    if weights == "gguf":
+        _as_gguf(folder)
     llm = LLM.from_settings(
         Settings(model=str(folder), dtype="float32", kv_cache_mb=16, compile=True, max_batch_size=4)
     )
     try:
         llm.runner.warmup()
         assert llm.runner.tier == "fast" and llm.runner.compiled
-        # random float32 weights (not bf16 values): packed in float32
-        linear = llm.metadata()["compiled"]["linear"]
-        assert linear == ("packed-float32" if kernels.available() else "aten")
+        assert llm.metadata()["compiled"]["linear"] == (linear if kernels.available() else "aten")
         texts = ["The quick brown fox jumps over the lazy dog", "Once upon a time", "Hello"]
         ids = [llm.tokenize(t) for t in texts]
         want = reference_greedy(folder, ids, 12)

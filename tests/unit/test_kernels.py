@@ -9,6 +9,8 @@ import pytest
 import torch
 from openllm_clone.runners import kernels
 
+from tests.helpers import gguf_values
+
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs an AVX2 x86-64 CPU")
 
 
@@ -45,3 +47,41 @@ def test_a_second_folder_gets_the_loaded_build(op: object, tmp_path: Path) -> No
     kernels.build(tmp_path)
     assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
     assert kernels.loaded()
+
+
+@pytest.mark.parametrize(("fmt", "size"), [("q4_1", 320), ("q8_0", 544)])
+def test_gguf_blocks_are_found_and_give_the_float32_kernels_bits(
+    op: object, fmt: str, size: int
+) -> None:
+    """Float32 weights that are exactly GGUF Q4_1 / Q8_0 blocks are stored as those blocks
+    (5 / 8.5 bits a weight) and ``linear_quant`` returns the same bits as the float32
+    kernel over the same values (and float64's result within rounding)."""
+    gen = torch.Generator().manual_seed(1)
+    for n, k in ((7, 32), (50, 64), (1000, 96), (48, 576)):
+        w = gguf_values(torch.randn(n, k, generator=gen) * 0.05, fmt)
+        w[0, :32] = gguf_values(torch.full((1, 32), 0.03), fmt)  # a constant group
+        quant = kernels.pack_quant(w)
+        assert quant is not None and quant.dtype == torch.uint8
+        assert quant.shape == (-(-n // 16), k // 32, size)
+        assert kernels.QUANT_FORMATS[size] == fmt
+        dense = kernels.pack_weight(w, torch.float32)
+        for m in (1, 2, 3, 4, 5, 16):
+            x = torch.randn(m, k, generator=gen)
+            y = torch.ops.openllm_clone.linear_quant(x, quant, n)
+            assert torch.equal(y, op(x, dense, n))  # type: ignore[operator]
+            ref = (x.double() @ w.double().t()).float()
+            torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_other_weights_are_not_taken_for_gguf_blocks() -> None:
+    """Nothing lossy: random float32, bfloat16 values, K not a multiple of 32, and a
+    Q4_1 matrix with one value moved by one float32 step all stay unquantized."""
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(32, 64, generator=gen)
+    assert kernels.pack_quant(w) is None
+    assert kernels.pack_quant(w.bfloat16().float()) is None
+    assert kernels.pack_quant(gguf_values(w, "q4_1")[:, :48]) is None
+    nudged = gguf_values(w, "q4_1")
+    assert kernels.pack_quant(nudged) is not None
+    nudged[5, 17] = torch.nextafter(nudged[5, 17], torch.tensor(1.0))
+    assert kernels.pack_quant(nudged) is None
