@@ -49,30 +49,25 @@ async def test_chat_answers_paris(smollm2: LLM) -> None:
 
 
 async def test_bf16_default_path_answers_paris(smollm2_tag: str) -> None:
-    # bf16 takes other kernels (prepacked oneDNN linears; with --compile, Inductor's
-    # micro-GEMMs): check both still answer, and alike.
-    texts = []
-    for compile in (False, True):
-        llm = LLM.from_settings(
-            Settings(
-                model=smollm2_tag,
-                dtype="bfloat16",
-                device="cpu",
-                kv_cache_mb=64,
-                compile=compile,
-                max_batch_size=1,
-            )
+    # bf16 takes other kernels (prepacked oneDNN linears). Its compiled step is checked on
+    # the tiny model (tests/unit/test_compile.py): compiling SmolLM2 in bf16 here took
+    # 4-6 minutes of the CI's 30.
+    llm = LLM.from_settings(
+        Settings(
+            model=smollm2_tag,
+            dtype="bfloat16",
+            device="cpu",
+            kv_cache_mb=64,
+            compile=False,
+            max_batch_size=1,
         )
-        try:
-            prompt = llm.chat_prompt([ChatMessage(role="user", content=QUESTION)])
-            result = await llm.complete(llm.tokenize(prompt), SamplingParams(max_new_tokens=24))
-            assert "Paris" in result.texts[0]
-            texts.append(result.texts[0])
-            if compile:
-                assert llm.metadata()["compiled"]["steps"] >= 5
-        finally:
-            llm.shutdown()
-    assert texts[0] == texts[1]  # measured equal here; bf16 roundings differ between the two
+    )
+    try:
+        prompt = llm.chat_prompt([ChatMessage(role="user", content=QUESTION)])
+        result = await llm.complete(llm.tokenize(prompt), SamplingParams(max_new_tokens=24))
+        assert "Paris" in result.texts[0]
+    finally:
+        llm.shutdown()
 
 
 async def test_batch_invariance_on_smollm2(smollm2: LLM) -> None:

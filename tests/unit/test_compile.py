@@ -318,6 +318,46 @@ def _as_gguf(folder: Path) -> None:
     model.save_pretrained(str(folder))
 
 
+def test_a_bfloat16_model_runs_compiled_within_bf16_rounding(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """--dtype bfloat16: the compiled step keeps the weights in bfloat16 and its decode
+    logits for eight rows agree with the eager bf16 step's within bf16 rounding (the two
+    round activations at other places, so not bit for bit)."""
+    from tests.helpers import closeness
+
+    compiled = make_llm(
+        tiny_model_dir,
+        dtype="bfloat16",
+        compile=True,
+        compile_cache=str(tmp_path),
+        max_batch_size=8,
+    )
+    eager = make_llm(tiny_model_dir, dtype="bfloat16", max_batch_size=8)
+    try:
+        stats = compiled.metadata()["compiled"]
+        assert stats["linear"] == ("packed-bfloat16" if kernels.available() else "aten")
+        gen = torch.Generator().manual_seed(3)
+        seqs = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in range(3, 27, 3)]
+        logits = []
+        for llm in (compiled, eager):
+            tables = [[llm.engine.blocks.allocate() for _ in range(2)] for _ in seqs]
+            try:
+                llm.runner.step([StepRow(s, 0, t) for s, t in zip(seqs, tables)])
+                logits.append(
+                    llm.runner.step([StepRow([7], len(s), t) for s, t in zip(seqs, tables)])
+                )
+            finally:
+                for t in tables:
+                    llm.engine.blocks.free(t)
+        assert compiled.runner._compiled.last_rows == len(seqs)  # the decode ran compiled
+        cosine, top1 = closeness(logits[0], logits[1])
+        assert cosine >= 0.99 and top1 >= 0.75, (cosine, top1)
+    finally:
+        compiled.shutdown()
+        eager.shutdown()
+
+
 @pytest.mark.parametrize(
     ("family", "weights", "linear"),
     [("qwen3", "random", "packed-float32"), ("gemma3_text", "gguf", "packed-q4_1+q8_0")],

@@ -189,7 +189,6 @@ def test_quantize_refuses_bad_arguments_clearly(fp_model: Path, tmp_path: Path) 
 def test_gptq_on_a_generic_family_serves_adapters(tokenizer: Any, tmp_path: Path) -> None:
     """GPTQ 8-bit of a Qwen3 model on the generic runner: close, smaller, adapter on top."""
     from tests.families import make_family_model
-    from tests.unit.test_generic_adapters import _adapter
 
     fp = make_family_model(
         "qwen3",
@@ -217,7 +216,7 @@ def test_gptq_on_a_generic_family_serves_adapters(tokenizer: Any, tmp_path: Path
     )
     assert result.returncode == 0, result.stderr[-3000:]
     tag = result.stdout.strip().splitlines()[-1]
-    adapter = _adapter(fp, tmp_path / "qwen3-adapter", seed=3, rank=8)
+    adapter = make_adapter(fp, tmp_path / "qwen3-adapter", seed=3, rank=8, targets="all-linear")
     prompts = [
         tokenizer(f"Sentence number {i} about topic {i * 7}.")["input_ids"] for i in range(8)
     ]

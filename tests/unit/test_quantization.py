@@ -167,9 +167,9 @@ def test_quantized_generic_family_serves_adapters(
 ) -> None:
     """Each load-time mode on a non-Llama family, through the generic runner, with an
     adapter trained on the unquantized model on top."""
-    from tests.unit.test_generic_adapters import _adapter
-
-    adapter = _adapter(neox_model, tmp_path / "neox-adapter", seed=5, rank=8)
+    adapter = make_adapter(
+        neox_model, tmp_path / "neox-adapter", seed=5, rank=8, targets="all-linear"
+    )
     prompts = [
         tokenizer(f"Sentence number {i} about topic {i * 7}.")["input_ids"] for i in range(8)
     ]
