@@ -7,15 +7,21 @@ and max-autotune, the projections run in Inductor's C++ micro-GEMMs on prepacked
 weights and the norms, rotary and activations fuse into a few loops (see
 bench/serving.py and bench/models.py).
 
-What the graph covers: decode steps (one new token per row), each row with its own
-adapter or none. The paged KV cache stays the runner's: the graph writes each row's
-new key/value into its slot (an in-place ``index_put_`` on the cache, which stays in
-place) and gathers the row's context by flat cache index, so the cache layout, the
-block allocator and prefix sharing are unchanged. Adapters are inputs, not constants:
-the graph takes the LoRA bank's stacks (every slot, slot 0 zeros) and each row's slot,
-gathers each row's A and B and adds its delta with two batched mat-vecs per
-projection, so loading or evicting an adapter never recompiles. Prompt chunks run the
-runner's eager code.
+What the graph covers: whole steps, one graph row per token: a decode row's new
+token, or a token of a prompt chunk (as vLLM's flattened batches), each with its own
+adapter or none; only the rows whose logits are wanted go through the head. The paged
+KV cache stays the runner's: the graph writes each row's new key/value into its slot
+(an in-place ``index_put_`` on the cache, which stays in place), then each row attends
+over its own context by flat cache index (``kernels.paged_attention``: read in place,
+each row costing its own length, so a prompt's tokens are causal by their positions),
+so the cache layout, the block allocator and prefix sharing are unchanged. Adapters
+are inputs, not constants: the graph takes the LoRA bank's stacks (every slot, slot 0
+zeros) and each row's slot, and adds each row's delta with ``kernels.lora_bgmv``
+(Punica's BGMV: rows without an adapter cost nothing), so loading or evicting an
+adapter never recompiles. Without the C++ kernels (``OPENLLM_CLONE_PACKED_LINEAR=0``,
+or no AVX2) the graph gathers each row's context and adapter into copies (SDPA,
+batched mat-vecs) and runs decode rows only; prompt chunks then run the runner's eager
+code. Prompt logprobs (every token's logits) run eagerly.
 
 How: ``torch.export`` of :class:`DecodeGraph` with the rows, the context length and
 the cache size as dynamic dimensions, compiled by AOTInductor into one package
@@ -158,7 +164,9 @@ class DecodeGraph(torch.nn.Module):
         qk_eps: float = 0.0,
         gemma: bool = False,
         local_layers: list[bool] | None = None,
+        window: int | None = None,
         packed: torch.dtype | None = None,
+        paged: bool = False,
     ) -> None:
         super().__init__()
         inner = model.model
@@ -166,6 +174,12 @@ class DecodeGraph(torch.nn.Module):
         # Projections through kernels.linear_packed with weights stored in this dtype
         # (bfloat16 only where that is exact or the model's own dtype), else F.linear.
         self.packed = packed
+        # Attention and adapter deltas through kernels.paged_attention / lora_bgmv (each
+        # row reads its own context and adapter in place), so prompt tokens can be rows
+        # too; else a gathered copy of each row's context through SDPA, and gathered
+        # adapter stacks (decode rows only: the copies grow with rows x context).
+        self.paged = paged
+        self.window = window  # the local layers' sliding window
         self.gemma = gemma
         self.eps = float(_norm_eps(inner.norm))
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -282,24 +296,38 @@ class DecodeGraph(torch.nn.Module):
         ids: torch.Tensor,
         tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
         slots: torch.Tensor,
-        gather: torch.Tensor,
-        masks: tuple[torch.Tensor, torch.Tensor],
+        idx: torch.Tensor,
+        lens: torch.Tensor,
         caches: list[torch.Tensor],
         lora: tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]],
+        wanted: torch.Tensor,
     ) -> torch.Tensor:
-        """``tables``: cos and signed sin of global then local layers; ``masks``: the
-        attention mask of global then local (windowed) layers; ``lora``: each row's
-        adapter slot and :class:`~.lora.LoraBank`'s stacks ``A[m] [L, S, r, in]``,
+        """One row per token (a decode row's new token, or a token of a prompt chunk).
+        ``tables``: cos and signed sin of global then local layers, per row; ``slots``:
+        each row's KV cache slot; ``idx [T, W]``: the cache slots of each row's context
+        (positions 0..W-1, read below ``lens``: the row's position + 1); ``lora``: each
+        row's adapter slot and :class:`~.lora.LoraBank`'s stacks ``A[m] [L, S, r, in]``,
         ``B[m] [L, S, r, out]`` for each module of :data:`LORA_MODULES` (slot 0 is
-        zeros: rows without an adapter add nothing)."""
+        zeros: rows without an adapter add nothing); ``wanted``: the rows whose logits
+        are returned, in that order."""
         T = ids.shape[0]
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
         per_layer = 4 if self.gemma else 2
         row_slots, lora_a, lora_b = lora
+        masks: tuple[torch.Tensor, torch.Tensor] | None = None
+        if not self.paged:  # SDPA over a gathered copy: masks from the lengths
+            k_pos = torch.arange(idx.shape[1], device=idx.device).unsqueeze(0)
+            mask = k_pos < lens.unsqueeze(1)
+            local = mask & (k_pos > (lens - 1).unsqueeze(1) - self.window) if self.window else mask
+            masks = (mask[:, None, None, :], local[:, None, None, :])
 
         def delta(y: torch.Tensor, x_in: torch.Tensor, m: int, i: int) -> torch.Tensor:
             """``y`` plus each row's own adapter delta, in float32 as the eager step: the
             segmented gather-matmul of Punica / S-LoRA with segments of one row."""
+            if self.paged:
+                return torch.ops.openllm_clone.lora_bgmv(
+                    y.float(), x_in.float(), lora_a[m][i], lora_b[m][i], row_slots
+                ).to(y.dtype)
             a = lora_a[m][i][row_slots].float()  # [T, r, in]
             b = lora_b[m][i][row_slots].float()  # [T, r, out]
             xa = torch.bmm(a, x_in.float().unsqueeze(-1))  # [T, r, 1]
@@ -309,7 +337,6 @@ class DecodeGraph(torch.nn.Module):
         for i in range(len(self.qkv)):
             local = self.local[i]
             cos, sin_signed = (tables[2], tables[3]) if local else (tables[0], tables[1])
-            mask = masks[1] if local else masks[0]
             n = self.norms[per_layer * i : per_layer * (i + 1)]
             h = self._norm(x, n[0])
             qkv = self._lin(h, self.qkv[i], self.n_qkv, self.qkv_bias[i] if self.has_bias else None)
@@ -321,16 +348,22 @@ class DecodeGraph(torch.nn.Module):
             v = qkv[:, (H + KV) * D :].reshape(T, KV, D)
             cache = caches[i]
             cache.index_put_((slots,), torch.stack([k, v], dim=1))
-            kv = cache[gather]  # [T, L, 2, KV, D]
-            o = F.scaled_dot_product_attention(
-                q.unsqueeze(2),
-                kv[:, :, 0].transpose(1, 2),
-                kv[:, :, 1].transpose(1, 2),
-                attn_mask=mask,
-                scale=self.scaling,
-                enable_gqa=True,
-            )
-            o = o.reshape(T, H * D)
+            if masks is None:
+                window = self.window if local and self.window else 0
+                o = torch.ops.openllm_clone.paged_attention(
+                    q.float(), cache, idx, lens, window, self.scaling
+                )
+            else:
+                kv = cache[idx]  # [T, W, 2, KV, D]
+                o = F.scaled_dot_product_attention(
+                    q.unsqueeze(2),
+                    kv[:, :, 0].transpose(1, 2),
+                    kv[:, :, 1].transpose(1, 2),
+                    attn_mask=masks[1] if local else masks[0],
+                    scale=self.scaling,
+                    enable_gqa=True,
+                )
+            o = o.reshape(T, H * D).to(x.dtype)
             a = delta(self._lin(o, self.o[i], self.n_o), o, 3, i)
             if self.gemma:
                 x = self._norm(a, n[1]) + x
@@ -342,7 +375,7 @@ class DecodeGraph(torch.nn.Module):
             act = self.act(delta(gate, h, 4, i)) * delta(up, h, 5, i)
             down = delta(self._lin(act, self.down[i], self.n_down), act, 6, i)
             x = (self._norm(down, n[3]) if self.gemma else down) + x
-        last = self._norm(x, self.norm_weight)
+        last = self._norm(x[wanted], self.norm_weight)
         return self._lin(last, self.head, self.n_head, self.head_bias).float()
 
 
@@ -397,6 +430,9 @@ class CompiledDecoder:
         # How the package's projections run: DecodeGraph.linear_format() ("aten",
         # "packed-bfloat16", "packed-float32", "packed-q4_1+q8_0", ...).
         self.linear: str | None = None
+        # Whether the package runs prompt chunks too (its attention and adapters read the
+        # cache and the bank in place: DecodeGraph.paged), else decode rows only.
+        self.paged = bool(graph is not None and graph.paged)
         self.last_rows = 0
 
     @property
@@ -411,6 +447,7 @@ class CompiledDecoder:
             "seconds": round(self.seconds, 2),
             "package": str(self.package),
             "linear": self.linear,
+            "prompts": self.paged,
         }
 
     def prepare(self, example: tuple[Any, ...]) -> None:
@@ -480,36 +517,40 @@ class CompiledDecoder:
         fn(*example)
         self.fn = fn
         try:
-            self.linear = json.loads((self.package / _ABOUT).read_text()).get("linear")
+            about = json.loads((self.package / _ABOUT).read_text())
         except (OSError, ValueError):
-            self.linear = None
+            about = {}
+        self.linear = about.get("linear")
+        self.paged = bool(about.get("paged"))
 
     def _compile(self, example: tuple[Any, ...]) -> None:
         from torch.export import Dim
 
         assert self.graph is not None
-        ids, tables, _, _, masks, caches, lora = example
-        rows = Dim("rows", min=1, max=self.max_batch_size) if self.max_batch_size > 1 else None
+        ids, tables, _, _, _, caches, lora, _ = example
+        rows = Dim("rows", min=1)  # tokens: decode rows and prompt chunks
         width = Dim("context", min=2, max=max(self.max_model_len + 16, 32))
+        logit_rows = Dim("logit_rows", min=1)
         cache_slots = Dim("cache_slots", min=2)
         lora_slots = Dim("lora_slots", min=2)  # the bank's slots (slot 0: none)
         lora_rank = Dim("lora_rank", min=2)
 
-        by_row = {0: rows} if rows is not None else {}
+        by_row = {0: rows}
         dynamic = (
-            by_row or None,  # ids
-            tuple(by_row or None for _ in tables),
-            by_row or None,  # slots
-            {**by_row, 1: width},  # gather
-            tuple({**by_row, 3: width} for _ in masks),
+            by_row,  # ids
+            tuple(by_row for _ in tables),
+            by_row,  # slots
+            {0: rows, 1: width},  # idx
+            by_row,  # lens
             [{0: cache_slots} for _ in caches],
             (
-                by_row or None,
+                by_row,
                 [{1: lora_slots, 2: lora_rank} for _ in lora[1]],
                 [{1: lora_slots, 2: lora_rank} for _ in lora[2]],
             ),
+            {0: logit_rows},
         )
-        if self.graph.packed is not None:
+        if self.graph.packed is not None or self.graph.paged:
             kernels.build(self.kernels)
         program = torch.export.export(self.graph, example, dynamic_shapes=dynamic, strict=False)
         partial = self.cache_dir / f"decode.partial-{os.getpid()}"
@@ -527,33 +568,15 @@ class CompiledDecoder:
             (root,) = (partial / "unpacked").iterdir()  # the archive's one top folder
             linear = self.graph.linear_format()
             logger.info("compiled step: projections stored as %s", linear)
-            (root / _ABOUT).write_text(json.dumps({"linear": linear}))
+            (root / _ABOUT).write_text(json.dumps({"linear": linear, "paged": self.graph.paged}))
             shutil.rmtree(self.package, ignore_errors=True)  # a broken one, if any
             os.replace(root, self.package)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
 
-    def inputs(
-        self,
-        ids: torch.Tensor,
-        tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-        slots: torch.Tensor,
-        gather: torch.Tensor,
-        lens: torch.Tensor,
-        caches: list[torch.Tensor],
-        lora: tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]],
-        window: int | None = None,
-    ) -> tuple[Any, ...]:
-        """The graph's arguments; ``window``: the local layers' sliding window."""
-        width = gather.shape[1]
-        k_pos = torch.arange(width).unsqueeze(0)
-        mask = k_pos < lens.unsqueeze(1)
-        local = mask & (k_pos > (lens - 1).unsqueeze(1) - window) if window else mask
-        masks = (mask[:, None, None, :], local[:, None, None, :])
-        return ids, tables, slots, gather, masks, caches, lora
-
     def run(self, inputs: tuple[Any, ...]) -> torch.Tensor:
-        """Run ``len(ids)`` decode rows (at most ``max_batch_size``): fp32 logits."""
+        """Run the graph on its inputs (see :meth:`DecodeGraph.forward`): fp32 logits of
+        the ``wanted`` rows."""
         assert self.fn is not None, "prepare() first"
         logits = self.fn(*inputs)
         self.steps += 1

@@ -69,6 +69,7 @@ KERNEL_SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -298,7 +299,170 @@ void run_q(const float* X, const uint8_t* Wq, float* Y, int64_t M, int64_t K, in
         return static_cast<const float*>(dense.data());
       });
 }
+
+inline float tofloat(float v) { return v; }
+inline float tofloat(uint16_t v) {  // bfloat16 -> float32 (exact)
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+template <typename C>
+inline float dot(const float* a, const C* b, int64_t n) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), s1);
+  }
+  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), s0);
+  s0 = _mm256_add_ps(s0, s1);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
+  h = _mm_hadd_ps(h, h);
+  h = _mm_hadd_ps(h, h);
+  float r = _mm_cvtss_f32(h);
+  for (; i < n; ++i) r += a[i] * tofloat(b[i]);
+  return r;
+}
+
+template <typename C>
+inline void axpy(float alpha, const C* x, float* y, int64_t n) {
+  const __m256 a = _mm256_set1_ps(alpha);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, load8(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += alpha * tofloat(x[i]);
+}
+
+// Attention of token rows over the paged KV cache [slots, 2 (K, V), KV, D]: row t's query
+// sits at position lens[t] - 1 and sees positions lo..lens[t]-1 (lo = lens[t] - window
+// for a sliding window), whose cache slots are idx[t, p]. Scores, softmax and the
+// weighted sum in float32; the context is read in place (no gathered copy), and each
+// row costs its own context, so prompt tokens and decode rows share one call.
+template <typename C>
+void attend(const float* Q, const C* cache, const int64_t* idx, const int64_t* lens, float* O,
+            int64_t T, int64_t H, int64_t KV, int64_t D, int64_t W, int64_t window, float scale) {
+  const int64_t G = H / KV;
+  at::parallel_for(0, T * KV, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<float> s, acc(G * D), inv(G);
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t t = w / KV, g = w % KV, len = lens[t];
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t L = len - lo;
+      s.resize(G * L);
+      const float* q = Q + (t * H + g * G) * D;
+      const int64_t* ix = idx + t * W + lo;
+      for (int64_t p = 0; p < L; ++p) {
+        const C* k = cache + (ix[p] * 2 * KV + g) * D;
+        for (int64_t j = 0; j < G; ++j) s[j * L + p] = dot(q + j * D, k, D) * scale;
+      }
+      for (int64_t j = 0; j < G; ++j) {
+        float* sj = s.data() + j * L;
+        const float m = *std::max_element(sj, sj + L);
+        float sum = 0.f;
+        for (int64_t p = 0; p < L; ++p) sum += (sj[p] = std::exp(sj[p] - m));
+        inv[j] = 1.f / sum;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t p = 0; p < L; ++p) {
+        const C* v = cache + (ix[p] * 2 * KV + KV + g) * D;
+        for (int64_t j = 0; j < G; ++j) axpy(s[j * L + p], v, acc.data() + j * D, D);
+      }
+      for (int64_t j = 0; j < G; ++j) {
+        float* out = O + (t * H + g * G + j) * D;
+        for (int64_t d = 0; d < D; ++d) out[d] = acc[j * D + d] * inv[j];
+      }
+    }
+  });
+}
+
+// Each token's own adapter (Punica's BGMV): y[t] += (A[s] x[t]) B[s] with s = slots[t],
+// A [S, r, in], B [S, r, out]; slot 0 (no adapter) is skipped, so rows without an
+// adapter cost nothing and no per-row copy of the stacks is made.
+template <typename C>
+void bgmv(float* Y, const float* X, const C* A, const C* B, const int64_t* slots, int64_t T,
+          int64_t in, int64_t out, int64_t r) {
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> xa(r);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t s = slots[t];
+      if (s == 0) continue;
+      for (int64_t i = 0; i < r; ++i) xa[i] = dot(X + t * in, A + (s * r + i) * in, in);
+      for (int64_t i = 0; i < r; ++i) axpy(xa[i], B + (s * r + i) * out, Y + t * out, out);
+    }
+  });
+}
 }  // namespace
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& idx,
+                           const at::Tensor& lens, int64_t window, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat, "paged_attention: q must be [T, H, D] float32");
+  TORCH_CHECK(cache.dim() == 4 && cache.size(1) == 2 && cache.size(3) == q.size(2) &&
+                  q.size(1) % cache.size(2) == 0,
+              "paged_attention: cache must be [slots, 2, KV, D] with H a multiple of KV");
+  TORCH_CHECK(cache.scalar_type() == at::kFloat || cache.scalar_type() == at::kBFloat16,
+              "paged_attention: cache must be float32 or bfloat16");
+  TORCH_CHECK(idx.dim() == 2 && idx.scalar_type() == at::kLong && idx.size(0) == q.size(0) &&
+                  lens.dim() == 1 && lens.scalar_type() == at::kLong && lens.size(0) == q.size(0),
+              "paged_attention: idx must be [T, W] and lens [T], int64");
+  TORCH_CHECK(cache.is_contiguous(), "paged_attention: cache must be contiguous");
+  auto qc = q.contiguous();
+  auto ic = idx.contiguous();
+  auto lc = lens.contiguous();
+  const int64_t T = qc.size(0), H = qc.size(1), D = qc.size(2), KV = cache.size(2), W = ic.size(1);
+  const int64_t S = cache.size(0);
+  const int64_t* ip = ic.data_ptr<int64_t>();
+  const int64_t* lp = lc.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(lp[t] >= 1 && lp[t] <= W, "paged_attention: lens out of range");
+    for (int64_t p = 0; p < lp[t]; ++p)
+      TORCH_CHECK(ip[t * W + p] >= 0 && ip[t * W + p] < S, "paged_attention: slot out of range");
+  }
+  auto o = at::empty({T, H, D}, qc.options());
+  if (T == 0) return o;
+  const float sc = static_cast<float>(scale);
+  if (cache.scalar_type() == at::kFloat)
+    attend(qc.data_ptr<float>(), cache.data_ptr<float>(), ip, lp, o.data_ptr<float>(), T, H, KV, D, W,
+           window, sc);
+  else
+    attend(qc.data_ptr<float>(), reinterpret_cast<const uint16_t*>(cache.data_ptr<at::BFloat16>()), ip,
+           lp, o.data_ptr<float>(), T, H, KV, D, W, window, sc);
+  return o;
+}
+
+at::Tensor lora_bgmv(const at::Tensor& y, const at::Tensor& x, const at::Tensor& a,
+                     const at::Tensor& b, const at::Tensor& slots) {
+  TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && y.scalar_type() == at::kFloat &&
+                  x.scalar_type() == at::kFloat && x.size(0) == y.size(0),
+              "lora_bgmv: y [T, out] and x [T, in] must be float32");
+  TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(1) == b.size(1) &&
+                  a.size(2) == x.size(1) && b.size(2) == y.size(1) &&
+                  a.scalar_type() == b.scalar_type(),
+              "lora_bgmv: a must be [S, r, in] and b [S, r, out], one dtype");
+  TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16,
+              "lora_bgmv: a and b must be float32 or bfloat16");
+  TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.size(0) == x.size(0),
+              "lora_bgmv: slots must be [T] int64");
+  auto out = y.contiguous().clone();
+  auto xc = x.contiguous();
+  auto ac = a.contiguous();
+  auto bc = b.contiguous();
+  auto sc = slots.contiguous();
+  const int64_t T = xc.size(0), S = ac.size(0), r = ac.size(1);
+  const int64_t* sp = sc.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < S, "lora_bgmv: slot out of range");
+  if (T == 0 || r == 0) return out;
+  if (ac.scalar_type() == at::kFloat)
+    bgmv(out.data_ptr<float>(), xc.data_ptr<float>(), ac.data_ptr<float>(), bc.data_ptr<float>(), sp, T,
+         xc.size(1), out.size(1), r);
+  else
+    bgmv(out.data_ptr<float>(), xc.data_ptr<float>(),
+         reinterpret_cast<const uint16_t*>(ac.data_ptr<at::BFloat16>()),
+         reinterpret_cast<const uint16_t*>(bc.data_ptr<at::BFloat16>()), sp, T, xc.size(1), out.size(1), r);
+  return out;
+}
 
 at::Tensor linear_quant(const at::Tensor& x, const at::Tensor& w, int64_t n) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "linear_quant: x must be [M, K] float32");
@@ -339,6 +503,8 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w, int64_t n) {
 TORCH_LIBRARY_IMPL(openllm_clone, CPU, m) {
   m.impl("linear_packed", &linear_packed);
   m.impl("linear_quant", &linear_quant);
+  m.impl("paged_attention", &paged_attention);
+  m.impl("lora_bgmv", &lora_bgmv);
 }
 """
 
@@ -352,6 +518,11 @@ _lib.define("linear_packed(Tensor x, Tensor w, int n) -> Tensor")
 
 
 _lib.define("linear_quant(Tensor x, Tensor w, int n) -> Tensor")
+_lib.define(
+    "paged_attention(Tensor q, Tensor cache, Tensor idx, Tensor lens, int window, float scale)"
+    " -> Tensor"
+)
+_lib.define("lora_bgmv(Tensor y, Tensor x, Tensor a, Tensor b, Tensor slots) -> Tensor")
 
 
 @torch.library.register_fake("openllm_clone::linear_packed")
@@ -362,6 +533,25 @@ def _linear_packed_fake(x: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tenso
 @torch.library.register_fake("openllm_clone::linear_quant")
 def _linear_quant_fake(x: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
     return x.new_empty((x.shape[0], n))
+
+
+@torch.library.register_fake("openllm_clone::paged_attention")
+def _paged_attention_fake(
+    q: torch.Tensor,
+    cache: torch.Tensor,
+    idx: torch.Tensor,
+    lens: torch.Tensor,
+    window: int,
+    scale: float,
+) -> torch.Tensor:
+    return q.new_empty(q.shape)
+
+
+@torch.library.register_fake("openllm_clone::lora_bgmv")
+def _lora_bgmv_fake(
+    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor
+) -> torch.Tensor:
+    return y.new_empty(y.shape)
 
 
 _loaded: Path | None = None

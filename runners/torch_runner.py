@@ -209,7 +209,9 @@ class TorchRunner:
                     qk_eps=self._qk_eps,
                     gemma=self.gemma,
                     local_layers=[w is not None for w in self.windows],
+                    window=self._window_size,
                     packed=self._packed_dtype(model),
+                    paged=kernels.enabled() and self.dtype in (torch.float32, torch.bfloat16),
                 )
             # Asked only here: keying the cache reads the model's files and probes the
             # CPU, work a start that cannot compile has no use for.
@@ -412,7 +414,8 @@ class TorchRunner:
     def compile_step(self) -> None:
         """Load the compiled decode step from the cache, or (``--compile on``) compile it."""
         assert self._compiled is not None
-        rows = [StepRow([0], 1, [NULL_BLOCK]) for _ in range(self._compiled.max_batch_size)]
+        # The example Inductor tunes for: a full batch and a little more (prompt tokens).
+        rows = [StepRow([0], 1, [NULL_BLOCK]) for _ in range(2 * self._compiled.max_batch_size + 6)]
         with torch.inference_mode():
             self._compiled.prepare(self._compiled_inputs(rows, scratch=True))
 
@@ -458,45 +461,64 @@ class TorchRunner:
         return cos, sin
 
     def _compiled_inputs(self, rows: list[StepRow], *, scratch: bool = False) -> tuple[Any, ...]:
-        """The compiled graph's arguments for decode ``rows``."""
+        """The compiled graph's arguments for ``rows``: one graph row per token (see
+        :meth:`~.compiled.DecodeGraph.forward`), logits for each row with ``need_logits``.
+
+        ``scratch``: the compile's example (every row writes the scratch slot and reads
+        the null block), sized so that no two of its dynamic dimensions share a size:
+        Inductor would take them for one (rows: even, the logit rows two fewer, the
+        context width two more; the adapter stacks' slots and rank are odd)."""
         assert self._compiled is not None
-        bs = self.block_size
-        ids = torch.tensor([r.token_ids[0] for r in rows], device=self.device)
-        pos = torch.tensor([r.start_pos for r in rows], device=self.device)
-        if scratch:  # warm-up: write only the scratch slot, read only the null block
-            slots = torch.full((len(rows),), self.scratch_slot, device=self.device)
+        bs, dev = self.block_size, self.device
+        counts = [len(r.token_ids) for r in rows]
+        ids = torch.tensor([t for r in rows for t in r.token_ids], device=dev)
+        pos = torch.tensor(
+            [p for r in rows for p in range(r.start_pos, r.start_pos + len(r.token_ids))],
+            device=dev,
+        )
+        lens = pos + 1
+        T = ids.shape[0]
+        if scratch:
+            width = min(T + 2, self.max_model_len + 16)
+            idx = torch.full((T, width), NULL_BLOCK * bs, device=dev)
+            slots = torch.full((T,), self.scratch_slot, device=dev)
+            wanted = torch.arange(T - 2, device=dev)
         else:
-            slots = torch.tensor(
-                [r.block_table[r.start_pos // bs] * bs + r.start_pos % bs for r in rows],
-                device=self.device,
-            )
-        context = [r.start_pos + 1 for r in rows]
-        # Whole blocks, so the dynamic length takes few distinct values.
-        width = -(-max(context) // bs) * bs
-        gather, _ = self._decode_gather(rows, width=width)
-        assert gather is not None
+            context = [r.start_pos + n for r, n in zip(rows, counts, strict=True)]
+            # Whole blocks, so the dynamic width takes few distinct values.
+            width = -(-max(context) // bs) * bs
+            table = self._block_tables(rows, context, width)
+            if len(rows) != T:  # prompt chunks: each of their tokens reads the row's table
+                table = table.repeat_interleave(torch.tensor(counts, device=dev), dim=0)
+            slots = table.gather(1, pos.unsqueeze(1)).squeeze(1)
+            # Past its own position a row reads the zeroed null block: never uninitialised
+            # memory, where a masked-out 0 * NaN would still be NaN.
+            k_pos = torch.arange(width, device=dev).unsqueeze(0)
+            idx = torch.where(k_pos < lens.unsqueeze(1), table, NULL_BLOCK * bs)
+            last = torch.tensor(counts, device=dev).cumsum(0) - 1
+            need = torch.tensor([r.need_logits for r in rows], device=dev)
+            wanted = last[need] if bool(need.any()) else last[-1:]
         if self.layer_types:  # Gemma 3: global and local layers rotate differently
             glob = self._rope_tables(pos, "full_attention")
             local = self._rope_tables(pos, "sliding_attention") if self._window_size else glob
         else:
             glob = local = self._rope_tables(pos)
         tables = (*glob, *local)
-        lens = torch.tensor(context, device=self.device)
         # The warm-up's adapter stacks are the export's shape hint: sizes above the row
         # count and odd, so that no other dimension of the example has them.
+        token_slots = [r.adapter_slot for r, n in zip(rows, counts, strict=True) for _ in range(n)]
         lora = self.lora.graph_inputs(
-            [r.adapter_slot for r in rows],
+            token_slots,
             LORA_MODULES,
-            hint=2 * self._compiled.max_batch_size + 3 if scratch else None,
+            hint=2 * T + 3 if scratch else None,
         )
-        return self._compiled.inputs(
-            ids, tables, slots, gather, lens, self.kv_cache, lora, window=self._window_size
-        )
+        return ids, tables, slots, idx, lens, self.kv_cache, lora, wanted
 
     def _run_compiled(self, rows: list[StepRow]) -> torch.Tensor:
-        """Decode rows through the compiled graph: fp32 logits, one per row."""
+        """Rows through the compiled graph: fp32 logits of the rows with ``need_logits``."""
         assert self._compiled is not None
-        return self._compiled.run(self._compiled_inputs(rows))
+        logits = self._compiled.run(self._compiled_inputs(rows)).cpu()
+        return logits if any(r.need_logits for r in rows) else logits[:0]
 
     def _step(self, rows: list[StepRow]) -> torch.Tensor:
         if self._compiled is not None and not self._compiled.ready:
@@ -509,6 +531,8 @@ class TorchRunner:
             and self._compiled.ready
             and not any(r.all_logits for r in rows)
         ):
+            if self._compiled.paged:  # prompt chunks are rows of the graph too
+                return self._run_compiled(rows)
             decode = [i for i, r in enumerate(rows) if len(r.token_ids) == 1]
             if decode and len(decode) <= self._compiled.max_batch_size:
                 return self._split_step(rows, decode)
@@ -516,15 +540,17 @@ class TorchRunner:
 
     def _split_step(self, rows: list[StepRow], decode: list[int]) -> torch.Tensor:
         """Decode rows through the graph, prompt chunks eagerly; logits in row order."""
-        fast = self._run_compiled([rows[i] for i in decode]).cpu()
+        fast = self._run_compiled([rows[i] for i in decode])
         if len(decode) == len(rows):
-            keep = [j for j, r in enumerate(rows) if r.need_logits]
-            return fast if len(keep) == len(rows) else fast[keep]
+            return fast
         in_decode = set(decode)
         rest = [i for i in range(len(rows)) if i not in in_decode]
         slow = self._eager_step([rows[i] for i in rest])
         out = []
-        fast_at = {i: j for j, i in enumerate(decode)}
+        fast_rank: dict[int, int] = {}
+        for i in decode:
+            if rows[i].need_logits:
+                fast_rank[i] = len(fast_rank)
         slow_rank: dict[int, int] = {}
         for i in rest:
             if rows[i].need_logits:
@@ -532,7 +558,7 @@ class TorchRunner:
         for i, row in enumerate(rows):
             if not row.need_logits:
                 continue
-            out.append(fast[fast_at[i]] if i in fast_at else slow[slow_rank[i]])
+            out.append(fast[fast_rank[i]] if i in fast_rank else slow[slow_rank[i]])
         return torch.stack(out) if out else torch.empty(0, self.info.vocab_size)
 
     def _eager_step(self, rows: list[StepRow]) -> torch.Tensor:

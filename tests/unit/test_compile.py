@@ -103,6 +103,62 @@ def test_decode_logits_match_the_eager_runner(pair: Any) -> None:
                 llm.engine.blocks.free(t)
 
 
+def test_prompt_chunks_run_in_the_compiled_step_with_the_eager_logits(pair: Any) -> None:
+    """Prompts are rows of the graph too (one per token): whole prompts, a prompt's first
+    chunk (no logits wanted) and its second chunk beside decode rows give the eager
+    step's logits and write the same keys and values."""
+    compiled, eager = pair
+    if not compiled.runner._compiled.paged:
+        pytest.skip("the packed kernels are off: prompt chunks run eagerly")
+    gen = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (7, 30, 3)]
+    tables = {}
+    for llm in (compiled, eager):
+        tables[llm] = [[llm.engine.blocks.allocate() for _ in range(4)] for _ in seqs]
+    try:
+        steps = compiled.runner._compiled.steps
+
+        def both(make: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            ours = compiled.runner.step(make(tables[compiled]))
+            return ours, eager.runner.step(make(tables[eager]))
+
+        a, b, c = seqs
+        ours, ref = both(
+            lambda t: [
+                StepRow(a, 0, t[0]),
+                StepRow(b[:16], 0, t[1], need_logits=False),
+                StepRow(c, 0, t[2]),
+            ]
+        )
+        assert compiled.runner._compiled.last_rows == 7 + 16 + 3  # one graph row a token
+        assert ours.shape == (2, ref.shape[1])
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+        ours, ref = both(
+            lambda t: [
+                StepRow([11], 7, t[0]),
+                StepRow(b[16:], 16, t[1]),
+                StepRow([12], 3, t[2]),
+            ]
+        )
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+        assert compiled.runner._compiled.steps == steps + 2
+        bs = compiled.runner.block_size
+
+        def kv(llm: LLM, table: list[int], layer: int) -> torch.Tensor:
+            cache = llm.runner.kv_cache[layer]
+            return torch.cat([cache[x * bs : (x + 1) * bs] for x in table])
+
+        for i, n in enumerate((8, 30, 4)):
+            for layer in (0, -1):
+                ours_kv = kv(compiled, tables[compiled][i], layer)[:n]
+                ref_kv = kv(eager, tables[eager][i], layer)[:n]
+                torch.testing.assert_close(ours_kv, ref_kv, atol=1e-4, rtol=1e-4)
+    finally:
+        for llm in (compiled, eager):
+            for t in tables[llm]:
+                llm.engine.blocks.free(t)
+
+
 async def test_greedy_outputs_equal_the_eager_engine(pair: Any) -> None:
     """Six concurrent requests (prompts joining running batches: split steps) and alone."""
     compiled, eager = pair

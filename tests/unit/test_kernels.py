@@ -85,3 +85,58 @@ def test_other_weights_are_not_taken_for_gguf_blocks() -> None:
     assert kernels.pack_quant(nudged) is not None
     nudged[5, 17] = torch.nextafter(nudged[5, 17], torch.tensor(1.0))
     assert kernels.pack_quant(nudged) is None
+
+
+def _attention_reference(
+    q: torch.Tensor, cache: torch.Tensor, idx: torch.Tensor, lens: torch.Tensor, window: int
+) -> torch.Tensor:
+    """Row by row in float64: softmax over the row's own context (its last ``window``)."""
+    heads, kv_heads = q.shape[1], cache.shape[2]
+    out = torch.empty_like(q)
+    for t in range(q.shape[0]):
+        n = int(lens[t])
+        lo = max(0, n - window) if window else 0
+        kv = cache[idx[t, lo:n]].double()  # [L, 2, KV, D]
+        k = kv[:, 0].repeat_interleave(heads // kv_heads, dim=1)
+        v = kv[:, 1].repeat_interleave(heads // kv_heads, dim=1)
+        scores = torch.einsum("hd,lhd->hl", q[t].double(), k) * 0.125
+        out[t] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v).float()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_reads_each_rows_context_in_place(op: object, dtype: torch.dtype) -> None:
+    """Grouped heads, a head size off the vector width, sliding windows, rows of one
+    token (decode) and rows of different lengths (prompt tokens)."""
+    gen = torch.Generator().manual_seed(2)
+    for rows, heads, kv_heads, dim, window in (
+        (1, 9, 3, 64, 0),
+        (7, 4, 2, 20, 0),
+        (5, 8, 8, 256, 3),
+        (16, 6, 2, 64, 5),
+    ):
+        cache = torch.randn(300, 2, kv_heads, dim, generator=gen).to(dtype)
+        idx = torch.randint(0, 300, (rows, 40), generator=gen)
+        lens = torch.randint(1, 41, (rows,), generator=gen)
+        q = torch.randn(rows, heads, dim, generator=gen)
+        got = torch.ops.openllm_clone.paged_attention(q, cache, idx, lens, window, 0.125)
+        want = _attention_reference(q, cache, idx, lens, window)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="lens out of range"):
+        torch.ops.openllm_clone.paged_attention(q, cache, idx, lens + 40, 0, 0.125)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_bgmv_adds_each_rows_adapter(op: object, dtype: torch.dtype) -> None:
+    """Each row's delta ``(A[s] x) B[s]`` in float32; rows of slot 0 come back unchanged."""
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(5, 8, 40, generator=gen).to(dtype)
+    b = torch.randn(5, 8, 24, generator=gen).to(dtype)
+    a[0], b[0] = 0, 0
+    x, y = torch.randn(9, 40, generator=gen), torch.randn(9, 24, generator=gen)
+    slots = torch.tensor([0, 1, 2, 3, 4, 0, 4, 4, 1])
+    got = torch.ops.openllm_clone.lora_bgmv(y, x, a, b, slots)
+    xa = torch.bmm(a[slots].double(), x.double().unsqueeze(-1)).transpose(1, 2)
+    want = (y.double() + torch.bmm(xa, b[slots].double()).squeeze(1)).float()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    assert torch.equal(got[slots == 0], y[slots == 0])
