@@ -16,7 +16,7 @@ over its own context by flat cache index (``kernels.paged_attention``: read in p
 each row costing its own length, so a prompt's tokens are causal by their positions),
 so the cache layout, the block allocator and prefix sharing are unchanged. Adapters
 are inputs, not constants: the graph takes the LoRA bank's stacks (every slot, slot 0
-zeros) and each row's slot, and adds each row's delta with ``kernels.lora_bgmv``
+zeros) and each row's slot, and adds each row's delta with ``kernels.lora_bgmv_``
 (Punica's BGMV: rows without an adapter cost nothing), so loading or evicting an
 adapter never recompiles. Without the C++ kernels (``OPENLLM_CLONE_PACKED_LINEAR=0``,
 or no AVX2) the graph gathers each row's context and adapter into copies (SDPA,
@@ -174,7 +174,7 @@ class DecodeGraph(torch.nn.Module):
         # Projections through kernels.linear_packed with weights stored in this dtype
         # (bfloat16 only where that is exact or the model's own dtype), else F.linear.
         self.packed = packed
-        # Attention and adapter deltas through kernels.paged_attention / lora_bgmv (each
+        # Attention and adapter deltas through kernels.paged_attention / lora_bgmv_ (each
         # row reads its own context and adapter in place), so prompt tokens can be rows
         # too; else a gathered copy of each row's context through SDPA, and gathered
         # adapter stacks (decode rows only: the copies grow with rows x context).
@@ -262,15 +262,21 @@ class DecodeGraph(torch.nn.Module):
     def _lin(
         self, x: torch.Tensor, w: torch.Tensor, n: int, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
+        return self._lin32(x, w, n, bias).to(x.dtype)
+
+    def _lin32(
+        self, x: torch.Tensor, w: torch.Tensor, n: int, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x @ w.T (+ bias)`` in float32 (``F.linear``'s dtype without the kernels)."""
         if self.packed is None:
-            return F.linear(x, w, bias)
+            return F.linear(x, w, bias).float()
         if w.dtype == torch.uint8:
             y = torch.ops.openllm_clone.linear_quant(x.float(), w, n)
         else:
             y = torch.ops.openllm_clone.linear_packed(x.float(), w, n)
         if bias is not None:
             y = y + bias.float()
-        return y.to(x.dtype)
+        return y
 
     def _norm_param(self, module: Any) -> torch.nn.Parameter:
         """The weight a norm scales by: Gemma's ``1 + w`` in float32, else ``w``."""
@@ -324,14 +330,33 @@ class DecodeGraph(torch.nn.Module):
         def delta(y: torch.Tensor, x_in: torch.Tensor, m: int, i: int) -> torch.Tensor:
             """``y`` plus each row's own adapter delta, in float32 as the eager step: the
             segmented gather-matmul of Punica / S-LoRA with segments of one row."""
-            if self.paged:
-                return torch.ops.openllm_clone.lora_bgmv(
-                    y.float(), x_in.float(), lora_a[m][i], lora_b[m][i], row_slots
-                ).to(y.dtype)
             a = lora_a[m][i][row_slots].float()  # [T, r, in]
             b = lora_b[m][i][row_slots].float()  # [T, r, out]
             xa = torch.bmm(a, x_in.float().unsqueeze(-1))  # [T, r, 1]
             return (y.float() + torch.bmm(xa.transpose(1, 2), b).squeeze(1)).to(y.dtype)
+
+        def adapted(
+            x_in: torch.Tensor,
+            w: torch.Tensor,
+            n: int,
+            i: int,
+            modules: list[tuple[int, int]],
+            bias: torch.Tensor | None = None,
+        ) -> torch.Tensor:
+            """A (fused) projection plus each row's adapter delta of each of its
+            ``modules`` (index in LORA_MODULES, output size), on the module's columns."""
+            if not self.paged:
+                parts = self._lin(x_in, w, n, bias).split([size for _, size in modules], -1)
+                return torch.cat([delta(y, x_in, m, i) for y, (m, _) in zip(parts, modules)], -1)
+            # In place on the float32 output, each module on its columns: no copies.
+            y = self._lin32(x_in, w, n, bias)
+            x32, offset = x_in.float(), 0
+            for m, size in modules:
+                torch.ops.openllm_clone.lora_bgmv_(
+                    y, x32, lora_a[m][i], lora_b[m][i], row_slots, offset
+                )
+                offset += size
+            return y.to(x_in.dtype)
 
         x = self.embed(ids)
         for i in range(len(self.qkv)):
@@ -339,9 +364,9 @@ class DecodeGraph(torch.nn.Module):
             cos, sin_signed = (tables[2], tables[3]) if local else (tables[0], tables[1])
             n = self.norms[per_layer * i : per_layer * (i + 1)]
             h = self._norm(x, n[0])
-            qkv = self._lin(h, self.qkv[i], self.n_qkv, self.qkv_bias[i] if self.has_bias else None)
-            q_, k_, v_ = qkv.split([H * D, KV * D, KV * D], dim=-1)
-            qkv = torch.cat([delta(q_, h, 0, i), delta(k_, h, 1, i), delta(v_, h, 2, i)], dim=-1)
+            bias = self.qkv_bias[i] if self.has_bias else None
+            qkv_modules = [(0, H * D), (1, KV * D), (2, KV * D)]
+            qkv = adapted(h, self.qkv[i], self.n_qkv, i, qkv_modules, bias)
             qk = self._qk(qkv[:, : (H + KV) * D].reshape(T, H + KV, D), i)
             qk = rope(qk, cos, sin_signed)
             q, k = qk.split([H, KV], dim=1)
@@ -364,16 +389,18 @@ class DecodeGraph(torch.nn.Module):
                     enable_gqa=True,
                 )
             o = o.reshape(T, H * D).to(x.dtype)
-            a = delta(self._lin(o, self.o[i], self.n_o), o, 3, i)
+            a = adapted(o, self.o[i], self.n_o, i, [(3, self.n_o)])
             if self.gemma:
                 x = self._norm(a, n[1]) + x
                 h = self._norm(x, n[2])
             else:
                 x = a + x
                 h = self._norm(x, n[1])
-            gate, up = self._lin(h, self.gate_up[i], self.n_gate_up).chunk(2, dim=-1)
-            act = self.act(delta(gate, h, 4, i)) * delta(up, h, 5, i)
-            down = delta(self._lin(act, self.down[i], self.n_down), act, 6, i)
+            half = self.n_gate_up // 2
+            gate_up = adapted(h, self.gate_up[i], self.n_gate_up, i, [(4, half), (5, half)])
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = self.act(gate) * up
+            down = adapted(act, self.down[i], self.n_down, i, [(6, self.n_down)])
             x = (self._norm(down, n[3]) if self.gemma else down) + x
         last = self._norm(x[wanted], self.norm_weight)
         return self._lin(last, self.head, self.n_head, self.head_bias).float()

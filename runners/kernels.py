@@ -154,7 +154,7 @@ template <typename T, typename Pair, typename Block>
 void drive(const float* X, float* Y, int64_t M, int64_t K, int64_t n, Pair pair, Block block) {
   const int64_t blocks = (n + NB - 1) / NB;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    alignas(32) float tile[4 * NB];
+    alignas(32) float tile[6 * NB];
     if (M == 1 && b1 - b0 >= 2) {
       const int64_t half = (b1 - b0) / 2;
       for (int64_t j = 0; j < half; ++j) {
@@ -170,14 +170,18 @@ void drive(const float* X, float* Y, int64_t M, int64_t K, int64_t n, Pair pair,
       const T* wb = block(b, scratch);
       const int64_t n0 = b * NB;
       const int nr = static_cast<int>(std::min<int64_t>(NB, n - n0));
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int mr = static_cast<int>(std::min<int64_t>(4, M - m0));
+      // Passes of at most 6 rows (12 accumulators: enough to keep both FMA pipes busy),
+      // as even as possible (8 rows: 4 + 4, not 6 + 2).
+      for (int64_t m0 = 0, mr = 0; m0 < M; m0 += mr) {
+        mr = (M - m0 + (M - m0 + 5) / 6 - 1) / ((M - m0 + 5) / 6);
         const float* xm = X + m0 * K;
         switch (mr) {
           case 1: micro<T, 1, 4>(xm, K, wb, K, tile); break;
           case 2: micro<T, 2, 2>(xm, K, wb, K, tile); break;
           case 3: micro<T, 3, 1>(xm, K, wb, K, tile); break;
-          default: micro<T, 4, 1>(xm, K, wb, K, tile); break;
+          case 4: micro<T, 4, 1>(xm, K, wb, K, tile); break;
+          case 5: micro<T, 5, 1>(xm, K, wb, K, tile); break;
+          default: micro<T, 6, 1>(xm, K, wb, K, tile); break;
         }
         for (int i = 0; i < mr; ++i)
           std::memcpy(Y + (m0 + i) * n + n0, tile + i * NB, sizeof(float) * nr);
@@ -377,19 +381,20 @@ void attend(const float* Q, const C* cache, const int64_t* idx, const int64_t* l
   });
 }
 
-// Each token's own adapter (Punica's BGMV): y[t] += (A[s] x[t]) B[s] with s = slots[t],
-// A [S, r, in], B [S, r, out]; slot 0 (no adapter) is skipped, so rows without an
-// adapter cost nothing and no per-row copy of the stacks is made.
+// Each token's own adapter (Punica's BGMV), in place: y[t, offset:offset + out] +=
+// (A[s] x[t]) B[s] with s = slots[t], A [S, r, in], B [S, r, out]; slot 0 (no adapter)
+// is skipped, so rows without an adapter cost nothing and no per-row copy of the
+// stacks is made. Y's rows are ldy apart (a fused projection's output: q, k and v).
 template <typename C>
-void bgmv(float* Y, const float* X, const C* A, const C* B, const int64_t* slots, int64_t T,
-          int64_t in, int64_t out, int64_t r) {
+void bgmv(float* Y, int64_t ldy, const float* X, const C* A, const C* B, const int64_t* slots,
+          int64_t T, int64_t in, int64_t out, int64_t r) {
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> xa(r);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t s = slots[t];
       if (s == 0) continue;
       for (int64_t i = 0; i < r; ++i) xa[i] = dot(X + t * in, A + (s * r + i) * in, in);
-      for (int64_t i = 0; i < r; ++i) axpy(xa[i], B + (s * r + i) * out, Y + t * out, out);
+      for (int64_t i = 0; i < r; ++i) axpy(xa[i], B + (s * r + i) * out, Y + t * ldy, out);
     }
   });
 }
@@ -431,37 +436,36 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& cache, const a
   return o;
 }
 
-at::Tensor lora_bgmv(const at::Tensor& y, const at::Tensor& x, const at::Tensor& a,
-                     const at::Tensor& b, const at::Tensor& slots) {
+void lora_bgmv_(const at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+                const at::Tensor& slots, int64_t offset) {
   TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && y.scalar_type() == at::kFloat &&
-                  x.scalar_type() == at::kFloat && x.size(0) == y.size(0),
-              "lora_bgmv: y [T, out] and x [T, in] must be float32");
+                  x.scalar_type() == at::kFloat && x.size(0) == y.size(0) && y.is_contiguous(),
+              "lora_bgmv_: y [T, N] (contiguous) and x [T, in] must be float32");
   TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(1) == b.size(1) &&
-                  a.size(2) == x.size(1) && b.size(2) == y.size(1) &&
+                  a.size(2) == x.size(1) && offset >= 0 && offset + b.size(2) <= y.size(1) &&
                   a.scalar_type() == b.scalar_type(),
-              "lora_bgmv: a must be [S, r, in] and b [S, r, out], one dtype");
+              "lora_bgmv_: a must be [S, r, in] and b [S, r, out] with out within y, one dtype");
   TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16,
-              "lora_bgmv: a and b must be float32 or bfloat16");
+              "lora_bgmv_: a and b must be float32 or bfloat16");
   TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.size(0) == x.size(0),
-              "lora_bgmv: slots must be [T] int64");
-  auto out = y.contiguous().clone();
+              "lora_bgmv_: slots must be [T] int64");
   auto xc = x.contiguous();
   auto ac = a.contiguous();
   auto bc = b.contiguous();
   auto sc = slots.contiguous();
-  const int64_t T = xc.size(0), S = ac.size(0), r = ac.size(1);
+  const int64_t T = xc.size(0), S = ac.size(0), r = ac.size(1), out = bc.size(2);
   const int64_t* sp = sc.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t)
-    TORCH_CHECK(sp[t] >= 0 && sp[t] < S, "lora_bgmv: slot out of range");
-  if (T == 0 || r == 0) return out;
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < S, "lora_bgmv_: slot out of range");
+  if (T == 0 || r == 0) return;
+  float* yp = y.data_ptr<float>() + offset;
   if (ac.scalar_type() == at::kFloat)
-    bgmv(out.data_ptr<float>(), xc.data_ptr<float>(), ac.data_ptr<float>(), bc.data_ptr<float>(), sp, T,
-         xc.size(1), out.size(1), r);
+    bgmv(yp, y.size(1), xc.data_ptr<float>(), ac.data_ptr<float>(), bc.data_ptr<float>(), sp, T,
+         xc.size(1), out, r);
   else
-    bgmv(out.data_ptr<float>(), xc.data_ptr<float>(),
+    bgmv(yp, y.size(1), xc.data_ptr<float>(),
          reinterpret_cast<const uint16_t*>(ac.data_ptr<at::BFloat16>()),
-         reinterpret_cast<const uint16_t*>(bc.data_ptr<at::BFloat16>()), sp, T, xc.size(1), out.size(1), r);
-  return out;
+         reinterpret_cast<const uint16_t*>(bc.data_ptr<at::BFloat16>()), sp, T, xc.size(1), out, r);
 }
 
 at::Tensor linear_quant(const at::Tensor& x, const at::Tensor& w, int64_t n) {
@@ -504,7 +508,7 @@ TORCH_LIBRARY_IMPL(openllm_clone, CPU, m) {
   m.impl("linear_packed", &linear_packed);
   m.impl("linear_quant", &linear_quant);
   m.impl("paged_attention", &paged_attention);
-  m.impl("lora_bgmv", &lora_bgmv);
+  m.impl("lora_bgmv_", &lora_bgmv_);
 }
 """
 
@@ -522,7 +526,9 @@ _lib.define(
     "paged_attention(Tensor q, Tensor cache, Tensor idx, Tensor lens, int window, float scale)"
     " -> Tensor"
 )
-_lib.define("lora_bgmv(Tensor y, Tensor x, Tensor a, Tensor b, Tensor slots) -> Tensor")
+_lib.define(
+    "lora_bgmv_(Tensor(a!) y, Tensor x, Tensor a, Tensor b, Tensor slots, int offset) -> ()"
+)
 
 
 @torch.library.register_fake("openllm_clone::linear_packed")
@@ -547,11 +553,16 @@ def _paged_attention_fake(
     return q.new_empty(q.shape)
 
 
-@torch.library.register_fake("openllm_clone::lora_bgmv")
+@torch.library.register_fake("openllm_clone::lora_bgmv_")
 def _lora_bgmv_fake(
-    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor
-) -> torch.Tensor:
-    return y.new_empty(y.shape)
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    slots: torch.Tensor,
+    offset: int,
+) -> None:
+    return None
 
 
 _loaded: Path | None = None

@@ -127,16 +127,22 @@ def test_paged_attention_reads_each_rows_context_in_place(op: object, dtype: tor
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lora_bgmv_adds_each_rows_adapter(op: object, dtype: torch.dtype) -> None:
-    """Each row's delta ``(A[s] x) B[s]`` in float32; rows of slot 0 come back unchanged."""
+def test_lora_bgmv_adds_each_rows_adapter_in_place(op: object, dtype: torch.dtype) -> None:
+    """Each row's delta ``(A[s] x) B[s]`` in float32, added in place to its columns of a
+    fused output; rows of slot 0 and the other columns are left as they were."""
     gen = torch.Generator().manual_seed(3)
     a = torch.randn(5, 8, 40, generator=gen).to(dtype)
     b = torch.randn(5, 8, 24, generator=gen).to(dtype)
     a[0], b[0] = 0, 0
-    x, y = torch.randn(9, 40, generator=gen), torch.randn(9, 24, generator=gen)
+    x, y = torch.randn(9, 40, generator=gen), torch.randn(9, 30, generator=gen)
     slots = torch.tensor([0, 1, 2, 3, 4, 0, 4, 4, 1])
-    got = torch.ops.openllm_clone.lora_bgmv(y, x, a, b, slots)
+    got = y.clone()
+    torch.ops.openllm_clone.lora_bgmv_(got, x, a, b, slots, 4)
     xa = torch.bmm(a[slots].double(), x.double().unsqueeze(-1)).transpose(1, 2)
-    want = (y.double() + torch.bmm(xa, b[slots].double()).squeeze(1)).float()
+    want = y.clone()
+    want[:, 4:28] = (y[:, 4:28].double() + torch.bmm(xa, b[slots].double()).squeeze(1)).float()
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
     assert torch.equal(got[slots == 0], y[slots == 0])
+    assert torch.equal(got[:, :4], y[:, :4]) and torch.equal(got[:, 28:], y[:, 28:])
+    with pytest.raises(RuntimeError, match="out within y"):
+        torch.ops.openllm_clone.lora_bgmv_(got, x, a, b, slots, 7)
