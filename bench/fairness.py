@@ -124,6 +124,12 @@ def main() -> None:
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2, help="alternating fifo/fair rounds")
     ap.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=512,
+        help="the server's prompt tokens per step (its default 512)",
+    )
+    ap.add_argument(
         "--compile",
         default="off",
         choices=["off", "on"],
@@ -161,6 +167,8 @@ def main() -> None:
             str(keys_file),
             "--scheduling",
             mode,
+            "--max-prefill-tokens",
+            str(args.max_prefill_tokens),
         ]
         log = OUT / f"fairness-{mode}.log"
         with run_server(serve_args, {}, log, ready_timeout=900) as server:
