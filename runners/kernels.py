@@ -5,7 +5,7 @@
 :func:`pack_weight` into blocks of 16 output features, ``[ceil(n / 16), K, 16]``,
 stored as bfloat16 or float32. Each block is one sequential stream (the hardware
 prefetcher's best case); each k step converts 16 weights to float32 once (a shift for
-bfloat16) and multiplies them into up to four rows with fused multiply-adds, so the
+bfloat16) and multiplies them into up to six rows with fused multiply-adds, so the
 weights are read once per step at any batch size.
 
 Why: a decode step at batch 1 reads every weight once, so its speed is the weights'
@@ -151,7 +151,7 @@ inline void gemv2(const float* X, const W* wa, const W* wb, int64_t K, float* ou
 
 // Both kernels' parallel loop over blocks of 16 output features: at one row two blocks
 // per pass (`pair`: two memory streams a thread), at more rows (and an odd block) the
-// block's float32 weights (`block`) against 4 rows at a time.
+// block's float32 weights (`block`) against up to 6 rows at a time.
 template <typename T, typename Pair, typename Block>
 void drive(const float* X, float* Y, int64_t M, int64_t K, int64_t n, Pair pair, Block block) {
   const int64_t blocks = (n + NB - 1) / NB;
