@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from openllm_clone.errors import ModelLoadError
 
 from . import kernels
+from .attention import window_mask
 from .kernels import pack_quant, pack_weight
 
 __all__ = [
@@ -321,10 +322,11 @@ class DecodeGraph(torch.nn.Module):
         per_layer = 4 if self.gemma else 2
         row_slots, lora_a, lora_b = lora
         masks: tuple[torch.Tensor, torch.Tensor] | None = None
-        if not self.paged:  # SDPA over a gathered copy: masks from the lengths
+        if not self.paged:  # SDPA over a gathered copy: masks from the positions
             k_pos = torch.arange(idx.shape[1], device=idx.device).unsqueeze(0)
-            mask = k_pos < lens.unsqueeze(1)
-            local = mask & (k_pos > (lens - 1).unsqueeze(1) - self.window) if self.window else mask
+            q_pos = (lens - 1).unsqueeze(1)
+            mask = window_mask(q_pos, k_pos, None)
+            local = window_mask(q_pos, k_pos, self.window) if self.window else mask
             masks = (mask[:, None, None, :], local[:, None, None, :])
 
         def delta(y: torch.Tensor, x_in: torch.Tensor, m: int, i: int) -> torch.Tensor:
@@ -458,8 +460,9 @@ class CompiledDecoder:
         # "packed-bfloat16", "packed-float32", "packed-q4_1+q8_0", ...).
         self.linear: str | None = None
         # Whether the package runs prompt chunks too (its attention and adapters read the
-        # cache and the bank in place: DecodeGraph.paged), else decode rows only.
-        self.paged = bool(graph is not None and graph.paged)
+        # cache and the bank in place: DecodeGraph.paged), else decode rows only; read
+        # from the package when it is loaded.
+        self.paged = False
         self.last_rows = 0
 
     @property

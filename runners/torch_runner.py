@@ -544,21 +544,14 @@ class TorchRunner:
         if len(decode) == len(rows):
             return fast
         in_decode = set(decode)
-        rest = [i for i in range(len(rows)) if i not in in_decode]
-        slow = self._eager_step([rows[i] for i in rest])
-        out = []
-        fast_rank: dict[int, int] = {}
-        for i in decode:
-            if rows[i].need_logits:
-                fast_rank[i] = len(fast_rank)
-        slow_rank: dict[int, int] = {}
-        for i in rest:
-            if rows[i].need_logits:
-                slow_rank[i] = len(slow_rank)
-        for i, row in enumerate(rows):
-            if not row.need_logits:
-                continue
-            out.append(fast[fast_rank[i]] if i in fast_rank else slow[slow_rank[i]])
+        slow = self._eager_step([r for i, r in enumerate(rows) if i not in in_decode])
+        # Each part holds the logits of its rows with need_logits, in row order.
+        fast_rows, slow_rows = iter(fast), iter(slow)
+        out = [
+            next(fast_rows) if i in in_decode else next(slow_rows)
+            for i, row in enumerate(rows)
+            if row.need_logits
+        ]
         return torch.stack(out) if out else torch.empty(0, self.info.vocab_size)
 
     def _eager_step(self, rows: list[StepRow]) -> torch.Tensor:
