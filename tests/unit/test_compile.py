@@ -491,11 +491,40 @@ def test_import_compiles_ahead_for_start(
         stats = llm.metadata()["compiled"]
         assert stats["source"] == "disk" and Path(stats["package"]).parent.parent == cache
         assert stats["linear"] == "aten"
+        assert not llm.runner._compiled.paged  # decode rows only: prompts run eagerly
         ids = llm.tokenize("Once upon a time")
         params = SamplingParams(max_new_tokens=8, ignore_eos=True)
         eager = make_llm(tiny_model_dir)
         try:
             want = asyncio.run(eager.complete(ids, params)).token_ids[0]
+            # A step with a decode row and a prompt: the row through the graph, the prompt
+            # eagerly, the logits back in row order (and none for a chunk that wants none).
+            tables = {
+                x: [[x.engine.blocks.allocate() for _ in range(2)] for _ in range(3)]
+                for x in (llm, eager)
+            }
+            try:
+                for x in (llm, eager):
+                    x.runner.step([StepRow(list(range(3, 10)), 0, tables[x][0])])
+                got, ref = (
+                    x.runner.step(
+                        [
+                            StepRow(list(range(20, 25)), 0, tables[x][1]),
+                            StepRow([11], 7, tables[x][0]),
+                            StepRow(list(range(30, 34)), 0, tables[x][2], need_logits=False),
+                        ]
+                    )
+                    for x in (llm, eager)
+                )
+                assert llm.runner._compiled.last_rows == 1 and got.shape == ref.shape == (
+                    2,
+                    ref.shape[1],
+                )
+                torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+            finally:
+                for x in (llm, eager):
+                    for t in tables[x]:
+                        x.engine.blocks.free(t)
         finally:
             eager.shutdown()
         assert asyncio.run(llm.complete(ids, params)).token_ids[0] == want
