@@ -111,13 +111,16 @@ def _attention_reference(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_paged_attention_reads_each_rows_context_in_place(op: object, dtype: torch.dtype) -> None:
     """Grouped heads, a head size off the vector width, sliding windows, rows of one
-    token (decode) and rows of different lengths (prompt tokens)."""
+    token (decode) and rows of different lengths (prompt tokens); contexts past eight
+    positions (scored eight at a time) with a remainder."""
     gen = torch.Generator().manual_seed(2)
     for rows, heads, kv_heads, dim, window in (
         (1, 9, 3, 64, 0),
         (7, 4, 2, 20, 0),
         (5, 8, 8, 256, 3),
         (16, 6, 2, 64, 5),
+        (6, 8, 2, 128, 17),  # eight positions at a time, windowed, two passes over d
+        (3, 4, 1, 72, 0),  # d past 64 in a short second pass
     ):
         cache = torch.randn(300, 2, kv_heads, dim, generator=gen).to(dtype)
         idx = torch.randint(0, 300, (rows, 40), generator=gen)
