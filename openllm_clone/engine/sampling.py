@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from openllm_clone.protocol import SamplingParams, TokenLogprob
 
@@ -164,10 +165,71 @@ def sample_rows(
         apply_logit_bias(logits[i], p.logit_bias)
     # Extreme penalties can overflow: keep every logit finite or -inf.
     logits.nan_to_num_(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max / 4)
-    out = logits.argmax(dim=-1).tolist()
     drawn = [i for i, p in enumerate(params) if not (p.greedy or p.temperature < _MIN_TEMPERATURE)]
+    out = [0] * len(params)
+    greedy = [i for i in range(len(params)) if i not in set(drawn)]
+    if greedy:  # the argmax of the greedy rows only (a 49k-wide row costs ~30 us)
+        rows = logits if len(greedy) == len(params) else logits[torch.tensor(greedy)]
+        for i, t in zip(greedy, rows.argmax(dim=-1).tolist(), strict=True):
+            out[i] = t
     if not drawn:
         return out
+    # The sampled rows together: one softmax over the batch and one uniform draw per row
+    # from its own generator (inverse CDF). torch.multinomial drew one exponential per
+    # vocabulary entry from the generator: 26 ms a step for 16 rows of a 49k vocabulary
+    # on 2 cores, a third of a compiled decode step.
+    rows = (logits if len(drawn) == len(params) else logits[torch.tensor(drawn)]).float()
+    temps = [params[i].temperature for i in drawn]
+    if any(t != 1.0 for t in temps):  # in place: the caller is done with the logits
+        rows = rows.div_(torch.tensor(temps, dtype=rows.dtype).unsqueeze(1))
+    for j, i in enumerate(drawn):
+        p = params[i]
+        if (p.top_k and p.top_k < rows.shape[-1]) or p.top_p < 1.0:
+            rows[j] = _filter(rows[j].double(), p.top_k, p.top_p).float()
+    probs = torch.softmax(rows, dim=-1)
+    u = torch.stack([torch.rand((), generator=generators[i], dtype=torch.float64) for i in drawn])
+    picks, usable = _inverse_cdf(probs, u)
+    for j, i in enumerate(drawn):
+        if usable[j]:
+            out[i] = picks[j]
+        else:  # a degenerate distribution (all -inf or NaN): its mode is the answer
+            out[i] = int(logits[i].argmax())
+    return out
+
+
+_CHUNK = 256  # vocabulary entries per chunk of the two-level inverse CDF
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> tuple[list[int], list[bool]]:
+    """Per row, the first index whose cumulative mass (float64: the tail keeps its mass)
+    exceeds ``u`` times the row's total; and whether the row had a usable total.
+
+    In two levels, each in float64: the chunk whose running mass passes the draw, then the
+    entry inside it (the sums of 256-entry chunks and one chunk's running sum, instead of
+    a float64 running sum over the whole vocabulary: ~2x cheaper for 16 rows of 49k).
+    Where rounding between the two levels lands on an entry of zero mass (or past the
+    chunk), the row falls back to the whole running sum, so a token of zero probability
+    is never drawn."""
+    rows, vocab = probs.shape
+    chunks = -(-vocab // _CHUNK)
+    padded = F.pad(probs, (0, chunks * _CHUNK - vocab)).view(rows, chunks, _CHUNK)
+    running = padded.sum(-1, dtype=torch.float64).cumsum(-1)  # [rows, chunks]
+    total = running[:, -1]
+    target = (u * total).unsqueeze(1)
+    c = torch.searchsorted(running, target, right=True).clamp_(max=chunks - 1)
+    before = torch.where(c > 0, running.gather(1, (c - 1).clamp(min=0)), 0.0)
+    inner = padded[torch.arange(rows), c.squeeze(1)].double().cumsum(-1)  # [rows, CHUNK]
+    j = torch.searchsorted(inner, target - before, right=True).squeeze(1)
+    picks = (c.squeeze(1) * _CHUNK + j.clamp(max=_CHUNK - 1)).clamp_(max=vocab - 1)
+    usable = (torch.isfinite(total) & (total > 0)).tolist()
+    out = picks.tolist()
+    bad = ((j >= _CHUNK) | (probs.gather(1, picks.unsqueeze(1)).squeeze(1) <= 0)).tolist()
+    for r in range(rows):
+        if usable[r] and bad[r]:
+            cdf = probs[r].double().cumsum(-1)
+            pick = torch.searchsorted(cdf, u[r] * cdf[-1], right=True)
+            out[r] = int(pick.clamp(max=vocab - 1))
+    return out, usable
     # The sampled rows together: one softmax and one cumulative sum over the batch, and one
     # uniform draw per row from its own generator (inverse CDF). torch.multinomial drew
     # one exponential per vocabulary entry from the generator: 26 ms a step for 16 rows of

@@ -71,6 +71,27 @@ def test_sampled_frequencies_follow_the_distribution() -> None:
     assert (counts / counts.sum() - sharp).abs().max() < 0.03
 
 
+def test_inverse_cdf_over_chunks_of_a_wide_vocabulary() -> None:
+    """The two-level draw (256-entry chunks, then the entry) over a vocabulary of several
+    chunks: mass on entries at chunk edges and inside chunks is drawn as often as its
+    probability, and entries of zero mass (whole chunks of them included) never."""
+    vocab = 1000
+    mass = {0: 0.1, 255: 0.2, 256: 0.3, 700: 0.15, 999: 0.25}
+    probs = torch.zeros(vocab)
+    for i, m in mass.items():
+        probs[i] = m
+    logits = torch.log(probs).expand(16, -1)
+    params = [SamplingParams(temperature=1.0)] * 16
+    gens = [torch.Generator().manual_seed(7 + i) for i in range(16)]
+    counts = torch.zeros(vocab)
+    for _ in range(200):
+        for t in sample_rows(logits.clone(), params, gens, [[]] * 16):
+            counts[t] += 1
+    assert set(counts.nonzero().flatten().tolist()) == set(mass)
+    freq = counts / counts.sum()
+    assert max(abs(float(freq[i]) - m) for i, m in mass.items()) < 0.03
+
+
 def test_top_p_keeps_only_the_nucleus() -> None:
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
     params = [SamplingParams(temperature=1.0, top_p=0.5)]
