@@ -510,20 +510,98 @@ void attend(const float* Q, const C* cache, const int64_t* idx, const int64_t* l
   });
 }
 
+// Dot products of up to four float32 rows x[j] with one row a (n values); two
+// accumulators a row, so that one row is not one chain of dependent FMAs.
+template <typename C>
+inline void dots(const float* const* x, int nx, const C* a, int64_t n, float* out) {
+  __m256 acc[4][2];
+  for (int j = 0; j < 4; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= n; d += 16) {
+    const __m256 a0 = load8(a + d), a1 = load8(a + d + 8);
+    for (int j = 0; j < nx; ++j) {
+      acc[j][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x[j] + d), a0, acc[j][0]);
+      acc[j][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x[j] + d + 8), a1, acc[j][1]);
+    }
+  }
+  for (; d + 8 <= n; d += 8) {
+    const __m256 a0 = load8(a + d);
+    for (int j = 0; j < nx; ++j) acc[j][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x[j] + d), a0, acc[j][0]);
+  }
+  for (int j = 0; j < nx; ++j) {
+    const __m256 v = _mm256_add_ps(acc[j][0], acc[j][1]);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_hadd_ps(h, h);
+    h = _mm_hadd_ps(h, h);
+    float sum = _mm_cvtss_f32(h);
+    for (int64_t e = d; e < n; ++e) sum += x[j][e] * tofloat(a[e]);
+    out[j] = sum;
+  }
+}
+
 // Each token's own adapter (Punica's BGMV), in place: y[t, offset:offset + out] +=
 // (A[s] x[t]) B[s] with s = slots[t], A [S, r, in], B [S, r, out]; slot 0 (no adapter)
-// is skipped, so rows without an adapter cost nothing and no per-row copy of the
-// stacks is made. Y's rows are ldy apart (a fused projection's output: q, k and v).
+// is skipped, so rows without an adapter cost nothing (no parallel region at all when
+// no row has one) and no per-row copy of the stacks is made. Y's rows are ldy apart (a
+// fused projection's output: q, k and v).
+//
+// Rows are grouped by slot, up to 8 rows a unit of work: a unit reads its adapter's A
+// and B once for all its rows (xa = A x four rows at a time, then each 32 columns of y
+// take all r terms in registers: one load and one store of y instead of r).
 template <typename C>
 void bgmv(float* Y, int64_t ldy, const float* X, const C* A, const C* B, const int64_t* slots,
           int64_t T, int64_t in, int64_t out, int64_t r) {
-  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> xa(r);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t s = slots[t];
-      if (s == 0) continue;
-      for (int64_t i = 0; i < r; ++i) xa[i] = dot(X + t * in, A + (s * r + i) * in, in);
-      for (int64_t i = 0; i < r; ++i) axpy(xa[i], B + (s * r + i) * out, Y + t * ldy, out);
+  std::vector<int64_t> order;
+  order.reserve(T);
+  for (int64_t t = 0; t < T; ++t)
+    if (slots[t] != 0) order.push_back(t);
+  if (order.empty()) return;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return slots[a] < slots[b]; });
+  std::vector<std::pair<int64_t, int64_t>> units;  // order[begin:end): up to 8 rows of one slot
+  for (size_t b = 0; b < order.size();) {
+    size_t e = b;
+    while (e < order.size() && slots[order[e]] == slots[order[b]]) ++e;
+    for (size_t u = b; u < e; u += 8) units.emplace_back(u, std::min(e, u + 8));
+    b = e;
+  }
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t k0, int64_t k1) {
+    std::vector<float> xa(8 * r);
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t begin = units[k].first, rows = units[k].second - begin;
+      const int64_t s = slots[order[begin]];
+      for (int64_t j0 = 0; j0 < rows; j0 += 4) {
+        const int nx = static_cast<int>(std::min<int64_t>(4, rows - j0));
+        const float* x[4];
+        for (int j = 0; j < nx; ++j) x[j] = X + order[begin + j0 + j] * in;
+        float part[4];
+        for (int64_t i = 0; i < r; ++i) {
+          dots(x, nx, A + (s * r + i) * in, in, part);
+          for (int j = 0; j < nx; ++j) xa[(j0 + j) * r + i] = part[j];
+        }
+      }
+      const C* b = B + s * r * out;
+      for (int64_t j = 0; j < rows; ++j) {  // 32 columns at a time: four independent sums
+        float* y = Y + order[begin + j] * ldy;
+        const float* w = xa.data() + j * r;
+        int64_t c = 0;
+        for (; c + 32 <= out; c += 32) {
+          __m256 acc[4];
+          for (int q = 0; q < 4; ++q) acc[q] = _mm256_loadu_ps(y + c + 8 * q);
+          for (int64_t i = 0; i < r; ++i) {
+            const __m256 wi = _mm256_broadcast_ss(w + i);
+            for (int q = 0; q < 4; ++q) acc[q] = _mm256_fmadd_ps(wi, load8(b + i * out + c + 8 * q), acc[q]);
+          }
+          for (int q = 0; q < 4; ++q) _mm256_storeu_ps(y + c + 8 * q, acc[q]);
+        }
+        for (; c + 8 <= out; c += 8) {
+          __m256 acc = _mm256_loadu_ps(y + c);
+          for (int64_t i = 0; i < r; ++i)
+            acc = _mm256_fmadd_ps(_mm256_broadcast_ss(w + i), load8(b + i * out + c), acc);
+          _mm256_storeu_ps(y + c, acc);
+        }
+        for (; c < out; ++c)
+          for (int64_t i = 0; i < r; ++i) y[c] += w[i] * tofloat(b[i * out + c]);
+      }
     }
   });
 }

@@ -138,18 +138,26 @@ def test_lora_bgmv_adds_each_rows_adapter_in_place(op: object, dtype: torch.dtyp
     """Each row's delta ``(A[s] x) B[s]`` in float32, added in place to its columns of a
     fused output; rows of slot 0 and the other columns are left as they were."""
     gen = torch.Generator().manual_seed(3)
-    a = torch.randn(5, 8, 40, generator=gen).to(dtype)
-    b = torch.randn(5, 8, 24, generator=gen).to(dtype)
-    a[0], b[0] = 0, 0
-    x, y = torch.randn(9, 40, generator=gen), torch.randn(9, 30, generator=gen)
-    slots = torch.tensor([0, 1, 2, 3, 4, 0, 4, 4, 1])
-    got = y.clone()
-    torch.ops.openllm_clone.lora_bgmv_(got, x, a, b, slots, 4)
-    xa = torch.bmm(a[slots].double(), x.double().unsqueeze(-1)).transpose(1, 2)
-    want = y.clone()
-    want[:, 4:28] = (y[:, 4:28].double() + torch.bmm(xa, b[slots].double()).squeeze(1)).float()
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
-    assert torch.equal(got[slots == 0], y[slots == 0])
-    assert torch.equal(got[:, :4], y[:, :4]) and torch.equal(got[:, 28:], y[:, 28:])
+    eleven = [2] * 11  # one adapter's rows past a unit of eight
+    for slots, rank, size_in, size_out, offset, width in (
+        ([0, 1, 2, 3, 4, 0, 4, 4, 1], 8, 40, 24, 4, 30),
+        ([3, *eleven, 0, 1, 3, 2, 0, 4, 1, 1, 3], 3, 37, 75, 2, 80),  # tails past 16 / 32
+    ):
+        a = torch.randn(5, rank, size_in, generator=gen).to(dtype)
+        b = torch.randn(5, rank, size_out, generator=gen).to(dtype)
+        a[0], b[0] = 0, 0
+        rows = torch.tensor(slots)
+        x = torch.randn(len(slots), size_in, generator=gen)
+        y = torch.randn(len(slots), width, generator=gen)
+        got = y.clone()
+        torch.ops.openllm_clone.lora_bgmv_(got, x, a, b, rows, offset)
+        xa = torch.bmm(a[rows].double(), x.double().unsqueeze(-1)).transpose(1, 2)
+        want = y.clone()
+        end = offset + size_out
+        delta = torch.bmm(xa, b[rows].double()).squeeze(1)
+        want[:, offset:end] = (y[:, offset:end].double() + delta).float()
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+        assert torch.equal(got[rows == 0], y[rows == 0])
+        assert torch.equal(got[:, :offset], y[:, :offset]) and torch.equal(got[:, end:], y[:, end:])
     with pytest.raises(RuntimeError, match="out within y"):
-        torch.ops.openllm_clone.lora_bgmv_(got, x, a, b, slots, 7)
+        torch.ops.openllm_clone.lora_bgmv_(got, x, a, b, rows, width - size_out + 1)
