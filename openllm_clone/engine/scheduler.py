@@ -16,7 +16,10 @@ tenant that comes back after idling starts at the lowest counter among the tenan
 work, so idle time does not bank credit. When the batch is full and a waiting tenant
 holds less than its weighted share of it, the newest sequence of the tenant furthest over
 its share is paused (it keeps its KV blocks and resumes later), so a tenant with 100
-queued requests cannot make one with 1 wait for a whole batch to finish.
+queued requests cannot make one with 1 wait for a whole batch to finish. A new request
+of a tenant with nothing running, while other tenants' sequences run, is prefilled in a
+step of its own (its prompt, without their decode rows): its first token then waits for
+the step in flight and its own prompt, not for a whole batch's step beside it.
 """
 
 from __future__ import annotations
@@ -162,6 +165,10 @@ class Scheduler:
         """Pick the rows of the next step."""
         if self.fair:
             self._rebalance()
+            express = self._express()
+            if express is not None:
+                self._charge([express])
+                return [express]
         budget = self.max_prefill_tokens
         rows: list[ScheduledRow] = []
         scheduled: set[int] = set()
@@ -181,27 +188,51 @@ class Scheduler:
             rows.append(ScheduledRow(seq, todo, seq.num_cached + len(todo) == seq.num_tokens))
         # Then admit waiting sequences while there is room.
         while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
-            seq = self._next_waiting()
-            matched = self.blocks.match_prefix(seq)
-            todo = seq.tokens[seq.num_cached :][:budget]
-            # Keep a block per running sequence free for their next tokens.
-            spare = self.blocks.num_free - len(self.running)
-            if self.blocks.needed(seq, seq.num_cached + len(todo)) > spare:
-                self.blocks.unmatch(seq, matched)
+            row = self._admit(self._next_waiting(), budget, scheduled)
+            if row is None:
                 break
-            self.waiting.remove(seq)
-            if not self._reserve(seq, seq.num_cached + len(todo), scheduled):
-                self.blocks.unmatch(seq, matched)
-                self.waiting.appendleft(seq)
-                break
-            scheduled.add(id(seq))
-            seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
-            budget -= len(todo)
-            rows.append(ScheduledRow(seq, todo, seq.num_cached + len(todo) == seq.num_tokens))
+            budget -= len(row.tokens)
+            rows.append(row)
         if self.fair:
             self._charge(rows)
         return rows
+
+    def _admit(self, seq: Sequence, budget: int, scheduled: set[int]) -> ScheduledRow | None:
+        """Move waiting ``seq`` into the batch with its next chunk (at most ``budget``
+        tokens), or leave it waiting (None) when the KV blocks are not there."""
+        matched = self.blocks.match_prefix(seq)
+        todo = seq.tokens[seq.num_cached :][:budget]
+        # Keep a block per running sequence free for their next tokens.
+        spare = self.blocks.num_free - len(self.running)
+        if self.blocks.needed(seq, seq.num_cached + len(todo)) > spare:
+            self.blocks.unmatch(seq, matched)
+            return None
+        self.waiting.remove(seq)
+        if not self._reserve(seq, seq.num_cached + len(todo), scheduled):
+            self.blocks.unmatch(seq, matched)
+            self.waiting.appendleft(seq)
+            return None
+        scheduled.add(id(seq))
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+        return ScheduledRow(seq, todo, seq.num_cached + len(todo) == seq.num_tokens)
+
+    def _express(self) -> ScheduledRow | None:
+        """Fair mode: a new request (nothing computed yet) of a tenant with nothing
+        running, while other tenants' sequences run and the batch has room, is prefilled
+        alone this step (the least-served such tenant's, as ``_next_waiting``)."""
+        if not self.running or not self.waiting or len(self.running) >= self.max_batch_size:
+            return None
+        busy = self._running_per_tenant()
+        fresh = [
+            s
+            for s in self.waiting
+            if _tenant(s) not in busy and not s.block_table and s.num_cached == 0
+        ]
+        if not fresh:
+            return None
+        seq = min(fresh, key=lambda s: self.counters.get(_tenant(s), 0.0))
+        return self._admit(seq, self.max_prefill_tokens, set())
 
     def _reserve(self, seq: Sequence, num_tokens: int, scheduled: set[int]) -> bool:
         """Give ``seq`` blocks for ``num_tokens``; preempt newer sequences if needed."""

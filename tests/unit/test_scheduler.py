@@ -238,6 +238,32 @@ def test_fair_pauses_a_tenant_over_its_share_for_a_starved_one() -> None:
     assert (paused, 1, True) in rows  # resumes where it stopped
 
 
+def test_fair_prefills_a_new_tenant_alone() -> None:
+    """While a's sequences decode, b's new request is prefilled in a step of its own
+    (its first token does not wait for a's rows); the next step has everyone. FIFO puts
+    b's prompt beside a's rows."""
+    for fair in (True, False):
+        blocks = BlockManager(BlockAllocator(128, BS))
+        sched = Scheduler(blocks, max_batch_size=4, max_prefill_tokens=64, fair=fair)
+        a1, a2 = tenant_seq("a", [1, 1, 1]), tenant_seq("a", [2, 2, 2])
+        for s in (a1, a2):
+            sched.add(s)
+        step(sched, blocks)
+        assert step(sched, blocks) == [(a1, 1, True), (a2, 1, True)]
+        b = tenant_seq("b", [9] * 5)
+        sched.add(b)
+        rows = step(sched, blocks)
+        if fair:
+            assert rows == [(b, 5, True)]
+            assert step(sched, blocks) == [(a1, 1, True), (a2, 1, True), (b, 1, True)]
+        else:
+            assert rows == [(a1, 1, True), (a2, 1, True), (b, 5, True)]
+        # b's second request, with b running: no step of its own.
+        b2 = tenant_seq("b", [8] * 3)
+        sched.add(b2)
+        assert (b2, 3, True) in step(sched, blocks) and len(sched.running) == 4
+
+
 def test_kv_pressure_takes_a_paused_sequence_blocks() -> None:
     blocks = BlockManager(BlockAllocator(16, BS))
     sched = Scheduler(blocks, max_batch_size=2, max_prefill_tokens=64, fair=True)
