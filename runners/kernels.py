@@ -348,21 +348,40 @@ inline float tofloat(uint16_t v) {  // bfloat16 -> float32 (exact)
   return f;
 }
 
+// Dot products of up to four float32 rows x[j] with one row a (n values); two
+// accumulators a row, so that one row is not one chain of dependent FMAs.
+template <typename C>
+inline void dots(const float* const* x, int nx, const C* a, int64_t n, float* out) {
+  __m256 acc[4][2];
+  for (int j = 0; j < 4; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= n; d += 16) {
+    const __m256 a0 = load8(a + d), a1 = load8(a + d + 8);
+    for (int j = 0; j < nx; ++j) {
+      acc[j][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x[j] + d), a0, acc[j][0]);
+      acc[j][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x[j] + d + 8), a1, acc[j][1]);
+    }
+  }
+  for (; d + 8 <= n; d += 8) {
+    const __m256 a0 = load8(a + d);
+    for (int j = 0; j < nx; ++j) acc[j][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x[j] + d), a0, acc[j][0]);
+  }
+  for (int j = 0; j < nx; ++j) {
+    const __m256 v = _mm256_add_ps(acc[j][0], acc[j][1]);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_hadd_ps(h, h);
+    h = _mm_hadd_ps(h, h);
+    float sum = _mm_cvtss_f32(h);
+    for (int64_t e = d; e < n; ++e) sum += x[j][e] * tofloat(a[e]);
+    out[j] = sum;
+  }
+}
+
+// One dot product: dots' sums at one row.
 template <typename C>
 inline float dot(const float* a, const C* b, int64_t n) {
-  __m256 s0 = _mm256_setzero_ps(), s1 = s0;
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), s0);
-    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), s1);
-  }
-  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), s0);
-  s0 = _mm256_add_ps(s0, s1);
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
-  h = _mm_hadd_ps(h, h);
-  h = _mm_hadd_ps(h, h);
-  float r = _mm_cvtss_f32(h);
-  for (; i < n; ++i) r += a[i] * tofloat(b[i]);
+  float r;
+  dots(&a, 1, b, n, &r);
   return r;
 }
 
@@ -508,35 +527,6 @@ void attend(const float* Q, const C* cache, const int64_t* idx, const int64_t* l
         for (int64_t d = 0; d < D; ++d) out[h * D + d] = acc[h * D + d] * inv[h];
     }
   });
-}
-
-// Dot products of up to four float32 rows x[j] with one row a (n values); two
-// accumulators a row, so that one row is not one chain of dependent FMAs.
-template <typename C>
-inline void dots(const float* const* x, int nx, const C* a, int64_t n, float* out) {
-  __m256 acc[4][2];
-  for (int j = 0; j < 4; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
-  int64_t d = 0;
-  for (; d + 16 <= n; d += 16) {
-    const __m256 a0 = load8(a + d), a1 = load8(a + d + 8);
-    for (int j = 0; j < nx; ++j) {
-      acc[j][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x[j] + d), a0, acc[j][0]);
-      acc[j][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x[j] + d + 8), a1, acc[j][1]);
-    }
-  }
-  for (; d + 8 <= n; d += 8) {
-    const __m256 a0 = load8(a + d);
-    for (int j = 0; j < nx; ++j) acc[j][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x[j] + d), a0, acc[j][0]);
-  }
-  for (int j = 0; j < nx; ++j) {
-    const __m256 v = _mm256_add_ps(acc[j][0], acc[j][1]);
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_hadd_ps(h, h);
-    h = _mm_hadd_ps(h, h);
-    float sum = _mm_cvtss_f32(h);
-    for (int64_t e = d; e < n; ++e) sum += x[j][e] * tofloat(a[e]);
-    out[j] = sum;
-  }
 }
 
 // Each token's own adapter (Punica's BGMV), in place: y[t, offset:offset + out] +=

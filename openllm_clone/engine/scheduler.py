@@ -92,18 +92,18 @@ class Scheduler:
     def _active(self, tenant: str) -> bool:
         return any(_tenant(s) == tenant for s in self._all())
 
-    def _next_waiting(self) -> Sequence:
-        """The waiting sequence to admit next. Fifo: the head of the line (preempted
-        sequences go back to its front). Fair: the front-most of the tenant served least
-        (the counters, not the line, keep a preempted sequence from starving)."""
-        head = self.waiting[0]
+    def _next_waiting(self, among: list[Sequence] | None = None) -> Sequence:
+        """The waiting sequence to admit next (of ``among``, waiting ones in line order,
+        where given). Fifo: the head of the line (preempted sequences go back to its
+        front). Fair: the front-most of the tenant served least (the counters, not the
+        line, keep a preempted sequence from starving)."""
         if not self.fair:
-            return head
+            return self.waiting[0] if among is None else among[0]
         # Equal counters (a tenant back from idle starts at the lowest): the tenant with
         # fewer running sequences first, then the line's order.
         running = self._running_per_tenant()
         return min(
-            self.waiting,
+            self.waiting if among is None else among,
             key=lambda s: (self.counters.get(_tenant(s), 0.0), running.get(_tenant(s), 0)),
         )
 
@@ -220,7 +220,7 @@ class Scheduler:
     def _express(self) -> ScheduledRow | None:
         """Fair mode: a new request (nothing computed yet) of a tenant with nothing
         running, while other tenants' sequences run and the batch has room, is prefilled
-        alone this step (the least-served such tenant's, as ``_next_waiting``)."""
+        alone this step (the least-served such tenant's)."""
         if not self.running or not self.waiting or len(self.running) >= self.max_batch_size:
             return None
         busy = self._running_per_tenant()
@@ -231,8 +231,7 @@ class Scheduler:
         ]
         if not fresh:
             return None
-        seq = min(fresh, key=lambda s: self.counters.get(_tenant(s), 0.0))
-        return self._admit(seq, self.max_prefill_tokens, set())
+        return self._admit(self._next_waiting(fresh), self.max_prefill_tokens, set())
 
     def _reserve(self, seq: Sequence, num_tokens: int, scheduled: set[int]) -> bool:
         """Give ``seq`` blocks for ``num_tokens``; preempt newer sequences if needed."""
