@@ -126,8 +126,16 @@ def main() -> None:
     ap.add_argument(
         "--max-prefill-tokens",
         type=int,
-        default=512,
-        help="the server's prompt tokens per step (its default 512)",
+        default=None,
+        help="the server's prompt tokens per step (default: the server's for each mode, "
+        "512 fifo, 64 fair)",
+    )
+    ap.add_argument(
+        "--step-stages",
+        type=int,
+        default=None,
+        help="the server's compiled step stages (default: the server's for each mode, "
+        "1 fifo, 4 fair)",
     )
     ap.add_argument(
         "--compile",
@@ -167,9 +175,11 @@ def main() -> None:
             str(keys_file),
             "--scheduling",
             mode,
-            "--max-prefill-tokens",
-            str(args.max_prefill_tokens),
         ]
+        if args.max_prefill_tokens is not None:
+            serve_args += ["--max-prefill-tokens", str(args.max_prefill_tokens)]
+        if args.step_stages is not None:
+            serve_args += ["--step-stages", str(args.step_stages)]
         log = OUT / f"fairness-{mode}.log"
         with run_server(serve_args, {}, log, ready_timeout=900) as server:
             asyncio.run(b_arrivals(server.url, keys["b"], 2, args.short_tokens))  # warm-up
@@ -205,7 +215,9 @@ def main() -> None:
     print(
         f"\n{args.model} {args.dtype}, batch {args.max_batch_size}: tenant A keeps "
         f"{args.flood} x {args.long_tokens}-token requests in flight, tenant B sends one "
-        f"{args.short_tokens}-token request a second for {args.duration:.0f} s\n"
+        f"{args.short_tokens}-token request a second for {args.duration:.0f} s; prefill "
+        f"budget {args.max_prefill_tokens or 'default'}, step stages "
+        f"{args.step_stages or 'default'}\n"
     )
     print(
         table(

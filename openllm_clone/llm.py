@@ -68,7 +68,7 @@ class LLM:
             EngineConfig(
                 max_batch_size=settings.max_batch_size,
                 max_queue=settings.max_queue,
-                max_prefill_tokens=settings.max_prefill_tokens,
+                max_prefill_tokens=settings.prefill_budget,
                 prefix_caching=settings.prefix_caching,
                 seed=settings.seed,
                 fair=settings.fair_scheduling,

@@ -14,12 +14,14 @@ admin keys exist. Generation requests count against the tenant's limits (429 wit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from openllm_clone.api.tgi import PATHS as TGI_PATHS
+from openllm_clone.arrivals import arriving
 from openllm_clone.errors import (
     AuthenticationError,
     NotFoundError,
@@ -133,8 +135,11 @@ class GuardMiddleware:
                 return
             extra = _encode(limits)
         token_ctx = current_tenant.set(entry)
+        generation = scope.get("path", "") in GENERATION_PATHS and scope.get("method") == "POST"
         try:
-            await self._guarded(scope, receive, _with_headers(send, extra), self.settings)
+            tenant = entry.tenant if entry is not None else None
+            with arriving(tenant) if generation else contextlib.nullcontext():
+                await self._guarded(scope, receive, _with_headers(send, extra), self.settings)
         finally:
             current_tenant.reset(token_ctx)
             if ticket is not None:

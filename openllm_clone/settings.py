@@ -173,6 +173,15 @@ class Settings(BaseModel):
         description="Admission order of waiting requests: fifo (arrival), fair (a weighted "
         "virtual token counter per tenant), auto (fair with --keys-file, else fifo).",
     )
+    step_stages: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="Split the compiled step into this many stages of consecutive layers "
+        "(a package each); under fair scheduling a new tenant's prompt is prefilled "
+        "between two stages of the step in flight instead of after it. Default: 4 under "
+        "fair scheduling, else 1.",
+    )
     usage_log: str | None = Field(
         default=None,
         description="Append each finished request (tenant, adapter, status, tokens) to this "
@@ -193,10 +202,12 @@ class Settings(BaseModel):
         "out as tokens arrive.",
     )
     block_size: int = Field(default=16, ge=1, le=256, description="Tokens per KV block.")
-    max_prefill_tokens: int = Field(
-        default=512,
+    max_prefill_tokens: int | None = Field(
+        default=None,
         ge=16,
-        description="Prompt tokens prefilled per step (chunked prefill budget).",
+        description="Prompt tokens prefilled per step (chunked prefill budget). Default: "
+        "512, or 64 under fair scheduling (shorter steps: a new tenant's prompt waits less "
+        "for the step in flight).",
     )
     prefix_caching: bool = Field(
         default=True,
@@ -272,6 +283,20 @@ class Settings(BaseModel):
     def fair_scheduling(self) -> bool:
         """True when waiting requests are admitted by tenant fairness, not arrival."""
         return self.scheduling == "fair" or (self.scheduling == "auto" and bool(self.keys_file))
+
+    @property
+    def prefill_budget(self) -> int:
+        """Prompt tokens per step: ``--max-prefill-tokens``, or its default."""
+        if self.max_prefill_tokens is not None:
+            return self.max_prefill_tokens
+        return 64 if self.fair_scheduling else 512
+
+    @property
+    def compiled_stages(self) -> int:
+        """The compiled step's stages: ``--step-stages``, or its default."""
+        if self.step_stages is not None:
+            return self.step_stages
+        return 4 if self.fair_scheduling else 1
 
     def to_env(self) -> dict[str, str]:
         """Environment entries that carry these settings to worker processes."""

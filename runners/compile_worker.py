@@ -5,7 +5,7 @@ cache has no package for the model yet, so the server can answer requests eagerl
 meanwhile::
 
     python -m openllm_clone.runners.compile_worker --model DIR --dtype float32 \\
-        --max-batch-size 16 --max-model-len 8192 --cache-dir DIR --threads 2
+        --max-batch-size 16 --max-model-len 8192 --cache-dir DIR --stages 1 --threads 2
 
 It runs at a lower CPU priority than the server and exits when the server does.
 """
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", required=True, type=int)
     parser.add_argument("--max-model-len", required=True, type=int)
     parser.add_argument("--cache-dir", required=True, type=Path)
+    parser.add_argument("--stages", default=1, type=int)
     parser.add_argument("--threads", required=True, type=int)
     args = parser.parse_args(argv)
     _exit_with_parent()
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         compile="on",
         max_batch_size=args.max_batch_size,
         compile_cache=lambda: args.cache_dir,
+        stages=args.stages,
     )
     runner.compile_step()
     stats = runner.compiled_stats() or {}

@@ -39,8 +39,10 @@ weight memory), and the package on disk is about that size.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -49,6 +51,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +236,37 @@ class DecodeGraph(torch.nn.Module):
         self.n_head = head.weight.shape[0]
         self.head = self._weight(head.weight)
         self.head_bias = head.bias
+        # The layers this graph runs (a stage: see stage()), of the model's total.
+        self.span = (0, len(inner.layers), len(inner.layers))
+
+    def stage(self, start: int, stop: int) -> DecodeGraph:
+        """Layers ``start:stop`` as a graph of their own, on the same parameters (no
+        copy): the first stage takes the token ids, a later one the hidden states the
+        stage before it returned; only the last one applies the final norm and the head
+        and returns logits."""
+        total = self.span[2]
+        part = copy.copy(self)
+        part._parameters = dict(self._parameters)
+        part._buffers = dict(self._buffers)
+        part._modules = dict(self._modules)
+        per_layer = 4 if self.gemma else 2
+        for name, lo, hi in (
+            ("qkv", start, stop),
+            ("o", start, stop),
+            ("gate_up", start, stop),
+            ("down", start, stop),
+            ("qkv_bias", start, stop),
+            ("qk_norm", start, stop),
+            ("norms", per_layer * start, per_layer * stop),
+        ):
+            setattr(part, name, torch.nn.ParameterList(list(getattr(self, name))[lo:hi]))
+        part.local = self.local[start:stop]
+        part.span = (start, stop, total)
+        if start > 0:
+            part.embed = None
+        if stop < total:
+            part.norm_weight = part.head = part.head_bias = None
+        return part
 
     def _weight(self, w: torch.nn.Parameter) -> torch.nn.Parameter:
         """The projection's weight as the graph holds it: packed, or the model's own.
@@ -310,6 +344,8 @@ class DecodeGraph(torch.nn.Module):
         wanted: torch.Tensor,
     ) -> torch.Tensor:
         """One row per token (a decode row's new token, or a token of a prompt chunk).
+        A stage after the first takes the hidden states ``[T, hidden]`` in place of
+        ``ids``, a stage before the last returns them (``caches``: the stage's layers').
         ``tables``: cos and signed sin of global then local layers, per row; ``slots``:
         each row's KV cache slot; ``idx [T, W]``: the cache slots of each row's context
         (positions 0..W-1, read below ``lens``: the row's position + 1); ``lora``: each
@@ -360,20 +396,22 @@ class DecodeGraph(torch.nn.Module):
                 offset += size
             return y.to(x_in.dtype)
 
-        x = self.embed(ids)
-        for i in range(len(self.qkv)):
-            local = self.local[i]
+        start, stop, total = self.span
+        x = self.embed(ids) if start == 0 else ids
+        for j in range(stop - start):
+            i = start + j  # the model's layer index: the adapter stacks hold every layer
+            local = self.local[j]
             cos, sin_signed = (tables[2], tables[3]) if local else (tables[0], tables[1])
-            n = self.norms[per_layer * i : per_layer * (i + 1)]
+            n = self.norms[per_layer * j : per_layer * (j + 1)]
             h = self._norm(x, n[0])
-            bias = self.qkv_bias[i] if self.has_bias else None
+            bias = self.qkv_bias[j] if self.has_bias else None
             qkv_modules = [(0, H * D), (1, KV * D), (2, KV * D)]
-            qkv = adapted(h, self.qkv[i], self.n_qkv, i, qkv_modules, bias)
-            qk = self._qk(qkv[:, : (H + KV) * D].reshape(T, H + KV, D), i)
+            qkv = adapted(h, self.qkv[j], self.n_qkv, i, qkv_modules, bias)
+            qk = self._qk(qkv[:, : (H + KV) * D].reshape(T, H + KV, D), j)
             qk = rope(qk, cos, sin_signed)
             q, k = qk.split([H, KV], dim=1)
             v = qkv[:, (H + KV) * D :].reshape(T, KV, D)
-            cache = caches[i]
+            cache = caches[j]
             cache.index_put_((slots,), torch.stack([k, v], dim=1))
             if masks is None:
                 window = self.window if local and self.window else 0
@@ -391,7 +429,7 @@ class DecodeGraph(torch.nn.Module):
                     enable_gqa=True,
                 )
             o = o.reshape(T, H * D).to(x.dtype)
-            a = adapted(o, self.o[i], self.n_o, i, [(3, self.n_o)])
+            a = adapted(o, self.o[j], self.n_o, i, [(3, self.n_o)])
             if self.gemma:
                 x = self._norm(a, n[1]) + x
                 h = self._norm(x, n[2])
@@ -399,11 +437,13 @@ class DecodeGraph(torch.nn.Module):
                 x = a + x
                 h = self._norm(x, n[1])
             half = self.n_gate_up // 2
-            gate_up = adapted(h, self.gate_up[i], self.n_gate_up, i, [(4, half), (5, half)])
+            gate_up = adapted(h, self.gate_up[j], self.n_gate_up, i, [(4, half), (5, half)])
             gate, up = gate_up.chunk(2, dim=-1)
             act = self.act(gate) * up
-            down = adapted(act, self.down[i], self.n_down, i, [(6, self.n_down)])
+            down = adapted(act, self.down[j], self.n_down, i, [(6, self.n_down)])
             x = (self._norm(down, n[3]) if self.gemma else down) + x
+        if stop < total:
+            return x
         last = self._norm(x[wanted], self.norm_weight)
         return self._lin(last, self.head, self.n_head, self.head_bias).float()
 
@@ -444,15 +484,21 @@ class CompiledDecoder:
         max_model_len: int,
         cache_dir: Path,
         prune: bool = False,
+        stages: int = 1,
     ) -> None:
         self.graph = graph
         self.prune = prune  # after a compile, remove packages unused for 14 days beside it
         self.max_batch_size = max_batch_size
         self.max_model_len = max_model_len
         self.cache_dir = cache_dir
-        self.package = cache_dir / "decode"  # an unpacked AOTInductor package
+        # The step's stages (consecutive layers each): between two of them the engine
+        # may run a step of its own (see run_stages); one unpacked AOTInductor package
+        # each, under decode/ (stage-0, stage-1, ...).
+        self.stages = stages
+        self.package = cache_dir / "decode"
         self.kernels = cache_dir / "kernels"  # the packed linear kernel it calls, if any
-        self.fn: Any = None
+        self.fns: list[Any] = []
+        self.spans: list[tuple[int, int]] = []
         self.source: str | None = None  # "disk" (a persisted package) or "compiled"
         self.seconds = 0.0  # time to compile or load
         self.steps = 0  # decode steps run through the package
@@ -467,7 +513,7 @@ class CompiledDecoder:
 
     @property
     def ready(self) -> bool:
-        return self.fn is not None
+        return bool(self.fns)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -478,12 +524,13 @@ class CompiledDecoder:
             "package": str(self.package),
             "linear": self.linear,
             "prompts": self.paged,
+            "stages": len(self.fns) or self.stages,
         }
 
     def prepare(self, example: tuple[Any, ...]) -> None:
         """Load the persisted package, or compile and persist it (``example``: the
         graph's inputs for ``max_batch_size`` rows, the shape hint Inductor tunes for)."""
-        if self.fn is not None:
+        if self.fns:
             return
         started = time.perf_counter()
         if self.graph is None:  # load only: the package appears by an atomic rename
@@ -543,13 +590,14 @@ class CompiledDecoder:
         not on a request."""
         if self.kernels.exists():  # the package calls the packed linear kernel
             kernels.load(self.kernels)
-        fn = _load_unpacked(self.package)
-        fn(*example)
-        self.fn = fn
         try:
             about = json.loads((self.package / _ABOUT).read_text())
-        except (OSError, ValueError):
-            about = {}
+            spans = [(int(a), int(b)) for a, b in about["stages"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"{self.package} has no readable {_ABOUT}: {exc}") from exc
+        fns = [_load_unpacked(self.package / f"stage-{k}") for k in range(len(spans))]
+        _drain(_run_stages(fns, spans, example))
+        self.fns, self.spans = fns, spans
         self.linear = about.get("linear")
         self.paged = bool(about.get("paged"))
 
@@ -582,36 +630,76 @@ class CompiledDecoder:
         )
         if self.graph.packed is not None or self.graph.paged:
             kernels.build(self.kernels)
-        program = torch.export.export(self.graph, example, dynamic_shapes=dynamic, strict=False)
+        total = self.graph.span[2]
+        stages = max(1, min(self.stages, total))
+        bounds = [round(k * total / stages) for k in range(stages + 1)]
+        spans = list(itertools.pairwise(bounds))
         partial = self.cache_dir / f"decode.partial-{os.getpid()}"
         shutil.rmtree(partial, ignore_errors=True)
         try:
-            archive = partial / "decode.pt2"
-            partial.mkdir(parents=True)
-            torch._inductor.aoti_compile_and_package(
-                program, package_path=str(archive), inductor_configs=dict(_INDUCTOR_OPTIONS)
-            )
-            # Kept unpacked: a .pt2 is extracted to a temporary folder at every load
-            # (~1x the weights), and left behind when the process is killed.
-            with zipfile.ZipFile(archive) as zipped:
-                zipped.extractall(partial / "unpacked")
-            (root,) = (partial / "unpacked").iterdir()  # the archive's one top folder
+            assembled = partial / "decode"
+            assembled.mkdir(parents=True)
+            hidden = self.graph.embed(ids)
+            for k, (a, b) in enumerate(spans):
+                graph = self.graph.stage(a, b) if len(spans) > 1 else self.graph
+                args = (ids if a == 0 else torch.zeros_like(hidden), *example[1:5])
+                args = (*args, caches[a:b], lora, example[7])
+                shapes = (by_row, *dynamic[1:5], dynamic[5][a:b], *dynamic[6:])
+                program = torch.export.export(graph, args, dynamic_shapes=shapes, strict=False)
+                archive = partial / f"stage-{k}.pt2"
+                torch._inductor.aoti_compile_and_package(
+                    program, package_path=str(archive), inductor_configs=dict(_INDUCTOR_OPTIONS)
+                )
+                # Kept unpacked: a .pt2 is extracted to a temporary folder at every load
+                # (~1x the weights), and left behind when the process is killed.
+                with zipfile.ZipFile(archive) as zipped:
+                    zipped.extractall(partial / f"unpacked-{k}")
+                (root,) = (partial / f"unpacked-{k}").iterdir()  # the archive's top folder
+                os.replace(root, assembled / f"stage-{k}")
+                archive.unlink()
             linear = self.graph.linear_format()
             logger.info("compiled step: projections stored as %s", linear)
-            (root / _ABOUT).write_text(json.dumps({"linear": linear, "paged": self.graph.paged}))
+            about = {"linear": linear, "paged": self.graph.paged, "stages": spans}
+            (assembled / _ABOUT).write_text(json.dumps(about))
             shutil.rmtree(self.package, ignore_errors=True)  # a broken one, if any
-            os.replace(root, self.package)
+            os.replace(assembled, self.package)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
 
     def run(self, inputs: tuple[Any, ...]) -> torch.Tensor:
         """Run the graph on its inputs (see :meth:`DecodeGraph.forward`): fp32 logits of
         the ``wanted`` rows."""
-        assert self.fn is not None, "prepare() first"
-        logits = self.fn(*inputs)
+        return _drain(self.run_stages(inputs))
+
+    def run_stages(self, inputs: tuple[Any, ...]) -> Generator[None, None, torch.Tensor]:
+        """:meth:`run` a stage at a time: yields between two stages (the caller may run
+        other steps there, on other rows and KV slots), returns the logits."""
+        assert self.fns, "prepare() first"
+        logits = yield from _run_stages(self.fns, self.spans, inputs)
         self.steps += 1
         self.last_rows = int(inputs[0].shape[0])
         return logits
+
+
+def _run_stages(
+    fns: list[Any], spans: list[tuple[int, int]], inputs: tuple[Any, ...]
+) -> Generator[None, None, torch.Tensor]:
+    """The stages in order, each on the hidden states of the one before; yields between."""
+    x, tables, slots, idx, lens, caches, lora, wanted = inputs
+    for k, (fn, (a, b)) in enumerate(zip(fns, spans, strict=True)):
+        if k:
+            yield
+        x = fn(x, tables, slots, idx, lens, caches[a:b], lora, wanted)
+    return x
+
+
+def _drain(stages: Generator[None, None, torch.Tensor]) -> torch.Tensor:
+    """Run a staged step to its end, without pausing."""
+    while True:
+        try:
+            next(stages)
+        except StopIteration as done:
+            return done.value
 
 
 class BackgroundCompile:
@@ -634,6 +722,7 @@ class BackgroundCompile:
         max_batch_size: int,
         max_model_len: int,
         cache_dir: Path,
+        stages: int = 1,
     ) -> None:
         cache_dir.mkdir(parents=True, exist_ok=True)
         self.log = cache_dir / "compile.log"
@@ -652,6 +741,8 @@ class BackgroundCompile:
             str(max_model_len),
             "--cache-dir",
             str(cache_dir),
+            "--stages",
+            str(stages),
             "--threads",
             str(torch.get_num_threads()),  # the package is keyed by the server's count
         ]

@@ -95,6 +95,7 @@ def compile_cache_dir(settings: Settings, path: Path, dtype: Any) -> Path | None
             "dtype": str(dtype),
             "max_batch_size": settings.max_batch_size,
             "max_model_len": settings.max_model_len,
+            "stages": settings.compiled_stages,
         }
     )
     # Named after the folder (a store model's name and version), not how it was asked
@@ -182,6 +183,7 @@ def load_runner(path: Path, settings: Settings, *, model_id: str) -> tuple[Any, 
             max_batch_size=settings.max_batch_size,
             compile_cache=lambda: compile_cache_dir(settings, Path(path), dtype),
             model_path=Path(path),
+            stages=settings.compiled_stages,
             **common,
         )
     else:

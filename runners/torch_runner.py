@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,7 @@ class TorchRunner:
         max_batch_size: int = 16,
         compile_cache: Callable[[], Path | None] | None = None,
         model_path: Path | None = None,
+        stages: int = 1,
     ) -> None:
         config = model.config
         refusal = fast_refusal(config, max_model_len)
@@ -227,6 +228,7 @@ class TorchRunner:
                 max_model_len=self.max_model_len,
                 cache_dir=cache_dir,
                 prune=kept,
+                stages=stages,
             )
         # The eager step (prompt chunks, adapter rows, and every step until the compiled
         # one is there) runs on prepacked layers; with --compile on they are packed once
@@ -409,6 +411,7 @@ class TorchRunner:
                 max_batch_size=self._compiled.max_batch_size,
                 max_model_len=self.max_model_len,
                 cache_dir=self._compiled.cache_dir,
+                stages=self._compiled.stages,
             )
 
     def compile_step(self) -> None:
@@ -518,6 +521,25 @@ class TorchRunner:
         """Rows through the compiled graph: fp32 logits of the rows with ``need_logits``."""
         assert self._compiled is not None
         logits = self._compiled.run(self._compiled_inputs(rows)).cpu()
+        return logits if any(r.need_logits for r in rows) else logits[:0]
+
+    @torch.inference_mode()
+    def step_stages(self, rows: list[StepRow]) -> Generator[None, None, torch.Tensor]:
+        """:meth:`step` in the compiled step's stages, yielding between two of them (see
+        :meth:`~.compiled.CompiledDecoder.run_stages`); in one go where the rows do not
+        run compiled, or the step has one stage."""
+        compiled = self._compiled
+        if (
+            compiled is None
+            or not compiled.ready
+            or not compiled.paged
+            or len(compiled.fns) < 2
+            or not rows
+            or any(r.all_logits for r in rows)
+        ):
+            return self.step(rows)
+        logits = yield from compiled.run_stages(self._compiled_inputs(rows))
+        logits = logits.cpu()
         return logits if any(r.need_logits for r in rows) else logits[:0]
 
     def _step(self, rows: list[StepRow]) -> torch.Tensor:

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from openllm_clone import arrivals
 from openllm_clone._memory import HeapTrimmer
 from openllm_clone.errors import (
     CapacityError,
@@ -72,6 +73,10 @@ __all__ = ["Engine", "EngineConfig", "EngineObserver"]
 logger = logging.getLogger(__name__)
 
 _TICKS_BETWEEN_STEPS = 8
+# At most this long between two steps for requests on their way to the engine.
+_ARRIVAL_WAIT_S = 0.01
+# Loop ticks between two stages of a step (fair scheduling), for requests coming in.
+_TICKS_BETWEEN_STAGES = 4
 
 
 class Engine:
@@ -94,6 +99,7 @@ class Engine:
         self.max_model_len = runner.info.max_model_len
         self.eos_ids = self._eos_ids(runner, tokenizer)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._deferred: list[tuple[str, Any]] = []  # taken in between stages, run after
         self.block_manager = BlockManager(self.blocks)
         self.scheduler = Scheduler(
             self.block_manager,
@@ -110,6 +116,7 @@ class Engine:
         self._seeds = random.Random(self.config.seed)
         self.steps = 0
         self.faults_isolated = 0  # rows failed alone after a batched step raised
+        self.interjections = 0  # new tenants' prompts run between two stages of a step
         # Servers hand glibc's free heap pages back now and then (openllm_clone/_memory.py).
         self.heap_trimmer: HeapTrimmer | None = None
         # Tests only (never set from HTTP): called with a step's rows before the forward.
@@ -203,6 +210,7 @@ class Engine:
         )
         if timeout is not None:
             group.deadline = group.arrival + timeout
+        arrivals.reached()
         self._send("add", group)
         finished = False
         try:
@@ -243,6 +251,7 @@ class Engine:
             "prefix_cache_hits": self.blocks.prefix_hits,
             "prefix_cache_queries": self.blocks.prefix_queries,
             "heap_trims": self.heap_trimmer.trims if self.heap_trimmer is not None else 0,
+            "interjections": self.interjections,
         }
 
     def shutdown(self) -> None:
@@ -289,7 +298,7 @@ class Engine:
                 continue
             worked = True
             try:
-                worked = self._step()
+                worked = await self._step()
             except Exception as exc:  # a bug or a kernel failure: fail the batch, keep serving
                 logger.exception("engine step failed")
                 for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
@@ -302,6 +311,11 @@ class Engine:
             if worked:
                 for _ in range(_TICKS_BETWEEN_STEPS):
                     await asyncio.sleep(0)
+                # Requests still on their way through the HTTP layer (a body not read
+                # yet) would otherwise wait for a whole step more: wait a little for them.
+                deadline = time.perf_counter() + _ARRIVAL_WAIT_S
+                while arrivals.pending() and time.perf_counter() < deadline:
+                    await asyncio.sleep(0.0005)
             else:
                 await asyncio.sleep(0.001)
 
@@ -318,27 +332,39 @@ class Engine:
                 status=RequestTimeoutError.status_code,
             )
 
-    def _drain_inbox(self) -> None:
+    def _drain_inbox(self, *, only_adds: bool = False) -> None:
+        """Take in what the asyncio side sent. ``only_adds``: new requests only; the rest
+        is kept, in order, for the next full drain."""
+        if not only_adds and self._deferred:
+            deferred, self._deferred = self._deferred, []
+            for item in deferred:
+                self._handle(*item)
         while True:
             try:
                 kind, payload = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if kind == "add":
-                self._add(payload)
-            elif kind == "cancel":
-                group = self._groups.get(payload)
-                if group is not None:
-                    group.cancelled = True
-                    self._finish_group(group, "cancelled")
-            elif kind == "call":
-                fn, future = payload
-                if future.cancelled():
-                    continue
-                try:
-                    future.set_result(fn())
-                except Exception as exc:
-                    future.set_exception(exc)
+            if only_adds and (kind != "add" or self._deferred):
+                self._deferred.append((kind, payload))
+            else:
+                self._handle(kind, payload)
+
+    def _handle(self, kind: str, payload: Any) -> None:
+        if kind == "add":
+            self._add(payload)
+        elif kind == "cancel":
+            group = self._groups.get(payload)
+            if group is not None:
+                group.cancelled = True
+                self._finish_group(group, "cancelled")
+        elif kind == "call":
+            fn, future = payload
+            if future.cancelled():
+                return
+            try:
+                future.set_result(fn())
+            except Exception as exc:
+                future.set_exception(exc)
 
     def _add(self, group: RequestGroup) -> None:
         self._groups[group.request_id] = group
@@ -356,11 +382,18 @@ class Engine:
             return
         self.scheduler.add(group.seqs[0])
 
-    def _step(self) -> bool:
+    async def _step(self) -> bool:
         """Run one step; False when nothing could be scheduled."""
         rows = self.scheduler.schedule()
         if not rows:
             return False
+        await self._execute(rows, staged=self.scheduler.fair)
+        return True
+
+    async def _execute(self, rows: list[ScheduledRow], *, staged: bool = False) -> None:
+        """Run ``rows`` through the model, then sample, stream and retire. ``staged``: in
+        the runner's stages, with new tenants' prompts run between two (see
+        :meth:`_between_stages`)."""
         step_rows = [
             StepRow(
                 token_ids=r.tokens,
@@ -373,12 +406,15 @@ class Engine:
             for r in rows
         ]
         try:
-            logits = self._forward(step_rows)
+            if staged:
+                logits = await self._forward_staged(step_rows, rows)
+            else:
+                logits = self._forward(step_rows)
         except Exception:
             logger.exception("a batched step failed: looking for the rows that fail alone")
             rows, step_rows, logits = self._isolate_fault(rows, step_rows)
             if not rows:
-                return True
+                return
         self.steps += 1
         for r in rows:
             r.seq.num_cached += len(r.tokens)
@@ -410,12 +446,51 @@ class Engine:
             self.blocks.num_used,
             self.blocks.num_blocks - 1,
         )
-        return True
 
     def _forward(self, step_rows: list[StepRow]) -> torch.Tensor:
         if self.fault_hook is not None:  # tests only: make chosen rows fail in the forward
             self.fault_hook(step_rows)
         return self.runner.step(step_rows)
+
+    async def _forward_staged(
+        self, step_rows: list[StepRow], rows: list[ScheduledRow]
+    ) -> torch.Tensor:
+        """:meth:`_forward` a stage at a time where the runner has stages (the compiled
+        step split by ``--step-stages``), with :meth:`_between_stages` between two."""
+        stages = getattr(self.runner, "step_stages", None)
+        if stages is None:
+            return self._forward(step_rows)
+        if self.fault_hook is not None:
+            self.fault_hook(step_rows)
+        staged = stages(step_rows)
+        while True:
+            try:
+                next(staged)
+            except StopIteration as done:
+                return done.value
+            await self._between_stages(rows)
+
+    async def _between_stages(self, in_flight: list[ScheduledRow]) -> None:
+        """Between two stages of a step (fair scheduling): let the HTTP layer run, take in
+        new requests, and prefill a new tenant's prompt now, in a step of its own
+        (:meth:`~.scheduler.Scheduler.interject`), rather than after the step in flight.
+        Cancellations and commands wait for the step's end: they could free KV blocks
+        or change adapter stacks that its remaining stages still use."""
+        for _ in range(_TICKS_BETWEEN_STAGES):
+            await asyncio.sleep(0)
+        # A request of a tenant with nothing running still on its way through the HTTP
+        # layer (its body, say): wait a little for it, as between steps.
+        busy = {seq.group.tenant or "" for seq in self.scheduler.running}
+        deadline = time.perf_counter() + _ARRIVAL_WAIT_S
+        while arrivals.pending_tenants() - busy and time.perf_counter() < deadline:
+            await asyncio.sleep(0.0005)
+        self._drain_inbox(only_adds=True)
+        row = self.scheduler.interject({id(r.seq) for r in in_flight})
+        if row is not None:
+            self.interjections += 1
+            await self._execute([row])
+            for _ in range(_TICKS_BETWEEN_STEPS):  # its first token goes out now
+                await asyncio.sleep(0)
 
     def _isolate_fault(
         self, rows: list[ScheduledRow], step_rows: list[StepRow]

@@ -122,23 +122,40 @@ class Scheduler:
         finish, however fair the admission order."""
         if len(self.running) < self.max_batch_size or not self.waiting:
             return
-        weights = {_tenant(seq): seq.group.weight for seq in self._all()}
-        slots = self._running_per_tenant()
-        total = sum(weights.values())
-        share = {t: self.max_batch_size * w / total for t, w in weights.items()}
+        slots, share = self._running_per_tenant(), self._shares()
         starved = any(slots.get(_tenant(seq), 0) + 1 <= share[_tenant(seq)] for seq in self.waiting)
         if not starved:
             return
         over = max(slots, key=lambda t: slots[t] - share[t])
         if slots[over] - share[over] < 1:
             return
+        self._pause_newest(over)
+
+    def _shares(self) -> dict[str, float]:
+        """Each tenant's weighted share of the batch's rows."""
+        weights = {_tenant(seq): seq.group.weight for seq in self._all()}
+        total = sum(weights.values())
+        return {t: self.max_batch_size * w / total for t, w in weights.items()}
+
+    def _pause_newest(self, tenant: str) -> bool:
+        """Pause ``tenant``'s newest decoding sequence (it keeps its KV blocks)."""
         for seq in reversed(self.running):
-            if _tenant(seq) == over and seq.block_table and not seq.in_prefill:
+            if _tenant(seq) == tenant and seq.block_table and not seq.in_prefill:
                 logger.debug("fair share: pausing %s", seq.group.request_id)
                 self.running.remove(seq)
                 seq.status = SeqStatus.WAITING
                 self.waiting.appendleft(seq)
                 self.paused += 1
+                return True
+        return False
+
+    def _trim(self) -> None:
+        """Fair mode: back to ``max_batch_size`` running sequences after an interjected
+        one (:meth:`interject`) joined a full batch, pausing the newest of the tenant
+        furthest over its share."""
+        while len(self.running) > self.max_batch_size:
+            slots, share = self._running_per_tenant(), self._shares()
+            if not self._pause_newest(max(slots, key=lambda t: slots[t] - share[t])):
                 return
 
     def _charge(self, rows: list[ScheduledRow]) -> None:
@@ -164,6 +181,7 @@ class Scheduler:
     def schedule(self) -> list[ScheduledRow]:
         """Pick the rows of the next step."""
         if self.fair:
+            self._trim()
             self._rebalance()
             express = self._express()
             if express is not None:
@@ -217,11 +235,11 @@ class Scheduler:
         self.running.append(seq)
         return ScheduledRow(seq, todo, seq.num_cached + len(todo) == seq.num_tokens)
 
-    def _express(self) -> ScheduledRow | None:
-        """Fair mode: a new request (nothing computed yet) of a tenant with nothing
-        running, while other tenants' sequences run and the batch has room, is prefilled
-        alone this step (the least-served such tenant's)."""
-        if not self.running or not self.waiting or len(self.running) >= self.max_batch_size:
+    def _fresh(self) -> Sequence | None:
+        """Fair mode: the new request (nothing computed yet) of a tenant with nothing
+        running, while other tenants' sequences run, to prefill on its own (the
+        least-served such tenant's); None when there is none."""
+        if not self.fair or not self.running or not self.waiting:
             return None
         busy = self._running_per_tenant()
         fresh = [
@@ -229,9 +247,27 @@ class Scheduler:
             for s in self.waiting
             if _tenant(s) not in busy and not s.block_table and s.num_cached == 0
         ]
-        if not fresh:
+        return self._next_waiting(fresh) if fresh else None
+
+    def _express(self) -> ScheduledRow | None:
+        """Fair mode, while the batch has room: the :meth:`_fresh` request is prefilled
+        alone this step."""
+        seq = self._fresh() if len(self.running) < self.max_batch_size else None
+        return None if seq is None else self._admit(seq, self.max_prefill_tokens, set())
+
+    def interject(self, in_flight: set[int]) -> ScheduledRow | None:
+        """Fair mode, between two stages of a step in flight (its sequences' ids in
+        ``in_flight``, never preempted here): the :meth:`_fresh` request, to prefill now
+        in a step of its own, its first token out before the step in flight ends. It
+        joins the batch even when the batch is full; the next :meth:`schedule` pauses a
+        sequence of the tenant furthest over its share to make room."""
+        seq = self._fresh()
+        if seq is None:
             return None
-        return self._admit(self._next_waiting(fresh), self.max_prefill_tokens, set())
+        row = self._admit(seq, self.max_prefill_tokens, in_flight)
+        if row is not None:
+            self._charge([row])
+        return row
 
     def _reserve(self, seq: Sequence, num_tokens: int, scheduled: set[int]) -> bool:
         """Give ``seq`` blocks for ``num_tokens``; preempt newer sequences if needed."""

@@ -20,6 +20,7 @@ from openllm_clone.errors import ModelLoadError
 from openllm_clone.llm import LLM
 from openllm_clone.protocol import SamplingParams
 from openllm_clone.settings import Settings
+from openllm_clone.tenants import KeyEntry, current_tenant, hash_key
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +46,10 @@ def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pair(tiny_model_dir: Path, compile_cache: Path) -> Any:
-    compiled = make_llm(tiny_model_dir, compile=True, compile_cache=str(compile_cache))
+    # In two stages (--step-stages): every test below runs the staged package.
+    compiled = make_llm(
+        tiny_model_dir, compile=True, compile_cache=str(compile_cache), step_stages=2
+    )
     eager = make_llm(tiny_model_dir)
     yield compiled, eager
     compiled.shutdown()
@@ -57,7 +61,7 @@ def test_compiled_runner_is_built_and_warm(pair: Any, compile_cache: Path) -> No
     assert compiled.runner.compiled and not eager.runner.compiled
     assert compiled.runner._compiled.ready  # compiled at load, not on a request
     stats = compiled.metadata()["compiled"]
-    assert stats["source"] == "compiled" and stats["max_rows"] == 4
+    assert stats["source"] == "compiled" and stats["max_rows"] == 4 and stats["stages"] == 2
     # The tiny model's float32 weights are bf16 values: stored in bf16, exact.
     assert stats["linear"] == ("packed-bfloat16" if kernels.available() else "aten")
     package = Path(stats["package"])
@@ -237,7 +241,7 @@ async def test_a_later_start_loads_the_compiled_step_from_the_cache(
     want = (await compiled.complete(ids, params)).token_ids[0]
     package = Path(compiled.metadata()["compiled"]["package"])
 
-    again = make_llm(tiny_model_dir, compile=True, compile_cache=str(compile_cache))
+    again = make_llm(tiny_model_dir, compile=True, compile_cache=str(compile_cache), step_stages=2)
     try:
         stats = again.metadata()["compiled"]
         assert stats["source"] == "disk" and stats["package"] == str(package)
@@ -257,7 +261,7 @@ async def test_a_later_start_loads_the_compiled_step_from_the_cache(
     for so in package.rglob("*.so"):  # and the first model's package breaks (its
         so.unlink()  # library is gone; the server that mapped it keeps running)
     for folder, source in ((other_dir, "compiled"), (tiny_model_dir, "compiled")):
-        llm = make_llm(folder, compile=True, compile_cache=str(compile_cache))
+        llm = make_llm(folder, compile=True, compile_cache=str(compile_cache), step_stages=2)
         try:
             stats = llm.metadata()["compiled"]
             assert stats["source"] == source
@@ -268,6 +272,53 @@ async def test_a_later_start_loads_the_compiled_step_from_the_cache(
                 assert (await llm.complete(ids, params)).token_ids[0] == want
         finally:
             llm.shutdown()
+
+
+async def test_a_new_tenant_is_prefilled_between_two_stages_of_a_step(
+    pair: Any, tiny_model_dir: Path, compile_cache: Path
+) -> None:
+    """Fair scheduling with the step in two stages: tenant b's request, arriving while a
+    step of tenant a's is in flight, is prefilled between the step's two stages, in a step
+    of its own; both get the tokens they get alone (greedy, float32)."""
+    compiled, _ = pair
+    if not compiled.runner._compiled.paged:
+        pytest.skip("prompt rows run compiled only with the C++ kernels")
+    fair = make_llm(
+        tiny_model_dir,
+        compile=True,
+        compile_cache=str(compile_cache),
+        step_stages=2,
+        scheduling="fair",
+    )
+    try:
+        assert fair.metadata()["compiled"]["source"] == "disk"  # stages are in the key
+        params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+        a_ids = fair.tokenize("Tenant a writes a long story about")
+        b_ids = fair.tokenize("Tenant b asks one question")
+        want_a = (await compiled.complete(a_ids, params)).token_ids[0]
+        want_b = (await compiled.complete(b_ids, params)).token_ids[0]
+
+        async def as_tenant(name: str, ids: list[int]) -> list[int]:
+            current_tenant.set(KeyEntry(tenant=name, key_id=name * 4, key_hash=hash_key(name)))
+            return (await fair.complete(ids, params)).token_ids[0]
+
+        engine, tasks = fair.engine, []
+
+        def hook(rows: list[StepRow]) -> None:
+            # a's third step: b's request is sent now and reaches the engine in the loop
+            # ticks between this step's stages.
+            if engine.steps == steps + 2 and not tasks:
+                tasks.append(asyncio.get_running_loop().create_task(as_tenant("b", b_ids)))
+
+        steps, before = engine.steps, engine.interjections
+        engine.fault_hook = hook
+        got_a = await as_tenant("a", a_ids)
+        got_b = await tasks[0]
+        assert (got_a, got_b) == (want_a, want_b)
+        assert engine.interjections == before + 1
+        assert engine.stats()["kv_blocks_used"] == 0
+    finally:
+        fair.shutdown()
 
 
 def test_clear_errors_where_compile_cannot_run(tiny_model_dir: Path, monkeypatch: Any) -> None:

@@ -291,3 +291,35 @@ def test_fifo_never_preempts_for_fairness() -> None:
     sched.add(b)
     step(sched, blocks)
     assert sched.running == [a1, a2] and list(sched.waiting) == [b]
+
+
+def test_interject_prefills_a_new_tenant_beside_a_full_batch_in_flight() -> None:
+    """Between two stages of a step in flight (fair mode), a new tenant's request is
+    prefilled in a step of its own even with the batch full, never preempting the rows in
+    flight; the next step pauses one of the tenant over its share to get back to the
+    batch size. FIFO never interjects."""
+    blocks = BlockManager(BlockAllocator(64, BS))
+    sched = Scheduler(blocks, max_batch_size=2, max_prefill_tokens=64, fair=True)
+    a1, a2, a3 = (tenant_seq("a", [t] * 5) for t in (1, 2, 3))
+    for s in (a1, a2, a3):
+        sched.add(s)
+    in_flight = step(sched, blocks)
+    assert [s for s, _, _ in in_flight] == [a1, a2]
+    assert sched.interject({id(a1), id(a2)}) is None  # nobody new
+    b = tenant_seq("b", [4] * 3)
+    sched.add(b)
+    row = sched.interject({id(a1), id(a2)})
+    assert row is not None and row.seq is b and row.tokens == [4] * 3 and row.need_logits
+    assert sched.running == [a1, a2, b] and a1.block_table and a2.block_table
+    b.num_cached += 3
+    b.output_ids.append(7)
+    assert sched.interject({id(a1), id(a2)}) is None  # b runs now
+    rows = step(sched, blocks)  # a2 (a's newest) paused: back to two rows
+    assert rows == [(a1, 1, True), (b, 1, True)] and a2 in sched.waiting and a2.block_table
+
+    fifo, fblocks = make(64, batch=2)
+    for s in (tenant_seq("a", [1] * 5), tenant_seq("a", [2] * 5)):
+        fifo.add(s)
+    step(fifo, fblocks)
+    fifo.add(tenant_seq("b", [4] * 3))
+    assert fifo.interject(set()) is None

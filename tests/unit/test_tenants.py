@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -176,3 +177,36 @@ def test_usage_log_lines_from_two_writers_sum_per_day(tmp_path: Path) -> None:
             "completion_tokens": 1,
         }
     ]
+
+
+async def test_arrivals_count_requests_until_they_reach_the_engine() -> None:
+    """The guard middleware's count of generation requests on their way to the engine:
+    per tenant, ended once by reaching the engine or by the request's end, in the
+    request's own context only."""
+    from openllm_clone import arrivals
+
+    assert arrivals.pending() == 0
+    reached_b = asyncio.Event()
+
+    async def request(tenant: str | None, reach: bool, done: asyncio.Event) -> None:
+        with arrivals.arriving(tenant):
+            await asyncio.sleep(0)
+            if reach:
+                arrivals.reached()
+                arrivals.reached()  # once only
+                reached_b.set()
+            await done.wait()
+
+    done_a, done_b = asyncio.Event(), asyncio.Event()
+    a = asyncio.create_task(request("a", False, done_a))
+    b = asyncio.create_task(request(None, True, done_b))
+    await reached_b.wait()
+    assert arrivals.pending() == 1 and arrivals.pending_tenants() == {"a"}
+    arrivals.reached()  # outside any request: nothing
+    assert arrivals.pending() == 1
+    done_a.set()
+    await a
+    assert arrivals.pending() == 0 and arrivals.pending_tenants() == set()
+    done_b.set()
+    await b
+    assert arrivals.pending() == 0
