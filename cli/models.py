@@ -24,8 +24,8 @@ def import_(
         False,
         "--compile",
         help="Also compile the decode step into the compile cache now, so that "
-        "`start --compile` with the same --dtype, --max-batch-size and --max-model-len "
-        "loads it in seconds.",
+        "`start --compile` with the same --dtype, --max-batch-size, --max-model-len and "
+        "--step-stages loads it in seconds.",
     ),
     dtype: str = typer.Option("auto", help="With --compile: the dtype `start` will use."),
     max_batch_size: int = typer.Option(
@@ -34,6 +34,11 @@ def import_(
     ),
     max_model_len: int | None = typer.Option(
         None, help="With --compile: the --max-model-len `start` will use."
+    ),
+    step_stages: int | None = typer.Option(
+        None,
+        help="With --compile: the --step-stages `start` will use (its default: 4 under fair "
+        "scheduling, which a --keys-file turns on, else 1).",
     ),
     compile_cache: str | None = typer.Option(
         None, help=Settings.model_fields["compile_cache"].description
@@ -53,6 +58,7 @@ def import_(
                 compile=True,
                 max_batch_size=max_batch_size,
                 max_model_len=max_model_len,
+                step_stages=step_stages,
                 compile_cache=compile_cache,
             )
         )

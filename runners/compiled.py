@@ -24,8 +24,10 @@ batched mat-vecs) and runs decode rows only; prompt chunks then run the runner's
 code. Prompt logprobs (every token's logits) run eagerly.
 
 How: ``torch.export`` of :class:`DecodeGraph` with the rows, the context length and
-the cache size as dynamic dimensions, compiled by AOTInductor into one package
-(``decode/``, unpacked: the kernels and the prepacked weights) under the compile cache,
+the cache size as dynamic dimensions, compiled by AOTInductor into one package per stage
+(``decode/stage-K/``, unpacked: the kernels and the prepacked weights; one stage unless
+``--step-stages`` splits the layers: the first stage embeds the tokens, the last one
+applies the head, those between pass the hidden states on) under the compile cache,
 keyed by the model's files, dtype, limits, this module's code, torch's version, the
 CPU's vector ISA and the thread count. The first start compiles it (SmolLM2 on 2
 cores: ~75-95 s, once for every batch size); later starts load it in about a second.

@@ -14,9 +14,15 @@ step stays on the thread that serves the loop. Every step:
    step) and free KV blocks; when the KV pool runs dry the newest sequence is preempted
    and recomputed later, instead of failing. Block tables, the prefix cache and forks
    are the :class:`~.block_manager.BlockManager`'s;
-3. runs one ``runner.step`` for all rows, each with its own adapter;
+3. runs one ``runner.step`` for all rows, each with its own adapter (under fair
+   scheduling, in the compiled step's stages where it has several: between two, a new
+   tenant's prompt is prefilled in a step of its own, see :meth:`Engine._between_stages`);
 4. samples, detokenizes, checks stops, streams each token, and retires finished
    sequences at once, freeing their blocks.
+
+Between two steps the loop ticks a few times for the HTTP layer, and waits (up to 10 ms)
+while a generation request is still on its way to the engine (:mod:`openllm_clone.arrivals`),
+so that a request whose body came in after its headers does not miss the next step.
 
 A request with ``n > 1`` prefills its prompt once; its samples then share the
 prompt's full KV blocks and copy only the last partial one.

@@ -19,7 +19,9 @@ its share is paused (it keeps its KV blocks and resumes later), so a tenant with
 queued requests cannot make one with 1 wait for a whole batch to finish. A new request
 of a tenant with nothing running, while other tenants' sequences run, is prefilled in a
 step of its own (its prompt, without their decode rows): its first token then waits for
-the step in flight and its own prompt, not for a whole batch's step beside it.
+the step in flight and its own prompt, not for a whole batch's step beside it. Where the
+step runs in stages, the engine asks between two of them (:meth:`Scheduler.interject`),
+so such a request waits for one stage of the step in flight, not all of it.
 """
 
 from __future__ import annotations
