@@ -62,6 +62,7 @@ def test_compiled_runner_is_built_and_warm(pair: Any, compile_cache: Path) -> No
     assert compiled.runner._compiled.ready  # compiled at load, not on a request
     stats = compiled.metadata()["compiled"]
     assert stats["source"] == "compiled" and stats["max_rows"] == 4 and stats["stages"] == 2
+    assert compiled.runner._compiled.spans == [(0, 1), (1, 2)]  # the tiny model's 2 layers
     # The tiny model's float32 weights are bf16 values: stored in bf16, exact.
     assert stats["linear"] == ("packed-bfloat16" if kernels.available() else "aten")
     package = Path(stats["package"])

@@ -161,3 +161,31 @@ def test_lora_bgmv_adds_each_rows_adapter_in_place(op: object, dtype: torch.dtyp
         assert torch.equal(got[:, :offset], y[:, :offset]) and torch.equal(got[:, end:], y[:, end:])
     with pytest.raises(RuntimeError, match="out within y"):
         torch.ops.openllm_clone.lora_bgmv_(got, x, a, b, rows, width - size_out + 1)
+
+
+def test_stages_split_the_layers_by_the_weights_they_read() -> None:
+    """--step-stages: contiguous spans of about equal cost, the head counted in the last
+    layer's (SmolLM2's shapes: its head reads as much as ~8 of its 30 layers), at least
+    one layer each."""
+    from types import SimpleNamespace
+
+    from openllm_clone.runners.compiled import DecodeGraph
+
+    smollm2 = SimpleNamespace(
+        span=(0, 30, 30),
+        num_heads=9,
+        head_dim=64,
+        embed=SimpleNamespace(weight=torch.empty(49152, 576)),
+        n_qkv=576 + 2 * 192,
+        n_o=576,
+        n_gate_up=2 * 1536,
+        n_down=576,
+        n_head=49152,
+    )
+    split = DecodeGraph.stage_spans
+    assert split(smollm2, 1) == [(0, 30)]  # type: ignore[arg-type]
+    assert split(smollm2, 4) == [(0, 9), (9, 19), (19, 28), (28, 30)]  # type: ignore[arg-type]
+    spans = split(smollm2, 40)  # type: ignore[arg-type]
+    assert spans == [(i, i + 1) for i in range(30)]
+    tiny = SimpleNamespace(**{**vars(smollm2), "span": (0, 2, 2), "n_head": 100})
+    assert split(tiny, 2) == split(tiny, 3) == [(0, 1), (1, 2)]  # type: ignore[arg-type]
