@@ -81,8 +81,6 @@ logger = logging.getLogger(__name__)
 _TICKS_BETWEEN_STEPS = 8
 # At most this long between two steps for requests on their way to the engine.
 _ARRIVAL_WAIT_S = 0.01
-# Loop ticks between two stages of a step (fair scheduling), for requests coming in.
-_TICKS_BETWEEN_STAGES = 4
 
 
 class Engine:
@@ -482,10 +480,9 @@ class Engine:
         (:meth:`~.scheduler.Scheduler.interject`), rather than after the step in flight.
         Cancellations and commands wait for the step's end: they could free KV blocks
         or change adapter stacks that its remaining stages still use."""
-        for _ in range(_TICKS_BETWEEN_STAGES):
-            await asyncio.sleep(0)
-        # A request of a tenant with nothing running still on its way through the HTTP
-        # layer (its body, say): wait a little for it, as between steps.
+        await asyncio.sleep(0)  # one loop tick: a request that came in is read
+        # A request of a tenant with nothing running on its way through the HTTP layer
+        # (its body, say): wait a little for it, as between steps.
         busy = {seq.group.tenant or "" for seq in self.scheduler.running}
         deadline = time.perf_counter() + _ARRIVAL_WAIT_S
         while arrivals.pending_tenants() - busy and time.perf_counter() < deadline:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -179,10 +180,10 @@ def test_usage_log_lines_from_two_writers_sum_per_day(tmp_path: Path) -> None:
     ]
 
 
-async def test_arrivals_count_requests_until_they_reach_the_engine() -> None:
+async def test_arrivals_count_requests_until_they_reach_the_engine(monkeypatch: Any) -> None:
     """The guard middleware's count of generation requests on their way to the engine:
     per tenant, ended once by reaching the engine or by the request's end, in the
-    request's own context only."""
+    request's own context only; requests older than RECENT_S no longer count."""
     from openllm_clone import arrivals
 
     assert arrivals.pending() == 0
@@ -204,6 +205,9 @@ async def test_arrivals_count_requests_until_they_reach_the_engine() -> None:
     assert arrivals.pending() == 1 and arrivals.pending_tenants() == {"a"}
     arrivals.reached()  # outside any request: nothing
     assert arrivals.pending() == 1
+    with monkeypatch.context() as m:  # a's request, waiting too long, is not waited for
+        m.setattr(arrivals, "RECENT_S", 0.0)
+        assert arrivals.pending() == 0 and arrivals.pending_tenants() == set()
     done_a.set()
     await a
     assert arrivals.pending() == 0 and arrivals.pending_tenants() == set()
