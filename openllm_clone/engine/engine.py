@@ -81,6 +81,10 @@ logger = logging.getLogger(__name__)
 _TICKS_BETWEEN_STEPS = 8
 # At most this long between two steps for requests on their way to the engine.
 _ARRIVAL_WAIT_S = 0.01
+# At most this long between two steps for the HTTP handlers to take the step's outputs.
+_FLUSH_WAIT_S = 0.005
+# Loop ticks between two stages of a step (fair scheduling), for requests coming in.
+_TICKS_BETWEEN_STAGES = 4
 
 
 class Engine:
@@ -315,6 +319,7 @@ class Engine:
             if worked:
                 for _ in range(_TICKS_BETWEEN_STEPS):
                     await asyncio.sleep(0)
+                await self._flush_streams()
                 # Requests still on their way through the HTTP layer (a body not read
                 # yet) would otherwise wait for a whole step more: wait a little for them.
                 deadline = time.perf_counter() + _ARRIVAL_WAIT_S
@@ -322,6 +327,17 @@ class Engine:
                     await asyncio.sleep(0.0005)
             else:
                 await asyncio.sleep(0.001)
+
+    async def _flush_streams(self) -> None:
+        """Tick the loop until every request's handler has taken its outputs (bounded):
+        the step's tokens go out to the clients together, here, rather than bit by bit
+        in the ticks between the next step's stages, which cost the stages' throughput
+        (~5 % measured with 64 streams, the clients on the same 2 cores)."""
+        deadline = time.perf_counter() + _FLUSH_WAIT_S
+        while time.perf_counter() < deadline:
+            if all(g.queue.empty() for g in self._groups.values()):
+                return
+            await asyncio.sleep(0)
 
     def _expire(self) -> None:
         """Fail requests past their deadline (their slots and blocks are freed now)."""
@@ -480,9 +496,11 @@ class Engine:
         (:meth:`~.scheduler.Scheduler.interject`), rather than after the step in flight.
         Cancellations and commands wait for the step's end: they could free KV blocks
         or change adapter stacks that its remaining stages still use."""
-        await asyncio.sleep(0)  # one loop tick: a request that came in is read
-        # A request of a tenant with nothing running on its way through the HTTP layer
-        # (its body, say): wait a little for it, as between steps.
+        # A few loop ticks (one is not enough: a request's headers are read in one, its
+        # handler reaches the guard middleware a few later), then wait a little for a
+        # request of a tenant with nothing running that is on its way (its body, say).
+        for _ in range(_TICKS_BETWEEN_STAGES):
+            await asyncio.sleep(0)
         busy = {seq.group.tenant or "" for seq in self.scheduler.running}
         deadline = time.perf_counter() + _ARRIVAL_WAIT_S
         while arrivals.pending_tenants() - busy and time.perf_counter() < deadline:
