@@ -100,7 +100,11 @@ async def flood_and_b(
         await asyncio.sleep(args.warmup)  # the queue fills and the batch runs full
         start_tokens, t0 = counter[0], time.perf_counter()
         # Aggregate throughput: A's tokens and B's (B's rows take batch slots from A).
-        ttfts = await b_arrivals(url, keys["b"], args.duration, args.short_tokens, counter)
+        if args.without_b:  # A's flood alone: what scheduling costs it by itself
+            ttfts: list[float] = []
+            await asyncio.sleep(args.duration)
+        else:
+            ttfts = await b_arrivals(url, keys["b"], args.duration, args.short_tokens, counter)
         rate = (counter[0] - start_tokens) / (time.perf_counter() - t0)
         stop.set()
         for task in flood:
@@ -123,6 +127,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=10.0)
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2, help="alternating fifo/fair rounds")
+    ap.add_argument(
+        "--without-b",
+        action="store_true",
+        help="A's flood alone, no B (throughput only: the TTFT columns print nan)",
+    )
     ap.add_argument(
         "--max-prefill-tokens",
         type=int,
@@ -183,7 +192,11 @@ def main() -> None:
         log = OUT / f"fairness-{mode}.log"
         with run_server(serve_args, {}, log, ready_timeout=900) as server:
             asyncio.run(b_arrivals(server.url, keys["b"], 2, args.short_tokens))  # warm-up
-            idle = asyncio.run(b_arrivals(server.url, keys["b"], args.idle, args.short_tokens))
+            idle = (
+                []
+                if args.without_b
+                else asyncio.run(b_arrivals(server.url, keys["b"], args.idle, args.short_tokens))
+            )
             loaded, rate = asyncio.run(flood_and_b(server.url, keys, args))
         results[mode]["idle"] += idle
         results[mode]["loaded"] += loaded
@@ -212,12 +225,16 @@ def main() -> None:
                 f"{r['rate'] / fifo_rate:.2f}x",
             ]
         )
+    b = (
+        "no tenant B"
+        if args.without_b
+        else f"tenant B sends one {args.short_tokens}-token request a second"
+    )
     print(
         f"\n{args.model} {args.dtype}, batch {args.max_batch_size}: tenant A keeps "
-        f"{args.flood} x {args.long_tokens}-token requests in flight, tenant B sends one "
-        f"{args.short_tokens}-token request a second for {args.duration:.0f} s; prefill "
-        f"budget {args.max_prefill_tokens or 'default'}, step stages "
-        f"{args.step_stages or 'default'}\n"
+        f"{args.flood} x {args.long_tokens}-token requests in flight, {b} for "
+        f"{args.duration:.0f} s; prefill budget {args.max_prefill_tokens or 'default'}, "
+        f"step stages {args.step_stages or 'default'}\n"
     )
     print(
         table(
