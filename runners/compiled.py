@@ -72,6 +72,7 @@ __all__ = [
     "CompiledDecoder",
     "DecodeGraph",
     "check_compilable",
+    "drain",
     "package_key",
     "prune_cache",
     "rms_norm",
@@ -246,15 +247,16 @@ class DecodeGraph(torch.nn.Module):
         (the head counts: SmolLM2's is worth ~8 of its 30 layers, so the last stage gets
         fewer layers)."""
         total = self.span[2]
-        hidden = self.num_heads * self.head_dim
+        width = self.embed.weight.shape[1]  # the hidden size: the projections' input
+        attn_out = self.num_heads * self.head_dim  # o_proj's input
         layer = (
-            self.n_qkv * self.embed.weight.shape[1]
-            + self.n_o * hidden
-            + self.n_gate_up * self.embed.weight.shape[1]
+            self.n_qkv * width
+            + self.n_o * attn_out
+            + self.n_gate_up * width
             + self.n_down * self.n_gate_up // 2
         )
         cost = [layer] * total
-        cost[-1] += self.n_head * self.embed.weight.shape[1]
+        cost[-1] += self.n_head * width
         stages = max(1, min(stages, total))
         before = [0, *itertools.accumulate(cost)]  # before[i]: the cost of layers < i
         bounds = [0]
@@ -621,7 +623,7 @@ class CompiledDecoder:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelLoadError(f"{self.package} has no readable {_ABOUT}: {exc}") from exc
         fns = [_load_unpacked(self.package / f"stage-{k}") for k in range(len(spans))]
-        _drain(_run_stages(fns, spans, example))
+        drain(_run_stages(fns, spans, example))
         self.fns, self.spans = fns, spans
         self.linear = about.get("linear")
         self.paged = bool(about.get("paged"))
@@ -688,14 +690,11 @@ class CompiledDecoder:
         finally:
             shutil.rmtree(partial, ignore_errors=True)
 
-    def run(self, inputs: tuple[Any, ...]) -> torch.Tensor:
-        """Run the graph on its inputs (see :meth:`DecodeGraph.forward`): fp32 logits of
-        the ``wanted`` rows."""
-        return _drain(self.run_stages(inputs))
-
     def run_stages(self, inputs: tuple[Any, ...]) -> Generator[None, None, torch.Tensor]:
-        """:meth:`run` a stage at a time: yields between two stages (the caller may run
-        other steps there, on other rows and KV slots), returns the logits."""
+        """Run the graph on its inputs (see :meth:`DecodeGraph.forward`) a stage at a
+        time: yields between two stages (the caller may run other steps there, on other
+        rows and KV slots), returns the fp32 logits of the ``wanted`` rows (:func:`drain`
+        runs it without pausing)."""
         assert self.fns, "prepare() first"
         logits = yield from _run_stages(self.fns, self.spans, inputs)
         self.steps += 1
@@ -715,7 +714,7 @@ def _run_stages(
     return x
 
 
-def _drain(stages: Generator[None, None, torch.Tensor]) -> torch.Tensor:
+def drain(stages: Generator[None, None, torch.Tensor]) -> torch.Tensor:
     """Run a staged step to its end, without pausing."""
     while True:
         try:

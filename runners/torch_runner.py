@@ -43,6 +43,7 @@ from .compiled import (
     CompiledDecoder,
     DecodeGraph,
     check_compilable,
+    drain,
     rms_norm,
     rope,
 )
@@ -519,8 +520,13 @@ class TorchRunner:
 
     def _run_compiled(self, rows: list[StepRow]) -> torch.Tensor:
         """Rows through the compiled graph: fp32 logits of the rows with ``need_logits``."""
+        return drain(self._compiled_stages(rows))
+
+    def _compiled_stages(self, rows: list[StepRow]) -> Generator[None, None, torch.Tensor]:
+        """:meth:`_run_compiled`, yielding between the package's stages."""
         assert self._compiled is not None
-        logits = self._compiled.run(self._compiled_inputs(rows)).cpu()
+        logits = yield from self._compiled.run_stages(self._compiled_inputs(rows))
+        logits = logits.cpu()
         return logits if any(r.need_logits for r in rows) else logits[:0]
 
     @torch.inference_mode()
@@ -538,9 +544,7 @@ class TorchRunner:
             or any(r.all_logits for r in rows)
         ):
             return self.step(rows)
-        logits = yield from compiled.run_stages(self._compiled_inputs(rows))
-        logits = logits.cpu()
-        return logits if any(r.need_logits for r in rows) else logits[:0]
+        return (yield from self._compiled_stages(rows))
 
     def _step(self, rows: list[StepRow]) -> torch.Tensor:
         if self._compiled is not None and not self._compiled.ready:

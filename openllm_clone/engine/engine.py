@@ -317,14 +317,11 @@ class Engine:
             # not enough: starting a stream takes a handful of callbacks in a row, and
             # each tick would otherwise cost a whole step.
             if worked:
-                for _ in range(_TICKS_BETWEEN_STEPS):
-                    await asyncio.sleep(0)
+                await _ticks(_TICKS_BETWEEN_STEPS)
                 await self._flush_streams()
                 # Requests still on their way through the HTTP layer (a body not read
                 # yet) would otherwise wait for a whole step more: wait a little for them.
-                deadline = time.perf_counter() + _ARRIVAL_WAIT_S
-                while arrivals.pending() and time.perf_counter() < deadline:
-                    await asyncio.sleep(0.0005)
+                await _wait_for_arrivals(lambda: arrivals.pending() > 0)
             else:
                 await asyncio.sleep(0.001)
 
@@ -499,19 +496,15 @@ class Engine:
         # A few loop ticks (one is not enough: a request's headers are read in one, its
         # handler reaches the guard middleware a few later), then wait a little for a
         # request of a tenant with nothing running that is on its way (its body, say).
-        for _ in range(_TICKS_BETWEEN_STAGES):
-            await asyncio.sleep(0)
+        await _ticks(_TICKS_BETWEEN_STAGES)
         busy = {seq.group.tenant or "" for seq in self.scheduler.running}
-        deadline = time.perf_counter() + _ARRIVAL_WAIT_S
-        while arrivals.pending_tenants() - busy and time.perf_counter() < deadline:
-            await asyncio.sleep(0.0005)
+        await _wait_for_arrivals(lambda: bool(arrivals.pending_tenants() - busy))
         self._drain_inbox(only_adds=True)
         row = self.scheduler.interject({id(r.seq) for r in in_flight})
         if row is not None:
             self.interjections += 1
             await self._execute([row])
-            for _ in range(_TICKS_BETWEEN_STEPS):  # its first token goes out now
-                await asyncio.sleep(0)
+            await _ticks(_TICKS_BETWEEN_STEPS)  # its first token goes out now
 
     def _isolate_fault(
         self, rows: list[ScheduledRow], step_rows: list[StepRow]
@@ -686,3 +679,17 @@ class Engine:
         if group.request_id in self._groups:
             self._finish_group(group, "timeout" if status == 504 else "error")
             self._push(group, [], finished=True, error=message, error_status=status)
+
+
+async def _ticks(n: int) -> None:
+    """Let the event loop run ``n`` iterations (HTTP parsing, streaming)."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def _wait_for_arrivals(waiting: Callable[[], bool]) -> None:
+    """Yield to the loop while ``waiting()`` (requests of interest on their way to the
+    engine, see :mod:`openllm_clone.arrivals`), at most ``_ARRIVAL_WAIT_S``."""
+    deadline = time.perf_counter() + _ARRIVAL_WAIT_S
+    while waiting() and time.perf_counter() < deadline:
+        await asyncio.sleep(0.0005)

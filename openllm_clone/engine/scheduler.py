@@ -128,7 +128,7 @@ class Scheduler:
         starved = any(slots.get(_tenant(seq), 0) + 1 <= share[_tenant(seq)] for seq in self.waiting)
         if not starved:
             return
-        over = max(slots, key=lambda t: slots[t] - share[t])
+        over = _furthest_over(slots, share)
         if slots[over] - share[over] < 1:
             return
         self._pause_newest(over)
@@ -157,7 +157,7 @@ class Scheduler:
         furthest over its share."""
         while len(self.running) > self.max_batch_size:
             slots, share = self._running_per_tenant(), self._shares()
-            if not self._pause_newest(max(slots, key=lambda t: slots[t] - share[t])):
+            if not self._pause_newest(_furthest_over(slots, share)):
                 return
 
     def _charge(self, rows: list[ScheduledRow]) -> None:
@@ -307,3 +307,8 @@ class Scheduler:
 
 def _tenant(seq: Sequence) -> str:
     return seq.group.tenant or ""
+
+
+def _furthest_over(slots: dict[str, int], share: dict[str, float]) -> str:
+    """The tenant running the most sequences beyond its share of the batch."""
+    return max(slots, key=lambda t: slots[t] - share[t])
