@@ -35,7 +35,7 @@ from openllm_clone.errors import RateLimitError
 if TYPE_CHECKING:
     from openllm_clone.tenants import KeyEntry
 
-__all__ = ["RateLimiter", "Ticket", "UsageLog", "UsageMeter", "summarize_usage"]
+__all__ = ["AdapterLabels", "RateLimiter", "Ticket", "UsageLog", "UsageMeter", "summarize_usage"]
 
 WINDOW = 60.0
 
@@ -319,3 +319,67 @@ class UsageMeter:
         for t in out.values():
             t["total_tokens"] = t["prompt_tokens"] + t["completion_tokens"]
         return {"tenants": out}
+
+
+class AdapterLabels:
+    """The ``adapter`` label of the per-tenant metrics: the adapters with the most traffic
+    (prompt + completion tokens since start) get their own value, the rest ``other``.
+
+    Prometheus cannot take a series back in BentoML's multiprocess mode (prometheus_client
+    does not implement label removal there), so the ranking moves with hysteresis: while
+    fewer than ``capacity`` adapters hold a label, a new one takes one; then an unlabelled
+    adapter takes the place of the labelled one with the least traffic once it has at least
+    twice that traffic. The one it displaces keeps its series at the value it had (a
+    counter that stops), and its later traffic counts as ``other``, so the values of all
+    labels still add up to the total. At most ``2 * capacity`` adapters ever get a label in
+    a process (a re-promoted adapter reuses its own); past that the labels stay as they
+    are. So a label holds at most ``2 * capacity + 1`` values, however many adapters come
+    and go.
+    """
+
+    OTHER = "other"
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.capacity = capacity
+        self._traffic: dict[str, int] = {}
+        self._labelled: set[str] = set()
+        self._ever: set[str] = set()
+        self._lock = threading.Lock()
+
+    def label(self, adapter: str | None) -> str:
+        """The label value for ``adapter`` now (the base model is ``""``)."""
+        name = adapter or ""
+        with self._lock:
+            if name in self._labelled:
+                return name
+            if len(self._labelled) < self.capacity and self._admit(name):
+                return name
+            return self.OTHER
+
+    def record(self, adapter: str | None, tokens: int) -> str:
+        """Count a finished request's tokens for ``adapter``; its label value after it."""
+        name = adapter or ""
+        with self._lock:
+            self._traffic[name] = self._traffic.get(name, 0) + tokens
+            if name in self._labelled:
+                return name
+            if len(self._labelled) < self.capacity:
+                return name if self._admit(name) else self.OTHER
+            weakest = min(self._labelled, key=lambda a: (self._traffic.get(a, 0), a))
+            if self._traffic[name] >= 2 * max(self._traffic.get(weakest, 0), 1) and self._admit(
+                name
+            ):
+                self._labelled.discard(weakest)
+                return name
+            return self.OTHER
+
+    def _admit(self, name: str) -> bool:
+        if name not in self._ever and len(self._ever) >= 2 * self.capacity:
+            return False
+        self._ever.add(name)
+        self._labelled.add(name)
+        return True
+
+    def labelled(self) -> set[str]:
+        with self._lock:
+            return set(self._labelled)

@@ -20,6 +20,7 @@ import bentoml
 from openllm_clone.api import build_app, build_root_app
 from openllm_clone.engine.config import EngineObserver
 from openllm_clone.engine.sequence import RequestGroup
+from openllm_clone.limits import AdapterLabels
 from openllm_clone.middleware import GuardMiddleware
 from openllm_clone.settings import Settings
 from openllm_clone.tenants import Tenancy, tenancy_for
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 request_log = logging.getLogger("openllm_clone.requests")
 
 _state: dict[str, Any] = {}
-MAX_ADAPTER_LABELS = 64
+MAX_ADAPTER_LABELS = 64  # adapter label values per process: the most used, then "other"
 
 
 def _llm() -> Any:
@@ -55,7 +56,7 @@ class PrometheusObserver(EngineObserver):
         self.log_prompts = log_prompts
         self.tokenizer = tokenizer
         self.tenancy = tenancy
-        self._adapter_labels: set[str] = set()
+        self._adapter_labels = AdapterLabels(MAX_ADAPTER_LABELS)
         latency_buckets = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
         token_buckets = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
         self.requests = bentoml.metrics.Counter(
@@ -101,7 +102,8 @@ class PrometheusObserver(EngineObserver):
             documentation="Rows failed alone after a batched forward raised (the rest went on)",
         )
         # Per tenant and adapter (metering). Tenants are bounded by the keys file; adapter
-        # labels by MAX_ADAPTER_LABELS per process (later ones count as "other").
+        # labels by AdapterLabels: the MAX_ADAPTER_LABELS with the most traffic in this
+        # process, the rest "other".
         self.tenant_requests = bentoml.metrics.Counter(
             name="openllm_clone_tenant_requests_total",
             documentation="Requests that reached the engine, by tenant, adapter and status",
@@ -114,14 +116,14 @@ class PrometheusObserver(EngineObserver):
         )
         self.tenant_ttft = bentoml.metrics.Histogram(
             name="openllm_clone_tenant_time_to_first_token_seconds",
-            documentation="Time from arrival to the first token, by tenant",
-            labelnames=["tenant"],
+            documentation="Time from arrival to the first token, by tenant and adapter",
+            labelnames=["tenant", "adapter"],
             buckets=latency_buckets,
         )
         self.tenant_latency = bentoml.metrics.Histogram(
             name="openllm_clone_tenant_request_duration_seconds",
-            documentation="Time from arrival to the last token, by tenant",
-            labelnames=["tenant"],
+            documentation="Time from arrival to the last token, by tenant and adapter",
+            labelnames=["tenant", "adapter"],
             buckets=latency_buckets,
         )
         self.kv = bentoml.metrics.Gauge(
@@ -141,16 +143,8 @@ class PrometheusObserver(EngineObserver):
     def on_first_token(self, group: RequestGroup, ttft: float) -> None:
         self.ttft.observe(ttft)
         if group.tenant is not None:
-            self.tenant_ttft.labels(tenant=group.tenant).observe(ttft)
-
-    def _adapter_label(self, adapter: str | None) -> str:
-        name = adapter or ""
-        if name in self._adapter_labels:
-            return name
-        if len(self._adapter_labels) < MAX_ADAPTER_LABELS:
-            self._adapter_labels.add(name)
-            return name
-        return "other"
+            adapter = self._adapter_labels.label(group.adapter_name)
+            self.tenant_ttft.labels(tenant=group.tenant, adapter=adapter).observe(ttft)
 
     def _meter(self, group: RequestGroup, status: str, latency: float) -> None:
         """Usage per tenant and adapter: /v1/usage, the tokens-per-minute limits, metrics."""
@@ -162,11 +156,11 @@ class PrometheusObserver(EngineObserver):
                 self.tenancy.limiter.record_tokens(group.tenant, prompt + completion)
         if group.tenant is None:
             return
-        adapter = self._adapter_label(group.adapter_name)
+        adapter = self._adapter_labels.record(group.adapter_name, prompt + completion)
         self.tenant_requests.labels(tenant=tenant, adapter=adapter, status=status).inc()
         self.tenant_tokens.labels(tenant=tenant, adapter=adapter, kind="prompt").inc(prompt)
         self.tenant_tokens.labels(tenant=tenant, adapter=adapter, kind="completion").inc(completion)
-        self.tenant_latency.labels(tenant=tenant).observe(latency)
+        self.tenant_latency.labels(tenant=tenant, adapter=adapter).observe(latency)
 
     def on_finished(self, group: RequestGroup, status: str, latency: float) -> None:
         generated = group.completion_tokens()

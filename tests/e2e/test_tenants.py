@@ -334,6 +334,10 @@ def test_usage_equals_what_clients_were_told(server: Server, keys_file: Path) ->
     assert (
         'openllm_clone_tenant_requests_total{adapter="beta",status="ok",tenant="globex"}' in metrics
     )
+    assert (
+        'openllm_clone_tenant_time_to_first_token_seconds_count{adapter="beta",tenant="globex"}'
+        in metrics
+    )
     # Only an admin key reads usage.
     assert httpx.get(f"{server.url}/v1/usage", headers=_h("acme")).status_code == 403
     # The usage log (fsynced within a second) sums to the same totals, and the CLI reads it.

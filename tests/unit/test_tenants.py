@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from openllm_clone.errors import InvalidRequestError, RateLimitError
-from openllm_clone.limits import RateLimiter, UsageMeter
+from openllm_clone.limits import AdapterLabels, RateLimiter, UsageMeter
 from openllm_clone.tenants import KeyEntry, KeysFile, hash_key, new_key, save_keys, verify_key
 
 
@@ -214,3 +214,32 @@ async def test_arrivals_count_requests_until_they_reach_the_engine(monkeypatch: 
     done_b.set()
     await b
     assert arrivals.pending() == 0
+
+
+def test_adapter_labels_follow_traffic_within_a_bound() -> None:
+    labels = AdapterLabels(capacity=3)
+    counted: dict[str, int] = {}  # label value -> tokens, as the Prometheus counters add up
+    sent: dict[str, int] = {}
+
+    def request(adapter: str | None, tokens: int) -> str:
+        value = labels.record(adapter, tokens)
+        counted[value] = counted.get(value, 0) + tokens
+        sent[adapter or ""] = sent.get(adapter or "", 0) + tokens
+        return value
+
+    # The first three (the base model among them) take the labels; the fourth is "other".
+    assert [request(a, 10) for a in (None, "a", "b", "c")] == ["", "a", "b", "other"]
+    assert labels.label("c") == "other" and labels.label("a") == "a"
+    # "c" becomes the busiest: once it has twice the least-used label's traffic it takes it.
+    assert request("c", 5) == "other"  # 15 < 2 * 10
+    assert request("c", 5) == "c"  # 20 >= 2 * 10: displaces the least used ("", then "a")
+    assert labels.labelled() == {"a", "b", "c"}
+    assert request(None, 1) == "other"  # the displaced one's traffic counts as "other"
+    # The label values always add up to everything sent.
+    assert sum(counted.values()) == sum(sent.values())
+    # A churn of adapters never gives more than 2 * capacity values (+ "other").
+    for i in range(100):
+        request(f"n{i}", 1000 * (i + 1))
+    assert len(labels.labelled()) == 3
+    assert len(set(counted) - {"other"}) <= 2 * 3
+    assert sum(counted.values()) == sum(sent.values())
