@@ -29,6 +29,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
@@ -47,7 +48,13 @@ from openllm_clone.errors import (
 )
 from openllm_clone.middleware import GuardMiddleware
 from openllm_clone.settings import Settings
-from openllm_clone.tenants import KeyEntry, current_entry, tenancy_for
+from openllm_clone.tenants import (
+    KeyEntry,
+    current_entry,
+    reload_marker,
+    request_reload,
+    tenancy_for,
+)
 
 try:
     from ray import serve
@@ -481,6 +488,8 @@ def run(settings: Settings, *, block: bool = True) -> None:
     """Start (or join) Ray, deploy the application on ``host:port``, serve until Ctrl-C."""
     import ray
 
+    if settings.keys_file:  # before Ray starts: its processes inherit the marker's name
+        reload_marker(create=True)
     if not ray.is_initialized():
         if settings.ray_address:
             ray.init(address=settings.ray_address, namespace=APP_NAME, log_to_driver=False)
@@ -504,6 +513,9 @@ def run(settings: Settings, *, block: bool = True) -> None:
     serve.run(build_application(settings), name=APP_NAME, route_prefix="/")
     if not block:
         return
+    keys_file = settings.keys_file
+    if keys_file:  # SIGHUP: the router re-reads the keys file (see openllm_clone.tenants)
+        signal.signal(signal.SIGHUP, lambda *_: request_reload(keys_file))
     try:
         while True:
             time.sleep(3600)

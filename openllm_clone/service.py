@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from typing import Any
 
 import bentoml
@@ -23,7 +24,7 @@ from openllm_clone.engine.sequence import RequestGroup
 from openllm_clone.limits import AdapterLabels
 from openllm_clone.middleware import GuardMiddleware
 from openllm_clone.settings import Settings
-from openllm_clone.tenants import Tenancy, tenancy_for
+from openllm_clone.tenants import Tenancy, reload_marker, request_reload, tenancy_for
 
 __all__ = ["LLMService"]
 
@@ -43,6 +44,29 @@ def _llm() -> Any:
     return llm
 
 
+def _sighup_rereads_keys() -> None:
+    """SIGHUP to the server (``openllm-clone start``, or ``bentoml serve`` of a bento)
+    re-reads the keys file in every worker, which go on serving. BentoML's process
+    manager (circus) would restart every worker on SIGHUP: the model reloaded, streams in
+    flight cut. Runs where the service is imported: in the process that starts the
+    workers (before they start, so they inherit the marker's name), and in each worker,
+    where it changes nothing (they never handle SIGHUP through circus)."""
+    try:
+        from circus.sighandler import SysHandler
+    except ImportError:  # not served by BentoML's process manager
+        return
+    reload_marker(create=True)
+
+    def handle_hup(_handler: Any) -> None:
+        keys_file = Settings.from_env().keys_file
+        line = request_reload(keys_file) if keys_file else "SIGHUP: no keys file to re-read"
+        # BentoML's logging setup drops our loggers in this process: its console instead.
+        print(line, file=sys.stderr, flush=True)
+
+    SysHandler.handle_hup = handle_hup  # type: ignore[method-assign]
+
+
+_sighup_rereads_keys()
 app = build_app(_llm)
 root_app = build_root_app(_llm)  # TGI/LoRAX and tokenizer routes: only its own paths match
 

@@ -21,8 +21,12 @@ enough: nothing to brute-force). ``openllm-clone keys add`` prints a new key onc
 
 The file is re-read when it changes (its size, mtime or inode; checked on every
 request, a ``stat``), so adding or revoking a key needs no restart and in-flight
-requests keep the entry they started with. A file that no longer parses keeps the last
-good table in force and logs why.
+requests keep the entry they started with. SIGHUP to ``openllm-clone start`` forces a
+re-read (an edit that keeps size, mtime and inode, as a copy that preserves times):
+the server rewrites a marker file (:func:`request_reload`, named in
+``OPENLLM_CLONE_KEYS_RELOAD``) whose stamp every process serving the file checks beside
+the file's own. A file that no longer parses keeps the last good table in force and
+logs why.
 """
 
 from __future__ import annotations
@@ -37,12 +41,13 @@ import os
 import re
 import secrets
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from openllm_clone._files import FileStamp, file_stamp
+from openllm_clone._files import file_stamp
 from openllm_clone.errors import InvalidRequestError, PermissionDeniedError
 from openllm_clone.limits import RateLimiter, UsageLog, UsageMeter
 from openllm_clone.settings import Settings
@@ -60,6 +65,8 @@ __all__ = [
     "hash_key",
     "load_keys",
     "new_key",
+    "request_reload",
+    "reload_marker",
     "save_keys",
     "tenancy_for",
     "usage_sink",
@@ -67,6 +74,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+RELOAD_ENV = "OPENLLM_CLONE_KEYS_RELOAD"  # the reload marker's path (see request_reload)
 
 _KEY = re.compile(r"^oc-([0-9a-f]{8})-([A-Za-z0-9_-]{16,})$")
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -236,20 +244,53 @@ def save_keys(path: str, entries: list[KeyEntry]) -> None:
 
 @dataclass
 class _Table:
-    stamp: FileStamp | None
+    stamp: tuple[int, ...] | None  # the file's stamp, then its reload marker's
     by_id: dict[str, KeyEntry]
 
 
+def reload_marker(create: bool = False) -> str | None:
+    """The marker file whose changes make the keys file be re-read (``None``: none, as in
+    a process that no ``openllm-clone start`` set up). ``create``: this process's own,
+    named in the environment its workers inherit."""
+    if create and not os.environ.get(RELOAD_ENV):
+        name = f"openllm-clone-{os.getpid()}-keys.reload"
+        os.environ[RELOAD_ENV] = os.path.join(tempfile.gettempdir(), name)
+    return os.environ.get(RELOAD_ENV) or None
+
+
+def request_reload(keys_file: str) -> str:
+    """Make every process serving ``keys_file`` with this process's marker re-read it on
+    its next request (SIGHUP). Returns (and logs) whether the file parses; if not, the
+    servers keep their last good table, as for any edit."""
+    try:
+        line = f"SIGHUP: re-reading keys file {keys_file} ({len(_parse(keys_file))} keys)"
+        logger.info(line)
+    except (OSError, ValueError, ValidationError) as exc:
+        line = f"SIGHUP: keys file {keys_file} does not parse ({exc}); the last good one stays"
+        logger.error(line)
+    marker = reload_marker(create=True)
+    assert marker is not None
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(marker), prefix=".keys-reload-")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"{time.time_ns()}\n")
+    os.replace(tmp, marker)  # a new inode: a new stamp whatever the clock says
+    return line
+
+
 class KeysFile:
-    """A keys file, re-read whenever it changes on disk."""
+    """A keys file, re-read whenever it changes on disk or its reload marker does."""
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.marker = reload_marker()
         self._table = _Table(None, {})
         self._reload(strict=True)
 
-    def _stamp(self) -> FileStamp | None:
-        return file_stamp(self.path)
+    def _stamp(self) -> tuple[int, ...] | None:
+        own = file_stamp(self.path)
+        if own is None or self.marker is None:
+            return own
+        return (*own, *(file_stamp(self.marker) or ()))
 
     def _reload(self, strict: bool = False) -> None:
         stamp = self._stamp()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from openllm_clone.limits import summarize_usage
@@ -389,6 +392,46 @@ def test_keys_file_edits_apply_without_restart(server: Server, keys_file: Path) 
     assert events[-1] == "data: [DONE]"
     tokens = sum(len(json.loads(e[6:])["choices"][0]["text"]) > 0 for e in events[:-1])
     assert tokens > 1
+
+
+def test_sighup_rereads_the_keys_file_without_restarting(server: Server, keys_file: Path) -> None:
+    """An edit a ``stat`` cannot see (same size, inode and modification time, as a copy
+    that keeps times) applies on SIGHUP, and the workers go on (BentoML's process manager
+    would restart them all on SIGHUP)."""
+    entry, old = _entry("rotated", adapters=["alpha"])
+    save_keys(str(keys_file), [*load_keys(str(keys_file)), entry])
+
+    def status(key: str) -> int:
+        return httpx.get(
+            f"{server.url}/v1/models", headers={"Authorization": f"Bearer {key}"}
+        ).status_code
+
+    assert status(old) == 200
+    workers = {p.pid for p in psutil.Process(server.proc.pid).children(recursive=True)}
+    # Rotate the key in place: same id, a new secret, a hash of the same length.
+    new = f"oc-{entry.key_id}-{new_key()[1].split('-', 2)[2]}"
+    before = os.stat(keys_file)
+    text = keys_file.read_text()
+    edited = text.replace(entry.key_hash, hash_key(new))
+    assert len(edited) == len(text) and edited != text
+    with open(keys_file, "r+") as fh:
+        fh.write(edited)
+    os.utime(keys_file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(keys_file)
+    assert (after.st_size, after.st_ino, after.st_mtime_ns) == (
+        before.st_size,
+        before.st_ino,
+        before.st_mtime_ns,
+    )
+    assert status(old) == 200  # nothing a stat can see changed
+    server.proc.send_signal(signal.SIGHUP)
+    for _ in range(100):
+        if status(old) == 401:
+            break
+        threading.Event().wait(0.2)
+    assert status(old) == 401 and status(new) == 200
+    assert {p.pid for p in psutil.Process(server.proc.pid).children(recursive=True)} == workers
+    assert "SIGHUP: re-reading keys file" in server.logs()
 
 
 def test_nothing_of_the_keys_file_comes_back(server: Server, keys_file: Path) -> None:
