@@ -31,6 +31,8 @@ logs why.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import contextvars
 import fnmatch
 import hashlib
@@ -254,8 +256,14 @@ def reload_marker(create: bool = False) -> str | None:
     named in the environment its workers inherit."""
     if create and not os.environ.get(RELOAD_ENV):
         name = f"openllm-clone-{os.getpid()}-keys.reload"
-        os.environ[RELOAD_ENV] = os.path.join(tempfile.gettempdir(), name)
+        path = os.environ[RELOAD_ENV] = os.path.join(tempfile.gettempdir(), name)
+        atexit.register(_remove, path)
     return os.environ.get(RELOAD_ENV) or None
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def request_reload(keys_file: str) -> str:
