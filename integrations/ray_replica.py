@@ -18,6 +18,8 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
+from openllm_clone.engine.config import EngineObserver
+from openllm_clone.engine.sequence import RequestGroup
 from openllm_clone.errors import MissingDependencyError, OpenLLMCloneError
 from openllm_clone.settings import Settings
 from openllm_clone.tenants import KeyEntry, current_tenant, usage_sink
@@ -127,6 +129,38 @@ async def _call_asgi(
             task.cancel()
 
 
+class _CancelledUsage(EngineObserver):
+    """A stream the router cancelled (its client went away) can no longer carry its token
+    counts back; when the engine ends such a request, they go to the router's meter and
+    token limits by a call of their own (counted as cancelled, as on a single server)."""
+
+    def __init__(self, replica: "LLMReplica") -> None:
+        self.replica = replica
+        self._router: Any = None
+        self._reports: set[asyncio.Future[Any]] = set()
+
+    def on_finished(self, group: RequestGroup, status: str, latency: float) -> None:
+        loop = self.replica.loop
+        if status != "cancelled" or loop is None or loop.is_closed():
+            return
+        usage = [len(group.prompt_ids), group.completion_tokens()]
+        args = (group.tenant, group.adapter_name, usage)
+        loop.call_soon_threadsafe(lambda: self._keep(loop.create_task(self._report(*args))))
+
+    def _keep(self, task: asyncio.Future[Any]) -> None:
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def _report(self, tenant: str | None, adapter: str | None, usage: list[int]) -> None:
+        try:
+            if self._router is None:
+                app_name = serve.get_replica_context().app_name
+                self._router = serve.get_deployment_handle("Router", app_name=app_name)
+            await self._router.record_usage.remote(tenant, adapter, usage)
+        except Exception as exc:  # the router is gone: nothing left to meter for
+            logger.warning("could not report a cancelled request's tokens: %s", exc)
+
+
 class _HeldAdapter:
     """What ``@serve.multiplexed`` caches per adapter; Ray calls ``__del__`` on eviction."""
 
@@ -165,13 +199,13 @@ class LLMReplica:
         settings = Settings.model_validate_json(settings_json)
         logging.getLogger("openllm_clone").setLevel(settings.log_level)
         self.settings = settings
-        self.llm = LLM.from_settings(settings)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.llm = LLM.from_settings(settings, observer=_CancelledUsage(self))
         self.llm.engine.heap_trimmer = heap_trimmer()  # a long-running server: see _memory.py
         self.app = build_app(lambda: self.llm)
         context = serve.get_replica_context()
         self.replica_id = f"{context.replica_id.unique_id}"
         self.pid = os.getpid()
-        self.loop: asyncio.AbstractEventLoop | None = None
         self._unloaded: set[str] = set()
 
         async def hold(name: str) -> _HeldAdapter:  # a plain function: Ray caches on it

@@ -249,12 +249,21 @@ class Router:
     ) -> None:
         """A forwarded request's tokens, as its replica counted them: usage per tenant
         and adapter (/v1/usage) and the tenant's tokens-per-minute."""
-        s = self.settings
-        tenancy = tenancy_for(s)
+        self._count_usage(tenant.tenant if tenant else None, adapter, status, usage)
+
+    def _count_usage(
+        self, tenant: str | None, adapter: str | None, status: str, usage: list[int]
+    ) -> None:
+        tenancy = tenancy_for(self.settings)
         prompt, completion = usage
-        tenancy.meter.record(tenant.tenant if tenant else "-", adapter, status, prompt, completion)
+        tenancy.meter.record(tenant or "-", adapter, status, prompt, completion)
         if tenant is not None:
-            tenancy.limiter.record_tokens(tenant.tenant, prompt + completion)
+            tenancy.limiter.record_tokens(tenant, prompt + completion)
+
+    async def record_usage(self, tenant: str | None, adapter: str | None, usage: list[int]) -> None:
+        """A replica's report of a stream cancelled after its client went away (the
+        stream itself can no longer carry it): counted as ``cancelled``."""
+        self._count_usage(tenant, adapter, "cancelled", usage)
 
     # --- routes the router answers itself ------------------------------------------------------
 

@@ -296,6 +296,28 @@ def _tenant_checks(url: str, keys: dict[str, str], admin: dict[str, str]) -> dic
         if r.status_code == 429:
             out["thrifty_error"] = r.json()["error"]["message"]
             break
+    # A stream its client hangs up on: the replica reports its tokens to the router.
+    body = {
+        "model": "alpha",
+        "prompt": PROMPT,
+        "max_tokens": 400,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    with httpx.stream(
+        "POST", f"{url}/v1/completions", json=body, headers=h("canceller"), timeout=60
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # hang up after the first token
+    row: dict[str, Any] = {}
+    for _ in range(300):
+        usage = httpx.get(f"{url}/v1/usage", headers=admin, timeout=30).json()
+        row = usage["tenants"].get("canceller", {}).get("adapters", {}).get("alpha", {})
+        if row.get("cancelled"):
+            break
+        time.sleep(0.2)
+    out["cancelled"] = row
     out["usage"] = httpx.get(f"{url}/v1/usage", headers=admin, timeout=30).json()
     out["usage_by_acme"] = httpx.get(f"{url}/v1/usage", headers=h("acme"), timeout=30).status_code
     return out

@@ -106,6 +106,7 @@ def test_two_ray_replicas_route_by_adapter_and_survive_a_replica_kill(
             "acme": {"adapters": ["alpha"], "base_model": False},
             "limited": {"requests_per_minute": 2},
             "thrifty": {"tokens_per_minute": 30},
+            "canceller": {"adapters": ["alpha"]},
         },
     )
     (tmp_path / "tenant-keys.json").write_text(json.dumps(keys))
@@ -200,3 +201,8 @@ def _check_tenants(report: dict[str, Any], expected_alpha: list[int]) -> None:
     acme = t["usage"]["tenants"]["acme"]["adapters"]["alpha"]
     assert [acme["requests"], acme["prompt_tokens"], acme["completion_tokens"]] == t["acme_told"]
     assert t["usage_by_acme"] == 403
+    # A stream cancelled by its client counts as on a single server: the replica reports
+    # its tokens to the router after the router cancelled it.
+    c = t["cancelled"]
+    assert c["requests"] == c["cancelled"] == 1 and c["prompt_tokens"] > 0, c
+    assert 1 <= c["completion_tokens"] < 400, c
