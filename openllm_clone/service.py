@@ -170,8 +170,9 @@ class PrometheusObserver(EngineObserver):
             adapter = self._adapter_labels.label(group.adapter_name)
             self.tenant_ttft.labels(tenant=group.tenant, adapter=adapter).observe(ttft)
 
-    def _meter(self, group: RequestGroup, status: str, latency: float) -> None:
-        """Usage per tenant and adapter: /v1/usage, the tokens-per-minute limits, metrics."""
+    def _meter(self, group: RequestGroup, status: str, latency: float, adapter: str) -> None:
+        """Usage per tenant and adapter: /v1/usage, the tokens-per-minute limits, metrics
+        (``adapter``: the request's adapter label value)."""
         prompt, completion = len(group.prompt_ids), group.completion_tokens()
         tenant = group.tenant or "-"
         if self.tenancy is not None:
@@ -180,7 +181,6 @@ class PrometheusObserver(EngineObserver):
                 self.tenancy.limiter.record_tokens(group.tenant, prompt + completion)
         if group.tenant is None:
             return
-        adapter = self._adapter_labels.record(group.adapter_name, prompt + completion)
         self.tenant_requests.labels(tenant=tenant, adapter=adapter, status=status).inc()
         self.tenant_tokens.labels(tenant=tenant, adapter=adapter, kind="prompt").inc(prompt)
         self.tenant_tokens.labels(tenant=tenant, adapter=adapter, kind="completion").inc(completion)
@@ -205,8 +205,9 @@ class PrometheusObserver(EngineObserver):
         if self.log_prompts and self.tokenizer is not None:
             line["prompt"] = self.tokenizer.decode(group.prompt_ids)
         request_log.info(json.dumps(line))
-        self._meter(group, status, latency)
-        self.requests.labels(status=status, adapter=group.adapter_name or "").inc()
+        adapter = self._adapter_labels.record(group.adapter_name, len(group.prompt_ids) + generated)
+        self._meter(group, status, latency, adapter)
+        self.requests.labels(status=status, adapter=adapter).inc()
         self.duration.observe(latency)
         self.generated.inc(generated)
         self.prompt.inc(len(group.prompt_ids))
