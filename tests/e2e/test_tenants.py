@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -445,3 +446,29 @@ def test_nothing_of_the_keys_file_comes_back(server: Server, keys_file: Path) ->
         for secret in secrets:
             assert secret not in text
             assert secret.split("$")[-1] not in text
+
+
+def test_limits_recover_after_their_window(server: Server) -> None:
+    """Last in the module: the minute windows that the limit tests above spent free up a
+    minute after their use (the 429s say when), and the same keys are served again."""
+    body = {"model": "tiny-llama", "prompt": "hi", "max_tokens": 1}
+    deadline = time.monotonic() + 120
+    for tenant, remaining in (
+        ("limited", "x-ratelimit-remaining-requests"),
+        ("thrifty", "x-ratelimit-remaining-tokens"),
+    ):
+        while True:
+            r = httpx.post(f"{server.url}/v1/completions", json=body, headers=_h(tenant))
+            if r.status_code != 429:
+                break
+            assert time.monotonic() < deadline, r.headers
+            threading.Event().wait(float(r.headers["retry-after"]))
+        assert r.status_code == 200, r.text
+        assert int(r.headers[remaining]) > 0
+    # Of limited's 3 requests a minute, the one just made is the only one in the window.
+    assert (
+        httpx.get(f"{server.url}/v1/models", headers=_h("limited")).headers[
+            "x-ratelimit-remaining-requests"
+        ]
+        == "2"
+    )
