@@ -16,11 +16,10 @@ import fcntl
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from openllm_clone._files import FileStamp, file_stamp
+from openllm_clone._files import FileStamp, file_stamp, write_atomic
 
 if TYPE_CHECKING:
     from openllm_clone.settings import Settings
@@ -65,17 +64,8 @@ class SharedAdapters:
             fcntl.flock(lock, fcntl.LOCK_EX)
             entries = self._read()
             yield entries
-            fd, tmp = tempfile.mkstemp(prefix=".adapters-", dir=folder)
-            try:
-                with os.fdopen(fd, "w") as fh:
-                    json.dump(entries, fh, indent=1, sort_keys=True)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            text = json.dumps(entries, indent=1, sort_keys=True)
+            write_atomic(self.path, text, prefix=".adapters-")
 
     def put(self, name: str, source: str, *, pinned: bool = False, force: bool = False) -> None:
         """Record ``name`` (after it loaded in this worker)."""

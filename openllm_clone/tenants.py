@@ -49,7 +49,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from openllm_clone._files import file_stamp
+from openllm_clone._files import file_stamp, write_atomic
 from openllm_clone.errors import InvalidRequestError, PermissionDeniedError
 from openllm_clone.limits import RateLimiter, UsageLog, UsageMeter
 from openllm_clone.settings import Settings
@@ -228,20 +228,7 @@ def save_keys(path: str, entries: list[KeyEntry]) -> None:
             for row in rows
         ]
         text = "# openllm-clone keys file: edit with `openllm-clone keys`.\n\n" + "\n".join(blocks)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".keys-", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, text, prefix=".keys-")
 
 
 @dataclass
@@ -278,10 +265,7 @@ def request_reload(keys_file: str) -> str:
         logger.error(line)
     marker = reload_marker(create=True)
     assert marker is not None
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(marker), prefix=".keys-reload-")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(f"{time.time_ns()}\n")
-    os.replace(tmp, marker)  # a new inode: a new stamp whatever the clock says
+    write_atomic(marker, f"{time.time_ns()}\n", prefix=".keys-reload-")  # a new stamp
     return line
 
 
