@@ -134,20 +134,18 @@ class _CancelledUsage(EngineObserver):
     counts back; when the engine ends such a request, they go to the router's meter and
     token limits by a call of their own (counted as cancelled, as on a single server)."""
 
-    def __init__(self, replica: "LLMReplica") -> None:
-        self.replica = replica
+    def __init__(self) -> None:
         self._router: Any = None
-        self._reports: set[asyncio.Future[Any]] = set()
+        self._reports: set[asyncio.Task[None]] = set()  # calls in flight, kept referenced
 
     def on_finished(self, group: RequestGroup, status: str, latency: float) -> None:
-        loop = self.replica.loop
-        if status != "cancelled" or loop is None or loop.is_closed():
+        if status != "cancelled":
             return
         usage = [len(group.prompt_ids), group.completion_tokens()]
-        args = (group.tenant, group.adapter_name, usage)
-        loop.call_soon_threadsafe(lambda: self._keep(loop.create_task(self._report(*args))))
-
-    def _keep(self, task: asyncio.Future[Any]) -> None:
+        # The engine runs on the replica's event loop: the call goes out from there.
+        task = asyncio.get_running_loop().create_task(
+            self._report(group.tenant, group.adapter_name, usage)
+        )
         self._reports.add(task)
         task.add_done_callback(self._reports.discard)
 
@@ -199,13 +197,13 @@ class LLMReplica:
         settings = Settings.model_validate_json(settings_json)
         logging.getLogger("openllm_clone").setLevel(settings.log_level)
         self.settings = settings
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.llm = LLM.from_settings(settings, observer=_CancelledUsage(self))
+        self.llm = LLM.from_settings(settings, observer=_CancelledUsage())
         self.llm.engine.heap_trimmer = heap_trimmer()  # a long-running server: see _memory.py
         self.app = build_app(lambda: self.llm)
         context = serve.get_replica_context()
         self.replica_id = f"{context.replica_id.unique_id}"
         self.pid = os.getpid()
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._unloaded: set[str] = set()
 
         async def hold(name: str) -> _HeldAdapter:  # a plain function: Ray caches on it

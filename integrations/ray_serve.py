@@ -49,7 +49,6 @@ from openllm_clone.errors import (
 from openllm_clone.middleware import GuardMiddleware
 from openllm_clone.settings import Settings
 from openllm_clone.tenants import (
-    KeyEntry,
     current_entry,
     reload_marker,
     request_reload,
@@ -186,6 +185,7 @@ class Router:
             err = AdapterNotFoundError(f"adapter {adapter!r} was unloaded", param="model")
             return JSONResponse(err.to_dict(), status_code=err.status_code)
         tenant = current_entry()
+        tenant_name = tenant.tenant if tenant is not None else None
         req = {
             "tenant": tenant.model_dump() if tenant is not None else None,
             "method": request.method,
@@ -215,7 +215,7 @@ class Router:
                 return _unavailable(exc)
             for part in parts:
                 if isinstance(part, dict):
-                    self._meter(tenant, adapter, status, part["usage"])
+                    self._meter(tenant_name, adapter, status, part["usage"])
             content = b"".join(p for p in parts if isinstance(p, bytes))
             return Response(content, status_code=start["status"], headers=headers)
 
@@ -224,7 +224,7 @@ class Router:
             try:
                 async for chunk in stream:
                     if isinstance(chunk, dict):
-                        self._meter(tenant, adapter, status, chunk["usage"])
+                        self._meter(tenant_name, adapter, status, chunk["usage"])
                         continue
                     yield chunk
                 finished = True
@@ -245,15 +245,10 @@ class Router:
         return StreamingResponse(body_iter(), status_code=start["status"], headers=headers)
 
     def _meter(
-        self, tenant: KeyEntry | None, adapter: str | None, status: str, usage: list[int]
+        self, tenant: str | None, adapter: str | None, status: str, usage: list[int]
     ) -> None:
         """A forwarded request's tokens, as its replica counted them: usage per tenant
         and adapter (/v1/usage) and the tenant's tokens-per-minute."""
-        self._count_usage(tenant.tenant if tenant else None, adapter, status, usage)
-
-    def _count_usage(
-        self, tenant: str | None, adapter: str | None, status: str, usage: list[int]
-    ) -> None:
         tenancy = tenancy_for(self.settings)
         prompt, completion = usage
         tenancy.meter.record(tenant or "-", adapter, status, prompt, completion)
@@ -263,7 +258,7 @@ class Router:
     async def record_usage(self, tenant: str | None, adapter: str | None, usage: list[int]) -> None:
         """A replica's report of a stream cancelled after its client went away (the
         stream itself can no longer carry it): counted as ``cancelled``."""
-        self._count_usage(tenant, adapter, "cancelled", usage)
+        self._meter(tenant, adapter, "cancelled", usage)
 
     # --- routes the router answers itself ------------------------------------------------------
 
