@@ -350,21 +350,17 @@ class AdapterLabels:
         """The label value for ``adapter`` now (the base model is ``""``)."""
         name = adapter or ""
         with self._lock:
-            if name in self._labelled:
-                return name
-            if len(self._labelled) < self.capacity and self._admit(name):
-                return name
-            return self.OTHER
+            return name if self._holds(name) else self.OTHER
 
     def record(self, adapter: str | None, tokens: int) -> str:
         """Count a finished request's tokens for ``adapter``; its label value after it."""
         name = adapter or ""
         with self._lock:
             self._traffic[name] = self._traffic.get(name, 0) + tokens
-            if name in self._labelled:
+            if self._holds(name):
                 return name
-            if len(self._labelled) < self.capacity:
-                return name if self._admit(name) else self.OTHER
+            if len(self._labelled) < self.capacity:  # room, but no more names to give
+                return self.OTHER
             weakest = min(self._labelled, key=lambda a: (self._traffic.get(a, 0), a))
             if self._traffic[name] >= 2 * max(self._traffic.get(weakest, 0), 1) and self._admit(
                 name
@@ -372,6 +368,10 @@ class AdapterLabels:
                 self._labelled.discard(weakest)
                 return name
             return self.OTHER
+
+    def _holds(self, name: str) -> bool:
+        """``name`` has a label, or takes one while there is room."""
+        return name in self._labelled or (len(self._labelled) < self.capacity and self._admit(name))
 
     def _admit(self, name: str) -> bool:
         if name not in self._ever and len(self._ever) >= 2 * self.capacity:
