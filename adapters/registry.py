@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from openllm_clone.engine.sequence import AdapterRef
 from openllm_clone.errors import (
+    AdapterError,
     AdapterIncompatibleError,
     AdapterNotFoundError,
     CapacityError,
@@ -59,7 +60,7 @@ class AdapterRecord:
     name: str
     source: str
     pinned: bool = False
-    state: str = "registered"  # registered | loading | ready | error
+    state: str = "registered"  # registered | ready | failed (its last load, with error)
     slot: int = 0
     in_use: int = 0
     requests_served: int = 0
@@ -268,12 +269,7 @@ class AdapterRegistry:
                     f"adapter {name!r} is not loaded and has no known source"
                 )
             started = time.perf_counter()
-            if src.startswith(MERGE_PREFIX):
-                weights = await self._read_merge(src)
-            else:
-                weights = await self._read(src)
-                self._check_base(weights, force=force or (existing is not None and existing.force))
-            self.host.validate(weights)
+            weights = await self._servable(existing, src, force=force)
             slot = await self._take_slot()
             try:
                 await self.host.install(slot, weights)
@@ -310,6 +306,34 @@ class AdapterRegistry:
                 1000 * (time.perf_counter() - started),
             )
             return record
+
+    async def check(self, name: str) -> None:
+        """Read and validate a registered adapter as its load would, without taking a slot
+        (start-up adapters that load on first use); raises what the load would raise."""
+        record = self._records.get(name)
+        if record is None:
+            raise AdapterNotFoundError(f"adapter {name!r} is not registered")
+        if record.state != "ready":
+            await self._servable(record, record.source, force=False)
+
+    async def _servable(
+        self, record: AdapterRecord | None, source: str, *, force: bool
+    ) -> AdapterWeights:
+        """The weights of ``source``, read and checked against the base model and the
+        runner; a refusal marks ``record`` failed with the reason (``/v1/adapters``) until a
+        later load succeeds."""
+        try:
+            if source.startswith(MERGE_PREFIX):
+                weights = await self._read_merge(source)
+            else:
+                weights = await self._read(source)
+                self._check_base(weights, force=force or (record is not None and record.force))
+            self.host.validate(weights)
+        except AdapterError as exc:
+            if record is not None and record.state != "ready":
+                record.state, record.error = "failed", exc.message
+            raise
+        return weights
 
     async def _read(self, source: str) -> AdapterWeights:
         path = await asyncio.to_thread(resolve_adapter_source, source, roots=self.roots)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
@@ -11,7 +10,8 @@ from typing import Any
 import typer
 
 from openllm_clone.errors import OpenLLMCloneError
-from openllm_clone.settings import FATAL_FILE_ENV, Settings, parse_adapter_spec
+from openllm_clone.fatal import watch_for_fatal_errors
+from openllm_clone.settings import Settings, parse_adapter_spec
 
 from ._common import console, fail, settings_or_fail
 
@@ -93,6 +93,7 @@ def start(
     adapter_registry: str | None = _opt("adapter_registry"),
     adapter_root: list[str] = _opt("adapter_roots", "--adapter-root", default=[]),
     allow_pickle_adapters: bool = _opt("allow_pickle_adapters"),
+    lenient_adapters: bool = _opt("lenient_adapters"),
     max_adapter_mb: int = _opt("max_adapter_mb"),
     max_model_len: int | None = _opt("max_model_len"),
     kv_cache_mb: int = _opt("kv_cache_mb"),
@@ -152,6 +153,7 @@ def start(
             adapter_registry=adapter_registry,
             adapter_roots=split(adapter_root),
             allow_pickle_adapters=allow_pickle_adapters,
+            lenient_adapters=lenient_adapters,
             max_adapter_mb=max_adapter_mb,
             max_model_len=max_model_len,
             kv_cache_mb=kv_cache_mb,
@@ -236,7 +238,9 @@ def serve(settings: Settings) -> None:
     from openllm_clone.service import LLMService
 
     LLMService.config["workers"] = settings.workers  # type: ignore[attr-defined]  # a bentoml.Service
-    fatal_file = _exit_when_a_worker_cannot_load()
+    # A worker that cannot start ends the whole server with the reason (never a restart
+    # loop): see openllm_clone.fatal.
+    watch_for_fatal_errors()
     console.print(f"[bold green]openllm-clone[/] serving [bold]{resolved.name}[/] on {url}")
     console.print(
         f"  try: openllm-clone query --endpoint {url} 'What is the capital of France?'\n"
@@ -248,9 +252,6 @@ def serve(settings: Settings) -> None:
         LLMService.serve_http(host=settings.host, port=settings.port)  # type: ignore[attr-defined]
     except KeyboardInterrupt:
         console.print("stopped")
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(fatal_file)
 
 
 def _serve_ray(settings: Settings, name: str, url: str) -> None:
@@ -264,54 +265,3 @@ def _serve_ray(settings: Settings, name: str, url: str) -> None:
         f"{settings.replicas} Ray Serve replica(s) on {where} ({settings.routing} routing)"
     )
     run(settings)
-
-
-def _exit_when_a_worker_cannot_load() -> str:
-    """End the whole server, non-zero, when a worker's model load fails.
-
-    BentoML restarts a worker whose ``__init__`` raised, again and again, and
-    ``/readyz`` never answers 200. The service writes the reason to the file named by
-    ``OPENLLM_CLONE_FATAL_FILE``; a thread here watches it, prints the reason, stops the
-    workers and exits with status 1. Returns the file's path (the caller removes it).
-    """
-    import tempfile
-    import threading
-    import time
-
-    fd, path = tempfile.mkstemp(prefix="openllm-clone-fatal-")
-    os.close(fd)
-    os.environ[FATAL_FILE_ENV] = path
-
-    def watch() -> None:
-        while True:
-            time.sleep(0.2)
-            try:
-                with open(path) as fh:
-                    reason = fh.read().strip()
-            except OSError:
-                continue
-            if reason:
-                break
-        console.print(
-            f"[bold red]error:[/] the model could not be loaded: {reason}", soft_wrap=True
-        )
-        _stop_children()
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="openllm-clone-fatal-watch", daemon=True).start()
-    return path
-
-
-def _stop_children() -> None:
-    import psutil
-
-    children = psutil.Process().children(recursive=True)
-    for child in children:
-        with contextlib.suppress(psutil.Error):
-            child.terminate()
-    _, alive = psutil.wait_procs(children, timeout=10)
-    for child in alive:
-        with contextlib.suppress(psutil.Error):
-            child.kill()

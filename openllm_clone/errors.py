@@ -17,8 +17,10 @@ typed ones also inherit the builtin that callers already catch::
       RateLimitError                       429  (a tenant over its limits; Retry-After)
       CapacityError                        503  (queue full, no adapter slot free)
       UnavailableError                     503  (the replica serving it died: retry)
+      NotReadyError                        503  (still starting: /readyz, routes)
       RequestTimeoutError (TimeoutError)   504  (the request outlived --timeout)
       ModelLoadError                       500
+        StartupError                       500  (a start-up adapter it cannot serve)
       MissingDependencyError (ImportError) 500
 
 The HTTP client mirrors the server side with ``APIStatusError``, ``APIConnectionError``
@@ -41,11 +43,13 @@ __all__ = [
     "MissingDependencyError",
     "ModelLoadError",
     "NotFoundError",
+    "NotReadyError",
     "OpenLLMCloneError",
     "PermissionDeniedError",
     "RateLimitError",
     "RequestTimeoutError",
     "RequestTooLargeError",
+    "StartupError",
     "UnavailableError",
 ]
 
@@ -179,6 +183,13 @@ class UnavailableError(CapacityError):
     error_type = "unavailable"
 
 
+class NotReadyError(CapacityError):
+    """The server is still starting (the model or its start-up adapters are loading), or
+    could not start; ``/readyz`` and the routes answer with it until it is ready."""
+
+    error_type = "not_ready"
+
+
 class RequestTimeoutError(OpenLLMCloneError, TimeoutError):
     """The request ran past the server's per-request timeout; its slot was freed."""
 
@@ -190,6 +201,14 @@ class ModelLoadError(OpenLLMCloneError):
     """The base model could not be found or loaded."""
 
     error_type = "model_load_error"
+
+
+class StartupError(ModelLoadError):
+    """The server cannot start as asked: an adapter named at start (``--adapter-id``, a
+    bento's, the run-time adapters file) cannot be served. ``--lenient-adapters`` starts
+    without it instead."""
+
+    error_type = "startup_error"
 
 
 class MissingDependencyError(OpenLLMCloneError, ImportError):

@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from openllm_clone import tenants
-from openllm_clone.errors import AdapterNotFoundError, InvalidRequestError
+from openllm_clone.errors import (
+    AdapterError,
+    AdapterNotFoundError,
+    InvalidRequestError,
+    StartupError,
+)
+from openllm_clone.fatal import one_line
 from openllm_clone.protocol import ChatMessage, SamplingParams, new_request_id
 
 from .adapters.shared import shared_adapters
@@ -142,17 +148,43 @@ class LLM:
         )
 
     async def start(self, *, eager: bool = True) -> None:
-        """Load the start-up adapters (once); errors name the adapter.
+        """Load the start-up adapters (once), and check the others named at start (those
+        of the run-time adapters file, from an earlier run) as their load would.
 
-        ``eager=False`` (Ray replicas) loads only the pinned ones: the others load on
-        their first request, on the replica the router sends it to.
+        ``eager=False`` (Ray replicas) loads only the pinned ones and checks the rest: they
+        load on their first request, on the replica the router sends it to. An adapter
+        that cannot be served raises :class:`StartupError` naming it and the reason;
+        under ``--lenient-adapters`` it is logged and listed as failed instead.
         """
         if self._started:
             return
-        for spec in self.settings.adapters:
-            if eager or spec.pinned:
-                await self.adapters.load(spec.name, spec.source, pinned=spec.pinned, force=True)
         self._started = True
+        named = {spec.name for spec in self.settings.adapters}
+        for spec in self.settings.adapters:
+            try:
+                if eager or spec.pinned:
+                    await self.adapters.load(spec.name, spec.source, pinned=spec.pinned, force=True)
+                else:
+                    await self.adapters.check(spec.name)
+            except AdapterError as exc:
+                self._refused(f"adapter {spec.name!r} ({spec.source})", exc)
+        shared = self.adapters.shared
+        for name in self.adapters.names():
+            record = self.adapters.get(name)
+            if shared is None or record is None or not record.shared or name in named:
+                continue
+            try:
+                await self.adapters.check(name)
+            except AdapterError as exc:
+                self._refused(f"adapter {name!r} ({record.source}, listed in {shared.path})", exc)
+
+    def _refused(self, adapter: str, exc: AdapterError) -> None:
+        reason = f"{adapter} cannot be served: {one_line(exc)}"
+        if not self.settings.lenient_adapters:
+            raise StartupError(
+                f"{reason}; start with --lenient-adapters to serve without it"
+            ) from exc
+        logger.error("%s (--lenient-adapters: serving without it)", reason)
 
     def shutdown(self) -> None:
         """Stop the engine thread (and a background compile)."""

@@ -3,7 +3,9 @@ limits, JSON 404s.
 
 It wraps BentoML's app (and the Ray router's), so it covers every route: the /v1 API, the
 TGI routes, /metrics, the docs and schema. Only the probes (/livez, /readyz, /healthz)
-stay open, because orchestrators call them without credentials. A key names a tenant
+stay open, because orchestrators call them without credentials; ``/readyz`` answers 503 with
+a JSON reason from here while the worker starts (:mod:`openllm_clone.readiness`), so that it
+never waits on the model's load. A key names a tenant
 (:mod:`openllm_clone.tenants`); the request runs with it in
 :data:`~openllm_clone.tenants.current_tenant`, where the routes check its adapter scope.
 Adapter management (POST and DELETE on /v1/adapters) and /v1/usage need an admin key when
@@ -31,6 +33,7 @@ from openllm_clone.errors import (
     RequestTooLargeError,
 )
 from openllm_clone.limits import Ticket
+from openllm_clone.readiness import readiness
 from openllm_clone.settings import Settings
 from openllm_clone.tenants import GENERATION_PATHS, KeyEntry, Tenancy, current_tenant, tenancy_for
 
@@ -124,6 +127,12 @@ class GuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope.get("path") == "/readyz":
+            not_ready = readiness.error()
+            if not_ready is not None:
+                retry = str(max(1, math.ceil(not_ready.retry_after))).encode()
+                await _reply(send, not_ready, [(b"retry-after", retry)])
+                return
         entry: KeyEntry | None = None
         ticket: Ticket | None = None
         extra: list[tuple[bytes, bytes]] = []

@@ -436,7 +436,10 @@ class AdapterInfo(BaseModel):
 
     name: str
     source: str
-    state: Literal["registered", "loading", "ready", "error"]
+    state: Literal["registered", "ready", "failed"] = Field(
+        description="registered: loads on first use; ready: in a slot; failed: its last "
+        "load was refused (``error`` says why; the next request tries again)"
+    )
     rank: int | None = None
     alpha: float | None = None
     target_modules: list[str] = Field(default_factory=list)

@@ -10,10 +10,13 @@ or baked into a bento) and are read in ``__init__``, never at import time.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import sys
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import bentoml
@@ -21,8 +24,11 @@ import bentoml
 from openllm_clone.api import build_app, build_root_app
 from openllm_clone.engine.config import EngineObserver
 from openllm_clone.engine.sequence import RequestGroup
+from openllm_clone.errors import ModelLoadError, NotReadyError
+from openllm_clone.fatal import die_with_parent, one_line, report_fatal, watch_for_fatal_errors
 from openllm_clone.limits import AdapterLabels
 from openllm_clone.middleware import GuardMiddleware
+from openllm_clone.readiness import readiness
 from openllm_clone.settings import Settings
 from openllm_clone.tenants import Tenancy, reload_marker, request_reload, tenancy_for
 
@@ -38,9 +44,7 @@ MAX_ADAPTER_LABELS = 64  # adapter label values per process: the most used, then
 def _llm() -> Any:
     llm = _state.get("llm")
     if llm is None:
-        from openllm_clone.errors import CapacityError
-
-        raise CapacityError("the model is still loading", retry_after=5.0)
+        raise readiness.error() or NotReadyError("the server is starting", retry_after=5.0)
     return llm
 
 
@@ -66,7 +70,18 @@ def _sighup_rereads_keys() -> None:
     SysHandler.handle_hup = handle_hup  # type: ignore[method-assign]
 
 
+def _bentoml_serve_exits_when_a_worker_cannot_start() -> None:
+    """``bentoml serve`` of a bento (the process that starts the workers imports this
+    module first) ends, status 1, with the reason when a worker cannot start, as
+    ``openllm-clone start`` does (which watches on its own)."""
+    from openllm_clone.settings import FATAL_FILE_ENV
+
+    if sys.argv[1:2] == ["serve"] and FATAL_FILE_ENV not in os.environ:
+        watch_for_fatal_errors()
+
+
 _sighup_rereads_keys()
+_bentoml_serve_exits_when_a_worker_cannot_start()
 app = build_app(_llm)
 root_app = build_root_app(_llm)  # TGI/LoRAX and tokenizer routes: only its own paths match
 
@@ -226,17 +241,30 @@ def _configure_logging(level: str) -> None:
     package.setLevel(level)
 
 
-def _report_fatal(exc: BaseException) -> None:
-    """Tell ``openllm-clone start`` (which watches this file) why the model cannot load."""
-    from openllm_clone.errors import OpenLLMCloneError
-    from openllm_clone.settings import FATAL_FILE_ENV
+async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
+    """``fn()`` in a daemon thread, awaited: a SIGTERM during a long model load ends the
+    worker at once (``asyncio.to_thread``'s pool threads are joined at exit)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
 
-    path = os.environ.get(FATAL_FILE_ENV)
-    reason = exc.message if isinstance(exc, OpenLLMCloneError) else f"{type(exc).__name__}: {exc}"
-    logger.error("cannot load the model: %s", reason)
-    if path:
-        with open(path, "a") as fh:
-            fh.write(reason.replace("\n", " ") + "\n")
+    def settle(value: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+    def run() -> None:
+        try:
+            value = fn()
+        except BaseException as exc:  # handed to the awaiting task
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, value, None)
+
+    threading.Thread(target=run, name="openllm-clone-load", daemon=True).start()
+    return await future
 
 
 @bentoml.asgi_app(root_app, path="/", name="compat")
@@ -246,27 +274,53 @@ class LLMService:
     """Serves one base model and its LoRA adapters."""
 
     def __init__(self) -> None:
+        die_with_parent()  # a `start` killed with SIGKILL leaves no worker behind
+        self.settings = Settings.from_env()
+        _configure_logging(self.settings.log_level)
+        readiness.starting("loading the model")
+        self._startup: asyncio.Task[None] | None = None
+
+    @bentoml.on_startup
+    async def begin_loading(self) -> None:
+        """Load the model and the start-up adapters in the background: the HTTP server
+        answers meanwhile (``/readyz`` a 503 with the step it is at, the routes a 503)."""
+        self._startup = asyncio.get_running_loop().create_task(self._load())
+
+    async def _load(self) -> None:
         from openllm_clone._memory import heap_trimmer
         from openllm_clone.llm import LLM
 
-        settings = Settings.from_env()
-        _configure_logging(settings.log_level)
-        tenancy = tenancy_for(settings)
-        observer = PrometheusObserver(log_prompts=settings.log_prompts, tenancy=tenancy)
+        settings = self.settings
+        observer = PrometheusObserver(
+            log_prompts=settings.log_prompts, tenancy=tenancy_for(settings)
+        )
         try:
-            self.llm = LLM.from_settings(settings, observer=observer)
+            try:
+                llm = await _in_daemon_thread(
+                    lambda: LLM.from_settings(settings, observer=observer)
+                )
+            except Exception as exc:
+                raise ModelLoadError(f"cannot load the model: {one_line(exc)}") from exc
+            observer.tokenizer = llm.tokenizer
+            llm.engine.heap_trimmer = heap_trimmer()  # a long-running server: see _memory.py
+            readiness.starting("loading the start-up adapters")
+            await llm.start()
         except Exception as exc:
-            _report_fatal(exc)
-            raise
-        observer.tokenizer = self.llm.tokenizer
-        self.llm.engine.heap_trimmer = heap_trimmer()  # a long-running server: see _memory.py
-        _state["llm"] = self.llm
-        logger.info("openllm-clone serving %s", self.llm.name)
+            # Never raised to BentoML, which would restart the worker again and again:
+            # `start` (or `bentoml serve` of a bento) watches the fatal file and exits 1.
+            reason = one_line(exc)
+            logger.error("cannot start: %s", reason)
+            readiness.failed(reason)
+            report_fatal(reason)
+            return
+        _state["llm"] = llm
+        readiness.ready()
+        logger.info("openllm-clone serving %s", llm.name)
 
     async def __is_ready__(self) -> bool:
-        """Ready once the model and the start-up adapters are loaded."""
-        await self.llm.start()
-        return True
+        """Ready once the model and the start-up adapters are loaded (never waits: the
+        middleware answers /readyz with the reason until then)."""
+        return readiness.is_ready
 
 
 LLMService.add_asgi_middleware(GuardMiddleware)  # type: ignore[attr-defined]  # a bentoml.Service

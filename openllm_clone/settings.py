@@ -216,6 +216,13 @@ class Settings(BaseModel):
     adapters: list[AdapterSpec] = Field(
         default_factory=list, description="Adapters registered at start-up."
     )
+    lenient_adapters: bool = Field(
+        default=False,
+        description="Start even when an adapter named at start (--adapter-id, a bento's, "
+        "the run-time adapters file) cannot be served: it is logged as an error and listed "
+        "as failed, with the reason, in /v1/adapters. Off: start exits non-zero with the "
+        "reason before it is ready.",
+    )
     max_adapters: int = Field(
         default=8, ge=1, le=1024, description="Adapters held in memory at once (LRU)."
     )
