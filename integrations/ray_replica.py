@@ -12,6 +12,7 @@ Nothing here imports torch at module level: the router imports this module too.
 
 # No `from __future__ import annotations`: Ray builds the deployment from this class.
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -198,6 +199,11 @@ class LLMReplica:
         logging.getLogger("openllm_clone").setLevel(settings.log_level)
         self.settings = settings
         self.llm = LLM.from_settings(settings, observer=_CancelledUsage())
+        # Adapters named at start that cannot be served fail the replica here, so that the
+        # deployment (and `start`) fails with the reason; the pinned ones load on the first
+        # request, the others on theirs. Reading needs no engine: a loop of its own.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, self.llm.check_adapters()).result()
         self.llm.engine.heap_trimmer = heap_trimmer()  # a long-running server: see _memory.py
         self.app = build_app(lambda: self.llm)
         context = serve.get_replica_context()

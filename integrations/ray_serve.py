@@ -29,6 +29,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import time
 from collections import Counter, defaultdict
@@ -43,6 +44,7 @@ from openllm_clone.errors import (
     AdapterIncompatibleError,
     AdapterNotFoundError,
     MissingDependencyError,
+    ModelLoadError,
     OpenLLMCloneError,
     UnavailableError,
 )
@@ -488,6 +490,14 @@ def build_application(settings: Settings) -> Any:
     return Router.bind(replicas, settings_json)  # type: ignore[attr-defined]
 
 
+def _last_error(message: str) -> str:
+    """The last ``SomeError: reason`` line of a deployment failure's message (Ray puts
+    the replica's whole traceback in it), without the type; the message's first line when
+    there is none."""
+    found = re.findall(r"^\s*[\w.]*(?:Error|Exception): (.+)$", message, re.MULTILINE)
+    return found[-1].strip() if found else message.strip().splitlines()[0]
+
+
 def run(settings: Settings, *, block: bool = True) -> None:
     """Start (or join) Ray, deploy the application on ``host:port``, serve until Ctrl-C."""
     import ray
@@ -514,7 +524,12 @@ def run(settings: Settings, *, block: bool = True) -> None:
                 },
             )
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(build_application(settings), name=APP_NAME, route_prefix="/")
+    try:
+        serve.run(build_application(settings), name=APP_NAME, route_prefix="/")
+    except RuntimeError as exc:  # a replica that cannot start, after Ray's retries
+        serve.shutdown()
+        ray.shutdown()
+        raise ModelLoadError(f"the Ray deployment failed: {_last_error(str(exc))}") from exc
     if not block:
         return
     keys_file = settings.keys_file

@@ -129,14 +129,18 @@ class LLM:
         raise InvalidRequestError(f"unknown response_format type {kind!r}", param="response_format")
 
     @classmethod
-    def from_settings(cls, settings: Settings, observer: EngineObserver | None = None) -> LLM:
-        """Resolve the model (importing the default if needed), load it, build the engine."""
+    def from_settings(
+        cls, settings: Settings, observer: EngineObserver | None = None, *, warmup: bool = True
+    ) -> LLM:
+        """Resolve the model (importing the default if needed), load it, build the engine.
+        ``warmup=False``: the caller runs :func:`~openllm_clone.runners.loader.warm_up`
+        (on the thread that will run the steps)."""
         from openllm_clone.runners.loader import load_runner
         from openllm_clone.store import resolve_model
 
         resolved = resolve_model(settings.model)
         runner, tokenizer = load_runner(
-            resolved.path, settings, model_id=resolved.tag or settings.model
+            resolved.path, settings, model_id=resolved.tag or settings.model, warmup=warmup
         )
         return cls(
             runner,
@@ -148,35 +152,46 @@ class LLM:
         )
 
     async def start(self, *, eager: bool = True) -> None:
-        """Load the start-up adapters (once), and check the others named at start (those
-        of the run-time adapters file, from an earlier run) as their load would.
+        """Load the start-up adapters (once), then check the others named at start.
 
-        ``eager=False`` (Ray replicas) loads only the pinned ones and checks the rest: they
-        load on their first request, on the replica the router sends it to. An adapter
-        that cannot be served raises :class:`StartupError` naming it and the reason;
-        under ``--lenient-adapters`` it is logged and listed as failed instead.
+        ``eager=False`` (Ray replicas, which ran :meth:`check_adapters` when they were
+        built) loads only the pinned ones: the others load on their first request, on
+        the replica the router sends it to. An adapter that cannot be served raises
+        :class:`StartupError` naming it and the reason; under ``--lenient-adapters`` it is
+        logged and listed as failed instead.
         """
         if self._started:
             return
         self._started = True
-        named = {spec.name for spec in self.settings.adapters}
         for spec in self.settings.adapters:
-            try:
-                if eager or spec.pinned:
+            if eager or spec.pinned:
+                try:
                     await self.adapters.load(spec.name, spec.source, pinned=spec.pinned, force=True)
-                else:
-                    await self.adapters.check(spec.name)
-            except AdapterError as exc:
-                self._refused(f"adapter {spec.name!r} ({spec.source})", exc)
+                except AdapterError as exc:
+                    self._refused(f"adapter {spec.name!r} ({spec.source})", exc)
+        if eager:
+            await self.check_adapters()
+
+    async def check_adapters(self) -> None:
+        """Read and validate, as their load would and without loading them, the adapters
+        named at start that have neither loaded nor failed yet: ``--adapter-id``'s, and
+        those of the run-time adapters file (from an earlier run, loaded on first use)."""
         shared = self.adapters.shared
+        named = {spec.name: spec.source for spec in self.settings.adapters}
         for name in self.adapters.names():
             record = self.adapters.get(name)
-            if shared is None or record is None or not record.shared or name in named:
+            if record is None or record.state in ("ready", "failed"):
+                continue
+            if name in named:
+                where = f"adapter {name!r} ({named[name]})"
+            elif record.shared and shared is not None:
+                where = f"adapter {name!r} ({record.source}, listed in {shared.path})"
+            else:
                 continue
             try:
                 await self.adapters.check(name)
             except AdapterError as exc:
-                self._refused(f"adapter {name!r} ({record.source}, listed in {shared.path})", exc)
+                self._refused(where, exc)
 
     def _refused(self, adapter: str, exc: AdapterError) -> None:
         reason = f"{adapter} cannot be served: {one_line(exc)}"

@@ -289,6 +289,7 @@ class LLMService:
     async def _load(self) -> None:
         from openllm_clone._memory import heap_trimmer
         from openllm_clone.llm import LLM
+        from openllm_clone.runners.loader import warm_up
 
         settings = self.settings
         observer = PrometheusObserver(
@@ -297,8 +298,9 @@ class LLMService:
         try:
             try:
                 llm = await _in_daemon_thread(
-                    lambda: LLM.from_settings(settings, observer=observer)
+                    lambda: LLM.from_settings(settings, observer=observer, warmup=False)
                 )
+                warm_up(llm.runner)  # on the loop's thread, which runs the steps
             except Exception as exc:
                 raise ModelLoadError(f"cannot load the model: {one_line(exc)}") from exc
             observer.tokenizer = llm.tokenizer

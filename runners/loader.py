@@ -12,10 +12,12 @@ from openllm_clone.errors import ModelLoadError
 from openllm_clone.settings import Settings
 
 __all__ = [
+    "check_loaded_weights",
     "choose_runner",
     "compile_cache_dir",
     "emulated_bf16_warning",
     "load_runner",
+    "warm_up",
     "pick_device",
     "pick_dtype",
 ]
@@ -126,8 +128,52 @@ def choose_runner(config: Any, settings: Settings) -> str:
     return "fast" if refusal is None else "generic"
 
 
-def load_runner(path: Path, settings: Settings, *, model_id: str) -> tuple[Any, Any]:
-    """Load the model and tokenizer from ``path``; return ``(runner, tokenizer)``."""
+def check_loaded_weights(loading: dict[str, Any], path: Path) -> None:
+    """Refuse a model whose checkpoint lacks weights it needs (transformers would fill them
+    with random values and the server would answer fluent garbage); tied weights are not
+    missing. Weights the model does not use are a warning."""
+    missing = sorted(loading.get("missing_keys") or ())
+    if missing:
+        raise ModelLoadError(
+            f"the checkpoint in {path} lacks {describe_names(missing)} that the model needs; "
+            "it would be served with random values in their place"
+        )
+    unexpected = sorted(loading.get("unexpected_keys") or ())
+    if unexpected:
+        logger.warning(
+            "the checkpoint in %s has %s that the model does not use (ignored)",
+            path,
+            describe_names(unexpected),
+        )
+
+
+def describe_names(names: list[str], shown: int = 4) -> str:
+    """``3 weights (a, b, c)`` or ``40 weights (a, b, c, d and 36 more)``."""
+    listed = ", ".join(names[:shown])
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{len(names)} weight{'s' if len(names) != 1 else ''} ({listed}{more})"
+
+
+def warm_up(runner: Any) -> None:
+    """Load the compiled step from the cache, or compile it (``--compile``), or start its
+    background compile. Call it on the thread that will run the steps: the compiled step
+    loaded on another thread (a worker's loading thread) ran 5-20 % slower here."""
+    if not runner.compiled:
+        return
+    try:
+        runner.warmup()
+    except Exception as exc:  # Inductor's errors are many and deep: name the flag
+        raise ModelLoadError(
+            f"--compile could not compile the decode step ({type(exc).__name__}: "
+            f"{str(exc)[:500]}); start without --compile"
+        ) from exc
+
+
+def load_runner(
+    path: Path, settings: Settings, *, model_id: str, warmup: bool = True
+) -> tuple[Any, Any]:
+    """Load the model and tokenizer from ``path``; return ``(runner, tokenizer)``.
+    ``warmup=False`` leaves :func:`warm_up` to the caller."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -157,9 +203,12 @@ def load_runner(path: Path, settings: Settings, *, model_id: str) -> tuple[Any, 
             kwargs["quantization_config"] = spec.quantization_config
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            str(path), output_loading_info=True, **kwargs
+        )
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"cannot load the model in {path}: {exc}") from exc
+    check_loaded_weights(loading, path)
     if spec is None:
         model.to(device)
     weight_bytes = real_weight_bytes(model)
@@ -193,14 +242,8 @@ def load_runner(path: Path, settings: Settings, *, model_id: str) -> tuple[Any, 
             logger.info("decode steps run eagerly (the generic runner has no compiled step)")
         runner = GenericRunner(model, **common)
     runner.info.weight_bytes = weight_bytes
-    if runner.compiled:
-        try:
-            runner.warmup()  # loads the compiled step from the cache, or compiles it
-        except Exception as exc:  # Inductor's errors are many and deep: name the flag
-            raise ModelLoadError(
-                f"--compile could not compile the decode step ({type(exc).__name__}: "
-                f"{str(exc)[:500]}); start without --compile"
-            ) from exc
+    if warmup:
+        warm_up(runner)
     logger.info(
         "loaded %s (%s, %s runner, %s%s on %s, %.0f MiB of weights) in %.1f s; "
         "KV cache %d blocks of %d tokens",

@@ -21,7 +21,14 @@ from typing import Any
 from openllm_clone.errors import ModelLoadError
 from openllm_clone.settings import Settings
 
-__all__ = ["Support", "check_model", "supported_summary"]
+__all__ = [
+    "Support",
+    "check_model",
+    "checkpoint_names",
+    "missing_weights",
+    "not_a_causal_lm",
+    "supported_summary",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +73,15 @@ def supported_summary() -> str:
 def check_model(path: Path, settings: Settings) -> Support:
     """Which runner would serve the model folder at ``path`` under ``settings``."""
     plain = _plain_config(path)
+    if plain is not None:
+        refusal = not_a_causal_lm(plain)
+        if refusal is None:
+            try:
+                checkpoint_names(path)  # headers only: a truncated file, before any worker
+            except ModelLoadError as exc:
+                refusal = exc.message
+        if refusal is not None:
+            return Support(str(plain.get("model_type", "?")), None, refusal)
     if plain is not None and _plainly_fast(plain, settings):
         return Support(str(plain["model_type"]), "fast")
     from transformers import AutoConfig
@@ -85,6 +101,92 @@ def check_model(path: Path, settings: Settings) -> Support:
         return Support(model_type, "fast")
     reason = _generic_refusal(config)
     return Support(model_type, None if reason else "generic", reason or "")
+
+
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def not_a_causal_lm(plain: dict[str, Any]) -> str | None:
+    """Why the model a ``config.json`` describes is not a causal LM (an encoder such as
+    ``BertModel``, a classifier), or None. Judged by the classes it names in
+    ``architectures``: ``*ForCausalLM``, ``*LMHeadModel``, or a class transformers' causal-LM
+    auto class maps to (Gemma 3's ``*ForConditionalGeneration``). A config without
+    ``architectures`` is left to the model-type check."""
+    names = [str(a) for a in plain.get("architectures") or []]
+    if not names or any(a.endswith(_CAUSAL_SUFFIXES) for a in names):
+        return None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if any(a in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for a in names):
+        return None
+    return (
+        f"its config.json names {', '.join(names)}, which is not a causal language model "
+        "(no *ForCausalLM or *LMHeadModel class): only causal LMs generate text, and loading "
+        "it as one would put a randomly initialised head on it"
+    )
+
+
+def checkpoint_names(path: Path) -> set[str] | None:
+    """The tensor names of the folder's safetensors files, read from their headers (no
+    weights read); None when it has none (``.bin`` checkpoints: the load decides)."""
+    import struct
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        return None
+    names: set[str] = set()
+    for file in files:
+        try:
+            with open(file, "rb") as fh:
+                (size,) = struct.unpack("<Q", fh.read(8))
+                if size > 100 * 2**20:
+                    raise ValueError(f"a header of {size} bytes")
+                header = json.loads(fh.read(size))
+            if not isinstance(header, dict):
+                raise ValueError("its header is not a JSON object")
+            end = (
+                8
+                + size
+                + max(
+                    (int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"),
+                    default=0,
+                )
+            )
+            if file.stat().st_size < end:
+                raise ValueError(f"truncated: {file.stat().st_size} of its {end} bytes")
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+            raise ModelLoadError(f"{file} is not a readable safetensors file ({exc})") from exc
+        names.update(k for k in header if k != "__metadata__")
+    return names
+
+
+def missing_weights(path: Path) -> list[str]:
+    """The weights the model at ``path`` needs that its checkpoint lacks, as transformers'
+    load reports them (tied weights are not missing); [] when none, or when the files do
+    not tell (``.bin``, a quantized checkpoint: the load decides). Reads only the
+    safetensors headers and builds the model on ``meta``; only when a name seems missing
+    (transformers may rename checkpoint keys) does it load the model to ask transformers."""
+    names = checkpoint_names(path)
+    if names is None:
+        return []
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path))
+    if getattr(config, "quantization_config", None) is not None:
+        return []
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - the modeling code refuses the config: the load decides
+        return []
+    needed = {name for name, _ in model.named_parameters()}  # a tied weight counted once
+    if needed <= names:
+        return []
+    _, loading = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch.bfloat16, output_loading_info=True
+    )
+    return sorted(loading.get("missing_keys") or ())
 
 
 def _plain_config(path: Path) -> dict[str, Any] | None:

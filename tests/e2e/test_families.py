@@ -215,17 +215,90 @@ def test_start_refuses_unservable_model_at_once(
     )
 
 
-def test_start_exits_when_the_worker_cannot_load(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """A config the pre-start check accepts, with weights that do not load: the worker's
-    failure ends `start` with the reason instead of a restart loop."""
+def _without(folder: Path, tensor: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(folder / "model.safetensors"))
+    del weights[tensor]
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _import(folder: Path, name: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "openllm_clone", "import", str(folder), "--name", name],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "250"},
+    )
+
+
+def test_a_checkpoint_missing_a_weight_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """One tensor removed from model.safetensors: transformers would fill it with random
+    values; `start` ends (the worker's load reports it, before the server is ready) with
+    the weight's name on one line, and `import` refuses it."""
+    import shutil
+
+    folder = tmp_path / "missing"
+    shutil.copytree(tiny_model_dir, folder)
+    _without(folder, "model.layers.1.mlp.down_proj.weight")
+    code, output, seconds = _start([str(folder), "--dtype", "float32"], tmp_path, timeout=240)
+    assert code == 1, output
+    line = next(x for x in output.splitlines() if x.startswith("error: "))
+    assert "cannot load the model: the checkpoint in" in line
+    assert "lacks 1 weight (model.layers.1.mlp.down_proj.weight)" in line
+    assert "Traceback" not in output
+    assert seconds < 60, f"took {seconds:.0f} s to refuse"  # ~13 s here (issue: 30)
+    imported = _import(folder, "missing-weight")
+    assert imported.returncode == 1
+    assert "lacks 1 weight (model.layers.1.mlp.down_proj.weight)" in imported.stderr
+    assert "Traceback" not in imported.stderr
+
+
+def test_a_truncated_checkpoint_is_refused_in_one_line(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A safetensors file cut short: refused before any worker starts, by `start` and by
+    `import`, with one line each (its header is read, not its weights)."""
     import shutil
 
     folder = tmp_path / "broken"
     shutil.copytree(tiny_model_dir, folder)
-    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 3])
     code, output, seconds = _start([str(folder), "--dtype", "float32"], tmp_path, timeout=240)
     assert code == 1
-    assert "error: cannot load the model" in output
+    assert "is not a readable safetensors file (truncated:" in output
+    assert "Traceback" not in output and "Starting production HTTP" not in output
+    imported = _import(folder, "truncated")
+    assert imported.returncode == 1 and "Traceback" not in imported.stderr
+    assert "is not a readable safetensors file (truncated:" in imported.stderr
+
+
+def test_an_encoder_is_refused_before_any_worker_starts(tokenizer: Any, tmp_path: Path) -> None:
+    """A BERT encoder folder (``BertModel``, no LM head): transformers would load it as
+    ``BertLMHeadModel`` with a random head. `start` refuses it before any worker starts;
+    `import` keeps it with the same line as a warning (as for any model no runner serves)."""
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path / "bert"
+    config = BertConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=len(tokenizer),
+    )
+    BertModel(config).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    code, output, seconds = _start([str(folder)], tmp_path, timeout=240)
+    assert code == 1
+    assert "names BertModel, which is not a causal language model" in output
+    assert "Starting production HTTP" not in output  # no worker was started
+    assert seconds < 60, f"took {seconds:.0f} s to refuse"  # ~5 s here (issue: 30)
+    imported = _import(folder, "bert-encoder")
+    assert imported.returncode == 0
+    assert "warning" in imported.stderr and "not a causal language model" in imported.stderr
 
 
 def test_check_command_and_models_column(tokenizer: Any, tmp_path: Path) -> None:
