@@ -264,4 +264,7 @@ def _serve_ray(settings: Settings, name: str, url: str) -> None:
         f"[bold green]openllm-clone[/] serving [bold]{name}[/] on {url} with "
         f"{settings.replicas} Ray Serve replica(s) on {where} ({settings.routing} routing)"
     )
-    run(settings)
+    try:
+        run(settings)
+    except OpenLLMCloneError as exc:  # a replica that could not start: its reason
+        fail(exc.message)

@@ -490,6 +490,17 @@ def build_application(settings: Settings) -> Any:
     return Router.bind(replicas, settings_json)  # type: ignore[attr-defined]
 
 
+def _deployment_errors() -> str:
+    """What Serve says of the application's deployments (a failed replica's traceback)."""
+    try:
+        app = serve.status().applications.get(APP_NAME)
+    except Exception:  # noqa: BLE001 - the controller may be gone: the caller has a message
+        return ""
+    if app is None:
+        return ""
+    return "\n".join(d.message for d in app.deployments.values() if d.message)
+
+
 def _last_error(message: str) -> str:
     """The last ``SomeError: reason`` line of a deployment failure's message (Ray puts
     the replica's whole traceback in it), without the type; the message's first line when
@@ -527,9 +538,10 @@ def run(settings: Settings, *, block: bool = True) -> None:
     try:
         serve.run(build_application(settings), name=APP_NAME, route_prefix="/")
     except RuntimeError as exc:  # a replica that cannot start, after Ray's retries
+        detail = _deployment_errors() or str(exc)
         serve.shutdown()
         ray.shutdown()
-        raise ModelLoadError(f"the Ray deployment failed: {_last_error(str(exc))}") from exc
+        raise ModelLoadError(f"the Ray deployment failed: {_last_error(detail)}") from exc
     if not block:
         return
     keys_file = settings.keys_file

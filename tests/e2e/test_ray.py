@@ -206,3 +206,39 @@ def _check_tenants(report: dict[str, Any], expected_alpha: list[int]) -> None:
     c = t["cancelled"]
     assert c["requests"] == c["cancelled"] == 1 and c["prompt_tokens"] > 0, c
     assert 1 <= c["completion_tokens"] < 400, c
+
+
+def test_ray_start_exits_on_an_adapter_it_cannot_serve(
+    tiny_model_dir: Path, tiny_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """`start --backend ray` with a start-up adapter over --max-adapter-rank: the replica
+    refuses it when it is built, the deployment fails after Ray's retries, and `start`
+    exits 1 with the replica's reason on one line (not Ray's traceback)."""
+    reason = _why_not()
+    if reason:
+        pytest.skip(reason)
+    start = [
+        sys.executable,
+        "-m",
+        "openllm_clone",
+        "start",
+        str(tiny_model_dir),
+        "--dtype",
+        "float32",
+        "--backend",
+        "ray",
+        "--port",
+        "3000",  # inside its own network namespace: no other server there
+        "--max-adapter-rank",
+        "4",
+        "--adapter-id",
+        f"wide={tiny_adapters['alpha']}",
+    ]
+    cmd = ["unshare", "--net", "bash", "-c", "ip link set lo up && exec " + " ".join(start)]
+    env = {**os.environ, "COLUMNS": "250"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-4000:]
+    line = next(x for x in output.splitlines() if x.startswith("error: "))
+    assert line.startswith("error: the Ray deployment failed: adapter 'wide'"), line
+    assert "exceeds the server's limit 4" in line and "--lenient-adapters" in line
