@@ -28,7 +28,7 @@ from openllm_clone.errors import (
 )
 from openllm_clone.protocol import AdapterInfo
 
-from .merge import MERGE_PREFIX, merge_linear, merge_name, parse_merge_name
+from .merge import MERGE_PREFIX, merge, merge_name, parse_merge
 from .source import resolve_adapter_source
 from .weights import AdapterWeights, read_adapter
 
@@ -341,21 +341,37 @@ class AdapterRegistry:
             self._reader, path, allow_pickle=self.allow_pickle, max_bytes=self.max_bytes
         )
 
-    async def _read_merge(self, recipe: str) -> AdapterWeights:
+    async def _read_merge(self, name: str) -> AdapterWeights:
+        recipe = parse_merge(name)
         components = []
-        for name, coeff in parse_merge_name(recipe):
-            record = self._records.get(name)
+        for part, coeff in recipe.parts:
+            record = self._records.get(part)
             if record is None or record.source.startswith(MERGE_PREFIX):
                 raise AdapterNotFoundError(
-                    f"merged_adapters names {name!r}, which is not a loaded adapter",
+                    f"merged_adapters names {part!r}, which is not a loaded adapter",
                     param="merged_adapters",
                 )
             components.append((await self._read(record.source), coeff))
-        return merge_linear(components, path=recipe)
+        return merge(components, recipe, path=name)
 
-    async def merged(self, names: builtins.list[str], weights: builtins.list[float]) -> str:
-        """Register (once) the linear merge of ``names``; return its adapter name."""
-        name = merge_name(names, weights)
+    async def merged(
+        self,
+        names: builtins.list[str],
+        weights: builtins.list[float],
+        *,
+        strategy: str = "linear",
+        density: float | None = None,
+        majority_sign_method: str | None = None,
+    ) -> str:
+        """Register (once) the merge of ``names`` (``strategy``: see
+        :mod:`~openllm_clone.adapters.merge`); return its adapter name."""
+        name = merge_name(
+            names,
+            weights,
+            strategy=strategy,
+            density=density,
+            majority_sign_method=majority_sign_method,
+        )
         for component in names:
             if component not in self._records or component.startswith(MERGE_PREFIX):
                 raise AdapterNotFoundError(

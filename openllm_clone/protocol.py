@@ -153,8 +153,23 @@ class MergedAdapters(BaseModel):
 
     ids: list[str] = Field(min_length=2, max_length=8, description="Adapter names to merge.")
     weights: list[float] = Field(min_length=2, max_length=8, description="One weight per adapter.")
-    merge_strategy: Literal["linear"] = Field(
-        default="linear", description="Only 'linear' (an exact weighted sum of the deltas)."
+    merge_strategy: Literal["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"] = (
+        Field(
+            default="linear",
+            description="'linear': the exact weighted sum of the deltas; 'ties', 'dare_linear', "
+            "'dare_ties', 'magnitude_prune': peft's add_weighted_adapter combinations (the "
+            "adapters must share one rank).",
+        )
+    )
+    density: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of each delta's values kept by ties, dare_* and magnitude_prune "
+        "(default 1: none pruned).",
+    )
+    majority_sign_method: Literal["total", "frequency"] | None = Field(
+        default=None, description="How ties and dare_ties elect each value's sign (default total)."
     )
 
     @model_validator(mode="after")

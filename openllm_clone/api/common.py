@@ -110,19 +110,41 @@ async def adapter_for(llm: LLM, adapter: str | None, merged: MergedAdapters | No
         raise InvalidRequestError(
             "give either an adapter or merged_adapters, not both", param="merged_adapters"
         )
-    return await merged_adapter(llm, merged.ids, merged.weights)
+    return await merged_adapter(
+        llm,
+        merged.ids,
+        merged.weights,
+        strategy=merged.merge_strategy,
+        density=merged.density,
+        majority_sign_method=merged.majority_sign_method,
+    )
 
 
-async def merged_adapter(llm: LLM, ids: list[str], weights: list[float]) -> str:
-    """The name of a merge of adapters ``ids``; a part outside the key's scope is refused as
-    a missing one (before anything is read)."""
+async def merged_adapter(
+    llm: LLM,
+    ids: list[str],
+    weights: list[float],
+    *,
+    strategy: str = "linear",
+    density: float | None = None,
+    majority_sign_method: str | None = None,
+) -> str:
+    """The name of a merge of adapters ``ids`` (``strategy`` and its parameters: see
+    :mod:`openllm_clone.adapters.merge`); a part outside the key's scope is refused as a
+    missing one (before anything is read)."""
     for name in ids:
         if not llm.visible(name):
             raise AdapterNotFoundError(
                 f"merged_adapters names {name!r}, which is not a loaded adapter",
                 param="merged_adapters",
             )
-    return await llm.adapters.merged(ids, weights)
+    return await llm.adapters.merged(
+        ids,
+        weights,
+        strategy=strategy,
+        density=density,
+        majority_sign_method=majority_sign_method,
+    )
 
 
 def served_name(llm: LLM, asked: str, adapter: str | None) -> str:

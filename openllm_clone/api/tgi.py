@@ -40,15 +40,24 @@ PATHS = frozenset({"/", "/generate", "/generate_stream", "/info"})
 
 
 class TGIMergedAdapters(BaseModel):
-    """LoRAX's ``merged_adapters`` (only the linear strategy: an exact weighted sum)."""
+    """LoRAX's ``merged_adapters``: ``linear`` (the exact weighted sum, the default),
+    ``ties``, ``dare_linear``, ``dare_ties`` or ``magnitude_prune`` (peft's combinations;
+    see :mod:`openllm_clone.adapters.merge`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     ids: list[str] = Field(min_length=2, max_length=8)
     weights: list[float] = Field(min_length=2, max_length=8)
-    merge_strategy: Literal["linear"] | None = None
-    density: float = Field(default=1.0, ge=0.0, le=1.0, description="Unused by 'linear'.")
-    majority_sign_method: None = None
+    merge_strategy: (
+        Literal["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"] | None
+    ) = None
+    density: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of each delta kept by ties, dare_* and magnitude_prune.",
+    )
+    majority_sign_method: Literal["total", "frequency"] | None = None
 
 
 class TGIParameters(NullMeansDefault):
@@ -206,7 +215,14 @@ async def _adapter(llm: LLM, p: TGIParameters) -> str | None:
             raise InvalidRequestError(
                 "merged_adapters ids and weights differ in length", param="merged_adapters"
             )
-        return await merged_adapter(llm, m.ids, m.weights)
+        return await merged_adapter(
+            llm,
+            m.ids,
+            m.weights,
+            strategy=m.merge_strategy or "linear",
+            density=m.density,
+            majority_sign_method=m.majority_sign_method,
+        )
     name = p.adapter_id
     if not name or name in (llm.name, llm.info.model_id):
         return None

@@ -5,6 +5,7 @@ vLLM's tokenizer routes as lm-eval's remote tokenizer calls them."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -100,6 +101,7 @@ def test_lorax_client_with_adapters(
         },
     )
     assert merged.details is not None and len(merged.details.tokens) == 4
+    _lorax_ties_merge(client, tiny_server, tiny_adapters)
     best = client.generate(PROMPT, max_new_tokens=4, details=True, do_sample=True, best_of=2)
     assert best.details is not None and best.details.best_of_sequences is not None
     runner_up = best.details.best_of_sequences[0]
@@ -187,3 +189,47 @@ def test_huggingface_inference_client(
     streamed = list(client.text_generation(PROMPT, max_new_tokens=6, stream=True, details=True))
     assert [e.token.id for e in streamed] == want
     assert streamed[-1].details is not None and streamed[-1].details.generated_tokens == 6
+
+
+def _lorax_ties_merge(client: Any, server: Server, adapters: dict[str, Path]) -> None:
+    """LoRAX's TIES merge through lorax-client equals the same recipe through the OpenAI
+    route (both peft's add_weighted_adapter combination: tests/unit/test_adapters.py);
+    fields a strategy does not take, and adapters of two ranks, are refused by name."""
+    from lorax.errors import UnprocessableEntityError, ValidationError
+
+    added = httpx.post(
+        f"{server.url}/v1/adapters", json={"name": "delta", "source": str(adapters["delta"])}
+    )
+    assert added.status_code == 200, added.text
+    try:
+        recipe = {
+            "ids": ["alpha", "delta"],
+            "weights": [0.7, 0.4],
+            "merge_strategy": "ties",
+            "density": 0.5,
+            "majority_sign_method": "frequency",
+        }
+        lorax = client.generate(PROMPT, max_new_tokens=6, details=True, merged_adapters=recipe)
+        assert lorax.details is not None
+        body = {
+            "model": "",
+            "prompt": PROMPT,
+            "max_tokens": 6,
+            "temperature": 0,
+            "merged_adapters": recipe,
+            "logprobs": 0,
+        }
+        openai = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120).json()
+        tokens = openai["choices"][0]["logprobs"]["tokens"]
+        assert "".join(tokens) == lorax.generated_text
+        alpha = client.generate(PROMPT, adapter_id="alpha", max_new_tokens=6)
+        assert alpha.generated_text != lorax.generated_text
+        for bad, error, field in [
+            ({**recipe, "merge_strategy": "linear"}, ValidationError, "density"),
+            ({**recipe, "merge_strategy": "dare_linear"}, ValidationError, "majority_sign"),
+            ({**recipe, "ids": ["alpha", "beta"]}, UnprocessableEntityError, "ranks 4, 8"),
+        ]:
+            with pytest.raises(error, match=field):
+                client.generate(PROMPT, max_new_tokens=2, merged_adapters=bad)
+    finally:
+        httpx.delete(f"{server.url}/v1/adapters/delta", timeout=120)

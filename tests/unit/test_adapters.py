@@ -239,6 +239,94 @@ async def test_linear_merge_equals_peft_weighted_cat(
         await llm.adapters.merged(["alpha", "nobody"], [0.5, 0.5])
 
 
+@pytest.mark.parametrize(
+    ("strategy", "sign"),
+    [
+        ("ties", "total"),
+        ("dare_linear", None),
+        ("dare_ties", "frequency"),
+        ("magnitude_prune", None),
+    ],
+)
+async def test_ties_and_dare_merges_equal_peft_add_weighted_adapter(
+    llm: LLM,
+    tiny_model_dir: Path,
+    tiny_adapters: dict[str, Path],
+    strategy: str,
+    sign: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """peft's own combination, token for token: alpha (every projection) and delta (the MLP
+    only; both rank 8) merged at density 0.5. DARE prunes at random: peft's merge is seeded
+    as ours is (after it has initialised the new adapter's layers, which draws numbers)."""
+    from openllm_clone.adapters.merge import MERGE_SEED
+    from peft import PeftModel
+    from peft.tuners.lora.model import LoraModel
+    from transformers import AutoModelForCausalLM
+
+    for name in ("alpha", "delta"):
+        await llm.adapters.load(name, str(tiny_adapters[name]))
+    name = await llm.adapters.merged(
+        ["alpha", "delta"], [0.7, -0.4], strategy=strategy, density=0.5, majority_sign_method=sign
+    )
+    assert name == f"merge:{strategy}(0.5,{sign or 'total'}):alpha*0.7+delta*-0.4"
+    ids = llm.tokenize("The weather today")
+    ours = await llm.complete(ids, SamplingParams(max_new_tokens=16), adapter=name)
+    assert {a.name: a for a in llm.adapters.list()}[name].rank == 8
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(model, str(tiny_adapters["alpha"]), adapter_name="alpha")
+    peft_model.load_adapter(str(tiny_adapters["delta"]), adapter_name="delta")
+    combine = LoraModel._generalized_task_arithmetic_weighted_adapter
+    calls = []
+
+    def seeded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not calls:
+            torch.manual_seed(MERGE_SEED)
+        calls.append(1)
+        return combine(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoraModel, "_generalized_task_arithmetic_weighted_adapter", seeded)
+    peft_model.add_weighted_adapter(
+        ["alpha", "delta"],
+        [0.7, -0.4],
+        "mix",
+        combination_type=strategy,
+        density=0.5,
+        majority_sign_method=sign or "total",
+    )
+    assert len(calls) == 7 * 2  # every projection of both layers
+    peft_model.set_adapter("mix")
+    ref = peft_model.merge_and_unload().generate(
+        torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    assert ours.token_ids[0] == ref[0, len(ids) :].tolist()
+    plain = await llm.complete(ids, SamplingParams(max_new_tokens=16), adapter="alpha")
+    assert ours.token_ids[0] != plain.token_ids[0]  # the merge changed something
+
+
+async def test_merge_fields_are_checked(llm: LLM, tiny_adapters: dict[str, Path]) -> None:
+    """What a strategy does not take is a 400 naming the field; ranks must agree for the
+    task-arithmetic merges (a 422 that says to merge linearly)."""
+    from openllm_clone.errors import AdapterIncompatibleError, InvalidRequestError
+
+    for name in ("alpha", "beta"):
+        await llm.adapters.load(name, str(tiny_adapters[name]))
+    cases = [
+        ({"strategy": "linear", "density": 0.5}, "density"),
+        ({"strategy": "dare_linear", "majority_sign_method": "total"}, "majority_sign_method"),
+        ({"strategy": "ties", "density": 1.5}, "density"),
+        ({"strategy": "slerp"}, "merge_strategy"),
+    ]
+    for kwargs, field in cases:
+        with pytest.raises(InvalidRequestError) as info:
+            await llm.adapters.merged(["alpha", "beta"], [0.5, 0.5], **kwargs)
+        assert info.value.param == field, kwargs
+    name = await llm.adapters.merged(["alpha", "beta"], [0.5, 0.5], strategy="ties", density=0.5)
+    with pytest.raises(AdapterIncompatibleError, match="ranks 4, 8"):
+        await llm.complete(llm.tokenize("Hi"), SamplingParams(max_new_tokens=2), adapter=name)
+
+
 async def test_adapter_in_the_model_store_loads_on_first_use(
     llm: LLM, tiny_adapters: dict[str, Path], bentoml_home: Path
 ) -> None:
