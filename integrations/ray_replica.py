@@ -322,7 +322,7 @@ class LLMReplica:
         """Names the base model answers to, the start-up adapters, and this replica."""
         await self._prepare({})
         return {
-            "names": [self.llm.name, self.llm.info.model_id],
+            "names": self.llm.base_names(),
             "adapters": [a.model_dump() for a in self.llm.adapters.list()],
             "replica": self.replica_id,
             "pid": self.pid,

@@ -19,7 +19,7 @@ from openllm_clone.errors import (
     StartupError,
 )
 from openllm_clone.fatal import one_line
-from openllm_clone.protocol import ChatMessage, SamplingParams, new_request_id
+from openllm_clone.protocol import TGI_MODEL_NAME, ChatMessage, SamplingParams, new_request_id
 
 from .adapters.shared import shared_adapters
 from .engine.engine import Engine, EngineConfig, EngineObserver
@@ -248,10 +248,18 @@ class LLM:
         """A single user message rendered with the chat template."""
         return self.chat_prompt([ChatMessage(role="user", content=text)])
 
+    def base_names(self) -> list[str]:
+        """The names a request may give the base model by: its name, its model id, and
+        ``tgi`` (text-generation's chat() sends it) unless an adapter is called so."""
+        names = [self.name, self.info.model_id]
+        if self.adapters.get(TGI_MODEL_NAME) is None:
+            names.append(TGI_MODEL_NAME)
+        return names
+
     def resolve_model_name(self, model: str | None) -> str | None:
-        """OpenAI ``model``: the base model's name (or empty) means no adapter. An adapter
-        outside the request's key scope gets the answer of a missing one."""
-        if model is None or model == "" or model == self.name or model == self.info.model_id:
+        """OpenAI ``model``: a name of the base model (or empty) means no adapter. An
+        adapter outside the request's key scope gets the answer of a missing one."""
+        if not model or model in self.base_names():
             return None
         if self.adapters.get(model) is None or not self.visible(model):
             raise AdapterNotFoundError(

@@ -18,6 +18,8 @@ from openllm_clone.errors import InvalidRequestError
 from openllm_clone.tenants import cap_max_tokens
 
 __all__ = [
+    "SERVER_VERSION",
+    "TGI_MODEL_NAME",
     "AdapterInfo",
     "ChatCompletionRequest",
     "ChatMessage",
@@ -36,6 +38,11 @@ __all__ = [
     "TokenLogprob",
     "new_request_id",
 ]
+
+# The model name text-generation's chat() sends (TGI serves one model): the base model,
+# unless an adapter is called so.
+TGI_MODEL_NAME = "tgi"
+SERVER_VERSION = "0.1.0"  # what the routes say they are (OpenAPI, TGI's /info, fingerprints)
 
 MAX_N = 16
 MAX_PROMPTS = 64  # prompts in one completions request (each with n choices)
@@ -418,7 +425,8 @@ class ChatCompletionRequest(_OpenAISampling):
         default=None,
         ge=0,
         le=MAX_LOGPROBS,
-        description="Alternatives per token (needs logprobs: true).",
+        description="Alternatives per token (needs logprobs: true; with model 'tgi', "
+        "text-generation's chat(), it implies it).",
     )
 
     @model_validator(mode="after")
@@ -426,7 +434,11 @@ class ChatCompletionRequest(_OpenAISampling):
         for message in self.messages:
             message.text()
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
+            if self.model != TGI_MODEL_NAME:
+                raise ValueError("top_logprobs needs logprobs: true")
+            # TGI's surface (text-generation's chat() sends top_logprobs alone): asking
+            # for alternatives asks for logprobs.
+            self.logprobs = True
         return self
 
     def sampling_params(self, default_max: int) -> SamplingParams:

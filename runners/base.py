@@ -129,6 +129,12 @@ class ModelRunner(Protocol):
         """Release what outlives the process's objects (a background compile)."""
         ...
 
+    def idle(self) -> bool:
+        """Between steps while no request runs: do what waits for a step (pick up a
+        finished background compile). True while it has such work: the engine then calls
+        again within a second rather than sleeping until the next request."""
+        ...
+
     @property
     def compiled(self) -> bool:
         """True when some of the step runs compiled."""

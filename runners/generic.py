@@ -383,6 +383,10 @@ class GenericRunner:
     def close(self) -> None:
         """Nothing to release."""
 
+    def idle(self) -> bool:
+        """Nothing waits for a step."""
+        return False
+
     @torch.inference_mode()
     def step(self, rows: list[StepRow]) -> torch.Tensor:
         """One forward over packed rows; fp32 logits as :func:`~.base.logit_rows` says."""

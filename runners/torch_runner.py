@@ -444,6 +444,14 @@ class TorchRunner:
         logger.warning("decode steps stay eager: %s (log: %s)", error, background.log)
         self._compiled, self._compile_failed = None, error
 
+    def idle(self) -> bool:
+        """No request runs: pick up a finished background compile now, so that
+        ``/v1/metadata`` says ready and the next request runs compiled, rather than at the
+        next request's first step. True while a background compile runs."""
+        if self._background is not None:
+            self._poll_background()
+        return self._background is not None
+
     def close(self) -> None:
         """Stop a background compile (the server is shutting down)."""
         if self._background is not None:

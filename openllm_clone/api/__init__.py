@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from openllm_clone.errors import MethodNotAllowedError, NotFoundError, OpenLLMCloneError
 from openllm_clone.protocol import (
+    SERVER_VERSION,
     ChatCompletionRequest,
     CompletionRequest,
     GenerateRequest,
@@ -101,7 +102,7 @@ def _install_handlers(
 
 def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
     """The FastAPI app for ``/v1``; ``get_llm`` returns the process's LLM."""
-    app = FastAPI(title="openllm-clone", version="0.1.0", servers=[{"url": "/v1"}])
+    app = FastAPI(title="openllm-clone", version=SERVER_VERSION, servers=[{"url": "/v1"}])
     app.state.get_llm = get_llm  # the routes read it: api.common.llm_of
     _install_handlers(app, lambda _, exc: error_response(exc))
     for family in (openllm, openai, adapters):
@@ -114,7 +115,7 @@ def build_root_app(get_llm: Callable[[], LLM]) -> FastAPI:
     """The FastAPI app served at the root: TGI / LoRAX and tokenizer routes."""
     app = FastAPI(
         title="openllm-clone (TGI/LoRAX and tokenizer routes)",
-        version="0.1.0",
+        version=SERVER_VERSION,
         docs_url=None,
         redoc_url=None,
         openapi_url=None,

@@ -21,6 +21,8 @@ from openllm_clone.logprobs import (
     prompt_completion_logprobs,
 )
 from openllm_clone.protocol import (
+    SERVER_VERSION,
+    TGI_MODEL_NAME,
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
@@ -243,7 +245,16 @@ async def chat_completions(request: Request) -> Any:
     chunk_base = {**base, "object": "chat.completion.chunk"}
     if body.stream and tool_plan is None:
         stream = await open_stream(llm, ids, params, adapter, rid, constraint)
-        return _openai_stream(stream, chunk_base, _include_usage(body), _chat_choice(llm, body))
+        # text-generation's chat() (model "tgi") parses TGI's chunks: a role and tool_calls
+        # in every delta, and no [DONE] line (its parser would read it as JSON).
+        tgi = adapter is None and body.model == TGI_MODEL_NAME
+        return _openai_stream(
+            stream,
+            chunk_base,
+            _include_usage(body),
+            _chat_choice(llm, body, tgi=tgi),
+            done=not tgi,
+        )
     result = await llm.complete(ids, params, adapter=adapter, request_id=rid, constraint=constraint)
     if body.stream:  # tool calls: the answer is parsed whole, then streamed
         return _tool_stream(
@@ -276,12 +287,15 @@ async def chat_completions(request: Request) -> Any:
 def _response_base(
     llm: LLM, prefix: str, kind: str, asked: str, adapter: str | None
 ) -> dict[str, Any]:
-    """What every response and chunk of one request carries: id, object, created, model."""
+    """What every response and chunk of one request carries: id, object, created, model,
+    and OpenAI's ``system_fingerprint`` (this server's version and the model served;
+    text-generation's chat() parser needs it)."""
     return {
         "id": new_request_id(prefix),
         "object": kind,
         "created": unix_time(),
         "model": served_name(llm, asked, adapter),
+        "system_fingerprint": f"openllm-clone-{SERVER_VERSION}",
     }
 
 
@@ -290,16 +304,19 @@ def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
 
 
 def _chat_choice(
-    llm: LLM, body: ChatCompletionRequest
+    llm: LLM, body: ChatCompletionRequest, *, tgi: bool = False
 ) -> Callable[[RequestOutput, SeqDelta], dict[str, Any]]:
-    """A streamed chat delta as an OpenAI chunk choice (the role in each choice's first)."""
+    """A streamed chat delta as an OpenAI chunk choice (the role in each choice's first;
+    ``tgi``: TGI's shape, the role and ``tool_calls`` in every delta)."""
     first: set[int] = set()
 
     def choice(out: RequestOutput, d: SeqDelta) -> dict[str, Any]:
         delta: dict[str, Any] = {"content": d.text} if d.text or d.finish_reason is None else {}
-        if d.index not in first:
+        if d.index not in first or tgi:
             first.add(d.index)
             delta = {"role": "assistant", "content": d.text}
+            if tgi:
+                delta["tool_calls"] = None
         logprobs = None
         if body.logprobs:
             logprobs = {
@@ -468,7 +485,11 @@ def _openai_stream(
     base: dict[str, Any],
     include_usage: bool,
     choice: Callable[[RequestOutput, SeqDelta], dict[str, Any]],
+    *,
+    done: bool = True,
 ) -> StreamingResponse:
+    """The stream's chunks as SSE, then ``[DONE]`` (unless ``done`` is False)."""
+
     async def events() -> AsyncIterator[str]:
         last: RequestOutput | None = None
         try:
@@ -488,6 +509,7 @@ def _openai_stream(
             yield sse(
                 {**base, "choices": [], "usage": usage(last.prompt_tokens, last.completion_tokens)}
             )
-        yield sse("[DONE]")
+        if done:
+            yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream")

@@ -23,6 +23,7 @@ from openllm_clone.errors import CapacityError, InvalidRequestError, OpenLLMClon
 from openllm_clone.protocol import (
     MAX_LOGPROBS,
     MAX_N,
+    SERVER_VERSION,
     NullMeansDefault,
     SamplingParams,
     new_request_id,
@@ -405,6 +406,6 @@ async def info(request: Request) -> dict[str, Any]:
         "max_best_of": MAX_N,
         "max_stop_sequences": 16,
         "router": "openllm-clone",
-        "version": "0.1.0",
+        "version": SERVER_VERSION,
         "adapters": llm.adapters.names(),
     }

@@ -83,6 +83,9 @@ _TICKS_BETWEEN_STEPS = 8
 _ARRIVAL_WAIT_S = 0.01
 # At most this long between two steps for the HTTP handlers to take the step's outputs.
 _FLUSH_WAIT_S = 0.005
+# An idle engine whose runner has work between steps (a background compile to pick up)
+# looks again this often.
+_IDLE_POLL_S = 1.0
 # Loop ticks between two stages of a step (fair scheduling), for requests coming in.
 _TICKS_BETWEEN_STAGES = 4
 
@@ -302,7 +305,11 @@ class Engine:
             if not self.scheduler:
                 self._wake.clear()
                 if self._inbox.empty():
-                    await self._wake.wait()
+                    if self.runner.idle():  # a background compile to pick up when done
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._wake.wait(), _IDLE_POLL_S)
+                    else:
+                        await self._wake.wait()
                 continue
             worked = True
             try:

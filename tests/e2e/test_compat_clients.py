@@ -63,6 +63,52 @@ def test_text_generation_client(tiny_server: Server, tiny_model_dir: Path) -> No
         client.generate(PROMPT, max_new_tokens=3, watermark=True)
 
 
+def test_text_generation_chat_unpatched(tiny_server: Server) -> None:
+    """text-generation's chat() as it is: it names the model "tgi" (the base model here),
+    parses our chat response and chunks with its own models, and may send top_logprobs
+    without logprobs (which asks for them, on this surface). Greedy: the same text as the
+    OpenAI route's for the same messages."""
+    from text_generation import Client
+    from text_generation.types import Message
+
+    client = Client(tiny_server.url, timeout=120)
+    messages = [Message(role="user", content="What is the weather like?")]
+    reply = client.chat(messages, max_tokens=6, temperature=0.0)
+    assert reply.model == "tgi" and reply.system_fingerprint.startswith("openllm-clone")
+    text = reply.choices[0].message.content
+    assert text and reply.choices[0].finish_reason == "length"
+    assert reply.usage["completion_tokens"] == 6
+    body = {
+        "model": "",
+        "messages": [{"role": "user", "content": "What is the weather like?"}],
+        "max_tokens": 6,
+        "temperature": 0,
+    }
+    openai = httpx.post(f"{tiny_server.url}/v1/chat/completions", json=body, timeout=120)
+    assert openai.json()["choices"][0]["message"]["content"] == text
+    chunks = list(client.chat(messages, max_tokens=6, temperature=0.0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    every = client.chat(
+        messages,
+        repetition_penalty=1.1,
+        frequency_penalty=0.1,
+        presence_penalty=0.1,
+        top_logprobs=2,
+        max_tokens=4,
+        n=1,
+        seed=7,
+        temperature=0.7,
+        top_p=0.9,
+    )
+    logprobs = every.choices[0].logprobs["content"]
+    assert len(logprobs) == 4 and all(len(t["top_logprobs"]) == 2 for t in logprobs)
+    # Elsewhere top_logprobs alone stays a 400, as OpenAI answers it.
+    refused = httpx.post(
+        f"{tiny_server.url}/v1/chat/completions", json={**body, "top_logprobs": 2}, timeout=60
+    )
+    assert refused.status_code == 400 and "top_logprobs" in refused.text
+
+
 def test_lorax_client_with_adapters(
     tiny_server: Server, tiny_model_dir: Path, tiny_adapters: dict[str, Path]
 ) -> None:

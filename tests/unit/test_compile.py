@@ -348,7 +348,8 @@ async def test_auto_serves_eagerly_then_switches_to_the_step_built_in_the_backgr
 ) -> None:
     """--compile auto (the default) with no package for this key (3 rows): the server is
     ready at once and answers eagerly while a child process compiles; the next step after
-    the child is done runs compiled, with the same tokens; a later start loads it."""
+    the child is done is picked up by the idle engine, and the next request runs compiled,
+    with the same tokens; a later start loads it."""
     _, eager = pair
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     ids = eager.tokenize("Once upon a time")
@@ -362,6 +363,14 @@ async def test_auto_serves_eagerly_then_switches_to_the_step_built_in_the_backgr
         background = llm.runner._background
         assert (await llm.complete(ids, params)).token_ids[0] == want  # eager meanwhile
         assert background.proc.wait(timeout=900) == 0, background.tail()
+        # No request comes: the idle engine picks the package up (within a second here),
+        # so /v1/metadata says ready without waiting for one.
+        for _ in range(240):
+            if llm.metadata()["compiled"]["state"] == "ready":
+                break
+            await asyncio.sleep(0.5)
+        assert llm.metadata()["compiled"]["state"] == "ready"
+        assert llm.runner._background is None
         assert (await llm.complete(ids, params)).token_ids[0] == want
         stats = llm.metadata()["compiled"]
         assert stats["state"] == "ready" and stats["steps"] >= 11
