@@ -92,6 +92,7 @@ GENERATION_PATHS = frozenset(
     {
         "/v1/completions",
         "/v1/chat/completions",
+        "/v1/responses",
         "/v1/generate",
         "/v1/generate_stream",
         "/",
