@@ -24,13 +24,15 @@ def _bounded(case: object) -> None:
     body = getattr(case, "body", None)
     path = str(getattr(case, "path", ""))
     if isinstance(body, dict):
-        keys = ("max_new_tokens", "max_tokens", "max_completion_tokens")
+        keys = ("max_new_tokens", "max_tokens", "max_completion_tokens", "max_output_tokens")
         for key in keys:
             if isinstance(body.get(key), int) and body[key] > 16:
                 body[key] = 16
         if not any(key in body for key in keys):
             if path.endswith("completions"):
                 body["max_tokens"] = 16
+            elif path.endswith("responses"):
+                body["max_output_tokens"] = 16
             elif path.startswith("/generate") and not isinstance(body.get("llm_config"), dict):
                 body["max_new_tokens"] = 16
         if isinstance(body.get("llm_config"), dict):
