@@ -303,6 +303,73 @@ def logprobs_row(
     return {"plain": a, "logprobs5": b, "ratio": b / a}
 
 
+async def embed_load(
+    url: str, texts: list[str], concurrency: int, stop: asyncio.Event | None = None
+) -> dict[str, float]:
+    """``concurrency`` clients each sending one text at a time to /v1/embeddings, through
+    ``texts`` (or, with ``stop``, round and round until it is set); inputs per second."""
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    done = 0
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+        async def worker(k: int) -> None:
+            nonlocal done
+            i = k
+            while (stop is None and i < len(texts)) or (stop is not None and not stop.is_set()):
+                body = {"model": "", "input": texts[i % len(texts)]}
+                r = await client.post(f"{url}/v1/embeddings", json=body)
+                r.raise_for_status()
+                done += 1
+                i += concurrency
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return {"inputs_per_s": done / wall, "inputs": done}
+
+
+def embeddings_row(url: str, requests: list[tuple[str, int]], concurrency: int) -> dict[str, Any]:
+    """Embeddings at ``concurrency`` alone (inputs/s), generation alone, then both at once
+    (generation's tok/s beside embeddings over its tok/s alone: same run, same server)."""
+    texts = [p for p, _ in requests] * 4
+    alone = asyncio.run(embed_load(url, texts, concurrency))
+    gen_alone = asyncio.run(run_load(url, requests, concurrency))
+
+    async def both() -> tuple[dict[str, float], dict[str, float]]:
+        stop = asyncio.Event()
+        embedding = asyncio.create_task(embed_load(url, texts, concurrency, stop))
+        generation = await run_load(url, requests, concurrency)
+        stop.set()
+        return generation, await embedding
+
+    gen_beside, emb_beside = asyncio.run(both())
+    out = {
+        "embed_inputs_per_s": alone["inputs_per_s"],
+        "gen_alone_tok_s": gen_alone["throughput"],
+        "gen_beside_tok_s": gen_beside["throughput"],
+        "embed_beside_inputs_per_s": emb_beside["inputs_per_s"],
+    }
+    print(
+        table(
+            ["embeddings row", "value"],
+            [
+                [f"embeddings alone, {concurrency} concurrent (inputs/s)", alone["inputs_per_s"]],
+                [f"generation alone, {concurrency} streams (tok/s)", gen_alone["throughput"]],
+                [
+                    f"generation beside {concurrency} embedding clients (tok/s)",
+                    gen_beside["throughput"],
+                ],
+                ["embeddings meanwhile (inputs/s)", emb_beside["inputs_per_s"]],
+                [
+                    "generation beside embeddings / alone",
+                    f"{gen_beside['throughput'] / gen_alone['throughput']:.2f}x",
+                ],
+            ],
+        )
+    )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -332,6 +399,12 @@ def main() -> None:
         action="store_true",
         help="only the logprobs row: batch-wide requests with and without top_logprobs=5",
     )
+    ap.add_argument(
+        "--embeddings-only",
+        action="store_true",
+        help="only the embeddings row: /v1/embeddings at --batch concurrent, alone and beside "
+        "as many generation streams",
+    )
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
 
@@ -354,6 +427,9 @@ def main() -> None:
         url = server.url
         if args.logprobs_only:
             logprobs_row(url, fixed[: args.batch], args.batch)
+            return
+        if args.embeddings_only:
+            embeddings_row(url, fixed[: args.batch], args.batch)
             return
         # KV memory first, while the block peak is fresh: 64 short requests at once.
         short = workload(64, seed=2, out_min=32, out_max=32)
@@ -382,6 +458,7 @@ def main() -> None:
             after["prefix_cache_hits"] - before["prefix_cache_hits"]
         )
         server_results["logprobs"] = logprobs_row(url, fixed[: args.batch], args.batch)
+        server_results["embeddings"] = embeddings_row(url, fixed[: args.batch], args.batch)
         peak_rss = rss_peak_mb(server.proc.pid)
 
     base: dict[str, float] = {}

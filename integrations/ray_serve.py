@@ -96,7 +96,7 @@ def _adapter_of(path: str, body: Any, base_names: set[str]) -> tuple[str | None,
         return None, []
     if path in ("/generate", "/generate_stream"):
         adapter = body.get("adapter_name")
-    elif path in ("/completions", "/chat/completions", "/responses"):
+    elif path in ("/completions", "/chat/completions", "/responses", "/embeddings"):
         adapter = body.get("model")
     else:
         return None, []

@@ -383,6 +383,27 @@ class LLM:
             prompt_logprobs=prompt_logprobs,
         )
 
+    async def embed(
+        self,
+        prompt_ids: list[int],
+        *,
+        adapter: str | None = None,
+        pooling: str = "last",
+        normalize: bool = True,
+        request_id: str | None = None,
+    ) -> list[float]:
+        """The embedding of a prompt: its final hidden states (with ``adapter``'s LoRA)
+        pooled (``last`` token, or ``mean``), computed by the engine in its batches."""
+        params = SamplingParams.model_validate(
+            {"max_new_tokens": 0, "pooling": pooling, "normalize": normalize}
+        )
+        vector: list[float] | None = None
+        async for out in self.stream(prompt_ids, params, adapter=adapter, request_id=request_id):
+            vector = out.embedding if out.embedding is not None else vector
+        if vector is None:  # the engine always sends it with the last output
+            raise InvalidRequestError("the request ended without an embedding")
+        return vector
+
     def metadata(self) -> dict[str, Any]:
         """Model and server facts for ``/v1/metadata``."""
         info = self.runner.info

@@ -83,6 +83,12 @@ class SamplingParams(BaseModel):
         default=None, ge=0, le=2**63 - 1, description="Same seed, same output."
     )
     n: int = Field(default=1, ge=1, le=MAX_N, description="Completions per prompt.")
+    pooling: Literal["last", "mean"] | None = Field(
+        default=None,
+        description="An embedding request (with max_new_tokens 0): the prompt's final hidden "
+        "states pooled, its last token's or their mean.",
+    )
+    normalize: bool = Field(default=True, description="An embedding of unit length (L2).")
     ignore_eos: bool = Field(
         default=False, description="Keep generating past end-of-sequence (benchmarks)."
     )
@@ -520,3 +526,5 @@ class RequestOutput:
     # Once per request, with the first output after the prompt is computed, when asked:
     # one entry per prompt token, the first None (nothing predicts it).
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # An embedding request's pooled vector, with its last output.
+    embedding: list[float] | None = None

@@ -93,6 +93,8 @@ GENERATION_PATHS = frozenset(
         "/v1/completions",
         "/v1/chat/completions",
         "/v1/responses",
+        "/v1/embeddings",
+        "/embed",
         "/v1/generate",
         "/v1/generate_stream",
         "/",

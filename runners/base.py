@@ -9,7 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["ModelInfo", "ModelRunner", "PackedRows", "StepRow", "logit_rows", "pack_rows"]
+__all__ = [
+    "ModelInfo",
+    "ModelRunner",
+    "PackedRows",
+    "StepRow",
+    "logit_rows",
+    "pack_rows",
+    "put_hidden_states",
+]
 
 
 @dataclass
@@ -20,7 +28,8 @@ class StepRow:
     last sampled token); ``start_pos`` is how many tokens of the sequence are
     already in the KV cache; ``block_table`` lists the KV blocks the sequence owns,
     enough for ``start_pos + len(token_ids)`` tokens. ``all_logits`` asks for the logits
-    of every token of the row (prompt logprobs), not only of its last.
+    of every token of the row (prompt logprobs), not only of its last; ``hidden`` for the
+    final hidden states of its tokens (embeddings), which eager steps compute.
     """
 
     token_ids: list[int]
@@ -29,6 +38,10 @@ class StepRow:
     adapter_slot: int = 0
     need_logits: bool = True
     all_logits: bool = False
+    # An embedding request's row: the runner puts the final (normed) hidden states of the
+    # row's tokens, float32 ``[len(token_ids), hidden]``, in ``hidden_states``.
+    hidden: bool = False
+    hidden_states: Any = None
 
 
 @dataclass
@@ -58,6 +71,18 @@ def logit_rows(row: StepRow) -> int:
     if row.all_logits:
         return len(row.token_ids)
     return 1 if row.need_logits else 0
+
+
+def put_hidden_states(packed: PackedRows, hidden: Any, norm: Any = None) -> None:
+    """Give each row that asks for them its tokens' final hidden states, ``hidden`` being
+    the step's ``[T, H]`` over the packed tokens (``norm``: the model's final norm, when
+    ``hidden`` is before it)."""
+    start = 0
+    for row, n in zip(packed.rows, packed.lengths, strict=True):
+        if row.hidden:
+            h = hidden[start : start + n]
+            row.hidden_states = (norm(h) if norm is not None else h).float().cpu()
+        start += n
 
 
 def pack_rows(rows: list[StepRow], block_size: int) -> PackedRows:
@@ -99,6 +124,7 @@ class ModelInfo:
     num_parameters: int
     weight_bytes: int
     quantization: str | None = None
+    hidden_size: int = 0  # the final hidden states' width (an embedding's dimensions)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

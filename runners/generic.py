@@ -54,7 +54,7 @@ from .attention_hook import (
     local,
     probe_attention,
 )
-from .base import ModelInfo, StepRow, pack_rows
+from .base import ModelInfo, StepRow, pack_rows, put_hidden_states
 from .lora import LoraBank, LoraPlan
 
 __all__ = ["GenericRunner"]
@@ -184,6 +184,7 @@ class GenericRunner:
             device=str(self.device),
             max_model_len=self.max_model_len,
             vocab_size=vocab_size,
+            hidden_size=int(getattr(config, "hidden_size", 0) or 0),
             num_parameters=num_parameters,
             weight_bytes=weight_bytes,
             quantization=quantization,
@@ -423,13 +424,17 @@ class GenericRunner:
             keep = torch.tensor(packed.wanted or [0], device=dev)
             if self._keep_takes_tensor:
                 kwargs["logits_to_keep"] = keep
+            hidden = any(r.hidden for r in ordered)
             out = self.model(
                 input_ids=torch.tensor([packed.ids], device=dev),
                 position_ids=torch.tensor([packed.positions], device=dev),
+                output_hidden_states=hidden,
                 **kwargs,
             )
         finally:
             self._plan = None
+        if hidden:  # the last of them is after the final norm (the base model's output)
+            put_hidden_states(packed, out.hidden_states[-1][0])
         if not packed.wanted:
             return torch.empty(0, self.info.vocab_size)
         logits = out.logits[0]

@@ -36,7 +36,7 @@ from openllm_clone.errors import ModelLoadError
 
 from . import kernels
 from .attention import decode_attention, window_mask
-from .base import ModelInfo, StepRow, pack_rows
+from .base import ModelInfo, StepRow, pack_rows, put_hidden_states
 from .compiled import (
     LORA_MODULES,
     BackgroundCompile,
@@ -242,6 +242,7 @@ class TorchRunner:
             device=str(self.device),
             max_model_len=self.max_model_len,
             vocab_size=int(config.vocab_size),
+            hidden_size=int(getattr(config, "hidden_size", 0) or 0),
             num_parameters=num_parameters,
             weight_bytes=weight_bytes,
             quantization=quantization,
@@ -549,7 +550,7 @@ class TorchRunner:
             or not compiled.paged
             or len(compiled.fns) < 2
             or not rows
-            or any(r.all_logits for r in rows)
+            or any(r.all_logits or r.hidden for r in rows)
         ):
             return self.step(rows)
         return (yield from self._compiled_stages(rows))
@@ -560,20 +561,24 @@ class TorchRunner:
                 self._poll_background()
             else:
                 self.warmup()  # warmup() was skipped: load (or compile) now
-        if (
-            self._compiled is not None
-            and self._compiled.ready
-            and not any(r.all_logits for r in rows)
-        ):
-            if self._compiled.paged:  # prompt chunks are rows of the graph too
-                return self._run_compiled(rows)
-            decode = [i for i, r in enumerate(rows) if len(r.token_ids) == 1]
-            if decode and len(decode) <= self._compiled.max_batch_size:
-                return self._split_step(rows, decode)
+        if self._compiled is not None and self._compiled.ready:
+            if not any(r.all_logits or r.hidden for r in rows):
+                if self._compiled.paged:  # prompt chunks are rows of the graph too
+                    return self._run_compiled(rows)
+                decode = [i for i, r in enumerate(rows) if len(r.token_ids) == 1]
+                if decode and len(decode) <= self._compiled.max_batch_size:
+                    return self._split_step(rows, decode)
+            elif self._compiled.paged and not any(r.all_logits for r in rows):
+                # Embedding rows want hidden states, which only the eager step gives: the
+                # other rows still run compiled.
+                graph = [i for i, r in enumerate(rows) if not r.hidden]
+                if graph:
+                    return self._split_step(rows, graph)
         return self._eager_step(rows)
 
     def _split_step(self, rows: list[StepRow], decode: list[int]) -> torch.Tensor:
-        """Decode rows through the graph, prompt chunks eagerly; logits in row order."""
+        """Rows ``decode`` through the graph (decode rows; with the paged graph, any row
+        but an embedding's), the others eagerly; logits in row order."""
         fast = self._run_compiled([rows[i] for i in decode])
         if len(decode) == len(rows):
             return fast
@@ -644,6 +649,8 @@ class TorchRunner:
                 h = self._norm(layer.post_attention_layernorm, hidden)
                 hidden = self._mlp(li, layer.mlp, h, plan).add_(residual)
 
+        if any(r.hidden for r in ordered):
+            put_hidden_states(packed, hidden, lambda h: self._norm(self.norm, h))
         if not packed.wanted:
             return torch.empty(0, self.info.vocab_size)
         last = self._norm(self.norm, hidden[torch.tensor(packed.wanted, device=dev)])

@@ -33,7 +33,7 @@ from openllm_clone.protocol import (
     LoadAdapterRequest,
 )
 
-from . import adapters, openai, openllm, responses, tgi, tokenizer
+from . import adapters, embeddings, openai, openllm, responses, tgi, tokenizer
 from .common import error_response, json_body, parse_body, sse, validation_error
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ def build_app(get_llm: Callable[[], LLM]) -> FastAPI:
     app = FastAPI(title="openllm-clone", version=SERVER_VERSION, servers=[{"url": "/v1"}])
     app.state.get_llm = get_llm  # the routes read it: api.common.llm_of
     _install_handlers(app, lambda _, exc: error_response(exc))
-    for family in (openllm, openai, responses, adapters):
+    for family in (openllm, openai, responses, embeddings, adapters):
         app.include_router(family.routes)
     _document_bodies(app)
     return app
@@ -130,6 +130,7 @@ def build_root_app(get_llm: Callable[[], LLM]) -> FastAPI:
     _install_handlers(app, respond)
     app.include_router(tgi.routes)
     app.include_router(tokenizer.routes)
+    app.include_router(embeddings.root_routes)
     return app
 
 
@@ -141,6 +142,7 @@ _BODIES: dict[str, type[BaseModel]] = {
     "/completions": CompletionRequest,
     "/chat/completions": ChatCompletionRequest,
     "/responses": responses.ResponsesRequest,
+    "/embeddings": embeddings.EmbeddingRequest,
     "/adapters": LoadAdapterRequest,
 }
 

@@ -65,9 +65,15 @@ class BlockManager:
 
         The block holding the last known token is never taken: that token is computed
         again, for its logits, into a block of the sequence's own. A request asking for its
-        prompt's logprobs takes none (cached blocks come without logits).
+        prompt's logprobs takes none (cached blocks come without logits), nor does an
+        embedding request (nor without the hidden states it pools).
         """
-        if seq.block_table or not self.allocator.prefix_caching or seq.group.wants_prompt_logits:
+        if (
+            seq.block_table
+            or not self.allocator.prefix_caching
+            or seq.group.wants_prompt_logits
+            or seq.params.pooling is not None
+        ):
             return 0
         usable = (seq.num_tokens - 1) // self.block_size
         if usable <= 0:

@@ -401,7 +401,8 @@ class Engine:
             if not group.params.greedy:
                 gen = torch.Generator().manual_seed((int(seed or 0) + i) % 2**63)
             group.seqs.append(Sequence(group, i, self.tokenizer, gen))
-        if group.params.max_new_tokens == 0 and group.params.prompt_logprobs is None:
+        params = group.params
+        if params.max_new_tokens == 0 and params.prompt_logprobs is None and not params.pooling:
             self._finish_scoring(group)  # nothing to compute
             return
         self.scheduler.add(group.seqs[0])
@@ -426,6 +427,7 @@ class Engine:
                 adapter_slot=r.seq.group.adapter_slot,
                 need_logits=r.need_logits,
                 all_logits=r.seq.wants_all_logits,
+                hidden=r.seq.params.pooling is not None,
             )
             for r in rows
         ]
@@ -451,6 +453,8 @@ class Engine:
             k = logit_rows(row)
             if row.all_logits:
                 prompt_logprobs(seq, row, logits[at : at + k])
+            if row.hidden:
+                seq.group.keep_hidden(row.start_pos, row.hidden_states)
             if r.need_logits:
                 if seq.params.max_new_tokens == 0:
                     self._finish_scoring(seq.group)
@@ -661,6 +665,8 @@ class Engine:
             error=error,
             error_status=error_status,
         )
+        if finished and error is None and group.params.pooling is not None:
+            out.embedding = group.embedding()
         if (
             error is None
             and not group.prompt_lp_sent

@@ -68,6 +68,7 @@ class RequestGroup:
     deadline: float | None = None  # perf_counter time after which the request is failed
     prompt_lp: list[TokenLogprob] = field(default_factory=list)  # for prompt tokens 1, 2, ...
     prompt_lp_sent: bool = False
+    hidden: Any = None  # an embedding request's final hidden states, [prompt, H] float32
     tenant: str | None = None  # whose key sent it (fair scheduling, metering, token limits)
     weight: float = 1.0  # the tenant's share of the engine under fair scheduling
 
@@ -85,6 +86,25 @@ class RequestGroup:
     def adapter_key(self) -> tuple[int, int] | None:
         """(slot, load) of the adapter: part of this request's prefix-cache keys."""
         return (self.adapter.slot, self.adapter.load) if self.adapter is not None else None
+
+    def keep_hidden(self, start: int, states: torch.Tensor) -> None:
+        """Hidden states of prompt tokens ``start``, ``start + 1``, ... (an embedding's; a
+        chunk computed again after a preemption writes the same rows)."""
+        import torch
+
+        if self.hidden is None:
+            self.hidden = torch.zeros(len(self.prompt_ids), states.shape[-1])
+        self.hidden[start : start + states.shape[0]] = states
+
+    def embedding(self) -> list[float]:
+        """The prompt's pooled hidden states (``params.pooling``), L2-normalised when asked."""
+        import torch
+
+        assert self.hidden is not None, "an embedding request finished without its states"
+        vector = self.hidden[-1] if self.params.pooling == "last" else self.hidden.mean(0)
+        if self.params.normalize:
+            vector = torch.nn.functional.normalize(vector, dim=0)
+        return [float(x) for x in vector.tolist()]
 
     @property
     def wants_prompt_logits(self) -> bool:

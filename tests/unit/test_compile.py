@@ -180,6 +180,30 @@ async def test_greedy_outputs_equal_the_eager_engine(pair: Any) -> None:
     assert compiled.engine.stats()["kv_blocks_used"] == 0
 
 
+async def test_embedding_rows_beside_compiled_decode_rows(pair: Any) -> None:
+    """Embedding requests join a batch that decodes compiled: their rows run eagerly (the
+    graph gives no hidden states) and equal the eager engine's, the other rows go on
+    compiled with the same tokens."""
+    compiled, eager = pair
+    params = SamplingParams(max_new_tokens=16)
+    ids = [compiled.tokenize(t) for t in ("Once upon a time", "The weather today is fine")]
+    want_tokens = (await eager.complete(ids[0], params)).token_ids[0]
+    want = [await eager.embed(i, pooling="mean", normalize=False) for i in ids]
+    steps = compiled.runner._compiled.steps
+
+    async def embeddings_later() -> list[list[float]]:
+        await asyncio.sleep(0.05)  # while the generation decodes
+        return list(
+            await asyncio.gather(*(compiled.embed(i, pooling="mean", normalize=False) for i in ids))
+        )
+
+    generated, got = await asyncio.gather(compiled.complete(ids[0], params), embeddings_later())
+    assert generated.token_ids[0] == want_tokens
+    assert compiled.runner._compiled.steps >= steps + 10  # decode rows stayed compiled
+    for vector, ref in zip(got, want, strict=True):
+        assert torch.allclose(torch.tensor(vector), torch.tensor(ref), atol=1e-5, rtol=0)
+
+
 async def test_adapter_rows_run_in_the_compiled_step(
     pair: Any, tiny_adapters: dict[str, Path]
 ) -> None:
