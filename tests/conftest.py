@@ -97,6 +97,16 @@ def shared_tiny_server(
         yield server
 
 
+@pytest.fixture(scope="session")
+def shared_openai_client(shared_tiny_server: Server) -> Any:
+    """The official openai SDK's client on the shared server (no retries: errors show)."""
+    from openai import OpenAI
+
+    return OpenAI(
+        base_url=f"{shared_tiny_server.url}/v1", api_key="unused", max_retries=0, timeout=120
+    )
+
+
 @pytest.fixture(scope="module")
 def tiny_server(
     tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_adapters: dict[str, Path]

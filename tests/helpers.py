@@ -17,6 +17,7 @@ __all__ = [
     "make_tiny_model",
     "run_cli",
     "run_server",
+    "start_until_exit",
     "smollm2_tokenizer",
 ]
 
@@ -163,6 +164,25 @@ def run_cli(*args: str) -> Any:
         timeout=600,
         env={**os.environ, "COLUMNS": "250"},
     )
+
+
+def start_until_exit(args: list[str], timeout: float = 120) -> tuple[int, str, float]:
+    """``openllm-clone start ARGS`` on a free port, run until it exits (a start that must
+    fail): its status, its output (stdout and stderr) and how long it took."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "openllm_clone", "start", *args, "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "250"},
+    )
+    return done.returncode, done.stdout + done.stderr, time.monotonic() - started
 
 
 async def alone_base_mixed(

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from openllm_clone.testing import free_port, run_server
+from openllm_clone.testing import run_server
 from tests.families import FAMILIES, make_family_model, reference_greedy
+from tests.helpers import start_until_exit
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -156,18 +156,6 @@ def test_family_matches_generate(family: str, tokenizer: Any, tmp_path: Path) ->
         assert results == [ref[i % 4] for i in range(4)], f"{family} staggered"
 
 
-def _start(args: list[str], tmp_path: Path, timeout: float = 120) -> tuple[int, str, float]:
-    started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "openllm_clone", "start", *args, "--port", str(free_port())],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "COLUMNS": "250"},
-    )
-    return done.returncode, done.stdout + done.stderr, time.monotonic() - started
-
-
 def _tiny_config_model(family: str, folder: Path, tokenizer: Any, **extra: Any) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -196,7 +184,7 @@ def test_start_refuses_unservable_model_at_once(
     family: str, reason: str, extra: dict[str, Any], tokenizer: Any, tmp_path: Path
 ) -> None:
     folder = _tiny_config_model(family, tmp_path / family, tokenizer, **extra)
-    code, output, seconds = _start([str(folder)], tmp_path)
+    code, output, seconds = start_until_exit([str(folder)])
     assert code != 0
     assert seconds < 30, f"took {seconds:.0f} s to refuse"
     assert f"model type '{family}' cannot be served" in output and reason in output
@@ -242,7 +230,7 @@ def test_a_checkpoint_missing_a_weight_is_refused(tiny_model_dir: Path, tmp_path
     folder = tmp_path / "missing"
     shutil.copytree(tiny_model_dir, folder)
     _without(folder, "model.layers.1.mlp.down_proj.weight")
-    code, output, seconds = _start([str(folder), "--dtype", "float32"], tmp_path, timeout=240)
+    code, output, seconds = start_until_exit([str(folder), "--dtype", "float32"], timeout=240)
     assert code == 1, output
     line = next(x for x in output.splitlines() if x.startswith("error: "))
     assert "cannot load the model: the checkpoint in" in line
@@ -266,7 +254,7 @@ def test_a_truncated_checkpoint_is_refused_in_one_line(
     shutil.copytree(tiny_model_dir, folder)
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 3])
-    code, output, seconds = _start([str(folder), "--dtype", "float32"], tmp_path, timeout=240)
+    code, output, seconds = start_until_exit([str(folder), "--dtype", "float32"], timeout=240)
     assert code == 1
     assert "is not a readable safetensors file (truncated:" in output
     assert "Traceback" not in output and "Starting production HTTP" not in output
@@ -291,7 +279,7 @@ def test_an_encoder_is_refused_before_any_worker_starts(tokenizer: Any, tmp_path
     )
     BertModel(config).save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
-    code, output, seconds = _start([str(folder)], tmp_path, timeout=240)
+    code, output, seconds = start_until_exit([str(folder)], timeout=240)
     assert code == 1
     assert "names BertModel, which is not a causal language model" in output
     assert "Starting production HTTP" not in output  # no worker was started

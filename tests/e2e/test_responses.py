@@ -34,10 +34,8 @@ def server(shared_tiny_server: Server) -> Server:
 
 
 @pytest.fixture(scope="module")
-def client(server: Server) -> Any:
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+def client(shared_openai_client: Any) -> Any:
+    return shared_openai_client
 
 
 def _chat_text(server: Server, messages: list[dict[str, str]], model: str = "", n: int = 8) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import free_port, make_adapter, make_tiny_model, run_server
+from tests.helpers import free_port, make_adapter, make_tiny_model, run_server, start_until_exit
 
 pytestmark = pytest.mark.e2e
 
@@ -32,18 +32,6 @@ def _dora_adapter(base: Path, out: Path) -> Path:
     )
     get_peft_model(model, config).save_pretrained(str(out))
     return out
-
-
-def _start_until_exit(args: list[str], timeout: float = 120) -> tuple[int, str, float]:
-    started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "openllm_clone", "start", *args, "--port", str(free_port())],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "COLUMNS": "250"},
-    )
-    return done.returncode, done.stdout + done.stderr, time.monotonic() - started
 
 
 @pytest.mark.parametrize("kind", ["dora", "shape", "rank", "missing"])
@@ -68,7 +56,7 @@ def test_start_exits_on_an_adapter_it_cannot_serve(
         extra = ["--max-adapter-rank", "4"]
     else:
         source, reason = tmp_path / "nowhere", "does not exist"
-    code, output, seconds = _start_until_exit(
+    code, output, seconds = start_until_exit(
         [str(tiny_model_dir), "--dtype", "float32", "--adapter-id", f"bad={source}", *extra]
     )
     assert code == 1, output
