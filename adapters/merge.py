@@ -167,9 +167,15 @@ def _grouped(
     return modules
 
 
-def _merged(path: str, modules: dict[tuple[int, str], LoraModule]) -> AdapterWeights:
+def _merged(path: str, modules: dict[tuple[int, str], LoraModule], strategy: str) -> AdapterWeights:
     merged = AdapterWeights(
-        path=path, config={"peft_type": "LORA", "merge": path, "base_model_name_or_path": None}
+        path=path,
+        config={
+            "peft_type": "LORA",
+            "merge": path,
+            "merge_strategy": strategy,
+            "base_model_name_or_path": None,
+        },
     )
     merged.modules.update(modules)
     merged.config["r"] = merged.rank
@@ -184,7 +190,7 @@ def merge_linear(components: list[tuple[AdapterWeights, float]], *, path: str) -
         a = torch.cat([m.a.float() for m, _ in parts], dim=0)
         b = torch.cat([m.b.float() * (m.scale * c) for m, c in parts], dim=1)
         modules[key] = LoraModule(a=a, b=b, scale=1.0)
-    return _merged(path, modules)
+    return _merged(path, modules, "linear")
 
 
 def _module_order(key: tuple[int, str]) -> tuple[int, int, str]:
@@ -236,4 +242,4 @@ def _merge_task_arithmetic(
             a = combine([m.a.float() for m, _ in parts], weights_a)
             b = combine([m.b.float() for m, _ in parts], weights_b)
             modules[key] = LoraModule(a=a, b=b, scale=1.0)
-    return _merged(path, modules)
+    return _merged(path, modules, recipe.strategy)

@@ -70,6 +70,7 @@ class AdapterRecord:
     target_modules: tuple[str, ...] = ()
     size_bytes: int | None = None
     base_model: str | None = None
+    kind: str | None = None  # lora, or merge (its strategy); set when its weights are read
     error: str | None = None
     unloading: bool = False
     force: bool = False  # skip the base-model check when it loads (start-up adapters)
@@ -89,6 +90,7 @@ class AdapterRecord:
             pinned=self.pinned,
             requests_served=self.requests_served,
             base_model=self.base_model,
+            kind=self.kind,
             error=self.error,
         )
 
@@ -296,6 +298,7 @@ class AdapterRegistry:
             record.target_modules = tuple(weights.target_modules)
             record.size_bytes = weights.size_bytes
             record.base_model = weights.base_model
+            record.kind = weights.kind
             record.last_used = time.monotonic()
             self._records[name] = record
             logger.info(

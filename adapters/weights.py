@@ -64,6 +64,12 @@ class AdapterWeights:
         return sorted({path.rsplit(".", 1)[-1] for _, path in self.modules})
 
     @property
+    def kind(self) -> str:
+        """``lora``, or ``merge (STRATEGY)`` for a per-request merge."""
+        strategy = self.config.get("merge_strategy")
+        return f"merge ({strategy})" if strategy else "lora"
+
+    @property
     def base_model(self) -> str | None:
         """``base_model_name_or_path`` from the adapter config."""
         value = self.config.get("base_model_name_or_path")

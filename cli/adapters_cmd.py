@@ -20,11 +20,15 @@ def list_(endpoint: str = ENDPOINT_OPTION, api_key: str | None = API_KEY_OPTION)
             adapters = client.list_adapters()
     except APIError as exc:
         fail(str(exc))
-    table = Table("name", "state", "rank", "targets", "size", "pinned", "served", "source")
+    table = Table("name", "kind", "state", "rank", "targets", "size", "pinned", "served", "source")
     for a in adapters:
+        state = a["state"]
+        if a.get("error"):
+            state = f"{state}: {a['error']}"
         table.add_row(
             a["name"],
-            a["state"],
+            a.get("kind") or "-",
+            state,
             str(a.get("rank") or "-"),
             ",".join(a.get("target_modules") or []) or "-",
             human_bytes(a["size_bytes"]) if a.get("size_bytes") else "-",

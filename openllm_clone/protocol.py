@@ -469,6 +469,11 @@ class AdapterInfo(BaseModel):
 
     name: str
     source: str
+    kind: str | None = Field(
+        default=None,
+        description="lora, or merge (linear | ties | ...) for a per-request merge; known once "
+        "read (None while only registered)",
+    )
     state: Literal["registered", "ready", "failed"] = Field(
         description="registered: loads on first use; ready: in a slot; failed: its last "
         "load was refused (``error`` says why; the next request tries again)"

@@ -14,7 +14,14 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import free_port, make_adapter, make_tiny_model, run_server, start_until_exit
+from tests.helpers import (
+    free_port,
+    make_adapter,
+    make_tiny_model,
+    run_cli,
+    run_server,
+    start_until_exit,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -121,6 +128,7 @@ def test_lenient_start_serves_without_the_adapter_and_readyz_never_blocks(
         }, reasons
         listed = {a["name"]: a for a in httpx.get(f"{url}/v1/adapters", timeout=30).json()["data"]}
         assert listed["alpha"]["state"] == "ready" and listed["alpha"]["error"] is None
+        assert listed["alpha"]["kind"] == "lora" and listed["dora"]["kind"] is None
         assert listed["dora"]["state"] == "failed"
         assert "DoRA adapters are not supported" in listed["dora"]["error"]
         body = {"prompt": "hi", "max_tokens": 2}
@@ -132,6 +140,11 @@ def test_lenient_start_serves_without_the_adapter_and_readyz_never_blocks(
             assert served.status_code == 200, served.text
             assert served.json()["usage"]["completion_tokens"] == 2
         assert "ERROR openllm_clone.llm: adapter 'dora'" in log.read_text()
+        listing = run_cli("adapters", "list", "--endpoint", url)
+        assert listing.returncode == 0, listing.stderr
+        rows = {line.split("│")[1].strip(): line for line in listing.stdout.splitlines()[3:-1]}
+        assert "failed: DoRA adapters are not supported" in rows["dora"]
+        assert "lora" in rows["alpha"] and "ready" in rows["alpha"]
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=60)

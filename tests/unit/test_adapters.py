@@ -221,7 +221,8 @@ async def test_linear_merge_equals_peft_weighted_cat(
     assert name == "merge:alpha*0.7+gamma*0.3"
     ids = llm.tokenize("The weather today")
     ours = await llm.complete(ids, SamplingParams(max_new_tokens=16), adapter=name)
-    assert {a.name: a for a in llm.adapters.list()}[name].rank == 8 + 16
+    merged = {a.name: a for a in llm.adapters.list()}[name]
+    assert merged.rank == 8 + 16 and merged.kind == "merge (linear)"
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(model, str(tiny_adapters["alpha"]), adapter_name="alpha")
@@ -272,7 +273,9 @@ async def test_ties_and_dare_merges_equal_peft_add_weighted_adapter(
     assert name == f"merge:{strategy}(0.5,{sign or 'total'}):alpha*0.7+delta*-0.4"
     ids = llm.tokenize("The weather today")
     ours = await llm.complete(ids, SamplingParams(max_new_tokens=16), adapter=name)
-    assert {a.name: a for a in llm.adapters.list()}[name].rank == 8
+    listed = {a.name: a for a in llm.adapters.list()}
+    assert listed[name].rank == 8 and listed[name].kind == f"merge ({strategy})"
+    assert listed["alpha"].kind == "lora"
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(model, str(tiny_adapters["alpha"]), adapter_name="alpha")
