@@ -20,7 +20,7 @@ from openllm_clone.errors import (
     InvalidRequestError,
     OpenLLMCloneError,
 )
-from openllm_clone.protocol import MergedAdapters, RequestOutput, SamplingParams
+from openllm_clone.protocol import ChatMessage, MergedAdapters, RequestOutput, SamplingParams
 
 if TYPE_CHECKING:
     from openllm_clone.llm import LLM
@@ -38,6 +38,7 @@ __all__ = [
     "sse",
     "usage",
     "validation_error",
+    "with_system",
 ]
 
 
@@ -145,6 +146,15 @@ async def merged_adapter(
         density=density,
         majority_sign_method=majority_sign_method,
     )
+
+
+def with_system(messages: list[ChatMessage], text: str) -> list[ChatMessage]:
+    """Add ``text`` to the system message (creating one first if needed): a tool plan's
+    instructions, for the chat and Responses routes."""
+    if messages and messages[0].role in ("system", "developer"):
+        first = ChatMessage(role="system", content=f"{messages[0].text()}\n\n{text}")
+        return [first, *messages[1:]]
+    return [ChatMessage(role="system", content=text), *messages]
 
 
 def served_name(llm: LLM, asked: str, adapter: str | None) -> str:

@@ -24,7 +24,6 @@ from openllm_clone.protocol import (
     SERVER_VERSION,
     TGI_MODEL_NAME,
     ChatCompletionRequest,
-    ChatMessage,
     CompletionRequest,
     RequestOutput,
     SamplingParams,
@@ -45,6 +44,7 @@ from .common import (
     served_name,
     sse,
     usage,
+    with_system,
 )
 
 if TYPE_CHECKING:
@@ -233,7 +233,7 @@ async def chat_completions(request: Request) -> Any:
     tool_plan = plan_tools(body.tools or [], body.tool_choice)
     messages = body.messages
     if tool_plan is not None:
-        messages = _with_system(messages, tool_plan.system_prompt)
+        messages = with_system(messages, tool_plan.system_prompt)
         constraint = llm.grammars.json_schema(tool_plan.schema)
     else:
         constraint = llm.constraint_for(body.response_format)
@@ -331,14 +331,6 @@ def _chat_choice(
         }
 
     return choice
-
-
-def _with_system(messages: list[ChatMessage], text: str) -> list[ChatMessage]:
-    """Add ``text`` to the system message (creating one first if needed)."""
-    if messages and messages[0].role in ("system", "developer"):
-        first = ChatMessage(role="system", content=f"{messages[0].text()}\n\n{text}")
-        return [first, *messages[1:]]
-    return [ChatMessage(role="system", content=text), *messages]
 
 
 def _chat_logprobs(llm: LLM, result: Any, i: int, asked: bool) -> dict[str, Any] | None:

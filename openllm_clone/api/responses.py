@@ -38,7 +38,7 @@ from openllm_clone.protocol import (
 from openllm_clone.structured import parse_tool_output, plan_tools
 from openllm_clone.tenants import cap_max_tokens
 
-from .common import json_body, llm_of, open_stream, parse_body, sampling, sse
+from .common import json_body, llm_of, open_stream, parse_body, sampling, sse, with_system
 
 if TYPE_CHECKING:
     from openllm_clone.llm import LLM
@@ -288,9 +288,7 @@ class _Turn:
         )
         self.tool_plan = plan_tools(chat.tools or [], chat.tool_choice)
         if self.tool_plan is not None:
-            from .openai import _with_system
-
-            chat.messages = _with_system(chat.messages, self.tool_plan.system_prompt)
+            chat.messages = with_system(chat.messages, self.tool_plan.system_prompt)
             self.constraint = llm.grammars.json_schema(self.tool_plan.schema)
         else:
             self.constraint = llm.constraint_for(chat.response_format)

@@ -449,6 +449,7 @@ class _FakeWeights:
     alpha = 16.0
     target_modules = ("q_proj",)
     size_bytes = 1
+    kind = "lora"
 
 
 class _SlotHost(_NoHost):
