@@ -300,7 +300,10 @@ class LLMService:
                 llm = await _in_daemon_thread(
                     lambda: LLM.from_settings(settings, observer=observer, warmup=False)
                 )
-                warm_up(llm.runner)  # on the loop's thread, which runs the steps
+                if llm.runner.warmup_compiles():  # minutes: /readyz answers meanwhile
+                    await _in_daemon_thread(lambda: warm_up(llm.runner))
+                else:  # a load from the cache, on the loop's thread, which runs the steps
+                    warm_up(llm.runner)
             except Exception as exc:
                 raise ModelLoadError(f"cannot load the model: {one_line(exc)}") from exc
             observer.tokenizer = llm.tokenizer

@@ -151,6 +151,10 @@ class ModelRunner(Protocol):
         """Compile what ``--compile`` compiles, before the first request."""
         ...
 
+    def warmup_compiles(self) -> bool:
+        """True when :meth:`warmup` would compile (minutes), not load from the cache."""
+        ...
+
     def close(self) -> None:
         """Release what outlives the process's objects (a background compile)."""
         ...

@@ -381,6 +381,10 @@ class GenericRunner:
     def warmup(self) -> None:
         """Nothing to compile."""
 
+    def warmup_compiles(self) -> bool:
+        """Nothing to compile."""
+        return False
+
     def close(self) -> None:
         """Nothing to release."""
 

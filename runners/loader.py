@@ -156,8 +156,10 @@ def describe_names(names: list[str], shown: int = 4) -> str:
 
 def warm_up(runner: Any) -> None:
     """Load the compiled step from the cache, or compile it (``--compile``), or start its
-    background compile. Call it on the thread that will run the steps: the compiled step
-    loaded on another thread (a worker's loading thread) ran 5-20 % slower here."""
+    background compile. Call it on the thread that will run the steps where it can: the
+    compiled step loaded on another thread (a worker's loading thread) ran 5-10 % slower
+    at batch 1 here; a compile (``warmup_compiles``) runs on the loading thread instead,
+    so that the server answers its probes meanwhile."""
     if not runner.compiled:
         return
     try:

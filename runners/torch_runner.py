@@ -416,6 +416,17 @@ class TorchRunner:
                 stages=self._compiled.stages,
             )
 
+    def warmup_compiles(self) -> bool:
+        """True when :meth:`warmup` compiles the step in this process (``--compile on``
+        with no package in the cache): minutes, not the seconds of a load."""
+        compiled = self._compiled
+        return (
+            compiled is not None
+            and not compiled.ready
+            and self.compile_mode == "on"
+            and not compiled.package.exists()
+        )
+
     def compile_step(self) -> None:
         """Load the compiled decode step from the cache, or (``--compile on``) compile it."""
         assert self._compiled is not None
