@@ -278,7 +278,7 @@ class LLMService:
         self.settings = Settings.from_env()
         _configure_logging(self.settings.log_level)
         readiness.starting("loading the model")
-        self._startup: asyncio.Task[None] | None = None
+        self._startup: asyncio.Task[None] | None = None  # held: the loop keeps weak refs
 
     @bentoml.on_startup
     async def begin_loading(self) -> None:

@@ -206,18 +206,14 @@ def import_model(source: str = DEFAULT_MODEL, *, name: str | None = None) -> str
     else:
         raise ModelLoadError(f"{source!r} is not a folder, a hub id, or {DEFAULT_MODEL!r}")
     info = describe_model(path)
-    from openllm_clone.runners.loader import describe_names
+    from openllm_clone.runners.loader import refuse_missing
     from openllm_clone.runners.support import checkpoint_names, missing_weights, not_a_causal_lm
 
     checkpoint_names(path)  # a corrupt or truncated safetensors file: one line
     config = json.loads((path / "config.json").read_text())
     # Not a causal LM (a BERT encoder): imported with the warning runner_facts gives.
-    missing = missing_weights(path) if not_a_causal_lm(config) is None else []
-    if missing:
-        raise ModelLoadError(
-            f"the checkpoint in {path} lacks {describe_names(missing)} that the model needs; "
-            "it would be served with random values in their place"
-        )
+    if not_a_causal_lm(config) is None:
+        refuse_missing(missing_weights(path), path)
     from safetensors import safe_open
 
     params = 0

@@ -17,6 +17,7 @@ __all__ = [
     "compile_cache_dir",
     "emulated_bf16_warning",
     "load_runner",
+    "refuse_missing",
     "warm_up",
     "pick_device",
     "pick_dtype",
@@ -132,18 +133,23 @@ def check_loaded_weights(loading: dict[str, Any], path: Path) -> None:
     """Refuse a model whose checkpoint lacks weights it needs (transformers would fill them
     with random values and the server would answer fluent garbage); tied weights are not
     missing. Weights the model does not use are a warning."""
-    missing = sorted(loading.get("missing_keys") or ())
-    if missing:
-        raise ModelLoadError(
-            f"the checkpoint in {path} lacks {describe_names(missing)} that the model needs; "
-            "it would be served with random values in their place"
-        )
+    refuse_missing(sorted(loading.get("missing_keys") or ()), path)
     unexpected = sorted(loading.get("unexpected_keys") or ())
     if unexpected:
         logger.warning(
             "the checkpoint in %s has %s that the model does not use (ignored)",
             path,
             describe_names(unexpected),
+        )
+
+
+def refuse_missing(missing: list[str], path: Path) -> None:
+    """Raise :class:`ModelLoadError` naming the weights the checkpoint in ``path`` lacks
+    (the first few and a count); nothing when none (the load and ``import`` both ask)."""
+    if missing:
+        raise ModelLoadError(
+            f"the checkpoint in {path} lacks {describe_names(missing)} that the model needs; "
+            "it would be served with random values in their place"
         )
 
 
