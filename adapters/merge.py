@@ -152,6 +152,13 @@ def merge(
     components: list[tuple[AdapterWeights, float]], recipe: MergeRecipe, *, path: str
 ) -> AdapterWeights:
     """The adapter ``recipe`` makes of ``components`` (each adapter's weights and weight)."""
+    for weights, _ in components:
+        if weights.dora or weights.saved:
+            raise AdapterIncompatibleError(
+                f"{weights.path} is a {weights.kind} adapter; merges combine plain LoRA "
+                "adapters only (peft's add_weighted_adapter refuses DoRA, and a saved "
+                "module has no weighted combination)"
+            )
     if recipe.strategy == "linear":
         return merge_linear(components, path=path)
     return _merge_task_arithmetic(components, recipe, path=path)

@@ -1,8 +1,11 @@
 """Reading a peft LoRA folder into plain tensors, and checking it against a base model.
 
-Only ``adapter_model.safetensors`` is read by default; a pickled
-``adapter_model.bin`` is refused unless the caller opts in, because unpickling runs
-arbitrary code.
+What is read: LoRA pairs on the Linear modules of the decoder layers; DoRA's magnitude
+vector beside them (``use_dora``); whole modules the adapter trained and saved
+(``modules_to_save``, usually ``lm_head`` and ``embed_tokens``), which the runner checks
+against its own embeddings and head. Only ``adapter_model.safetensors`` is read by
+default; a pickled ``adapter_model.bin`` is refused unless the caller opts in, because
+unpickling runs arbitrary code.
 """
 
 from __future__ import annotations
@@ -25,19 +28,29 @@ __all__ = ["AdapterWeights", "LoraModule", "read_adapter"]
 #   base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight     (Llama, Qwen, Gemma)
 #   base_model.model.transformer.h.3.attn.c_attn.lora_A.weight         (GPT-2)
 #   base_model.model.gpt_neox.layers.3.attention.query_key_value.lora_B.weight
-# The module is keyed by its path inside the layer ("self_attn.q_proj").
+# The module is keyed by its path inside the layer ("self_attn.q_proj"). DoRA adds the
+# module's magnitude vector ("...q_proj.lora_magnitude_vector", ".weight" in older peft).
 _KEY = re.compile(
-    r"(?:^|\.)[A-Za-z_]\w*\.(?P<layer>\d+)\.(?P<module>[\w.]+?)\.lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight$"
+    r"(?:^|\.)[A-Za-z_]\w*\.(?P<layer>\d+)\.(?P<module>[\w.]+?)\."
+    r"(?:lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight|(?P<mag>lora_magnitude_vector)(?:\.weight)?)$"
+)
+# A whole saved module (modules_to_save): "base_model.model.lm_head.weight" ->
+# "lm_head"; older peft wrote "...lm_head.modules_to_save.default.weight".
+_SAVED = re.compile(
+    r"^(?:base_model\.model\.)?(?P<path>[\w.]+?)(?:\.modules_to_save\.[\w-]+)?\.weight$"
 )
 
 
 @dataclass
 class LoraModule:
-    """One adapted projection: ``delta(x) = scale * (x @ A.T) @ B.T``."""
+    """One adapted projection: ``delta(x) = scale * (x @ A.T) @ B.T``; with DoRA's
+    ``magnitude`` m, the projection becomes ``m / ||W + scale * B @ A||_row * (W x +
+    delta(x))`` (plus the bias), the norm taken over each output row of the weight."""
 
     a: torch.Tensor  # [rank, in_features]
     b: torch.Tensor  # [out_features, rank]
     scale: float
+    magnitude: torch.Tensor | None = None  # [out_features], DoRA only
 
 
 @dataclass
@@ -47,6 +60,9 @@ class AdapterWeights:
     path: str
     config: dict[str, Any]
     modules: dict[tuple[int, str], LoraModule] = field(default_factory=dict)
+    # modules_to_save: the module's path in the model ("lm_head", "model.embed_tokens")
+    # -> its trained weight.
+    saved: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
@@ -64,10 +80,21 @@ class AdapterWeights:
         return sorted({path.rsplit(".", 1)[-1] for _, path in self.modules})
 
     @property
+    def dora(self) -> bool:
+        """True for a DoRA adapter (magnitude vectors beside its LoRA pairs)."""
+        return any(m.magnitude is not None for m in self.modules.values())
+
+    @property
     def kind(self) -> str:
-        """``lora``, or ``merge (STRATEGY)`` for a per-request merge."""
+        """``lora`` or ``dora``, then the saved modules (``lora + lm_head,
+        embed_tokens``); ``merge (STRATEGY)`` for a per-request merge."""
         strategy = self.config.get("merge_strategy")
-        return f"merge ({strategy})" if strategy else "lora"
+        if strategy:
+            return f"merge ({strategy})"
+        kind = "dora" if self.dora else "lora"
+        if self.saved:
+            kind += " + " + ", ".join(p.rsplit(".", 1)[-1] for p in sorted(self.saved))
+        return kind
 
     @property
     def base_model(self) -> str | None:
@@ -77,11 +104,10 @@ class AdapterWeights:
 
     @property
     def size_bytes(self) -> int:
-        """Bytes of the LoRA matrices."""
-        return sum(
-            m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size()
-            for m in self.modules.values()
-        )
+        """Bytes of the LoRA matrices, magnitude vectors and saved modules."""
+        tensors = [t for m in self.modules.values() for t in (m.a, m.b, m.magnitude)]
+        tensors += list(self.saved.values())
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:
@@ -117,18 +143,21 @@ def read_adapter(
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise AdapterIncompatibleError(f"only LoRA adapters are served, not {peft_type}")
-    if config.get("use_dora"):
-        raise AdapterIncompatibleError("DoRA adapters are not supported")
     if config.get("target_parameters"):
         raise AdapterIncompatibleError(
             f"LoRA on parameters (peft target_parameters {config['target_parameters']}, as "
             "peft makes for the fused experts of MoE models) is not supported: train the "
             "adapter on Linear modules (target_modules) only"
         )
-    if config.get("modules_to_save"):
-        raise AdapterIncompatibleError(
-            f"adapters with modules_to_save ({config['modules_to_save']}) are not supported"
-        )
+    for option, what in (
+        ("trainable_token_indices", "trainable tokens (peft trainable_token_indices)"),
+        ("lora_bias", "a trained bias on lora_B (peft lora_bias)"),
+        ("layer_replication", "replicated layers (peft layer_replication)"),
+    ):
+        if config.get(option):
+            raise AdapterIncompatibleError(f"adapters with {what} are not supported")
+    use_dora = bool(config.get("use_dora"))
+    saved_names = [str(n) for n in config.get("modules_to_save") or []]
 
     tensors = _read_tensors(folder, allow_pickle=allow_pickle)
     rank_pattern = config.get("rank_pattern") or {}
@@ -137,18 +166,30 @@ def read_adapter(
     use_rslora = bool(config.get("use_rslora"))
 
     pairs: dict[tuple[int, str], dict[str, Any]] = {}
+    saved: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         match = _KEY.search(key)
         if match is None:
-            raise AdapterIncompatibleError(
-                f"unsupported tensor {key!r}: only LoRA on Linear modules of the decoder layers "
-                "is served (not embeddings or the output head)"
-            )
+            module_path = _saved_path(key, saved_names)
+            if module_path is None:
+                raise AdapterIncompatibleError(
+                    f"unsupported tensor {key!r}: only LoRA (and DoRA) on Linear modules of "
+                    "the decoder layers and the modules listed in modules_to_save are served"
+                )
+            saved[module_path] = tensor
+            continue
         slot = (int(match["layer"]), match["module"])
+        if match["mag"]:
+            if not use_dora:
+                raise AdapterIncompatibleError(
+                    f"{key!r} is a DoRA magnitude vector but the config does not set use_dora"
+                )
+            pairs.setdefault(slot, {})["M"] = tensor
+            continue
         pairs.setdefault(slot, {})[match["ab"]] = tensor
         pairs[slot]["key"] = key
 
-    weights = AdapterWeights(path=str(folder), config=config)
+    weights = AdapterWeights(path=str(folder), config=config, saved=saved)
     for (layer, module), ab in sorted(pairs.items()):
         if "A" not in ab or "B" not in ab:
             raise AdapterIncompatibleError(f"layer {layer} {module}: lora_A or lora_B missing")
@@ -167,10 +208,32 @@ def read_adapter(
                 f"layer {layer} {module}: rank {rank} in the weights, {configured_rank} in the config"
             )
         scale = alpha / (rank**0.5) if use_rslora else alpha / rank
-        weights.modules[(layer, module)] = LoraModule(a=a, b=b, scale=scale)
+        magnitude = ab.get("M")
+        if use_dora and (
+            magnitude is None or magnitude.dim() != 1 or magnitude.shape[0] != b.shape[0]
+        ):
+            raise AdapterIncompatibleError(
+                f"layer {layer} {module}: a DoRA adapter needs a magnitude vector of "
+                f"{b.shape[0]} values (lora_magnitude_vector), found "
+                f"{'none' if magnitude is None else tuple(magnitude.shape)}"
+            )
+        weights.modules[(layer, module)] = LoraModule(a=a, b=b, scale=scale, magnitude=magnitude)
     if not weights.modules:
         raise AdapterIncompatibleError(f"{folder} holds no LoRA weights")
     return weights
+
+
+def _names(path: str, name: str) -> bool:
+    """peft's modules_to_save match: ``name`` is the module's path or its last parts."""
+    return path == name or path.endswith("." + name)
+
+
+def _saved_path(key: str, names: list[str]) -> str | None:
+    """The module path of a saved module's weight, when ``key`` is one of ``names``."""
+    match = _SAVED.match(key)
+    if match is None or not any(_names(match["path"], n) for n in names):
+        return None
+    return match["path"]
 
 
 def _read_tensors(folder: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:

@@ -367,7 +367,13 @@ class DecodeGraph(torch.nn.Module):
         idx: torch.Tensor,
         lens: torch.Tensor,
         caches: list[torch.Tensor],
-        lora: tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]],
+        lora: tuple[
+            torch.Tensor,
+            list[torch.Tensor],
+            list[torch.Tensor],
+            list[torch.Tensor],
+            list[torch.Tensor],
+        ],
         wanted: torch.Tensor,
     ) -> torch.Tensor:
         """One row per token (a decode row's new token, or a token of a prompt chunk).
@@ -378,12 +384,14 @@ class DecodeGraph(torch.nn.Module):
         (positions 0..W-1, read below ``lens``: the row's position + 1); ``lora``: each
         row's adapter slot and :class:`~.lora.LoraBank`'s stacks ``A[m] [L, S, r, in]``,
         ``B[m] [L, S, r, out]`` for each module of :data:`LORA_MODULES` (slot 0 is
-        zeros: rows without an adapter add nothing); ``wanted``: the rows whose logits
+        zeros: rows without an adapter add nothing), then DoRA's float32 scales ``g[m]
+        [L, S, out]`` and offsets ``(1 - g) * bias`` (ones and zeros for slots that are not
+        DoRA: ``y = (W x + delta) * g + c``); ``wanted``: the rows whose logits
         are returned, in that order."""
         T = ids.shape[0]
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
         per_layer = 4 if self.gemma else 2
-        row_slots, lora_a, lora_b = lora
+        row_slots, lora_a, lora_b, dora_g, dora_c = lora
         masks: tuple[torch.Tensor, torch.Tensor] | None = None
         if not self.paged:  # SDPA over a gathered copy: masks from the positions
             k_pos = torch.arange(idx.shape[1], device=idx.device).unsqueeze(0)
@@ -398,7 +406,8 @@ class DecodeGraph(torch.nn.Module):
             a = lora_a[m][i][row_slots].float()  # [T, r, in]
             b = lora_b[m][i][row_slots].float()  # [T, r, out]
             xa = torch.bmm(a, x_in.float().unsqueeze(-1))  # [T, r, 1]
-            return (y.float() + torch.bmm(xa.transpose(1, 2), b).squeeze(1)).to(y.dtype)
+            out = y.float() + torch.bmm(xa.transpose(1, 2), b).squeeze(1)
+            return (out * dora_g[m][i][row_slots] + dora_c[m][i][row_slots]).to(y.dtype)
 
         def adapted(
             x_in: torch.Tensor,
@@ -418,7 +427,14 @@ class DecodeGraph(torch.nn.Module):
             x32, offset = x_in.float(), 0
             for m, size in modules:
                 torch.ops.openllm_clone.lora_bgmv_(
-                    y, x32, lora_a[m][i], lora_b[m][i], row_slots, offset
+                    y,
+                    x32,
+                    lora_a[m][i],
+                    lora_b[m][i],
+                    dora_g[m][i],
+                    dora_c[m][i],
+                    row_slots,
+                    offset,
                 )
                 offset += size
             return y.to(x_in.dtype)
@@ -652,6 +668,8 @@ class CompiledDecoder:
                 by_row,
                 [{1: lora_slots, 2: lora_rank} for _ in lora[1]],
                 [{1: lora_slots, 2: lora_rank} for _ in lora[2]],
+                [{1: lora_slots} for _ in lora[3]],
+                [{1: lora_slots} for _ in lora[4]],
             ),
             {0: logit_rows},
         )

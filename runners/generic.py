@@ -55,7 +55,8 @@ from .attention_hook import (
     probe_attention,
 )
 from .base import ModelInfo, StepRow, pack_rows, put_hidden_states
-from .lora import LoraBank, LoraPlan
+from .dora import ReleasedWeights, dora_base
+from .lora import LoraBank, LoraPlan, saved_targets
 
 __all__ = ["GenericRunner"]
 
@@ -169,6 +170,19 @@ class GenericRunner:
         for name, (_, per_layer) in targets.items():
             for li, module in per_layer.items():
                 self._hooks.append(module.register_forward_hook(self._lora_hook(li, name)))
+        # DoRA reads the base projections' weights (or what packing kept of them); an
+        # adapter's saved embeddings or head replace the model's for its tokens (hooks on
+        # the two modules, which see each token / each kept row in packed order).
+        self._released = ReleasedWeights()
+        self.lora.dora_base = dora_base(self.layers, self._released, self.dtype)
+        self.lora.saved_modules = saved_targets(model)
+        self._token_slots: list[int] = []
+        self._replacing = False
+        self._wanted_slots: list[int] = []
+        embeddings = model.get_input_embeddings()
+        for path, (module, _) in self.lora.saved_modules.items():
+            hook = self._saved_hook(path, embeddings=module is embeddings)
+            self._hooks.append(module.register_forward_hook(hook))
 
         weight_bytes = sum(
             t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
@@ -346,6 +360,7 @@ class GenericRunner:
             packed = PackedLinear(weight, module.bias)
             module.forward = _packed_forward(packed)  # type: ignore[method-assign]
             if owners.get(weight.data_ptr(), 0) == 1:
+                self._released.keep(module, weight, packed)
                 module.weight = torch.nn.Parameter(
                     torch.empty(0, dtype=weight.dtype), requires_grad=False
                 )
@@ -423,6 +438,11 @@ class GenericRunner:
             offset += n
         self._plan = self.lora.plan([r.adapter_slot for r in ordered], packed.lengths)
         self._state = state
+        if self.lora.saves:
+            self._token_slots = [
+                r.adapter_slot for r, n in zip(ordered, packed.lengths) for _ in range(n)
+            ]
+            self._wanted_slots = [self._token_slots[t] for t in packed.wanted or [0]]
         try:
             kwargs: dict[str, Any] = {"use_cache": False}
             keep = torch.tensor(packed.wanted or [0], device=dev)
@@ -511,6 +531,32 @@ class GenericRunner:
             op = attend(qp, kp.to(q.dtype), vp.to(q.dtype), mask, scaling, softcap, sinks)
             out[offset : offset + n] = op[0].transpose(0, 1)
         return out.unsqueeze(0)
+
+    def _saved_hook(self, path: str, embeddings: bool) -> Any:
+        """Replace the output of the input embeddings (a row per token) or of the head (a
+        row per kept token) for the rows whose adapter saved that module."""
+        bank = self.lora
+
+        def hook(module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+            # (the replacement runs the module's own forward, which comes back here)
+            if self._plan is None or not bank.saves or self._replacing:
+                return None
+            x = args[0].reshape(-1) if embeddings else args[0].reshape(-1, args[0].shape[-1])
+            slots = self._token_slots
+            if not embeddings and x.shape[0] != len(slots):  # logits_to_keep's rows only
+                slots = self._wanted_slots
+            if len(slots) != x.shape[0]:
+                raise AssertionError(f"{path}: {x.shape[0]} rows, {len(slots)} slots")
+            if not any(bank.has_saved(s) for s in set(slots)):
+                return None
+            y = output.reshape(x.shape[0], -1).clone()
+            self._replacing = True
+            try:
+                return bank.replace_saved(path, slots, x, y).view(output.shape)
+            finally:
+                self._replacing = False
+
+        return hook
 
     def _lora_hook(self, layer: int, name: str) -> Any:
         bank = self.lora

@@ -47,8 +47,9 @@ from .compiled import (
     rms_norm,
     rope,
 )
+from .dora import ReleasedWeights, dora_base
 from .fast_support import GEMMA_MODEL_TYPES, SUPPORTED_MODEL_TYPES, fast_refusal
-from .lora import LoraBank, LoraPlan
+from .lora import LoraBank, LoraPlan, saved_targets
 from .packed import PackedLinear, packed_linears_work
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "TorchRunner", "fast_refusal"]
@@ -135,6 +136,13 @@ class TorchRunner:
         self.lora = LoraBank(
             dims, self.num_layers, max_adapters, dtype=self.dtype, device=self.device
         )
+        # DoRA reads the base projections' weights (or, once packing released them, what
+        # it kept of them); saved modules replace the embeddings or the head per row.
+        self._released = ReleasedWeights()
+        self.lora.dora_base = dora_base(self.layers, self._released, self.dtype)
+        self.lora.saved_modules = saved_targets(model)
+        self._embed_path = self.lora.saved_path(self.embed)
+        self._head_path = self.lora.saved_path(self.lm_head)
 
         # Read before packing, which releases the original Linear weights.
         weight_bytes = sum(
@@ -295,8 +303,21 @@ class TorchRunner:
                 "down_proj": PackedLinear(mlp.down_proj.weight, mlp.down_proj.bias),
             }
             packed.append(entry)
+            q_out, kv_out = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
+            inter = mlp.gate_proj.weight.shape[0]
+            shares = {
+                "q_proj": ("qkv", (0, q_out)),
+                "k_proj": ("qkv", (q_out, q_out + kv_out)),
+                "v_proj": ("qkv", (q_out + kv_out, q_out + 2 * kv_out)),
+                "o_proj": ("o_proj", None),
+                "gate_proj": ("gate_up", (0, inter)),
+                "up_proj": ("gate_up", (inter, 2 * inter)),
+                "down_proj": ("down_proj", None),
+            }
             for name in names:
                 module = getattr(attn if name in ATTN_MODULES else mlp, name)
+                fused, columns = shares[name]
+                self._released.keep(module, module.weight, entry[fused], columns)
                 module.weight = torch.nn.Parameter(
                     torch.empty(0, dtype=self.dtype), requires_grad=False
                 )
@@ -561,7 +582,7 @@ class TorchRunner:
             or not compiled.paged
             or len(compiled.fns) < 2
             or not rows
-            or any(r.all_logits or r.hidden for r in rows)
+            or any(r.all_logits or self._eager_row(r) for r in rows)
         ):
             return self.step(rows)
         return (yield from self._compiled_stages(rows))
@@ -572,20 +593,27 @@ class TorchRunner:
                 self._poll_background()
             else:
                 self.warmup()  # warmup() was skipped: load (or compile) now
-        if self._compiled is not None and self._compiled.ready:
-            if not any(r.all_logits or r.hidden for r in rows):
-                if self._compiled.paged:  # prompt chunks are rows of the graph too
-                    return self._run_compiled(rows)
-                decode = [i for i, r in enumerate(rows) if len(r.token_ids) == 1]
-                if decode and len(decode) <= self._compiled.max_batch_size:
-                    return self._split_step(rows, decode)
-            elif self._compiled.paged and not any(r.all_logits for r in rows):
-                # Embedding rows want hidden states, which only the eager step gives: the
-                # other rows still run compiled.
-                graph = [i for i, r in enumerate(rows) if not r.hidden]
-                if graph:
-                    return self._split_step(rows, graph)
+        if (
+            self._compiled is not None
+            and self._compiled.ready
+            and not any(r.all_logits for r in rows)
+        ):
+            # Embedding rows (hidden states) and rows of an adapter with saved modules run
+            # eagerly; the other rows still run compiled: with the paged graph every one of
+            # them (prompt chunks are rows of the graph too), else decode rows.
+            graph = [i for i, r in enumerate(rows) if not self._eager_row(r)]
+            if not self._compiled.paged:
+                graph = [i for i in graph if len(rows[i].token_ids) == 1]
+                if len(graph) > self._compiled.max_batch_size:
+                    graph = []
+            if graph:
+                return self._split_step(rows, graph)
         return self._eager_step(rows)
+
+    def _eager_row(self, row: StepRow) -> bool:
+        """True for a row only the eager step serves: an embedding's (hidden states), or
+        one whose adapter replaces the embeddings or the head (modules_to_save)."""
+        return row.hidden or self.lora.has_saved(row.adapter_slot)
 
     def _split_step(self, rows: list[StepRow], decode: list[int]) -> torch.Tensor:
         """Rows ``decode`` through the graph (decode rows; with the paged graph, any row
@@ -619,6 +647,10 @@ class TorchRunner:
         slot_t = torch.tensor(slot_map, device=dev)
 
         hidden = self.embed(tok)  # [T, H]
+        saves = self.lora.saves
+        if saves and self._embed_path is not None:  # adapters with their own embeddings
+            token_slots = [r.adapter_slot for r, n in zip(ordered, lengths) for _ in range(n)]
+            self.lora.replace_saved(self._embed_path, token_slots, tok, hidden)
         if self.layer_types:
             tables = {t: self._rope_tables(pos_t, t) for t in set(self.layer_types)}
         else:
@@ -667,6 +699,10 @@ class TorchRunner:
         last = self._norm(self.norm, hidden[torch.tensor(packed.wanted, device=dev)])
         head: Any = self._packed_head if self._fused is not None else self.lm_head
         logits = head(last).float()
+        if saves and self._head_path is not None:  # adapters with their own head
+            token_slots = [r.adapter_slot for r, n in zip(ordered, lengths) for _ in range(n)]
+            wanted_slots = [token_slots[t] for t in packed.wanted]
+            self.lora.replace_saved(self._head_path, wanted_slots, last, logits)
         return logits[torch.tensor(packed.back, device=dev)].cpu()  # the caller's row order
 
     def _norm(self, module: Any, x: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,26 @@ def tiny_adapters(
     }
 
 
+@pytest.fixture(scope="session")
+def trained_adapters(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> dict[str, Path]:
+    """Adapters as people train them, for the tiny model: DoRA on every projection, and
+    LoRA on q/v with the head and the embeddings trained and saved (modules_to_save)."""
+    root = tmp_path_factory.mktemp("trained")
+    return {
+        "dora": make_adapter(tiny_model_dir, root / "dora", seed=11, rank=8, dora=True),
+        "saved": make_adapter(
+            tiny_model_dir,
+            root / "saved",
+            seed=12,
+            rank=4,
+            targets=["q_proj", "v_proj"],
+            save=["lm_head", "embed_tokens"],
+        ),
+    }
+
+
 def _tiny_server_args(tiny_model_dir: Path, tiny_adapters: dict[str, Path]) -> list[str]:
     return [
         str(tiny_model_dir),

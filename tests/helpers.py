@@ -92,9 +92,15 @@ def make_adapter(
     rank: int = 8,
     targets: list[str] | str | None = None,
     scale: float = 1.0,
+    dora: bool = False,
+    save: list[str] | None = None,
 ) -> Path:
     """A real peft LoRA adapter with random (non-zero) A and B; ``targets`` as peft takes
-    them (``"all-linear"`` too), the seven projections by default."""
+    them (``"all-linear"`` too), the seven projections by default. ``dora``: a DoRA
+    adapter, its magnitude vectors moved away from the base's column norms (as training
+    moves them: up to +-30 %); ``save``: peft ``modules_to_save`` (``["lm_head",
+    "embed_tokens"]``), the saved copies perturbed by noise as large as their weights'
+    spread."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -107,13 +113,18 @@ def make_adapter(
         target_modules=targets or ADAPTER_TARGETS,
         init_lora_weights=False,
         task_type="CAUSAL_LM",
+        use_dora=dora,
+        modules_to_save=save,
     )
     peft_model = get_peft_model(model, config)
-    if scale != 1.0:
-        with torch.no_grad():
-            for name, param in peft_model.named_parameters():
-                if "lora_B" in name:
-                    param.mul_(scale)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name and scale != 1.0:
+                param.mul_(scale)
+            elif "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.3 * (2 * torch.rand_like(param) - 1))
+            elif "modules_to_save" in name:
+                param.add_(torch.randn_like(param) * param.std())
     peft_model.save_pretrained(str(out))
     return out
 

@@ -20,6 +20,7 @@ from openllm_clone.errors import (
 from openllm_clone.llm import LLM
 from openllm_clone.protocol import SamplingParams
 from openllm_clone.settings import Settings
+from tests.helpers import make_adapter
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,80 @@ async def test_mixed_batch_rows_equal_merged_adapters(
     assert outputs[0] != outputs[1]
     # The float32 stacks built for these batches are kept, and counted in /v1/metadata.
     assert llm.metadata()["adapter_cache"]["stack_bytes"] == llm.runner.lora.stack_bytes() > 0
+
+
+@pytest.mark.parametrize("per_token_from", [8, 1], ids=["default", "per-token-forced"])
+async def test_dora_and_saved_modules_in_a_mixed_batch_equal_merged(
+    llm: LLM,
+    tiny_model_dir: Path,
+    tiny_adapters: dict[str, Path],
+    trained_adapters: dict[str, Path],
+    per_token_from: int,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """DoRA rows (every projection rescaled per output), rows of an adapter with its own
+    head and embeddings (modules_to_save), plain LoRA rows and base rows in the same steps:
+    each row's greedy tokens equal transformers on peft's merge_and_unload of its adapter
+    alone, on the masked and the per-token paths."""
+    from openllm_clone.runners import lora as lora_mod
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setattr(lora_mod, "_PER_TOKEN_MIN_ADAPTERS", per_token_from)
+    paths = {"dora": trained_adapters["dora"], "saved": trained_adapters["saved"]}
+    paths["alpha"] = tiny_adapters["alpha"]
+    for name, path in paths.items():
+        await llm.adapters.load(name, str(path))
+    prompts = ["The weather today", "A story about a cat", "Numbers: one two"]
+    cases = [(a, p) for p in prompts for a in (None, "dora", "saved", "alpha")]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    ids = [llm.tokenize(p) for _, p in cases]
+    results = await asyncio.gather(
+        *(llm.complete(i, params, adapter=a) for (a, _), i in zip(cases, ids))
+    )
+    for (adapter, prompt), i, got in zip(cases, ids, results):
+        want = merged_greedy(tiny_model_dir, paths[adapter] if adapter else None, i, 12)
+        assert got.token_ids[0] == want, (adapter, prompt)
+    # The magnitude matters: the same A and B as plain LoRA give other tokens.
+    plain = tmp_path / "dora-as-lora"
+    shutil.copytree(paths["dora"], plain)
+    config = json.loads((plain / "adapter_config.json").read_text())
+    (plain / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False}))
+    tensors = load_file(str(plain / "adapter_model.safetensors"))
+    kept = {k: v for k, v in tensors.items() if "magnitude" not in k}
+    save_file(kept, str(plain / "adapter_model.safetensors"))
+    as_lora = merged_greedy(tiny_model_dir, plain, ids[1], 12)
+    assert results[1].token_ids[0] != as_lora
+    kinds = {a.name: (a.kind, a.size_bytes) for a in llm.adapters.list() if a.name in paths}
+    assert kinds["dora"][0] == "dora" and kinds["alpha"][0] == "lora"
+    assert kinds["saved"][0] == "lora + lm_head, embed_tokens"
+    vocab, hidden = llm.runner.embed.weight.shape
+    assert kinds["saved"][1] > 2 * vocab * hidden * 4  # the two saved copies are counted
+
+
+async def test_adapters_the_server_cannot_serve_whole_are_refused_with_the_reason(
+    llm: LLM, tiny_model_dir: Path, trained_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """A saved module other than the embeddings and the head, a saved head of a resized
+    vocabulary (added tokens), a merge of a DoRA adapter: each a 422 that says why."""
+    from safetensors.torch import load_file, save_file
+
+    norm = make_adapter(tiny_model_dir, tmp_path / "norm", seed=3, rank=4, save=["norm"])
+    with pytest.raises(AdapterIncompatibleError, match="whole module 'model.norm'"):
+        await llm.adapters.load("norm", str(norm))
+    resized = tmp_path / "resized"
+    shutil.copytree(trained_adapters["saved"], resized)
+    tensors = load_file(str(resized / "adapter_model.safetensors"))
+    for key in [k for k in tensors if k.endswith(("lm_head.weight", "embed_tokens.weight"))]:
+        tensors[key] = torch.cat([tensors[key], tensors[key][:2]])
+    save_file(tensors, str(resized / "adapter_model.safetensors"))
+    with pytest.raises(AdapterIncompatibleError, match="added to the vocabulary"):
+        await llm.adapters.load("resized", str(resized))
+    await llm.adapters.load("dora", str(trained_adapters["dora"]))
+    await llm.adapters.load("alpha-2", str(trained_adapters["saved"]))
+    name = await llm.adapters.merged(["dora", "alpha-2"], [0.5, 0.5])
+    with pytest.raises(AdapterIncompatibleError, match="merges combine plain LoRA"):
+        await llm.complete(llm.tokenize("Hi"), SamplingParams(max_new_tokens=2), adapter=name)
 
 
 async def test_gathered_decode_path_equals_alone(llm: LLM, tiny_adapters: dict[str, Path]) -> None:
@@ -350,7 +425,10 @@ def test_lora_bank_paths_equal_each_rows_own_adapter(
     per_token: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Both ways of applying many adapters equal x @ A_s.T @ B_s.T per token, also as the
-    batch changes between steps (the per-token rows are updated, not rebuilt)."""
+    batch changes between steps (the per-token rows are updated, not rebuilt); slot 2 is
+    DoRA: its tokens' outputs become ``(y + delta) * m / norm + (1 - m / norm) * bias``
+    with the norm and bias the runner gives (a stand-in here: the real ones are checked
+    against peft in the runner tests)."""
     import torch
     from openllm_clone.adapters.weights import AdapterWeights, LoraModule
     from openllm_clone.runners import lora as lora_mod
@@ -361,10 +439,18 @@ def test_lora_bank_paths_equal_each_rows_own_adapter(
     bank = lora_mod.LoraBank(
         dims, num_layers=2, num_slots=4, dtype=torch.float32, device=torch.device("cpu")
     )
+    norms = {(layer, m): 1 + torch.rand(o) for layer in range(2) for m, (_, o) in dims.items()}
+    biases = {key: torch.randn(n.shape[0]) for key, n in norms.items()}
+    bank.dora_base = lambda layer, module, lora: (norms[layer, module], biases[layer, module])
     refs: dict[int, dict[tuple[int, str], LoraModule]] = {}
     for slot, rank in ((1, 4), (2, 8), (3, 2)):
         modules = {
-            (layer, m): LoraModule(a=torch.randn(rank, i), b=torch.randn(o, rank), scale=0.5)
+            (layer, m): LoraModule(
+                a=torch.randn(rank, i),
+                b=torch.randn(o, rank),
+                scale=0.5,
+                magnitude=1 + torch.rand(o) if slot == 2 else None,
+            )
             for layer in range(2)
             for m, (i, o) in dims.items()
             if not (slot == 3 and m == "down_proj")
@@ -379,12 +465,16 @@ def test_lora_bank_paths_equal_each_rows_own_adapter(
         for layer in range(2):
             for module, (i, o) in dims.items():
                 x = torch.randn(len(row_slots), i)
-                got = bank.apply(plan, layer, module, x, torch.zeros(len(row_slots), o))
-                want = torch.zeros(len(row_slots), o)
+                y = torch.randn(len(row_slots), o)
+                got = bank.apply(plan, layer, module, x, y.clone())
+                want = y.clone()
                 for t, slot in enumerate(row_slots):
                     lora = refs.get(slot, {}).get((layer, module))
                     if lora is not None:
-                        want[t] = (x[t] @ lora.a.T) @ (lora.b * lora.scale).T
+                        want[t] += (x[t] @ lora.a.T) @ (lora.b * lora.scale).T
+                    if lora is not None and lora.magnitude is not None:
+                        g = lora.magnitude / norms[layer, module]
+                        want[t] = want[t] * g + (1 - g) * biases[layer, module]
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 

@@ -136,7 +136,8 @@ def test_paged_attention_reads_each_rows_context_in_place(op: object, dtype: tor
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lora_bgmv_adds_each_rows_adapter_in_place(op: object, dtype: torch.dtype) -> None:
     """Each row's delta ``(A[s] x) B[s]`` in float32, added in place to its columns of a
-    fused output; rows of slot 0 and the other columns are left as they were."""
+    fused output, then DoRA's rescale ``* g[s] + c[s]`` (slots 2 and 4 here; ones and
+    zeros for the others); rows of slot 0 and the other columns are left as they were."""
     gen = torch.Generator().manual_seed(3)
     eleven = [2] * 11  # one adapter's rows past a unit of eight
     for slots, rank, size_in, size_out, offset, width in (
@@ -146,21 +147,29 @@ def test_lora_bgmv_adds_each_rows_adapter_in_place(op: object, dtype: torch.dtyp
         a = torch.randn(5, rank, size_in, generator=gen).to(dtype)
         b = torch.randn(5, rank, size_out, generator=gen).to(dtype)
         a[0], b[0] = 0, 0
+        g = torch.ones(5, size_out)
+        c = torch.zeros(5, size_out)
+        for dora in (2, 4):
+            g[dora] = 1 + 0.1 * torch.randn(size_out, generator=gen)
+            c[dora] = torch.randn(size_out, generator=gen)
         rows = torch.tensor(slots)
         x = torch.randn(len(slots), size_in, generator=gen)
         y = torch.randn(len(slots), width, generator=gen)
         got = y.clone()
-        torch.ops.openllm_clone.lora_bgmv_(got, x, a, b, rows, offset)
+        torch.ops.openllm_clone.lora_bgmv_(got, x, a, b, g, c, rows, offset)
         xa = torch.bmm(a[rows].double(), x.double().unsqueeze(-1)).transpose(1, 2)
         want = y.clone()
         end = offset + size_out
         delta = torch.bmm(xa, b[rows].double()).squeeze(1)
-        want[:, offset:end] = (y[:, offset:end].double() + delta).float()
+        scaled = (y[:, offset:end].double() + delta) * g[rows].double() + c[rows].double()
+        want[:, offset:end] = scaled.float()
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
         assert torch.equal(got[rows == 0], y[rows == 0])
         assert torch.equal(got[:, :offset], y[:, :offset]) and torch.equal(got[:, end:], y[:, end:])
     with pytest.raises(RuntimeError, match="out within y"):
-        torch.ops.openllm_clone.lora_bgmv_(got, x, a, b, rows, width - size_out + 1)
+        torch.ops.openllm_clone.lora_bgmv_(got, x, a, b, g, c, rows, width - size_out + 1)
+    with pytest.raises(RuntimeError, match="g and c must be"):
+        torch.ops.openllm_clone.lora_bgmv_(got, x, a, b, g[:, 1:], c, rows, offset)
 
 
 def test_stages_split_the_layers_by_the_weights_they_read() -> None:
