@@ -1,8 +1,8 @@
 """DoRA's column norm ``||W + s B A||`` of a base projection, whatever holds its weight.
 
 peft computes it from the layer's weight, dequantized where the layer is quantized
-(``dequantize_module_weight``: bitsandbytes, torchao, HQQ). So does this module, with two
-more cases the runners make:
+(``dequantize_module_weight``: bitsandbytes, torchao, HQQ). So does this module (with its
+own dequantization, see :func:`_dequantized`), and two more cases the runners make:
 
 - a weight released when the runners prepacked it for oneDNN (:mod:`.packed`): its squared
   row norms are kept at packing (``out`` floats a projection), and
@@ -18,6 +18,7 @@ installed (peft caches it the same way at inference).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -82,15 +83,9 @@ def base_weight(module: Any, dtype: torch.dtype) -> torch.Tensor:
     weight = getattr(module, "weight", None)
     if weight is not None and type(weight.data) is torch.Tensor and weight.is_floating_point():
         return weight.detach().float()
-    if weight is not None:
-        from peft.utils.integrations import dequantize_module_weight
-
-        try:
-            deq = dequantize_module_weight(module)
-        except (TypeError, ValueError, RuntimeError, AttributeError):
-            deq = None
-        if isinstance(deq, torch.Tensor) and deq.is_floating_point() and deq.dim() == 2:
-            return deq.detach().float()
+    deq = _dequantized(module, weight)
+    if deq is not None:
+        return deq.detach().float()
     in_features = getattr(module, "in_features", None)
     if not isinstance(in_features, int):
         raise AdapterIncompatibleError(
@@ -105,6 +100,34 @@ def base_weight(module: Any, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(bias, torch.Tensor):
         y = y - bias.float()
     return y.t()
+
+
+def _dequantized(module: Any, weight: Any) -> torch.Tensor | None:
+    """bitsandbytes, torchao and HQQ weights dequantized, as peft's
+    ``dequantize_module_weight`` does, but without touching the module: on a CPU with
+    AVX512-BF16, bitsandbytes repacks a 4-bit weight at its first forward, after which
+    peft's helper dequantizes the repacked bytes as if they were the original ones
+    (wrong values), and its 8-bit branch moves the weight, losing its scales."""
+    kind = type(weight).__name__
+    if kind == "Params4bit":
+        import bitsandbytes.functional as bnbf
+
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):  # undone on copies
+            data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+        return bnbf.dequantize_4bit(data, state)
+    if kind == "Int8Params":
+        scales = getattr(weight, "SCB", None)
+        if scales is None:
+            scales = getattr(getattr(module, "state", None), "SCB", None)
+        if scales is None:
+            return None
+        return weight.data.float() * scales.float().view(-1, 1) / 127
+    if weight is not None and type(weight).__module__.startswith("torchao."):
+        return weight.dequantize()
+    if hasattr(module, "W_q"):  # HQQ
+        return module.dequantize()
+    return None
 
 
 def dora_base(layers: list[Any], released: ReleasedWeights, dtype: torch.dtype) -> DoraBase:

@@ -254,6 +254,41 @@ async def test_mixed_adapter_rows_in_the_compiled_step_equal_merge_and_unload(
     assert compiled.runner._compiled.steps >= steps + 9
 
 
+async def test_dora_and_saved_module_rows_beside_compiled_rows_equal_merge_and_unload(
+    pair: Any,
+    tiny_model_dir: Path,
+    tiny_adapters: dict[str, Path],
+    trained_adapters: dict[str, Path],
+) -> None:
+    """DoRA rows run in the compiled step (its BGMV kernel rescales them per output);
+    rows of an adapter with its own head and embeddings (modules_to_save) run eagerly
+    beside them; with LoRA and base rows in the same steps, each one's greedy tokens
+    equal transformers' generate on peft's merge_and_unload of its adapter."""
+    from tests.families import reference_greedy
+
+    compiled, _ = pair
+    paths = {
+        "c-dora": trained_adapters["dora"],
+        "c-saved": trained_adapters["saved"],
+        "c-alpha": tiny_adapters["alpha"],
+    }
+    for name, path in paths.items():
+        await compiled.adapters.load(name, str(path))
+    which = ["c-dora", "c-saved", None, "c-alpha", "c-dora"]
+    ids = [compiled.tokenize(f"Trained adapters, request {i}.") for i in range(len(which))]
+    want = [
+        reference_greedy(tiny_model_dir, [x], 10, adapter=paths[name] if name else None)[0]
+        for x, name in zip(ids, which)
+    ]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    steps = compiled.runner._compiled.steps
+    got = await asyncio.gather(
+        *(compiled.complete(x, params, adapter=name) for x, name in zip(ids, which))
+    )
+    assert [c.token_ids[0] for c in got] == want
+    assert compiled.runner._compiled.steps >= steps + 9
+
+
 async def test_a_later_start_loads_the_compiled_step_from_the_cache(
     pair: Any, tiny_model_dir: Path, compile_cache: Path
 ) -> None:
@@ -541,7 +576,7 @@ def test_compiled_step_on_qwen3_and_gemma3_equals_generate(
 
 
 def test_import_compiles_ahead_for_start(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: Any
+    tiny_model_dir: Path, trained_adapters: dict[str, Path], tmp_path: Path, monkeypatch: Any
 ) -> None:
     """`import --compile` leaves the package where `start --compile` of the stored model
     (same dtype and limits) finds it: the start loads it instead of compiling. With the
@@ -582,6 +617,14 @@ def test_import_compiles_ahead_for_start(
         eager = make_llm(tiny_model_dir)
         try:
             want = asyncio.run(eager.complete(ids, params)).token_ids[0]
+            # A DoRA row through the gathered (kernel-less) graph: its rescale too.
+            for x in (llm, eager):
+                asyncio.run(x.adapters.load("dora", str(trained_adapters["dora"])))
+            dora = [
+                asyncio.run(x.complete(ids, params, adapter="dora")).token_ids[0]
+                for x in (llm, eager)
+            ]
+            assert dora[0] == dora[1] != want
             # A step with a decode row and a prompt: the row through the graph, the prompt
             # eagerly, the logits back in row order (and none for a chunk that wants none).
             tables = {

@@ -111,3 +111,54 @@ async def test_moe_expert_parameters_are_refused_clearly(tokenizer: Any, tmp_pat
         assert llm.adapters.names() == ["attention"]
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("family", "runner", "embeddings"),
+    [
+        ("gpt2", "generic", "wte"),  # Conv1D projections (weights stored [in, out])
+        ("gemma3_text", "generic", "embed_tokens"),  # embeddings scaled by sqrt(hidden)
+        ("gemma3_text", "fast", "embed_tokens"),
+    ],
+)
+async def test_dora_and_saved_modules_mixed_with_lora_equal_merged(
+    family: str, runner: str, embeddings: str, tokenizer: Any, tmp_path: Path
+) -> None:
+    """DoRA rows, rows of an adapter with its own head and embeddings (modules_to_save),
+    LoRA rows and base rows in the same steps, on families other than Llama: each equals
+    peft's merge_and_unload of its adapter run alone."""
+    base = make_family_model(family, tmp_path / family, tokenizer)
+    adapters = {
+        "dora": make_adapter(
+            base, tmp_path / "dora", seed=1, rank=8, targets="all-linear", dora=True
+        ),
+        "saved": make_adapter(
+            base,
+            tmp_path / "saved",
+            seed=2,
+            rank=4,
+            targets="all-linear",
+            save=["lm_head", embeddings],
+        ),
+        "lora": make_adapter(base, tmp_path / "lora", seed=3, rank=4, targets="all-linear"),
+    }
+    llm = LLM.from_settings(
+        Settings(model=str(base), dtype="float32", kv_cache_mb=16, max_adapters=3, runner=runner)
+    )  # type: ignore[arg-type]
+    try:
+        assert llm.runner.tier == runner
+        prompts = [llm.tokenize(p) for p in PROMPTS]
+        want = {None: reference_greedy(base, prompts, NEW_TOKENS)}
+        for name, path in adapters.items():
+            await llm.adapters.load(name, str(path))
+            want[name] = reference_greedy(base, prompts, NEW_TOKENS, adapter=path)
+            assert want[name] != want[None], f"{name} changes nothing"
+        params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        cases = [(a, i) for i in range(len(prompts)) for a in (None, *adapters)]
+        outs = await asyncio.gather(
+            *(llm.complete(prompts[i], params, adapter=a) for a, i in cases)
+        )
+        for (a, i), out in zip(cases, outs, strict=True):
+            assert out.token_ids[0] == want[a][i], f"{family} adapter={a} prompt={i}"
+    finally:
+        llm.shutdown()
