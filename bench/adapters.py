@@ -1,11 +1,14 @@
-"""Multi-adapter benchmark: 16 concurrent requests over 1, 4, 16 and 64 LoRA adapters.
+"""Multi-adapter benchmark: 16 concurrent requests over 1, 4, 16 and 64 LoRA adapters,
+over 16 DoRA adapters and over 4 adapters with a trained head (modules_to_save).
 
 Runs in one process on SmolLM2: the engine with no adapters (baseline), the engine
 with requests spread over N distinct rank-8 adapters on all seven projections (for
 N = 64, 64 requests run 16 at a time, so the batch's adapters change as requests
 finish and join), and the naive way (peft ``set_adapter`` per request, requests one after another). Also
 times loading a rank-8 adapter into a running engine and how long the running
-streams stalled meanwhile. Prints a table; writes bench/out/adapters.png when
+streams stalled meanwhile. The DoRA row compares with the 16-LoRA row (same rank and
+projections, plus the per-output rescale); the saved-head row with the 4-LoRA row (its
+rows run the eager step and their own head). Prints a table; writes bench/out/adapters.png when
 matplotlib is installed.
 
     python bench/adapters.py [--dtype bfloat16] [--new-tokens 64]
@@ -30,8 +33,17 @@ OUT = Path(__file__).resolve().parent / "out"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def make_adapters(base_dir: str, root: Path, count: int, rank: int = 8) -> list[Path]:
-    """One real peft adapter, then copies with fresh random weights (same format)."""
+def make_adapters(
+    base_dir: str,
+    root: Path,
+    count: int,
+    rank: int = 8,
+    *,
+    kind: str = "lora",
+) -> list[Path]:
+    """One real peft adapter, then copies with fresh random weights (same format).
+    ``kind``: ``lora``, ``dora`` (magnitudes moved by ~5 % from the base's column norms)
+    or ``saved`` (LoRA plus a trained ``lm_head``, modules_to_save)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file, save_file
@@ -47,21 +59,26 @@ def make_adapters(base_dir: str, root: Path, count: int, rank: int = 8) -> list[
             target_modules=TARGETS,
             init_lora_weights=False,
             task_type="CAUSAL_LM",
+            use_dora=kind == "dora",
+            modules_to_save=["lm_head"] if kind == "saved" else None,
         ),
     )
-    first = root / "adapter-0"
+    first = root / f"{kind}-0"
     peft_model.save_pretrained(str(first))
     template = load_file(str(first / "adapter_model.safetensors"))
     paths = [first]
     for i in range(1, count):
         gen = torch.Generator().manual_seed(i)
-        folder = root / f"adapter-{i}"
+        folder = root / f"{kind}-{i}"
         folder.mkdir()
         shutil.copy(first / "adapter_config.json", folder)
-        tensors = {
-            k: torch.randn(v.shape, generator=gen) * (0.01 if "lora_B" in k else 0.05)
-            for k, v in template.items()
-        }
+        tensors = {}
+        for k, v in template.items():
+            noise = torch.randn(v.shape, generator=gen)
+            if "lora_A" in k or "lora_B" in k:
+                tensors[k] = noise * (0.01 if "lora_B" in k else 0.05)
+            else:  # a magnitude vector or a saved head: the first one's, moved a little
+                tensors[k] = v * (1 + 0.05 * noise) if "magnitude" in k else v + 0.01 * noise
         save_file(tensors, str(folder / "adapter_model.safetensors"))
         paths.append(folder)
     return paths
@@ -151,6 +168,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--counts", default="1,4,16,64")
     ap.add_argument("--naive-requests", type=int, default=4)
+    ap.add_argument(
+        "--compile",
+        default="off",
+        choices=["off", "on"],
+        help="the engine's --compile (on: compiled decode steps, built first)",
+    )
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
 
@@ -162,14 +185,18 @@ def main() -> None:
     base_dir = str(resolve_model(args.model).path)
     root = Path(tempfile.mkdtemp())
     paths = make_adapters(base_dir, root, max(counts) + 1)
+    dora = make_adapters(base_dir, root, args.requests, kind="dora")
+    saved = make_adapters(base_dir, root, 4, kind="saved")
     llm = LLM.from_settings(
         Settings(
             model=args.model,
             dtype=args.dtype,
             max_batch_size=args.requests,
-            max_adapters=max(counts) + 1,
+            max_adapters=max(counts) + 1 + len(dora) + len(saved),
+            compile=args.compile,
         )
     )
+    llm.runner.warmup()
     prompts = [llm.tokenize(llm.chat_prompt_text(q)) for q, _ in workload(args.requests, seed=0)]
 
     async def go() -> dict[str, float]:
@@ -181,6 +208,12 @@ def main() -> None:
         await run_engine(llm, prompts[:4], 8, [None])
         await run_engine(llm, prompts, 8, [f"a{i}" for i in range(len(prompts))])
         res["none"] = await run_engine(llm, prompts, args.new_tokens, [None])
+        for prefix, folders in (("d", dora), ("s", saved)):
+            for i, p in enumerate(folders):
+                await llm.adapters.load(f"{prefix}{i}", str(p))
+            names = [f"{prefix}{i}" for i in range(len(folders))]
+            await run_engine(llm, prompts, 8, names)  # warm-up
+            res[prefix] = await run_engine(llm, prompts, args.new_tokens, names)
         for n in counts:
             # More adapters than concurrent requests: n requests, 16 at a time, so every
             # adapter is used and the batch's adapters change as requests finish.
@@ -220,11 +253,26 @@ def main() -> None:
                 f"{res[f'n{n}'] / naive:.2f}x",
             ]
         )
+    trained = [
+        ("d", len(dora), "DoRA adapters", args.requests),
+        ("s", len(saved), "adapters with a trained lm_head", 4),
+    ]
+    for key, n, what, plain in trained:
+        vs = f" ({res[key] / res[f'n{plain}']:.2f}x LoRA)" if f"n{plain}" in res else ""
+        rows.append(
+            [
+                f"{args.requests} requests over {n} {what}{vs}",
+                res[key],
+                f"{res[key] / res['none']:.2f}x",
+                f"{res[key] / naive:.2f}x",
+            ]
+        )
     rows.append(
         ["naive: peft set_adapter, one at a time", naive, f"{naive / res['none']:.2f}x", "1.00x"]
     )
     print(
-        f"\nmodel {args.model}, {args.dtype} on {device}, rank 8 on all 7 projections, {args.requests} "
+        f"\nmodel {args.model}, {args.dtype} on {device} (--compile {args.compile}), rank 8 on "
+        f"all 7 projections, {args.requests} "
         f"concurrent requests x {args.new_tokens} tokens (greedy, ignore_eos)"
     )
     print(table(["engine", "tok/s", "vs no adapters", "vs naive"], rows))

@@ -314,8 +314,11 @@ class LoraBank:
         """DoRA's g and (1 - g) * bias stacks of ``module`` (made at first use)."""
         if module not in self._g:
             shape = (self.num_layers, self.num_slots + 1, self.module_dims[module][1])
-            self._g[module] = torch.ones(shape, dtype=_COMPUTE_DTYPE, device=self.device)
-            self._c[module] = torch.zeros(shape, dtype=_COMPUTE_DTYPE, device=self.device)
+            # Plain tensors even when a (compiled) step asks first: install() updates them
+            # in place outside inference mode.
+            with torch.inference_mode(False):
+                self._g[module] = torch.ones(shape, dtype=_COMPUTE_DTYPE, device=self.device)
+                self._c[module] = torch.zeros(shape, dtype=_COMPUTE_DTYPE, device=self.device)
         return self._g[module], self._c[module]
 
     def saved_path(self, module: Any) -> str | None:

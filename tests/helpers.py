@@ -94,13 +94,14 @@ def make_adapter(
     scale: float = 1.0,
     dora: bool = False,
     save: list[str] | None = None,
+    saved_noise: float = 1.0,
 ) -> Path:
     """A real peft LoRA adapter with random (non-zero) A and B; ``targets`` as peft takes
     them (``"all-linear"`` too), the seven projections by default. ``dora``: a DoRA
     adapter, its magnitude vectors moved away from the base's column norms (as training
     moves them: up to +-30 %); ``save``: peft ``modules_to_save`` (``["lm_head",
-    "embed_tokens"]``), the saved copies perturbed by noise as large as their weights'
-    spread."""
+    "embed_tokens"]``), the saved copies perturbed by noise ``saved_noise`` times their
+    weights' spread."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -124,7 +125,7 @@ def make_adapter(
             elif "lora_magnitude_vector" in name:
                 param.mul_(1 + 0.3 * (2 * torch.rand_like(param) - 1))
             elif "modules_to_save" in name:
-                param.add_(torch.randn_like(param) * param.std())
+                param.add_(torch.randn_like(param) * param.std() * saved_noise)
     peft_model.save_pretrained(str(out))
     return out
 

@@ -26,22 +26,27 @@ from tests.helpers import (
 pytestmark = pytest.mark.e2e
 
 
-def _dora_adapter(base: Path, out: Path) -> Path:
-    """A real peft DoRA adapter (``use_dora=True``), which the server does not serve yet."""
+def _added_tokens_adapter(base: Path, out: Path) -> Path:
+    """A real peft adapter trained after adding two tokens to the vocabulary (resized
+    embeddings and head, saved with modules_to_save), which needs its own tokenizer."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(5)
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    model.resize_token_embeddings(model.config.vocab_size + 2)
     config = LoraConfig(
-        r=4, target_modules=["q_proj", "v_proj"], use_dora=True, task_type="CAUSAL_LM"
+        r=4,
+        target_modules=["q_proj", "v_proj"],
+        modules_to_save=["lm_head", "embed_tokens"],
+        task_type="CAUSAL_LM",
     )
     get_peft_model(model, config).save_pretrained(str(out))
     return out
 
 
-@pytest.mark.parametrize("kind", ["dora", "shape", "rank", "missing"])
+@pytest.mark.parametrize("kind", ["tokens", "shape", "rank", "missing"])
 def test_start_exits_on_an_adapter_it_cannot_serve(
     kind: str,
     tiny_model_dir: Path,
@@ -49,11 +54,13 @@ def test_start_exits_on_an_adapter_it_cannot_serve(
     tokenizer: Any,
     tmp_path: Path,
 ) -> None:
-    """One of each refusal the server has: an unsupported format, an adapter of another
-    base model's shapes, a rank over --max-adapter-rank, a folder that is not there."""
+    """One of each refusal the server has: an adapter trained with added tokens, an
+    adapter of another base model's shapes, a rank over --max-adapter-rank, a folder that
+    is not there."""
     extra: list[str] = []
-    if kind == "dora":
-        source, reason = _dora_adapter(tiny_model_dir, tmp_path / "dora"), "DoRA adapters"
+    if kind == "tokens":
+        source = _added_tokens_adapter(tiny_model_dir, tmp_path / "tokens")
+        reason = "added to the vocabulary"
     elif kind == "shape":
         other = make_tiny_model(tmp_path / "wider", tokenizer, hidden=128)
         source = make_adapter(other, tmp_path / "wider-adapter", seed=1, targets=["q_proj"])
@@ -77,9 +84,9 @@ def test_start_exits_on_an_adapter_it_cannot_serve(
 def test_lenient_start_serves_without_the_adapter_and_readyz_never_blocks(
     tiny_model_dir: Path, tiny_adapters: dict[str, Path], tmp_path: Path
 ) -> None:
-    """--lenient-adapters: the base model and the good adapter are served, the refused
-    adapter is listed as failed with its reason, and a request for it gets that reason as
-    a 422. /readyz answers (503 with a JSON reason, then 200) at every probe of the start
+    """--lenient-adapters: the base model and the good adapters (LoRA, DoRA) are served,
+    the refused adapter is listed as failed with its reason, and a request for it gets
+    that reason as a 422. /readyz answers (503 with a JSON reason, then 200) at every probe of the start
     from the moment the worker's server is up; none waits."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -90,9 +97,11 @@ def test_lenient_start_serves_without_the_adapter_and_readyz_never_blocks(
         "float32",
         "--lenient-adapters",
         "--adapter-id",
-        f"dora={_dora_adapter(tiny_model_dir, tmp_path / 'dora')}",
+        f"tokens={_added_tokens_adapter(tiny_model_dir, tmp_path / 'tokens')}",
         "--adapter-id",
         f"alpha={tiny_adapters['alpha']}",
+        "--adapter-id",
+        f"dora={make_adapter(tiny_model_dir, tmp_path / 'dora', seed=6, rank=4, dora=True)}",
     ]
     cmd = [sys.executable, "-m", "openllm_clone", "start", *args, "--port", str(port)]
     with open(log, "wb") as fh:
@@ -128,23 +137,26 @@ def test_lenient_start_serves_without_the_adapter_and_readyz_never_blocks(
         }, reasons
         listed = {a["name"]: a for a in httpx.get(f"{url}/v1/adapters", timeout=30).json()["data"]}
         assert listed["alpha"]["state"] == "ready" and listed["alpha"]["error"] is None
-        assert listed["alpha"]["kind"] == "lora" and listed["dora"]["kind"] is None
-        assert listed["dora"]["state"] == "failed"
-        assert "DoRA adapters are not supported" in listed["dora"]["error"]
+        assert listed["alpha"]["kind"] == "lora" and listed["tokens"]["kind"] is None
+        assert listed["dora"]["kind"] == "dora" and listed["dora"]["state"] == "ready"
+        assert listed["dora"]["size_bytes"] > 0
+        assert listed["tokens"]["state"] == "failed"
+        assert "added to the vocabulary" in listed["tokens"]["error"]
         body = {"prompt": "hi", "max_tokens": 2}
-        refused = httpx.post(f"{url}/v1/completions", json={**body, "model": "dora"}, timeout=60)
+        refused = httpx.post(f"{url}/v1/completions", json={**body, "model": "tokens"}, timeout=60)
         assert refused.status_code == 422
-        assert "DoRA" in refused.json()["error"]["message"]
-        for model in ("tiny-llama", "alpha"):
+        assert "own tokenizer" in refused.json()["error"]["message"]
+        for model in ("tiny-llama", "alpha", "dora"):
             served = httpx.post(f"{url}/v1/completions", json={**body, "model": model}, timeout=60)
             assert served.status_code == 200, served.text
             assert served.json()["usage"]["completion_tokens"] == 2
-        assert "ERROR openllm_clone.llm: adapter 'dora'" in log.read_text()
+        assert "ERROR openllm_clone.llm: adapter 'tokens'" in log.read_text()
         listing = run_cli("adapters", "list", "--endpoint", url)
         assert listing.returncode == 0, listing.stderr
         rows = {line.split("│")[1].strip(): line for line in listing.stdout.splitlines()[3:-1]}
-        assert "failed: DoRA adapters are not supported" in rows["dora"]
+        assert "failed: the adapter's" in rows["tokens"]
         assert "lora" in rows["alpha"] and "ready" in rows["alpha"]
+        assert "dora" in rows["dora"] and "ready" in rows["dora"]
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=60)

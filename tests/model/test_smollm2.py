@@ -110,11 +110,25 @@ async def test_mixed_adapters_on_smollm2_equal_merged(
         )
         for i in range(3)
     }
+    # Adapters as trained: DoRA, and LoRA with a trained head (modules_to_save).
+    adapters["dora"] = make_adapter(
+        Path(base_dir), tmp_path / "dora", seed=7, rank=8, targets=["q_proj", "v_proj"], dora=True
+    )
+    adapters["head"] = make_adapter(
+        Path(base_dir),
+        tmp_path / "head",
+        seed=8,
+        rank=8,
+        targets=["q_proj", "v_proj"],
+        scale=0.05,
+        save=["lm_head"],
+        saved_noise=0.1,
+    )
     for name, path in adapters.items():
         await smollm2.adapters.load(name, str(path), force=True)
     ids = smollm2.tokenize(smollm2.chat_prompt([ChatMessage(role="user", content=QUESTION)]))
     params = SamplingParams(max_new_tokens=12)
-    names: list[str | None] = [None, "a0", "a1", "a2"]
+    names: list[str | None] = [None, "a0", "a1", "a2", "dora", "head"]
     outs = await asyncio.gather(*(smollm2.complete(ids, params, adapter=n) for n in names))
     for name, out in zip(names, outs):
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -123,6 +137,8 @@ async def test_mixed_adapters_on_smollm2_equal_merged(
         ref = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
         want = ref[0, len(ids) :].tolist()
         assert out.token_ids[0] == want[: len(out.token_ids[0])], name
+    base_tokens = outs[0].token_ids[0]
+    assert outs[4].token_ids[0] != base_tokens and outs[5].token_ids[0] != base_tokens
 
 
 def test_start_default_model_and_query_cli(smollm2_tag: str, tmp_path: Path) -> None:

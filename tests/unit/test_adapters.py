@@ -442,6 +442,8 @@ def test_lora_bank_paths_equal_each_rows_own_adapter(
     norms = {(layer, m): 1 + torch.rand(o) for layer in range(2) for m, (_, o) in dims.items()}
     biases = {key: torch.randn(n.shape[0]) for key, n in norms.items()}
     bank.dora_base = lambda layer, module, lora: (norms[layer, module], biases[layer, module])
+    with torch.inference_mode():  # a compiled step asks for DoRA's stacks before any install
+        bank.graph_inputs([0], tuple(dims))
     refs: dict[int, dict[tuple[int, str], LoraModule]] = {}
     for slot, rank in ((1, 4), (2, 8), (3, 2)):
         modules = {
