@@ -35,9 +35,11 @@ _KEY = re.compile(
     r"(?:lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight|(?P<mag>lora_magnitude_vector)(?:\.weight)?)$"
 )
 # A whole saved module (modules_to_save): "base_model.model.lm_head.weight" ->
-# "lm_head"; older peft wrote "...lm_head.modules_to_save.default.weight".
+# "lm_head". Older peft, and peft saving resized embeddings, write the trained copy as
+# "...lm_head.modules_to_save[.default].weight" beside the base's "original_module".
 _SAVED = re.compile(
-    r"^(?:base_model\.model\.)?(?P<path>[\w.]+?)(?:\.modules_to_save\.[\w-]+)?\.weight$"
+    r"^(?:base_model\.model\.)?(?P<path>[\w.]+?)"
+    r"(?:\.(?P<variant>modules_to_save|original_module)(?:\.[\w-]+)?)?\.weight$"
 )
 
 
@@ -166,17 +168,17 @@ def read_adapter(
     use_rslora = bool(config.get("use_rslora"))
 
     pairs: dict[tuple[int, str], dict[str, Any]] = {}
-    saved: dict[str, torch.Tensor] = {}
+    saved_variants: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY.search(key)
         if match is None:
-            module_path = _saved_path(key, saved_names)
-            if module_path is None:
+            found = _saved_path(key, saved_names)
+            if found is None:
                 raise AdapterIncompatibleError(
                     f"unsupported tensor {key!r}: only LoRA (and DoRA) on Linear modules of "
                     "the decoder layers and the modules listed in modules_to_save are served"
                 )
-            saved[module_path] = tensor
+            saved_variants.setdefault(found[0], {})[found[1]] = tensor
             continue
         slot = (int(match["layer"]), match["module"])
         if match["mag"]:
@@ -189,6 +191,13 @@ def read_adapter(
         pairs.setdefault(slot, {})[match["ab"]] = tensor
         pairs[slot]["key"] = key
 
+    # The trained copy: "modules_to_save" where peft wrote one, else the plain key (the
+    # base's own "original_module" is never served).
+    saved = {
+        path: variants.get("modules_to_save", variants.get(""))
+        for path, variants in saved_variants.items()
+        if "modules_to_save" in variants or "" in variants
+    }
     weights = AdapterWeights(path=str(folder), config=config, saved=saved)
     for (layer, module), ab in sorted(pairs.items()):
         if "A" not in ab or "B" not in ab:
@@ -228,12 +237,13 @@ def _names(path: str, name: str) -> bool:
     return path == name or path.endswith("." + name)
 
 
-def _saved_path(key: str, names: list[str]) -> str | None:
-    """The module path of a saved module's weight, when ``key`` is one of ``names``."""
+def _saved_path(key: str, names: list[str]) -> tuple[str, str] | None:
+    """The module path of a saved module's weight and which copy it is
+    (``modules_to_save``, ``original_module`` or ``""``), when ``key`` is one of ``names``."""
     match = _SAVED.match(key)
     if match is None or not any(_names(match["path"], n) for n in names):
         return None
-    return match["path"]
+    return match["path"], match["variant"] or ""
 
 
 def _read_tensors(folder: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
