@@ -423,6 +423,8 @@ class LLM:
                 **self.adapters.cache_stats(),
                 # The LoRA bank's float32 stacks for batches (bounded; see runners/lora.py).
                 "stack_bytes": self.runner.lora.stack_bytes() if self.runner.lora else 0,
+                # Adapters' own heads and embeddings (modules_to_save), resident per slot.
+                "saved_bytes": self.runner.lora.saved_bytes() if self.runner.lora else 0,
             },
             "engine": self.engine.stats(),
             "compiled": self.runner.compiled_stats(),

@@ -132,6 +132,7 @@ async def test_dora_and_saved_modules_in_a_mixed_batch_equal_merged(
     assert kinds["saved"][0] == "lora + lm_head, embed_tokens"
     vocab, hidden = llm.runner.embed.weight.shape
     assert kinds["saved"][1] > 2 * vocab * hidden * 4  # the two saved copies are counted
+    assert llm.metadata()["adapter_cache"]["saved_bytes"] == 2 * vocab * hidden * 4
 
 
 async def test_adapters_the_server_cannot_serve_whole_are_refused_with_the_reason(
