@@ -50,11 +50,13 @@ start: setup
 test: setup-dev
 	BENTOML_DO_NOT_TRACK=True HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra --durations=25 $(PYTEST_ARGS)
 
-# Formatting, the rules, and types (the package; tests and benchmarks are not typed).
+# Formatting, the rules, and types (the package; tests and benchmarks are not typed);
+# the kernels' C++ formatted as csrc/.clang-format says.
 lint: setup-dev
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy openllm_clone adapters runners cli integrations
+	$(BIN)/clang-format --dry-run --Werror csrc/*.cpp csrc/*.h
 
 # vLLM CPU and llama.cpp in their own venvs for bench/peers.py (never needed by the tests).
 bench-peers: setup-dev

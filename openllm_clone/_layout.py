@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["PACKAGE_ROOTS", "discover_packages"]
+__all__ = ["DATA_ROOTS", "PACKAGE_ROOTS", "csrc_folder", "discover_packages"]
 
 # import name -> folder, relative to the repository root.
 PACKAGE_ROOTS: dict[str, str] = {
@@ -24,6 +24,21 @@ PACKAGE_ROOTS: dict[str, str] = {
     "openllm_clone.cli": "cli",
     "openllm_clone.integrations": "integrations",
 }
+
+
+# Folders of data that ship inside the namespace (import name -> folder): the kernels' C++
+# sources, built on the serving machine by runners/kernels.py.
+DATA_ROOTS: dict[str, str] = {"openllm_clone.runners.csrc": "csrc"}
+
+
+def csrc_folder(runners_dir: str) -> str:
+    """The kernels' C++ sources for the ``openllm_clone.runners`` package in
+    ``runners_dir``: ``csrc/`` inside it (a wheel, a bento), else the repository's
+    top-level ``csrc/`` beside it (a source tree)."""
+    for folder in (os.path.join(runners_dir, "csrc"), os.path.join(runners_dir, "..", "csrc")):
+        if os.path.isfile(os.path.join(folder, "ops.cpp")):
+            return os.path.normpath(folder)
+    raise FileNotFoundError(f"the kernels' C++ sources (csrc/) are not beside {runners_dir}")
 
 
 def discover_packages(root: str = ".") -> dict[str, str]:

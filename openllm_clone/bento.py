@@ -74,8 +74,9 @@ def _package_dir(name: str) -> Path:
 
 
 def _copy_code(ctx: Path) -> None:
-    """openllm_clone and its mapped folders (``_layout.PACKAGE_ROOTS``) as one package tree."""
-    from openllm_clone._layout import PACKAGE_ROOTS
+    """openllm_clone and its mapped folders (``_layout.PACKAGE_ROOTS``) as one package tree,
+    with the kernels' C++ sources where the wheel puts them (``_layout.DATA_ROOTS``)."""
+    from openllm_clone._layout import DATA_ROOTS, PACKAGE_ROOTS, csrc_folder
 
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in PACKAGE_ROOTS:  # the namespace root comes first, its subfolders after
@@ -83,6 +84,10 @@ def _copy_code(ctx: Path) -> None:
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(_package_dir(name), target, ignore=ignore)
+    runners = str(_package_dir("openllm_clone.runners"))
+    for name in DATA_ROOTS:
+        target = ctx.joinpath(*name.split("."))
+        shutil.copytree(csrc_folder(runners), target, dirs_exist_ok=True)
 
 
 def _checkpoint_quantization(path: Path) -> str | None:
@@ -169,7 +174,7 @@ def build_bento(
             name=name,
             version=version,
             build_ctx=str(ctx),
-            include=["openllm_clone/**/*.py", SETTINGS_FILE],
+            include=["openllm_clone/**/*.py", "openllm_clone/**/csrc/*", SETTINGS_FILE],
             labels={
                 "kind": BENTO_LABEL,
                 "model": model_tag,

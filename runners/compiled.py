@@ -886,7 +886,7 @@ def package_key(parts: dict[str, Any]) -> str:
     everything = {
         **parts,
         "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
-        "kernels": hashlib.sha256(kernels.KERNEL_SOURCE.encode()).hexdigest(),
+        "kernels": kernels.source_digest(),
         "packed_linear": kernels.enabled(),
         "torch": torch.__version__,
         "isa": str(cpu_vec_isa.pick_vec_isa()),

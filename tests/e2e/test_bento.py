@@ -121,6 +121,8 @@ def test_exported_dockerfile_is_complete(bento: tuple[str, Path]) -> None:
     assert re.search(r"^torch==\d", requirements, re.M) and "bentoml==" in requirements
     assert (ctx / "src" / "openllm_clone" / "service.py").is_file()
     assert (ctx / "src" / "openllm_clone" / "runners" / "torch_runner.py").is_file()
+    # the kernels' C++ sources, where the wheel puts them (built on the serving machine)
+    assert (ctx / "src" / "openllm_clone" / "runners" / "csrc" / "ops.cpp").is_file()
     assert (ctx / "src" / "openllm_clone_settings.json").is_file()
     models = sorted(p.name for p in (ctx / "models").iterdir())
     assert models == ["adapter-alpha", "adapter-beta", "tiny-llama"]

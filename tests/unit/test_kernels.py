@@ -198,3 +198,23 @@ def test_stages_split_the_layers_by_the_weights_they_read() -> None:
     assert spans == [(i, i + 1) for i in range(30)]
     tiny = SimpleNamespace(**{**vars(smollm2), "span": (0, 2, 2), "n_head": 100})
     assert split(tiny, 2) == split(tiny, 3) == [(0, 1), (1, 2)]  # type: ignore[arg-type]
+
+
+def test_the_kernels_build_with_warnings_as_errors(tmp_path: Path) -> None:
+    """csrc/ compiles with -Wall -Wextra -Werror (in a fresh process: this one has
+    the library loaded), and every file of it is in the digest that names the library and
+    keys the compile cache."""
+    import subprocess
+    import sys
+
+    sources = sorted(p.name for p in kernels.CSRC.iterdir() if p.suffix in (".cpp", ".h"))
+    assert sources == sorted((*kernels._SOURCES, *kernels._HEADERS))
+    code = (
+        "import sys; from pathlib import Path; from openllm_clone.runners import kernels; "
+        "kernels.build(Path(sys.argv[1]), strict=True)"
+    )
+    built = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=1200
+    )
+    assert built.returncode == 0, built.stderr[-4000:]
+    assert (tmp_path / f"{kernels._NAME}.so").is_file()
