@@ -51,12 +51,15 @@ test: setup-dev
 	BENTOML_DO_NOT_TRACK=True HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra --durations=25 $(PYTEST_ARGS)
 
 # Formatting, the rules, and types (the package; tests and benchmarks are not typed);
-# the kernels' C++ formatted as csrc/.clang-format says.
+# the kernels' C++ formatted as csrc/.clang-format says; the import contracts
+# (pyproject.toml's [tool.importlinter]: layers, no cycles, no BentoML below the LLM, no
+# torch in the protocol and the routes).
 lint: setup-dev
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy openllm_clone adapters runners cli integrations
 	$(BIN)/clang-format --dry-run --Werror csrc/*.cpp csrc/*.h
+	$(BIN)/python scripts/lint_imports.py
 
 # vLLM CPU and llama.cpp in their own venvs for bench/peers.py (never needed by the tests).
 bench-peers: setup-dev

@@ -80,7 +80,7 @@ class SharedAdapters:
 
 def shared_adapters(settings: Settings) -> SharedAdapters | None:
     """The server's run-time adapter file (``--adapter-registry``), None when turned off."""
-    from openllm_clone.store import runtime_adapters_file
+    from openllm_clone._files import runtime_adapters_file
 
     path = runtime_adapters_file(settings)
     return SharedAdapters(path) if path else None

@@ -1,12 +1,19 @@
-"""Small file helpers shared by the files the server re-reads when they change."""
+"""Small file helpers: files the server re-reads when they change, and where its files
+live beside BentoML's (standard library only: the engine, the runners and the adapters
+import this, never the model store)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
+from typing import TYPE_CHECKING
 
-__all__ = ["FileStamp", "file_stamp", "write_atomic"]
+if TYPE_CHECKING:
+    from openllm_clone.settings import Settings
+
+__all__ = ["FileStamp", "bentoml_home", "file_stamp", "runtime_adapters_file", "write_atomic"]
 
 FileStamp = tuple[int, int, int]
 
@@ -39,3 +46,27 @@ def write_atomic(path: str, text: str, prefix: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def runtime_adapters_file(settings: Settings) -> str | None:
+    """Where a server records its run-time adapters (:mod:`openllm_clone.adapters.shared`):
+    ``--adapter-registry``, else a file beside the model store named after the model and
+    the port (so two servers never share one by accident, and a restart finds its own);
+    None when turned off."""
+    chosen = settings.adapter_registry
+    if chosen is not None:
+        return None if chosen.lower() == "none" else os.path.abspath(chosen)
+    model = settings.model_name or settings.model.split(":")[0]  # a tag's version changes
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("_")
+    home = bentoml_home()
+    return os.path.join(home, "openllm-clone", f"adapters-{name[-80:]}-{settings.port}.json")
+
+
+def bentoml_home() -> str:
+    """BentoML's home folder by BentoML's own rule (``$BENTOML_HOME`` with variables and
+    ``~`` expanded, else ``~/bentoml``), found without importing BentoML: an engine in a
+    Ray worker or on a machine with only torch runs without it."""
+    home = os.environ.get("BENTOML_HOME") or os.path.join(os.path.expanduser("~"), "bentoml")
+    while (expanded := os.path.expanduser(os.path.expandvars(home))) != home:
+        home = expanded
+    return home

@@ -28,12 +28,27 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from openllm_clone.errors import RateLimitError
 
-if TYPE_CHECKING:
-    from openllm_clone.tenants import KeyEntry
+
+class KeyEntry(Protocol):
+    """What the limits read of a key (:class:`openllm_clone.tenants.KeyEntry`, which
+    imports this module: a protocol here keeps the two out of an import circle)."""
+
+    @property
+    def tenant(self) -> str: ...
+
+    @property
+    def requests_per_minute(self) -> int | None: ...
+
+    @property
+    def tokens_per_minute(self) -> int | None: ...
+
+    @property
+    def max_concurrent(self) -> int | None: ...
+
 
 __all__ = ["AdapterLabels", "RateLimiter", "Ticket", "UsageLog", "UsageMeter", "summarize_usage"]
 

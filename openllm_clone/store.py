@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +106,6 @@ def runner_facts(path: Path) -> dict[str, str]:
     ``generic`` or ``none``) and, for ``none``, the one-line reason; kept in the store's
     metadata so that ``models`` lists it and ``import`` can warn."""
     from openllm_clone.runners.support import check_model
-    from openllm_clone.settings import Settings
 
     support = check_model(path, Settings(model=str(path)))
     facts = {"runner": support.runner or "none"}
@@ -500,27 +498,3 @@ def list_models() -> list[StoredModel]:
             )
         )
     return out
-
-
-def runtime_adapters_file(settings: Settings) -> str | None:
-    """Where a server records its run-time adapters (:mod:`openllm_clone.adapters.shared`):
-    ``--adapter-registry``, else a file beside the model store named after the model and
-    the port (so two servers never share one by accident, and a restart finds its own);
-    None when turned off."""
-    chosen = settings.adapter_registry
-    if chosen is not None:
-        return None if chosen.lower() == "none" else os.path.abspath(chosen)
-    model = settings.model_name or settings.model.split(":")[0]  # a tag's version changes
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("_")
-    home = bentoml_home()
-    return os.path.join(home, "openllm-clone", f"adapters-{name[-80:]}-{settings.port}.json")
-
-
-def bentoml_home() -> str:
-    """BentoML's home folder by BentoML's own rule (``$BENTOML_HOME`` with variables and
-    ``~`` expanded, else ``~/bentoml``), found without importing BentoML: an engine in a
-    Ray worker or on a machine with only torch runs without it."""
-    home = os.environ.get("BENTOML_HOME") or os.path.join(os.path.expanduser("~"), "bentoml")
-    while (expanded := os.path.expanduser(os.path.expandvars(home))) != home:
-        home = expanded
-    return home

@@ -81,7 +81,7 @@ def compile_cache_dir(settings: Settings, path: Path, dtype: Any) -> Path | None
     if chosen is not None and chosen.lower() == "none":
         return None
     if chosen is None:
-        from openllm_clone.store import bentoml_home
+        from openllm_clone._files import bentoml_home
 
         root = Path(bentoml_home()) / "openllm-clone" / "compiled"
     else:

@@ -31,8 +31,8 @@ from openllm_clone.protocol import (
     new_request_id,
     unix_time,
 )
-from openllm_clone.structured import parse_tool_output, plan_tools
 from openllm_clone.tenants import cap_max_tokens, current_tenant
+from openllm_clone.tools import parse_tool_output, plan_tools
 
 from .common import (
     adapter_for,

@@ -35,8 +35,8 @@ from openllm_clone.protocol import (
     new_request_id,
     unix_time,
 )
-from openllm_clone.structured import parse_tool_output, plan_tools
 from openllm_clone.tenants import cap_max_tokens
+from openllm_clone.tools import parse_tool_output, plan_tools
 
 from .common import json_body, llm_of, open_stream, parse_body, sampling, sse, with_system
 
