@@ -64,6 +64,12 @@ class PackedRows:
     wanted: list[int]
     back: list[int]
 
+    def token_slots(self) -> list[int]:
+        """Each packed token's adapter slot."""
+        return [
+            r.adapter_slot for r, n in zip(self.rows, self.lengths, strict=True) for _ in range(n)
+        ]
+
 
 def logit_rows(row: StepRow) -> int:
     """How many logit rows ``step`` returns for ``row``: every token's with ``all_logits``,

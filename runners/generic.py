@@ -439,9 +439,7 @@ class GenericRunner:
         self._plan = self.lora.plan([r.adapter_slot for r in ordered], packed.lengths)
         self._state = state
         if self.lora.saves:
-            self._token_slots = [
-                r.adapter_slot for r, n in zip(ordered, packed.lengths) for _ in range(n)
-            ]
+            self._token_slots = packed.token_slots()
             self._wanted_slots = [self._token_slots[t] for t in packed.wanted or [0]]
         try:
             kwargs: dict[str, Any] = {"use_cache": False}
@@ -534,17 +532,17 @@ class GenericRunner:
 
     def _saved_hook(self, path: str, embeddings: bool) -> Any:
         """Replace the output of the input embeddings (a row per token) or of the head (a
-        row per kept token) for the rows whose adapter saved that module."""
+        row per kept token, or per token where the model takes no ``logits_to_keep``
+        tensor) for the rows whose adapter saved that module."""
         bank = self.lora
+        per_kept_row = not embeddings and self._keep_takes_tensor
 
         def hook(module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
             # (the replacement runs the module's own forward, which comes back here)
             if self._plan is None or not bank.saves or self._replacing:
                 return None
             x = args[0].reshape(-1) if embeddings else args[0].reshape(-1, args[0].shape[-1])
-            slots = self._token_slots
-            if not embeddings and x.shape[0] != len(slots):  # logits_to_keep's rows only
-                slots = self._wanted_slots
+            slots = self._wanted_slots if per_kept_row else self._token_slots
             if len(slots) != x.shape[0]:
                 raise AssertionError(f"{path}: {x.shape[0]} rows, {len(slots)} slots")
             if not any(bank.has_saved(s) for s in set(slots)):

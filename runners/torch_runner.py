@@ -647,9 +647,9 @@ class TorchRunner:
         slot_t = torch.tensor(slot_map, device=dev)
 
         hidden = self.embed(tok)  # [T, H]
-        saves = self.lora.saves
-        if saves and self._embed_path is not None:  # adapters with their own embeddings
-            token_slots = [r.adapter_slot for r, n in zip(ordered, lengths) for _ in range(n)]
+        # Adapters with their own embeddings or head (modules_to_save): each token's slot.
+        token_slots = packed.token_slots() if self.lora.saves else None
+        if token_slots is not None and self._embed_path is not None:
             self.lora.replace_saved(self._embed_path, token_slots, tok, hidden)
         if self.layer_types:
             tables = {t: self._rope_tables(pos_t, t) for t in set(self.layer_types)}
@@ -699,8 +699,7 @@ class TorchRunner:
         last = self._norm(self.norm, hidden[torch.tensor(packed.wanted, device=dev)])
         head: Any = self._packed_head if self._fused is not None else self.lm_head
         logits = head(last).float()
-        if saves and self._head_path is not None:  # adapters with their own head
-            token_slots = [r.adapter_slot for r, n in zip(ordered, lengths) for _ in range(n)]
+        if token_slots is not None and self._head_path is not None:
             wanted_slots = [token_slots[t] for t in packed.wanted]
             self.lora.replace_saved(self._head_path, wanted_slots, last, logits)
         return logits[torch.tensor(packed.back, device=dev)].cpu()  # the caller's row order

@@ -224,25 +224,24 @@ async def test_adapter_rows_run_in_the_compiled_step(
     assert compiled.runner._compiled.steps >= steps + 11  # one row with, one without
 
 
-async def test_mixed_adapter_rows_in_the_compiled_step_equal_merge_and_unload(
-    pair: Any, tiny_model_dir: Path, tiny_adapters: dict[str, Path]
+async def _compiled_rows_equal_merged(
+    compiled: LLM,
+    model_dir: Path,
+    paths: dict[str, Path],
+    which: list[str | None],
+    prompt: str,
 ) -> None:
-    """Four requests at once, three adapters of other ranks and targets (all projections
-    rank 8, q/v rank 16, MLP rank 8) and none: their decode rows share compiled steps,
-    and each one's greedy tokens equal transformers' generate on peft's merge_and_unload
-    of its adapter."""
+    """Load ``paths``, then one request per entry of ``which`` (an adapter or none) at
+    once, prompt ``prompt`` formatted with its index: each one's 10 greedy tokens equal
+    transformers' generate on peft's merge_and_unload of its adapter, and their decode
+    rows ran in compiled steps."""
     from tests.families import reference_greedy
 
-    compiled, _ = pair
-    which = ["m-alpha", "m-gamma", None, "m-delta"]
-    for name in which:
-        if name is not None:
-            await compiled.adapters.load(name, str(tiny_adapters[name[2:]]))
-    ids = [compiled.tokenize(f"Mixed adapters, request number {i}.") for i in range(4)]
+    for name, path in paths.items():
+        await compiled.adapters.load(name, str(path))
+    ids = [compiled.tokenize(prompt.format(i)) for i in range(len(which))]
     want = [
-        reference_greedy(
-            tiny_model_dir, [x], 10, adapter=tiny_adapters[name[2:]] if name else None
-        )[0]
+        reference_greedy(model_dir, [x], 10, adapter=paths[name] if name else None)[0]
         for x, name in zip(ids, which)
     ]
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
@@ -252,6 +251,20 @@ async def test_mixed_adapter_rows_in_the_compiled_step_equal_merge_and_unload(
     )
     assert [c.token_ids[0] for c in got] == want
     assert compiled.runner._compiled.steps >= steps + 9
+
+
+async def test_mixed_adapter_rows_in_the_compiled_step_equal_merge_and_unload(
+    pair: Any, tiny_model_dir: Path, tiny_adapters: dict[str, Path]
+) -> None:
+    """Four requests at once, three adapters of other ranks and targets (all projections
+    rank 8, q/v rank 16, MLP rank 8) and none: their decode rows share compiled steps,
+    and each one's greedy tokens equal transformers' generate on peft's merge_and_unload
+    of its adapter."""
+    paths = {f"m-{name}": tiny_adapters[name] for name in ("alpha", "gamma", "delta")}
+    which = ["m-alpha", "m-gamma", None, "m-delta"]
+    await _compiled_rows_equal_merged(
+        pair[0], tiny_model_dir, paths, which, "Mixed adapters, request number {}."
+    )
 
 
 async def test_dora_and_saved_module_rows_beside_compiled_rows_equal_merge_and_unload(
@@ -264,29 +277,15 @@ async def test_dora_and_saved_module_rows_beside_compiled_rows_equal_merge_and_u
     rows of an adapter with its own head and embeddings (modules_to_save) run eagerly
     beside them; with LoRA and base rows in the same steps, each one's greedy tokens
     equal transformers' generate on peft's merge_and_unload of its adapter."""
-    from tests.families import reference_greedy
-
-    compiled, _ = pair
     paths = {
         "c-dora": trained_adapters["dora"],
         "c-saved": trained_adapters["saved"],
         "c-alpha": tiny_adapters["alpha"],
     }
-    for name, path in paths.items():
-        await compiled.adapters.load(name, str(path))
     which = ["c-dora", "c-saved", None, "c-alpha", "c-dora"]
-    ids = [compiled.tokenize(f"Trained adapters, request {i}.") for i in range(len(which))]
-    want = [
-        reference_greedy(tiny_model_dir, [x], 10, adapter=paths[name] if name else None)[0]
-        for x, name in zip(ids, which)
-    ]
-    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
-    steps = compiled.runner._compiled.steps
-    got = await asyncio.gather(
-        *(compiled.complete(x, params, adapter=name) for x, name in zip(ids, which))
+    await _compiled_rows_equal_merged(
+        pair[0], tiny_model_dir, paths, which, "Trained adapters, request {}."
     )
-    assert [c.token_ids[0] for c in got] == want
-    assert compiled.runner._compiled.steps >= steps + 9
 
 
 async def test_a_later_start_loads_the_compiled_step_from_the_cache(
